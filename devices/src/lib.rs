@@ -1,0 +1,39 @@
+//! nixvm's devices: the legacy PC devices (serial, i8042, CMOS RTC, ACPI power management)
+//! and, later, virtio. No KVM here: the vmm crate wires devices to vCPU exits and irqfds.
+// Tests build fixtures with plain casts; the library code is checked without this.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+pub mod bus;
+pub mod cmos;
+pub mod i8042;
+pub mod pm;
+pub mod serial;
+
+/// What a device can ask of the VM as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042, ACPI reset register).
+    Reset,
+}
+
+/// Receives a device's request to end the VM. The vmm implements it; the first request wins.
+pub trait ExitRequest: Send + Sync {
+    fn request(&self, what: GuestExit);
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records the exit requests it gets.
+    #[derive(Default)]
+    pub struct RecordExit(pub Mutex<Vec<GuestExit>>);
+    impl ExitRequest for RecordExit {
+        fn request(&self, what: GuestExit) {
+            self.0.lock().unwrap().push(what);
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The VM's configuration: one struct that the JSON config file and the command line both
+//! fill (flags override the file), and one `validate` that checks it before anything starts.
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use nixvm_boot::kernel::{self, KernelFormat};
+use nixvm_boot::layout::MIN_MEMORY;
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a VM can have: xAPIC ids in the MADT are 8 bits and 0xff is the broadcast id.
+pub const MAX_CPUS: u32 = 254;
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY: Size = Size(512 << 20);
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    ParseConfig { path: PathBuf, message: String },
+    #[error("no kernel given: pass --kernel PATH (or \"kernel\" in the config file)")]
+    NoKernel,
+    #[error(transparent)]
+    Kernel(#[from] kernel::Error),
+    #[error("cannot read initrd {path}")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "initrd {path} is {size} bytes, too large for {memory} of guest memory: give the VM more --memory"
+    )]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        memory: Size,
+    },
+    #[error("--memory {0} is below the minimum of 64M")]
+    MemoryTooSmall(Size),
+    #[error("--memory {memory} is more than this host can give ({host} of RAM and swap)")]
+    MemoryTooLarge { memory: Size, host: Size },
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("--cpus {0} is more than the {MAX_CPUS} vCPUs nixvm supports")]
+    TooManyCpus(u32),
+    #[error("the kernel command line: {0}")]
+    Cmdline(#[from] nixvm_boot::params::Error),
+    #[error("the directory of serial {kind} {path} does not exist")]
+    SerialDir { kind: &'static str, path: PathBuf },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A memory size: `512M`, `2G`, `1024K`; a bare number is MiB. Shown as the largest exact unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid size {0:?}: use a number of MiB or a number with K, M, G or T (e.g. 512M, 2G)")]
+pub struct SizeError(String);
+
+impl FromStr for Size {
+    type Err = SizeError;
+    fn from_str(s: &str) -> std::result::Result<Self, SizeError> {
+        let err = || SizeError(s.to_owned());
+        let t = s.trim();
+        let (num, shift) = match t.char_indices().last().ok_or_else(err)? {
+            (i, 'k' | 'K') => (&t[..i], 10),
+            (i, 'm' | 'M') => (&t[..i], 20),
+            (i, 'g' | 'G') => (&t[..i], 30),
+            (i, 't' | 'T') => (&t[..i], 40),
+            _ => (t, 20),
+        };
+        let n: u64 = num.parse().map_err(|_| err())?;
+        n.checked_mul(1 << shift).map(Size).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if b != 0 && b % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        // Sizes below 1 KiB or not a whole number of KiB only come from the host's own figures.
+        write!(f, "{}K", b / 1024)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Mib(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Mib(n) => n
+                .checked_mul(1 << 20)
+                .map(Size)
+                .ok_or_else(|| serde::de::Error::custom("size too large")),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Where the serial console goes: `stdio`, `off`, `file=PATH`, `socket=PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    #[default]
+    Stdio,
+    Off,
+    File(PathBuf),
+    Socket(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid serial {0:?}: use stdio, off, file=PATH or socket=PATH")]
+pub struct SerialError(String);
+
+impl FromStr for SerialConfig {
+    type Err = SerialError;
+    fn from_str(s: &str) -> std::result::Result<Self, SerialError> {
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "off" => Ok(SerialConfig::Off),
+            _ => match s.split_once('=') {
+                Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(p.into())),
+                Some(("socket", p)) if !p.is_empty() => Ok(SerialConfig::Socket(p.into())),
+                _ => Err(SerialError(s.to_owned())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for SerialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialConfig::Stdio => f.write_str("stdio"),
+            SerialConfig::Off => f.write_str("off"),
+            SerialConfig::File(p) => write!(f, "file={}", p.display()),
+            SerialConfig::Socket(p) => write!(f, "socket={}", p.display()),
+        }
+    }
+}
+
+impl Serialize for SerialConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the config file holds: every field optional, as flags may supply it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<Size>,
+    pub serial: Option<SerialConfig>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::ParseConfig {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `self` overridden by whatever `over` sets.
+    pub fn merge(self, over: ConfigFile) -> ConfigFile {
+        ConfigFile {
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            cpus: over.cpus.or(self.cpus),
+            memory: over.memory.or(self.memory),
+            serial: over.serial.or(self.serial),
+        }
+    }
+}
+
+/// The resolved, validated configuration of a VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub kernel_format: String,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory: Size,
+    pub serial: SerialConfig,
+}
+
+impl VmConfig {
+    /// Resolves defaults and checks everything that can be checked before the VM starts:
+    /// files exist and are readable, the kernel format, sizes. `host_memory` is RAM plus swap.
+    pub fn validate(file: ConfigFile, host_memory: u64) -> Result<VmConfig> {
+        let cpus = file.cpus.unwrap_or(DEFAULT_CPUS);
+        if cpus == 0 {
+            return Err(Error::NoCpus);
+        }
+        if cpus > MAX_CPUS {
+            return Err(Error::TooManyCpus(cpus));
+        }
+        let memory = file.memory.unwrap_or(DEFAULT_MEMORY);
+        if memory.0 < MIN_MEMORY {
+            return Err(Error::MemoryTooSmall(memory));
+        }
+        if memory.0 > host_memory {
+            return Err(Error::MemoryTooLarge {
+                memory,
+                host: Size(host_memory),
+            });
+        }
+        let kernel = file.kernel.ok_or(Error::NoKernel)?;
+        let mut kf = File::open(&kernel).map_err(|source| kernel::Error::Read {
+            path: kernel.clone(),
+            source,
+        })?;
+        let format = kernel::detect(&kernel, &mut kf)?;
+        if let Some(initrd) = &file.initrd {
+            let size = File::open(initrd)
+                .and_then(|f| f.metadata())
+                .map_err(|source| Error::Initrd {
+                    path: initrd.clone(),
+                    source,
+                })?
+                .len();
+            // The kernel needs room too; the exact check happens when it is loaded.
+            let room =
+                memory.0.min(nixvm_boot::layout::MMIO_GAP_START) - kernel_footprint(format, &kf);
+            if size > room {
+                return Err(Error::InitrdTooLarge {
+                    path: initrd.clone(),
+                    size,
+                    memory,
+                });
+            }
+        }
+        let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+        nixvm_boot::params::check_cmdline(&cmdline, nixvm_boot::layout::CMDLINE_MAX_LEN)?;
+        let serial = file.serial.unwrap_or_default();
+        if let SerialConfig::File(p) | SerialConfig::Socket(p) = &serial {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                let kind = if matches!(serial, SerialConfig::File(_)) {
+                    "file"
+                } else {
+                    "socket"
+                };
+                return Err(Error::SerialDir {
+                    kind,
+                    path: p.clone(),
+                });
+            }
+        }
+        Ok(VmConfig {
+            kernel,
+            kernel_format: format.to_string(),
+            initrd: file.initrd,
+            cmdline,
+            cpus: u8::try_from(cpus).expect("checked against MAX_CPUS"),
+            memory,
+            serial,
+        })
+    }
+}
+
+/// A rough lower bound of the memory the kernel occupies (it loads at 1 MiB or 16 MiB).
+fn kernel_footprint(format: KernelFormat, file: &File) -> u64 {
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    match format {
+        KernelFormat::BzImage => nixvm_boot::layout::HIGH_RAM_START + size,
+        KernelFormat::ElfPvh => (16 << 20) + size,
+    }
+}
+
+/// RAM plus swap of this host, in bytes.
+pub fn host_memory() -> u64 {
+    // SAFETY: sysinfo only writes into the zeroed struct we pass.
+    unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) != 0 {
+            return u64::MAX;
+        }
+        (info.totalram as u64)
+            .saturating_add(info.totalswap as u64)
+            .saturating_mul(u64::from(info.mem_unit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sizes() {
+        assert_eq!("512M".parse(), Ok(Size(512 << 20)));
+        assert_eq!("2G".parse(), Ok(Size(2 << 30)));
+        assert_eq!("2g".parse(), Ok(Size(2 << 30)));
+        assert_eq!("384".parse(), Ok(Size(384 << 20)));
+        assert_eq!("65536K".parse(), Ok(Size(64 << 20)));
+        for bad in ["", "M", "12X", "-1", "1.5G", "99999999999999T", " "] {
+            assert!(bad.parse::<Size>().is_err(), "{bad:?}");
+        }
+        assert_eq!(Size(512 << 20).to_string(), "512M");
+        assert_eq!(Size(2 << 30).to_string(), "2G");
+        assert_eq!(Size(1536 << 20).to_string(), "1536M");
+    }
+
+    #[test]
+    fn serial_specs() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("off".parse(), Ok(SerialConfig::Off));
+        assert_eq!(
+            "file=/tmp/x".parse(),
+            Ok(SerialConfig::File("/tmp/x".into()))
+        );
+        assert_eq!(
+            "socket=a/b.sock".parse(),
+            Ok(SerialConfig::Socket("a/b.sock".into()))
+        );
+        for bad in ["", "file=", "socket", "tcp=1", "Stdio"] {
+            assert!(bad.parse::<SerialConfig>().is_err(), "{bad:?}");
+        }
+        for s in ["stdio", "off", "file=/x", "socket=/y"] {
+            assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn config_file_parses_and_rejects_unknown_fields() {
+        let f: ConfigFile = serde_json::from_str(
+            r#"{"kernel":"/k","memory":"1G","cpus":2,"serial":"socket=/s","cmdline":"a b"}"#,
+        )
+        .unwrap();
+        assert_eq!(f.memory, Some(Size(1 << 30)));
+        assert_eq!(f.serial, Some(SerialConfig::Socket("/s".into())));
+        let f: ConfigFile = serde_json::from_str(r#"{"memory":384}"#).unwrap();
+        assert_eq!(f.memory, Some(Size(384 << 20)));
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"kernal":"/k"}"#).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"memory":"lots"}"#).is_err());
+        assert!(serde_json::from_str::<ConfigFile>(r#"{"serial":"tcp"}"#).is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = ConfigFile {
+            kernel: Some("/a".into()),
+            cpus: Some(2),
+            ..Default::default()
+        };
+        let flags = ConfigFile {
+            cpus: Some(4),
+            memory: Some(Size(1 << 30)),
+            ..Default::default()
+        };
+        let m = file.merge(flags);
+        assert_eq!(
+            (m.kernel, m.cpus, m.memory),
+            (Some("/a".into()), Some(4), Some(Size(1 << 30)))
+        );
+    }
+
+    fn fake_bzimage() -> PathBuf {
+        let path = std::env::temp_dir().join(format!("nixvm-cfg-{}-bz", std::process::id()));
+        let mut b = vec![0u8; 0x1000];
+        b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(b"HdrS");
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+        File::create(&path).unwrap().write_all(&b).unwrap();
+        path
+    }
+
+    #[test]
+    fn validation() {
+        let k = fake_bzimage();
+        let base = || ConfigFile {
+            kernel: Some(k.clone()),
+            ..Default::default()
+        };
+        let v = VmConfig::validate(base(), 1 << 40).unwrap();
+        assert_eq!(
+            (v.cpus, v.memory, v.serial.clone(), v.kernel_format.as_str()),
+            (1, DEFAULT_MEMORY, SerialConfig::Stdio, "bzImage")
+        );
+        assert_eq!(v.cmdline, DEFAULT_CMDLINE);
+        let with = |f: fn(&mut ConfigFile)| {
+            let mut c = base();
+            f(&mut c);
+            VmConfig::validate(c, 1 << 40)
+        };
+        assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
+        assert!(matches!(
+            with(|c| c.cpus = Some(255)),
+            Err(Error::TooManyCpus(255))
+        ));
+        assert!(matches!(
+            with(|c| c.memory = Some(Size(63 << 20))),
+            Err(Error::MemoryTooSmall(_))
+        ));
+        assert!(matches!(
+            with(|c| c.memory = Some(Size(2 << 40))),
+            Err(Error::MemoryTooLarge { .. })
+        ));
+        assert!(matches!(with(|c| c.kernel = None), Err(Error::NoKernel)));
+        assert!(matches!(
+            with(|c| c.kernel = Some("/nonexistent/k".into())),
+            Err(Error::Kernel(kernel::Error::Read { .. }))
+        ));
+        assert!(matches!(
+            with(|c| c.kernel = Some("/etc/hostname".into())),
+            Err(Error::Kernel(kernel::Error::UnknownFormat { .. }))
+        ));
+        assert!(matches!(
+            with(|c| c.initrd = Some("/nonexistent/i".into())),
+            Err(Error::Initrd { .. })
+        ));
+        assert!(matches!(
+            with(|c| c.serial = Some(SerialConfig::Socket("/nonexistent/dir/s".into()))),
+            Err(Error::SerialDir { .. })
+        ));
+        assert!(matches!(
+            with(|c| c.cmdline = Some("x".repeat(4000))),
+            Err(Error::Cmdline(_))
+        ));
+        // An initrd bigger than memory.
+        let big = std::env::temp_dir().join(format!("nixvm-cfg-{}-big", std::process::id()));
+        File::create(&big).unwrap().set_len(100 << 20).unwrap();
+        let mut c = base();
+        c.initrd = Some(big.clone());
+        c.memory = Some(Size(64 << 20));
+        assert!(matches!(
+            VmConfig::validate(c, 1 << 40),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+        assert!(host_memory() > 64 << 20);
+    }
+}

@@ -1,0 +1,148 @@
+//! Per-vCPU CPUID, derived from KVM_GET_SUPPORTED_CPUID: APIC ids, topology (all vCPUs are
+//! cores of one socket, one thread each), and the hypervisor bit. KVM's own PV leaves
+//! (0x4000_0000..) come from KVM as they are.
+use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZE: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Bits needed to hold `n` distinct ids.
+fn id_bits(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+/// CPUID for vCPU `id` (also its APIC id) of `cpus`.
+pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8) -> CpuId {
+    let (id32, n) = (u32::from(id), u32::from(cpus));
+    let max_basic = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax);
+    let mut entries: Vec<kvm_cpuid_entry2> = supported
+        .as_slice()
+        .iter()
+        .filter(|e| e.function != LEAF_TOPOLOGY && e.function != LEAF_TOPOLOGY_V2)
+        .copied()
+        .collect();
+    for e in entries.iter_mut() {
+        match e.function {
+            LEAF_FEATURES => {
+                // APIC id, logical processors per package, CLFLUSH line size (8 * 8 bytes).
+                e.ebx = (id32 << 24) | (n << 16) | (8 << 8);
+                e.ecx |= ECX_HYPERVISOR;
+                if n > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE => {
+                // Cores per package - 1 in 31:26; L3 shared by all, L1/L2 by one.
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { n - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing.min(0xfff) << 14) | ((n - 1).min(63) << 26);
+            }
+            LEAF_AMD_SIZE => {
+                // NC: cores - 1; ApicIdCoreIdSize: bits for core ids.
+                e.ecx = (e.ecx & !0xf0ff) | ((id_bits(n) & 0xf) << 12) | (n - 1);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                e.eax = id32; // extended APIC id
+                e.ebx = id32 & 0xff; // core id, one thread per core
+                e.ecx = 0; // node 0
+            }
+            _ => {}
+        }
+    }
+    for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        if leaf > max_basic {
+            continue;
+        }
+        // Level 0: SMT (1 thread), level 1: cores (all vCPUs), level 2: invalid (ends the list).
+        let levels = [(0, 1, 1u32), (id_bits(n), n, 2u32), (0, 0, 0u32)];
+        for (index, (shift, count, kind)) in (0u32..).zip(levels) {
+            entries.push(kvm_cpuid_entry2 {
+                function: leaf,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax: shift,
+                ebx: count,
+                ecx: (kind << 8) | index,
+                edx: id32,
+                ..Default::default()
+            });
+        }
+    }
+    CpuId::from_entries(&entries).expect("no more entries than KVM gave plus six")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supported() -> CpuId {
+        let e = |function, index, eax| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ..Default::default()
+        };
+        CpuId::from_entries(&[
+            e(0, 0, 0xd),
+            e(1, 0, 0),
+            e(4, 0, 0x21),
+            e(4, 3, 0x63),
+            e(0xb, 0, 7),
+            e(0x8000_0008, 0, 0),
+        ])
+        .unwrap()
+    }
+
+    fn get(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn apic_ids_and_topology() {
+        let c = for_vcpu(&supported(), 3, 4);
+        let l1 = get(&c, 1, 0);
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert!(l1.ecx & ECX_HYPERVISOR != 0 && l1.edx & EDX_HTT != 0);
+        let smt = get(&c, 0xb, 0);
+        let core = get(&c, 0xb, 1);
+        assert_eq!((smt.ebx, smt.edx, smt.ecx >> 8), (1, 3, 1));
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, 2));
+        assert_eq!(get(&c, 0xb, 2).ecx >> 8, 0);
+        // KVM's own 0xb entry was replaced, not duplicated; 0x1f is beyond the max leaf.
+        assert_eq!(c.as_slice().iter().filter(|e| e.function == 0xb).count(), 3);
+        assert!(!c.as_slice().iter().any(|e| e.function == 0x1f));
+        assert_eq!(get(&c, 4, 0).eax >> 26, 3);
+        assert_eq!((get(&c, 4, 3).eax >> 14) & 0xfff, 3);
+        assert_eq!(get(&c, 0x8000_0008, 0).ecx & 0xff, 3);
+    }
+
+    #[test]
+    fn single_cpu() {
+        let c = for_vcpu(&supported(), 0, 1);
+        assert_eq!(get(&c, 1, 0).edx & EDX_HTT, 0);
+        assert_eq!(get(&c, 0xb, 1).eax, 0);
+        assert_eq!(id_bits(1), 0);
+        assert_eq!(id_bits(2), 1);
+        assert_eq!(id_bits(5), 3);
+    }
+}

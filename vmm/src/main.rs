@@ -1,0 +1,165 @@
+//! nixvm: a KVM virtual machine monitor for NixOS guests.
+// Tests build fixtures with plain casts; the program itself is checked without this.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
+mod config;
+mod console;
+mod cpuid;
+mod lifecycle;
+mod terminal;
+mod unix;
+mod vcpu;
+mod vm;
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use config::{ConfigFile, SerialConfig, Size, VmConfig};
+use lifecycle::{EXIT_FAILED, EXIT_USAGE};
+
+/// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
+///
+/// Exit status: 0 the guest powered off; 1 nixvm failed; 2 usage error; 3 the guest
+/// rebooted (restart nixvm to boot it again); 128+N nixvm stopped on signal N.
+#[derive(Debug, Parser)]
+#[command(name = "nixvm", version, about, long_about = None)]
+struct Cli {
+    /// Kernel: a bzImage or an uncompressed ELF vmlinux with a PVH note (detected from the file).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, passed verbatim [default: console=ttyS0].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory: 512M, 2G; a bare number is MiB [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<Size>,
+    /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
+    #[arg(long, value_name = "WHERE")]
+    serial: Option<SerialConfig>,
+    /// Settings as JSON (same names as these flags); flags override it.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+    /// Check everything, print the resolved configuration as JSON, and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+}
+
+impl Error {
+    fn status(&self) -> u8 {
+        match self {
+            Error::Config(_) => EXIT_USAGE,
+            Error::Vm(e) if e.is_usage() => EXIT_USAGE,
+            Error::Vm(_) => EXIT_FAILED,
+        }
+    }
+}
+
+/// The one logger: messages on stderr, level from NIXVM_LOG (error, warn, info, debug, trace).
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            // In raw terminal mode a bare \n does not return the carriage.
+            eprint!(
+                "nixvm: {}: {}\r\n",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_logger() {
+    static LOGGER: StderrLogger = StderrLogger;
+    let level = std::env::var("NIXVM_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
+    let file = match &cli.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let flags = ConfigFile {
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+        cpus: cli.cpus,
+        memory: cli.memory,
+        serial: cli.serial.clone(),
+    };
+    Ok(VmConfig::validate(
+        file.merge(flags),
+        config::host_memory(),
+    )?)
+}
+
+fn run(cli: Cli) -> Result<u8, Error> {
+    let config = resolve(&cli)?;
+    if cli.dry_run {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config).expect("config serializes")
+        );
+        return Ok(0);
+    }
+    let raw = config.serial == SerialConfig::Stdio;
+    let vm = vm::Vm::build(&config)?;
+    let exit = vm.run(raw)?;
+    if let lifecycle::Exit::Failed(why) = &exit {
+        log::error!("{why}");
+    } else {
+        log::info!("VM ended: {exit:?}");
+    }
+    Ok(exit.status())
+}
+
+fn main() -> ExitCode {
+    init_logger();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            let mut msg = format!("nixvm: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                // Transparent wrappers repeat their source's text: say each thing once.
+                let text = s.to_string();
+                if !msg.ends_with(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(e.status())
+        }
+    }
+}

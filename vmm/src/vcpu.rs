@@ -1,0 +1,245 @@
+//! vCPUs: their initial state (CPUID, MSRs, FPU, LAPIC, and for the boot vCPU the registers
+//! at the kernel entry) and the thread that runs each one, handling its exits.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use nixvm_boot::cpu::{EntryState, Segment};
+use nixvm_devices::bus::PioBus;
+
+use crate::lifecycle::{Exit, ExitState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot set up vCPU {id}: {what}")]
+    Setup {
+        id: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM accepted only {set} of {wanted} boot MSRs of vCPU {id}")]
+    Msrs { id: u8, set: usize, wanted: usize },
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn setup_err(id: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Setup { id, what, source }
+}
+
+/// Sets up vCPU `id`; the boot vCPU (id 0) also gets the kernel entry state. The others wait
+/// for the guest's INIT/SIPI in the in-kernel LAPIC.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    cpuid: &CpuId,
+    entry: Option<&EntryState>,
+) -> Result<(), Error> {
+    vcpu.set_cpuid2(cpuid).map_err(setup_err(id, "CPUID"))?;
+    let msrs: Vec<kvm_msr_entry> = [
+        (MSR_IA32_SYSENTER_CS, 0),
+        (MSR_IA32_SYSENTER_ESP, 0),
+        (MSR_IA32_SYSENTER_EIP, 0),
+        (MSR_STAR, 0),
+        (MSR_CSTAR, 0),
+        (MSR_KERNEL_GS_BASE, 0),
+        (MSR_SYSCALL_MASK, 0),
+        (MSR_LSTAR, 0),
+        (MSR_IA32_TSC, 0),
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
+    ]
+    .iter()
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
+    .collect();
+    let wanted = msrs.len();
+    let msrs = Msrs::from_entries(&msrs).expect("a handful of MSRs");
+    let set = vcpu.set_msrs(&msrs).map_err(setup_err(id, "MSRs"))?;
+    if set != wanted {
+        return Err(Error::Msrs { id, set, wanted });
+    }
+    vcpu.set_fpu(&kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    })
+    .map_err(setup_err(id, "FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(setup_err(id, "LAPIC"))?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    vcpu.set_lapic(&lapic).map_err(setup_err(id, "LAPIC"))?;
+    if let Some(s) = entry {
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(setup_err(id, "special registers"))?;
+        let code = kvm_seg(&s.code);
+        let data = kvm_seg(&s.data);
+        sregs.cs = code;
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.tr = kvm_seg(&s.tss);
+        sregs.gdt.base = s.gdt_base;
+        sregs.gdt.limit = s.gdt_limit;
+        sregs.idt.base = s.idt_base;
+        sregs.idt.limit = s.idt_limit;
+        sregs.cr0 = s.cr0;
+        sregs.cr3 = s.cr3;
+        sregs.cr4 = s.cr4;
+        sregs.efer = s.efer;
+        vcpu.set_sregs(&sregs)
+            .map_err(setup_err(id, "special registers"))?;
+        let regs = kvm_regs {
+            rip: s.rip,
+            rsp: s.rsp,
+            rbp: s.rsp,
+            rsi: s.rsi,
+            rbx: s.rbx,
+            rflags: s.rflags,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(setup_err(id, "registers"))?;
+    }
+    Ok(())
+}
+
+fn kvm_seg(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: u8::from(s.present == 0),
+        padding: 0,
+    }
+}
+
+/// Sets the delivery mode (bits 8..10) of a local vector table entry.
+fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u32) {
+    let mut b = [0u8; 4];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = regs[offset + i] as u8;
+    }
+    let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+    for (i, x) in v.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *x as std::os::raw::c_char;
+    }
+}
+
+/// Runs a vCPU until the VM stops (`stop` set and the thread kicked with a signal) or the
+/// guest does something that ends the VM.
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u8,
+    bus: Arc<PioBus>,
+    exit: Arc<ExitState>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !bus.read(port, data) {
+                    log::trace!("vcpu{id}: read of unknown port {port:#x}");
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !(0x3f8..0x400).contains(&port) {
+                    log::trace!("vcpu{id}: out {port:#x} {data:x?}");
+                }
+                if !bus.write(port, data) {
+                    log::trace!("vcpu{id}: write to unknown port {port:#x}");
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
+                data.fill(0xff);
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}")
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                log::info!("vcpu{id}: triple fault; resetting");
+                exit.request_exit(Exit::Reset);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => exit.request_exit(Exit::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => exit.request_exit(Exit::Reset),
+                other => log::warn!("vcpu{id}: ignored system event {other}"),
+            },
+            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::InternalError) => {
+                exit.request_exit(Exit::Failed(format!(
+                    "vCPU {id}: KVM internal error (emulation failure)"
+                )));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                exit.request_exit(Exit::Failed(format!(
+                    "vCPU {id}: KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+                )));
+            }
+            Ok(other) => log::warn!("vcpu{id}: ignored exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => exit.request_exit(Exit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        }
+        if exit.is_exiting() {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_keeps_other_bits() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_LVT0] = 0x20;
+        regs[APIC_LVT0 + 2] = 0x01; // mask bit 16
+        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
+        assert_eq!(regs[APIC_LVT0] as u8, 0x20);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x07);
+        assert_eq!(regs[APIC_LVT0 + 2] as u8, 0x01);
+    }
+
+    #[test]
+    fn segments_convert() {
+        let s =
+            nixvm_boot::cpu::segment_from_gdt(nixvm_boot::cpu::gdt_entry(0xa09b, 0, 0xfffff), 1);
+        let k = kvm_seg(&s);
+        assert_eq!(
+            (k.selector, k.l, k.present, k.unusable, k.limit),
+            (8, 1, 1, 0, 0xffff_ffff)
+        );
+    }
+}

@@ -1,0 +1,413 @@
+//! Building and running a VM, as one ordered recipe: open KVM, create the VM and its memory,
+//! load the kernel and initrd, write the boot tables, create the devices and vCPUs; then run
+//! one thread per vCPU and the event loop on this thread until the VM ends.
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
+use nixvm_devices::bus::PioBus;
+use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
+use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::console::{Controller, Input};
+use crate::lifecycle::{self, Exit, ExitState};
+use crate::{cpuid, terminal, unix, vcpu};
+
+/// Where nixvm looks for KVM; `NIXVM_KVM_DEVICE` overrides it (tests use this).
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "{0} does not exist: this host has no KVM (enable virtualization, load kvm-intel or kvm-amd)"
+    )]
+    KvmMissing(PathBuf),
+    #[error("{0} is not readable and writable by this user: add the user to the `kvm` group")]
+    KvmAccess(PathBuf),
+    #[error("cannot open {path}")]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{path} speaks KVM API version {version}, nixvm needs 12")]
+    KvmApi { path: PathBuf, version: i32 },
+    #[error("this host's KVM lacks the capability {0}, which nixvm needs")]
+    KvmCap(&'static str),
+    #[error("--cpus {cpus} is more than this host's KVM allows ({max})")]
+    TooManyVcpus { cpus: u8, max: usize },
+    #[error("KVM failed to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {0} bytes of guest memory")]
+    Memory(u64, #[source] std::io::Error),
+    #[error("cannot map guest memory")]
+    MapMemory(#[source] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::Error),
+    #[error(transparent)]
+    Params(#[from] params::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    #[error("cannot create serial file {path}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serial console")]
+    SerialSocket(#[source] unix::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("event loop")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Errors that are the user's to fix (exit status 2), as opposed to failures.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::KvmMissing(_)
+            | Error::KvmAccess(_)
+            | Error::KvmApi { .. }
+            | Error::KvmCap(_)
+            | Error::TooManyVcpus { .. }
+            | Error::Kernel(_)
+            | Error::SerialFile { .. } => true,
+            Error::Params(e) => !matches!(e, params::Error::Write(_)),
+            Error::SerialSocket(e) => !matches!(e, unix::Error::Bind { .. }),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Opens KVM with errors that say what to do.
+pub fn open_kvm() -> Result<Kvm> {
+    let path = PathBuf::from(
+        std::env::var_os("NIXVM_KVM_DEVICE").unwrap_or_else(|| DEFAULT_KVM_DEVICE.into()),
+    );
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::KvmMissing(path.clone()))?;
+    let kvm = Kvm::new_with_path(&c).map_err(|source| match source.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing(path.clone()),
+        libc::EACCES | libc::EPERM | libc::EROFS => Error::KvmAccess(path.clone()),
+        _ => Error::KvmOpen {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::KvmApi { path, version });
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "IRQCHIP"),
+        (Cap::Irqfd, "IRQFD"),
+        (Cap::Ioeventfd, "IOEVENTFD"),
+        (Cap::UserMemory, "USER_MEMORY"),
+        (Cap::SetTssAddr, "SET_TSS_ADDR"),
+        (Cap::SetIdentityMapAddr, "SET_IDENTITY_MAP_ADDR"),
+        (Cap::ExtCpuid, "EXT_CPUID"),
+        (Cap::Pit2, "PIT2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Guest RAM in one memfd (shared, so vhost-user back ends can map it later), split around
+/// the 32-bit MMIO gap.
+fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below.
+    let fd = unsafe { libc::memfd_create(c"nixvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memory(size, std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| Error::Memory(size, e))?;
+    let file = Arc::new(file);
+    let mut offset = 0;
+    let ranges: Vec<_> = layout::ram_regions(size)
+        .into_iter()
+        .map(|(addr, len)| {
+            let len = usize::try_from(len).expect("64-bit host");
+            let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
+            offset += len as u64;
+            r
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::MapMemory)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).expect("two regions"),
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which the
+        // Vm keeps alive as long as the VmFd.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(())
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: vCPU fds before the VM fd, the memory last.
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<PioBus>,
+    exit: Arc<ExitState>,
+    controller: Arc<Mutex<Controller>>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig) -> Result<Vm> {
+        let kvm = open_kvm()?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(config.cpus) > max {
+            return Err(Error::TooManyVcpus {
+                cpus: config.cpus,
+                max,
+            });
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        vm.set_tss_address(usize::try_from(layout::KVM_TSS_START).expect("64-bit host"))
+            .map_err(kvm_err("set the TSS address"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+            .map_err(kvm_err("set the identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the interrupt controllers"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create the PIT"))?;
+
+        let mem = create_memory(config.memory.0)?;
+        register_memory(&vm, &mem)?;
+
+        let loaded = kernel::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(kernel::load_initrd(&mem, path, &loaded, config.memory.0)?),
+            None => None,
+        };
+        let rsdp = acpi::write_acpi_tables(
+            &mem,
+            &acpi::AcpiConfig {
+                cpus: config.cpus,
+                device_aml: Vec::new(),
+            },
+        )?;
+        let boot_info = params::BootInfo {
+            cmdline: &config.cmdline,
+            initrd,
+            rsdp,
+            memory_map: layout::memory_map(config.memory.0),
+        };
+        let params_addr = params::write_boot_params(&mem, &loaded, &boot_info)?;
+        let entry = cpu::setup_entry(&mem, &loaded.entry, params_addr)?;
+
+        let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
+        let (serial, input, drained) = create_serial(&vm, &config.serial)?;
+        let mut bus = PioBus::default();
+        let insert = |bus: &mut PioBus, base, len, dev| {
+            bus.insert(base, len, dev).expect("fixed, disjoint ports")
+        };
+        insert(&mut bus, acpi::COM1_PORT, 8, serial.clone());
+        insert(
+            &mut bus,
+            nixvm_devices::i8042::DATA_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        );
+        insert(
+            &mut bus,
+            nixvm_devices::cmos::PORT,
+            2,
+            Arc::new(Mutex::new(Cmos::default())),
+        );
+        let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
+        insert(
+            &mut bus,
+            acpi::SLEEP_CONTROL_PORT,
+            2,
+            Arc::new(Mutex::new(pm)),
+        );
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report its CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for id in 0..config.cpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            let cpuid = cpuid::for_vcpu(&supported, id, config.cpus);
+            vcpu::configure(&vcpu, id, &cpuid, (id == 0).then_some(&entry))?;
+            vcpus.push(vcpu);
+        }
+
+        let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        lifecycle::catch_stop_signals(&signal_evt).map_err(Error::EventFd)?;
+        let controller = Arc::new(Mutex::new(Controller::new(
+            exit.clone(),
+            signal_evt,
+            serial,
+            drained,
+            input,
+        )));
+        Ok(Vm {
+            vcpus,
+            bus: Arc::new(bus),
+            exit,
+            controller,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: mem,
+        })
+    }
+
+    /// Runs the VM until it ends; returns how it ended.
+    pub fn run(mut self, raw_terminal: bool) -> Result<Exit> {
+        let _terminal = if raw_terminal {
+            terminal::RawTerminal::enable()
+        } else {
+            None
+        };
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(Error::EventLoop)?;
+        em.add_subscriber(self.controller.clone());
+
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| Error::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads: Vec<(JoinHandle<()>, Arc<AtomicBool>)> = Vec::new();
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let id = u8::try_from(id).expect("at most 254 vCPUs");
+            let (bus, exit, stop) = (self.bus.clone(), self.exit.clone(), stop.clone());
+            let finished = Arc::new(AtomicBool::new(false));
+            let done = finished.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    vcpu::run(vcpu, id, bus, exit, stop);
+                    done.store(true, Ordering::Release);
+                });
+            match spawned {
+                Ok(handle) => threads.push((handle, finished)),
+                Err(e) => {
+                    self.exit
+                        .request_exit(Exit::Failed(format!("cannot start vCPU thread {id}: {e}")));
+                    break;
+                }
+            }
+        }
+
+        while !nixvm_devices::bus::lock(&self.controller).done {
+            if let Err(e) = em.run() {
+                self.exit
+                    .request_exit(Exit::Failed(format!("event loop failed: {e:?}")));
+                break;
+            }
+        }
+
+        stop.store(true, Ordering::Release);
+        for (handle, finished) in threads {
+            // A vCPU blocked in KVM_RUN (halted, say) leaves it when signalled. Kick until it
+            // is out: a signal that lands just before it enters KVM_RUN would be missed.
+            while !finished.load(Ordering::Acquire) {
+                use vmm_sys_util::signal::Killable;
+                let _ = handle.kill(kick_signal());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = handle.join();
+        }
+        Ok(self
+            .exit
+            .take()
+            .unwrap_or(Exit::Failed("the VM stopped for no recorded reason".into())))
+    }
+}
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+type SerialParts = (Arc<Mutex<SerialDevice>>, Input, EventFd);
+
+fn create_serial(vm: &VmFd, config: &SerialConfig) -> Result<SerialParts> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&irq, acpi::COM1_IRQ)
+        .map_err(kvm_err("connect the serial interrupt"))?;
+    let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let (out, input) = match config {
+        SerialConfig::Stdio => (ConsoleOut::Stdout(std::io::stdout()), Input::Stdin),
+        SerialConfig::Off => (ConsoleOut::Off, Input::None),
+        SerialConfig::File(path) => {
+            let f = File::create(path).map_err(|source| Error::SerialFile {
+                path: path.clone(),
+                source,
+            })?;
+            (ConsoleOut::File(f), Input::None)
+        }
+        SerialConfig::Socket(path) => {
+            let listener = unix::Listener::bind(Path::new(path)).map_err(Error::SerialSocket)?;
+            let console = Arc::new(Mutex::new(SocketConsole::default()));
+            (
+                ConsoleOut::Socket(console.clone()),
+                Input::Socket {
+                    listener,
+                    console,
+                    client: None,
+                },
+            )
+        }
+    };
+    let dev = SerialDevice::new(
+        IrqTrigger(irq),
+        InputDrained(drained.try_clone().map_err(Error::EventFd)?),
+        out,
+    );
+    Ok((Arc::new(Mutex::new(dev)), input, drained))
+}
