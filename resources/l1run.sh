@@ -89,6 +89,10 @@ filter() {
   done
 }
 
+# One L1 guest at a time on this machine: it takes both cores, and runs share $PWD/.l1cmd.
+exec 9>/tmp/nixvm-l1run.lock
+flock 9
+
 # QEMU's stderr goes to ours (less the TCG warnings), the console to filter.
 # In the background, so that a signal to this script can stop QEMU at once;
 # fd 3 hands it our stdin (a background job would get /dev/null).

@@ -1,1 +1,798 @@
-fn main() {}
+//! End-to-end tests: the real `nixvm` binary, a real Debian kernel, a busybox test guest.
+//!
+//! - Usage errors run here, on the host: they start no guest.
+//! - Guest boots need a KVM that boots Linux. `resources/kvm-route.sh` says whether /dev/kvm
+//!   here does (`direct`), or whether the boots must run inside an L1 guest with emulated
+//!   AMD SVM (`l1`: this binary re-runs itself there through `resources/l1run.sh`, once, for
+//!   all boots). Where neither works the boots report `skipped: why`; under CI=true a skip
+//!   is a failure.
+//! - The guest's /init (`resources/guest-init`) prints `NIXVM-TEST: ...` marker lines.
+//!
+//! Run with `cargo test -p nixvm --test e2e` (a name filter as first argument selects tests).
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NIXVM: &str = env!("CARGO_BIN_EXE_nixvm");
+const INSIDE: &str = "NIXVM_E2E_INSIDE";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// A NixOS-style command line; it must reach /proc/cmdline byte for byte.
+const NIXOS_ARGS: &str = "init=/nix/store/3m6ai0zm3rg7a2z1s2ad1xfzdc0wz6kn-nixos-system-x-24.11/init regInfo=/nix/store/ijgclfphrd1vzk6qvbwzy0mbcgqnfzgf-closure-info/registration";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn assets() -> PathBuf {
+    root().join("target/e2e-assets")
+}
+
+fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nixvm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+type TestResult = Result<(), String>;
+
+macro_rules! check {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// Runs tests, prints `test NAME ... ok|FAILED|skipped`, and counts.
+#[derive(Default)]
+struct Runner {
+    filter: Option<String>,
+    passed: usize,
+    failed: Vec<String>,
+    skipped: usize,
+}
+
+impl Runner {
+    fn wants(&self, name: &str) -> bool {
+        self.filter.as_deref().is_none_or(|f| name.contains(f))
+    }
+
+    fn record(&mut self, name: &str, result: TestResult) {
+        match result {
+            Ok(()) => {
+                println!("test {name} ... ok");
+                self.passed += 1;
+            }
+            Err(why) => {
+                println!(
+                    "test {name} ... FAILED\n    {}",
+                    why.replace('\n', "\n    ")
+                );
+                self.failed.push(name.to_owned());
+            }
+        }
+    }
+
+    fn run(&mut self, name: &str, f: impl FnOnce() -> TestResult) {
+        if self.wants(name) {
+            let r = f();
+            self.record(name, r);
+        }
+    }
+
+    fn skip(&mut self, name: &str, why: &str) {
+        if self.wants(name) {
+            println!("test {name} ... skipped: {why}");
+            self.skipped += 1;
+        }
+    }
+}
+
+/// What a finished nixvm run left behind.
+struct Run {
+    status: Option<ExitStatus>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    fn markers(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("NIXVM-TEST: "))
+            .collect()
+    }
+
+    fn marker(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.markers()
+            .into_iter()
+            .find_map(|m| m.strip_prefix(prefix.as_str()))
+    }
+
+    fn describe(&self) -> String {
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        format!(
+            "exit {:?}\n--- stdout (tail) ---\n{}\n--- stderr (tail) ---\n{}",
+            self.status,
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+}
+
+/// Runs nixvm to completion (killing it after `timeout`), stdin from /dev/null.
+fn nixvm(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Run {
+    let mut cmd = Command::new(NIXVM);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn nixvm");
+    let collect = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().expect("stdout")));
+    let err = collect(Box::new(child.stderr.take().expect("stderr")));
+    let status = wait_timeout(&mut child, timeout);
+    Run {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+fn wait_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- usage errors (host)
+
+/// A usage error: exit status 2 and one line on stderr that names `needle`.
+fn usage_error(args: &[&str], envs: &[(&str, &str)], needle: &str) -> TestResult {
+    let r = nixvm(args, envs, Duration::from_secs(30));
+    check!(
+        r.code() == Some(2),
+        "wanted exit status 2, got {:?}; stderr: {}",
+        r.code(),
+        r.stderr
+    );
+    let first = r.stderr.lines().next().unwrap_or("");
+    check!(
+        first.contains(needle),
+        "stderr does not name {needle:?}: {}",
+        r.stderr
+    );
+    check!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("backtrace"),
+        "not a clean error: {}",
+        r.stderr
+    );
+    Ok(())
+}
+
+/// Like `usage_error`, for nixvm's own errors (not clap's): exactly one line.
+fn one_line_usage_error(args: &[&str], envs: &[(&str, &str)], needle: &str) -> TestResult {
+    usage_error(args, envs, needle)?;
+    let r = nixvm(args, envs, Duration::from_secs(30));
+    check!(
+        r.stderr.trim_end().lines().count() == 1,
+        "more than one line: {}",
+        r.stderr
+    );
+    Ok(())
+}
+
+fn usage_tests(t: &mut Runner, kernel: Option<&Path>) {
+    let tmp = temp_dir();
+    t.run("usage_missing_kernel", || {
+        one_line_usage_error(
+            &["--kernel", "/nonexistent/vmlinuz"],
+            &[],
+            "/nonexistent/vmlinuz",
+        )
+    });
+    t.run("usage_no_kernel_flag", || {
+        one_line_usage_error(&[], &[], "--kernel")
+    });
+    t.run("usage_kernel_is_a_directory", || {
+        one_line_usage_error(&["--kernel", "/"], &[], "cannot read kernel /")
+    });
+    t.run("usage_unrecognised_kernel_format", || {
+        let script = root().join("resources/guest-init");
+        one_line_usage_error(
+            &["--kernel", script.to_str().unwrap()],
+            &[],
+            "unrecognised kernel format",
+        )
+    });
+    t.run("usage_bad_size_syntax", || {
+        usage_error(&["--memory", "12X"], &[], "12X")
+    });
+    t.run("usage_bad_serial", || {
+        usage_error(&["--serial", "tcp=1"], &[], "tcp=1")
+    });
+    t.run("usage_unknown_config_field", || {
+        let f = tmp.join("bad.json");
+        std::fs::write(&f, r#"{"kernal": "/boot/vmlinuz"}"#).unwrap();
+        one_line_usage_error(&["--config", f.to_str().unwrap()], &[], "kernal")
+    });
+    let Some(kernel) = kernel else {
+        for name in [
+            "usage_memory_too_small",
+            "usage_memory_too_large",
+            "usage_zero_cpus",
+            "usage_too_many_cpus",
+            "usage_initrd_too_large",
+            "usage_kvm_missing",
+            "usage_kvm_not_writable",
+            "usage_kvm_not_kvm",
+            "usage_serial_socket_busy",
+            "dry_run_prints_resolved_config",
+        ] {
+            t.skip(name, "no guest kernel (resources/assets.sh failed)");
+        }
+        return;
+    };
+    let k = kernel.to_str().unwrap();
+    t.run("usage_memory_too_small", || {
+        one_line_usage_error(&["--kernel", k, "--memory", "32M"], &[], "32M")
+    });
+    t.run("usage_memory_too_large", || {
+        one_line_usage_error(&["--kernel", k, "--memory", "64T"], &[], "64T")
+    });
+    t.run("usage_zero_cpus", || {
+        one_line_usage_error(&["--kernel", k, "--cpus", "0"], &[], "--cpus")
+    });
+    t.run("usage_too_many_cpus", || {
+        one_line_usage_error(&["--kernel", k, "--cpus", "999"], &[], "999")
+    });
+    t.run("usage_initrd_too_large", || {
+        let big = tmp.join("big.img");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(200 << 20)
+            .unwrap();
+        one_line_usage_error(
+            &[
+                "--kernel",
+                k,
+                "--initrd",
+                big.to_str().unwrap(),
+                "--memory",
+                "64M",
+            ],
+            &[],
+            "big.img",
+        )
+    });
+    t.run("usage_kvm_missing", || {
+        one_line_usage_error(
+            &["--kernel", k],
+            &[("NIXVM_KVM_DEVICE", "/nonexistent/kvm")],
+            "/nonexistent/kvm does not exist",
+        )
+    });
+    t.run("usage_kvm_not_kvm", || {
+        one_line_usage_error(
+            &["--kernel", k],
+            &[("NIXVM_KVM_DEVICE", "/dev/null")],
+            "/dev/null is not a KVM device",
+        )
+    });
+    t.run("usage_kvm_not_writable", || kvm_not_writable(k, &tmp));
+    t.run("usage_serial_socket_busy", || {
+        let sock = tmp.join("busy.sock");
+        let _held = UnixListener::bind(&sock).unwrap();
+        let arg = format!("socket={}", sock.display());
+        one_line_usage_error(&["--kernel", k, "--serial", &arg], &[], "in use")
+    });
+    t.run("dry_run_prints_resolved_config", || {
+        let cfg = tmp.join("vm.json");
+        std::fs::write(
+            &cfg,
+            format!(r#"{{"kernel": "{k}", "memory": "1G", "cpus": 2}}"#),
+        )
+        .unwrap();
+        let r = nixvm(
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--cpus",
+                "3",
+                "--dry-run",
+            ],
+            &[],
+            Duration::from_secs(30),
+        );
+        check!(r.code() == Some(0), "dry run failed: {}", r.describe());
+        let v: serde_json::Value =
+            serde_json::from_str(&r.stdout).map_err(|e| format!("not JSON: {e}: {}", r.stdout))?;
+        check!(v["cpus"] == 3, "flag did not override the file: {v}");
+        check!(
+            v["memory"] == "1G" && v["kernel_format"] == "bzImage",
+            "wrong resolved config: {v}"
+        );
+        check!(
+            v["serial"] == "stdio" && v["cmdline"] == "console=ttyS0",
+            "wrong defaults: {v}"
+        );
+        Ok(())
+    });
+}
+
+/// /dev/kvm that this user cannot open read-write: as root, run nixvm as `nobody`.
+fn kvm_not_writable(kernel: &str, tmp: &Path) -> TestResult {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dev = tmp.join("kvm-ro");
+    std::fs::write(&dev, b"").unwrap();
+    let mut cmd = if root {
+        // A world-readable, root-only-writable stand-in, opened by an unprivileged user.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", NIXVM]);
+        c
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o444)).unwrap();
+        Command::new(NIXVM)
+    };
+    let out = cmd
+        .args(["--kernel", kernel])
+        .env("NIXVM_KVM_DEVICE", &dev)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run setpriv: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    check!(
+        out.status.code() == Some(2),
+        "wanted 2, got {:?}: {stderr}",
+        out.status.code()
+    );
+    check!(
+        stderr.contains("kvm` group") && stderr.trim_end().lines().count() == 1,
+        "unclear error: {stderr}"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- guest boots
+
+struct Guest {
+    vmlinuz: String,
+    vmlinux: String,
+    initrd: String,
+}
+
+impl Guest {
+    fn args<'a>(&'a self, kernel: &'a str, cmdline: &'a str) -> Vec<&'a str> {
+        vec![
+            "--kernel",
+            kernel,
+            "--initrd",
+            &self.initrd,
+            "--cmdline",
+            cmdline,
+        ]
+    }
+}
+
+fn cmdline(action: &str) -> String {
+    format!("console=ttyS0 quiet panic=-1 {NIXOS_ARGS} nixvm.action={action}")
+}
+
+fn boot(args: &[&str]) -> Run {
+    nixvm(args, &[], BOOT_TIMEOUT)
+}
+
+fn expect_markers(r: &Run, want: &[&str]) -> TestResult {
+    let got = r.markers();
+    for w in want {
+        check!(
+            got.iter().any(|g| g.starts_with(w)),
+            "no marker {w:?} on the console\n{}",
+            r.describe()
+        );
+    }
+    Ok(())
+}
+
+fn boot_tests(t: &mut Runner, g: &Guest) {
+    // One boot, several checks: a bzImage with 2 vCPUs, 384M and a NixOS command line.
+    let bz_names = [
+        "boot_bzimage",
+        "cpus_2_online",
+        "memory_384m",
+        "cmdline_verbatim",
+        "poweroff_exits_0",
+    ];
+    if bz_names.iter().any(|n| t.wants(n)) {
+        let cl = cmdline("poweroff");
+        let mut args = g.args(&g.vmlinuz, &cl);
+        args.extend(["--cpus", "2", "--memory", "384M"]);
+        let r = boot(&args);
+        t.run("boot_bzimage", || expect_markers(&r, &["init"]));
+        t.run("cpus_2_online", || {
+            check!(
+                r.marker("cpus") == Some("2"),
+                "guest saw cpus={:?}\n{}",
+                r.marker("cpus"),
+                r.describe()
+            );
+            Ok(())
+        });
+        t.run("memory_384m", || {
+            let kb: u64 = r
+                .marker("memtotal_kb")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| r.describe())?;
+            // MemTotal is RAM less what the kernel keeps for itself.
+            check!(
+                (300_000..=393_216).contains(&kb),
+                "MemTotal {kb} kB for --memory 384M"
+            );
+            Ok(())
+        });
+        t.run("cmdline_verbatim", || {
+            check!(
+                r.marker("cmdline") == Some(cl.as_str()),
+                "guest saw {:?}, we passed {cl:?}",
+                r.marker("cmdline")
+            );
+            Ok(())
+        });
+        t.run("poweroff_exits_0", || {
+            expect_markers(&r, &["poweroff"])?;
+            check!(r.code() == Some(0), "poweroff: {}", r.describe());
+            Ok(())
+        });
+    }
+
+    // ELF vmlinux through its PVH entry, 4 vCPUs, reboot, console into a file.
+    let pvh_names = [
+        "boot_elf_pvh",
+        "cpus_4_online",
+        "reboot_exits_3",
+        "serial_file",
+    ];
+    if pvh_names.iter().any(|n| t.wants(n)) {
+        let log = temp_dir().join("console.log");
+        let serial = format!("file={}", log.display());
+        let cl = cmdline("reboot");
+        let mut args = g.args(&g.vmlinux, &cl);
+        args.extend(["--cpus", "4", "--serial", &serial]);
+        let r = boot(&args);
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        let r = Run {
+            stdout: console,
+            ..r
+        };
+        t.run("boot_elf_pvh", || expect_markers(&r, &["init"]));
+        t.run("serial_file", || expect_markers(&r, &["init", "reboot"]));
+        t.run("cpus_4_online", || {
+            check!(
+                r.marker("cpus") == Some("4"),
+                "guest saw cpus={:?}\n{}",
+                r.marker("cpus"),
+                r.describe()
+            );
+            Ok(())
+        });
+        t.run("reboot_exits_3", || {
+            check!(r.code() == Some(3), "reboot: {}", r.describe());
+            Ok(())
+        });
+    }
+
+    // A kernel panic with panic=-1 reboots; settings from a JSON config file.
+    t.run("panic_reboots_exits_3_config_file", || {
+        let cfg = temp_dir().join("panic.json");
+        let json = serde_json::json!({
+            "kernel": g.vmlinuz, "initrd": g.initrd, "cmdline": cmdline("panic"), "memory": 256
+        });
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        let r = boot(&["--config", cfg.to_str().unwrap()]);
+        expect_markers(&r, &["init", "panic"])?;
+        check!(
+            r.stdout.contains("Kernel panic"),
+            "no panic seen\n{}",
+            r.describe()
+        );
+        check!(r.code() == Some(3), "panic=-1: {}", r.describe());
+        Ok(())
+    });
+
+    t.run("serial_socket_attach", || serial_socket(g));
+}
+
+/// Reads from the console socket until `want` appears; returns everything read.
+fn read_until(
+    s: &mut BufReader<UnixStream>,
+    want: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < timeout {
+        let mut line = Vec::new();
+        match s.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                seen.push_str(&String::from_utf8_lossy(&line));
+                if seen.contains(want) {
+                    return Ok(seen);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("console socket: {e}; read so far:\n{seen}")),
+        }
+    }
+    Err(format!(
+        "{want:?} did not appear on the console socket; read:\n{seen}"
+    ))
+}
+
+/// `--serial socket=`: a first client sees the guest come up and leaves; a second client gets
+/// the kept output replayed, types a line, and the guest echoes it.
+fn serial_socket(g: &Guest) -> TestResult {
+    let sock = temp_dir().join("console.sock");
+    let serial = format!("socket={}", sock.display());
+    let cl = cmdline("echo");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend(["--serial", &serial]);
+    let mut child = Command::new(NIXVM)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut err_pipe = child.stderr.take().unwrap();
+    let err_copy = stderr.clone();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        *err_copy.lock().unwrap() = s;
+    });
+    let result = (|| {
+        let connect = || -> Result<BufReader<UnixStream>, String> {
+            let start = Instant::now();
+            loop {
+                match UnixStream::connect(&sock) {
+                    Ok(s) => {
+                        s.set_read_timeout(Some(Duration::from_millis(500)))
+                            .unwrap();
+                        return Ok(BufReader::new(s));
+                    }
+                    Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                        return Err(format!("connect: {e}"));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        };
+        let mut first = connect()?;
+        read_until(&mut first, "NIXVM-TEST: ready", BOOT_TIMEOUT)?;
+        drop(first);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut second = connect()?;
+        // Replayed from the ring: the guest printed these before this client attached.
+        let replay = read_until(&mut second, "NIXVM-TEST: ready", Duration::from_secs(30))?;
+        check!(
+            replay.contains("NIXVM-TEST: init"),
+            "no replay of earlier output:\n{replay}"
+        );
+        second
+            .get_mut()
+            .write_all(b"hello-nixvm\n")
+            .map_err(|e| e.to_string())?;
+        read_until(
+            &mut second,
+            "NIXVM-TEST: got=hello-nixvm",
+            Duration::from_secs(60),
+        )?;
+        Ok(())
+    })();
+    let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(100));
+    result.map_err(|e| format!("{e}\nnixvm stderr: {}", stderr.lock().unwrap()))?;
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm ended with {status:?}"
+    );
+    check!(!sock.exists(), "socket file left behind");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- driver
+
+fn sh(script: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(root().join("resources").join(script))
+        .args(args)
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run resources/{script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("resources/{script} failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn guest() -> Guest {
+    let a = assets();
+    let s = |f: &str| a.join(f).to_str().expect("utf-8 path").to_owned();
+    Guest {
+        vmlinuz: s("vmlinuz"),
+        vmlinux: s("vmlinux"),
+        initrd: s("initramfs.cpio.gz"),
+    }
+}
+
+/// Inside the route that can boot: run the boot tests, print their lines.
+fn inside(filter: Option<String>) -> i32 {
+    let mut t = Runner {
+        filter,
+        ..Default::default()
+    };
+    boot_tests(&mut t, &guest());
+    let _ = std::fs::remove_dir_all(temp_dir());
+    i32::from(!t.failed.is_empty())
+}
+
+fn main() {
+    // libtest-style arguments: take the first non-flag as a name filter.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if std::env::var_os(INSIDE).is_some() {
+        std::process::exit(inside(filter));
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let mut t = Runner {
+        filter: filter.clone(),
+        ..Default::default()
+    };
+
+    let assets_ok = match sh("assets.sh", &[assets().to_str().unwrap()]) {
+        Ok(_) => true,
+        Err(e) => {
+            println!("e2e: cannot build the guest assets: {e}");
+            false
+        }
+    };
+    let vmlinuz = assets().join("vmlinuz");
+    usage_tests(&mut t, assets_ok.then_some(vmlinuz.as_path()));
+
+    let route = if assets_ok {
+        sh("kvm-route.sh", &[]).unwrap_or_else(|e| format!("none: {e}"))
+    } else {
+        "none: no guest assets".to_owned()
+    };
+    println!(
+        "e2e: guest boots run {}",
+        match route.as_str() {
+            "direct" => "directly on /dev/kvm",
+            "l1" => "inside an L1 guest (this host's /dev/kvm cannot boot Linux)",
+            other => other,
+        }
+    );
+    let boot_names = [
+        "boot_bzimage",
+        "cpus_2_online",
+        "memory_384m",
+        "cmdline_verbatim",
+        "poweroff_exits_0",
+        "boot_elf_pvh",
+        "cpus_4_online",
+        "reboot_exits_3",
+        "serial_file",
+        "panic_reboots_exits_3_config_file",
+        "serial_socket_attach",
+    ];
+    match route.as_str() {
+        "direct" => boot_tests(&mut t, &guest()),
+        "l1" if boot_names.iter().any(|n| t.wants(n)) => {
+            let exe = std::env::current_exe().expect("own path");
+            let mut cmd = Command::new(root().join("resources/l1run.sh"));
+            cmd.current_dir(root())
+                .arg("--")
+                .arg(exe)
+                .env(INSIDE, "1")
+                .stdout(Stdio::piped());
+            if let Some(f) = &filter {
+                cmd.arg(f);
+            }
+            let mut child = cmd.spawn().expect("resources/l1run.sh");
+            let out = BufReader::new(child.stdout.take().unwrap());
+            let mut seen = Vec::new();
+            for line in out.lines().map_while(Result::ok) {
+                println!("{line}");
+                if let Some(rest) = line.strip_prefix("test ") {
+                    if let Some((name, result)) = rest.split_once(" ... ") {
+                        seen.push(name.to_owned());
+                        match result {
+                            "ok" => t.passed += 1,
+                            r if r.starts_with("skipped") => t.skipped += 1,
+                            _ => t.failed.push(name.to_owned()),
+                        }
+                    }
+                }
+            }
+            let status = child.wait().expect("l1run.sh");
+            let missing: Vec<&str> = boot_names
+                .into_iter()
+                .filter(|n| t.wants(n) && !seen.iter().any(|s| s == n))
+                .collect();
+            for name in missing {
+                t.record(
+                    name,
+                    Err(format!("did not run: the L1 guest ended with {status}")),
+                );
+            }
+        }
+        "l1" => {}
+        why => {
+            let why = why.strip_prefix("none: ").unwrap_or(why).to_owned();
+            for name in boot_names {
+                if in_ci {
+                    t.record(
+                        name,
+                        Err(format!("cannot boot a guest here ({why}), and CI must")),
+                    );
+                } else {
+                    t.skip(name, &why);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(temp_dir());
+    println!();
+    if !t.failed.is_empty() {
+        println!("failures: {}", t.failed.join(", "));
+    }
+    println!(
+        "e2e: {} passed, {} failed, {} skipped",
+        t.passed,
+        t.failed.len(),
+        t.skipped
+    );
+    std::process::exit(i32::from(!t.failed.is_empty()));
+}

@@ -87,13 +87,16 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M")] {
             if b != 0 && b % (1 << shift) == 0 {
                 return write!(f, "{}{unit}", b >> shift);
             }
         }
-        // Sizes below 1 KiB or not a whole number of KiB only come from the host's own figures.
-        write!(f, "{}K", b / 1024)
+        if b < 1 << 30 {
+            return write!(f, "{}K", b >> 10);
+        }
+        // Not a whole number of any unit: the host's own figures, shown approximately.
+        write!(f, "{:.1}G", b as f64 / f64::from(1u32 << 30))
     }
 }
 
@@ -343,6 +346,7 @@ mod tests {
         assert_eq!(Size(512 << 20).to_string(), "512M");
         assert_eq!(Size(2 << 30).to_string(), "2G");
         assert_eq!(Size(1536 << 20).to_string(), "1536M");
+        assert_eq!(Size((23 << 30) + (512 << 20) + 1).to_string(), "23.5G");
     }
 
     #[test]

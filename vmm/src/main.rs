@@ -21,11 +21,17 @@ use config::{ConfigFile, SerialConfig, Size, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
-///
-/// Exit status: 0 the guest powered off; 1 nixvm failed; 2 usage error; 3 the guest
-/// rebooted (restart nixvm to boot it again); 128+N nixvm stopped on signal N.
 #[derive(Debug, Parser)]
-#[command(name = "nixvm", version, about, long_about = None)]
+#[command(
+    name = "nixvm",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 the guest powered off; 1 nixvm failed; 2 usage error; 3 the guest \
+                  rebooted (start nixvm again to boot it again); 128+N nixvm stopped on signal N.\n\
+                  Environment: NIXVM_LOG=error|warn|info|debug|trace (default warn); \
+                  NIXVM_KVM_DEVICE (default /dev/kvm)."
+)]
 struct Cli {
     /// Kernel: a bzImage or an uncompressed ELF vmlinux with a PVH note (detected from the file).
     #[arg(long, value_name = "PATH")]
@@ -141,7 +147,15 @@ fn run(cli: Cli) -> Result<u8, Error> {
     Ok(exit.status())
 }
 
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// When nixvm started (for the setup-time log line).
+pub fn started() -> std::time::Instant {
+    *STARTED.get_or_init(std::time::Instant::now)
+}
+
 fn main() -> ExitCode {
+    started();
     init_logger();
     let cli = Cli::parse();
     match run(cli) {

@@ -44,6 +44,8 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("{0} is not a KVM device")]
+    NotKvm(PathBuf),
     #[error("{path} speaks KVM API version {version}, nixvm needs 12")]
     KvmApi { path: PathBuf, version: i32 },
     #[error("this host's KVM lacks the capability {0}, which nixvm needs")]
@@ -92,6 +94,7 @@ impl Error {
         match self {
             Error::KvmMissing(_)
             | Error::KvmAccess(_)
+            | Error::NotKvm(_)
             | Error::KvmApi { .. }
             | Error::KvmCap(_)
             | Error::TooManyVcpus { .. }
@@ -126,6 +129,9 @@ pub fn open_kvm() -> Result<Kvm> {
         },
     })?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(Error::NotKvm(path));
+    }
     if version != 12 {
         return Err(Error::KvmApi { path, version });
     }
@@ -201,6 +207,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm> {
+        let (console_out, input) = open_console(&config.serial)?;
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
@@ -247,7 +254,7 @@ impl Vm {
         let entry = cpu::setup_entry(&mem, &loaded.entry, params_addr)?;
 
         let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
-        let (serial, input, drained) = create_serial(&vm, &config.serial)?;
+        let (serial, drained) = create_serial(&vm, console_out)?;
         let mut bus = PioBus::default();
         let insert = |bus: &mut PioBus, base, len, dev| {
             bus.insert(base, len, dev).expect("fixed, disjoint ports")
@@ -374,14 +381,9 @@ fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-type SerialParts = (Arc<Mutex<SerialDevice>>, Input, EventFd);
-
-fn create_serial(vm: &VmFd, config: &SerialConfig) -> Result<SerialParts> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-    vm.register_irqfd(&irq, acpi::COM1_IRQ)
-        .map_err(kvm_err("connect the serial interrupt"))?;
-    let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let (out, input) = match config {
+/// Opens where the console goes. Done first, before KVM: a busy socket is the user's to fix.
+fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {
+    Ok(match config {
         SerialConfig::Stdio => (ConsoleOut::Stdout(std::io::stdout()), Input::Stdin),
         SerialConfig::Off => (ConsoleOut::Off, Input::None),
         SerialConfig::File(path) => {
@@ -403,11 +405,19 @@ fn create_serial(vm: &VmFd, config: &SerialConfig) -> Result<SerialParts> {
                 },
             )
         }
-    };
+    })
+}
+
+/// COM1 with its interrupt wired to GSI 4; returns it and the "input drained" eventfd.
+fn create_serial(vm: &VmFd, out: ConsoleOut) -> Result<(Arc<Mutex<SerialDevice>>, EventFd)> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&irq, acpi::COM1_IRQ)
+        .map_err(kvm_err("connect the serial interrupt"))?;
+    let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let dev = SerialDevice::new(
         IrqTrigger(irq),
         InputDrained(drained.try_clone().map_err(Error::EventFd)?),
         out,
     );
-    Ok((Arc::new(Mutex::new(dev)), input, drained))
+    Ok((Arc::new(Mutex::new(dev)), drained))
 }
