@@ -49,6 +49,10 @@ esac
 # The command file that the L1 init sources with the host's /bin/sh (in the
 # shared work dir): POSIX single quotes, since sh need not know bash's $'...'.
 shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
+# One L1 guest at a time on this machine: it takes both cores, and runs share $PWD/.l1cmd,
+# so the lock is held from before that file is written until the guest is gone.
+exec 9>/tmp/nixvm-l1run.lock
+flock 9
 CMDFILE=$W/.l1cmd
 {
   printf 'export PATH='; shq "$PATH"; printf ' HOME='; shq "${HOME:-/root}"; echo
@@ -88,10 +92,6 @@ filter() {
     fi
   done
 }
-
-# One L1 guest at a time on this machine: it takes both cores, and runs share $PWD/.l1cmd.
-exec 9>/tmp/nixvm-l1run.lock
-flock 9
 
 # QEMU's stderr goes to ours (less the TCG warnings), the console to filter.
 # In the background, so that a signal to this script can stop QEMU at once;

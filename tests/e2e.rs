@@ -537,6 +537,72 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
     });
 
     t.run("serial_socket_attach", || serial_socket(g));
+
+    // Every way a guest reboots ends nixvm with status 3: the i8042 reset line, the ACPI
+    // reset register, a triple fault (Linux's default path ends at the BIOS reset vector).
+    for (method, cause) in [
+        ("k", "the guest pulsed the reset line"),
+        ("a", "the guest wrote the reset register"),
+        ("t", "triple fault"),
+    ] {
+        t.run(&format!("reboot_method_{method}_exits_3"), || {
+            let cl = format!("{} reboot={method}", cmdline("reboot"));
+            let r = nixvm(
+                &g.args(&g.vmlinuz, &cl),
+                &[("NIXVM_LOG", "info")],
+                BOOT_TIMEOUT,
+            );
+            expect_markers(&r, &["reboot"])?;
+            check!(r.code() == Some(3), "reboot={method}: {}", r.describe());
+            check!(
+                r.stderr.contains(cause),
+                "reboot={method} did not reset by {cause:?}: {}",
+                r.stderr
+            );
+            Ok(())
+        });
+    }
+
+    t.run("sigterm_stops_vm_exit_143", || {
+        // The guest waits for a console line that never comes (stdin is /dev/null).
+        let sock = temp_dir().join("term.sock");
+        let serial = format!("socket={}", sock.display());
+        let cl = cmdline("echo");
+        let mut args = g.args(&g.vmlinuz, &cl);
+        args.extend(["--serial", &serial]);
+        let mut child = Command::new(NIXVM)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let ready = (|| {
+            let start = Instant::now();
+            let s = loop {
+                match UnixStream::connect(&sock) {
+                    Ok(s) => break s,
+                    Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => return Err(format!("connect: {e}")),
+                }
+            };
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            read_until(&mut BufReader::new(s), "NIXVM-TEST: ready", BOOT_TIMEOUT).map(|_| ())
+        })();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        ready?;
+        check!(
+            status.and_then(|s| s.code()) == Some(143),
+            "after SIGTERM: {status:?}"
+        );
+        check!(!sock.exists(), "socket file left behind");
+        Ok(())
+    });
 }
 
 /// Reads from the console socket until `want` appears; returns everything read.
@@ -726,6 +792,10 @@ fn main() {
         "serial_file",
         "panic_reboots_exits_3_config_file",
         "serial_socket_attach",
+        "reboot_method_k_exits_3",
+        "reboot_method_a_exits_3",
+        "reboot_method_t_exits_3",
+        "sigterm_stops_vm_exit_143",
     ];
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),

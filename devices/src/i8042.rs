@@ -28,6 +28,7 @@ impl PioDevice for I8042 {
 
     fn write(&mut self, offset: u16, data: &[u8]) {
         if offset == COMMAND_PORT - DATA_PORT && data.first() == Some(&CMD_PULSE_RESET) {
+            log::info!("i8042: the guest pulsed the reset line");
             self.exit.request(GuestExit::Reset);
         }
     }

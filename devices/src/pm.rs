@@ -32,8 +32,14 @@ impl PioDevice for AcpiPm {
     fn write(&mut self, offset: u16, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         match offset {
-            0 if (self.is_s5)(value) => self.exit.request(GuestExit::PowerOff),
-            1 if value == self.reset_value => self.exit.request(GuestExit::Reset),
+            0 if (self.is_s5)(value) => {
+                log::info!("acpi: the guest entered S5 (soft off)");
+                self.exit.request(GuestExit::PowerOff)
+            }
+            1 if value == self.reset_value => {
+                log::info!("acpi: the guest wrote the reset register");
+                self.exit.request(GuestExit::Reset)
+            }
             _ => log::debug!("acpi pm: ignored write {value:#x} at offset {offset}"),
         }
     }
