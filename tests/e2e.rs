@@ -564,34 +564,10 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
     }
 
     t.run("sigterm_stops_vm_exit_143", || {
-        // The guest waits for a console line that never comes (stdin is /dev/null).
-        let sock = temp_dir().join("term.sock");
-        let serial = format!("socket={}", sock.display());
-        let cl = cmdline("echo");
-        let mut args = g.args(&g.vmlinuz, &cl);
-        args.extend(["--serial", &serial]);
-        let mut child = Command::new(NIXVM)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let ready = (|| {
-            let start = Instant::now();
-            let s = loop {
-                match UnixStream::connect(&sock) {
-                    Ok(s) => break s,
-                    Err(_) if start.elapsed() < Duration::from_secs(30) => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    Err(e) => return Err(format!("connect: {e}")),
-                }
-            };
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            read_until(&mut BufReader::new(s), "NIXVM-TEST: ready", BOOT_TIMEOUT).map(|_| ())
-        })();
+        // The guest waits for a console line that never comes.
+        let (mut child, sock) = socket_guest(g, "term")?;
+        let ready = connect_console(&sock)
+            .and_then(|mut c| read_until(&mut c, "NIXVM-TEST: ready", BOOT_TIMEOUT).map(drop));
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = wait_timeout(&mut child, Duration::from_secs(30));
@@ -636,21 +612,46 @@ fn read_until(
     ))
 }
 
-/// `--serial socket=`: a first client sees the guest come up and leaves; a second client gets
-/// the kept output replayed, types a line, and the guest echoes it.
-fn serial_socket(g: &Guest) -> TestResult {
-    let sock = temp_dir().join("console.sock");
+/// Starts nixvm on the test guest waiting for a console line (`nixvm.action=echo`), its
+/// console on a socket named after `name`; stderr is piped.
+fn socket_guest(g: &Guest, name: &str) -> Result<(std::process::Child, PathBuf), String> {
+    let sock = temp_dir().join(format!("{name}.sock"));
     let serial = format!("socket={}", sock.display());
     let cl = cmdline("echo");
     let mut args = g.args(&g.vmlinuz, &cl);
     args.extend(["--serial", &serial]);
-    let mut child = Command::new(NIXVM)
+    let child = Command::new(NIXVM)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
+    Ok((child, sock))
+}
+
+/// Connects to a console socket, waiting up to 30 s for nixvm to create it.
+fn connect_console(sock: &Path) -> Result<BufReader<UnixStream>, String> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .map_err(|e| e.to_string())?;
+                return Ok(BufReader::new(s));
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("connect: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `--serial socket=`: a first client sees the guest come up and leaves; a second client gets
+/// the kept output replayed, types a line, and the guest echoes it.
+fn serial_socket(g: &Guest) -> TestResult {
+    let (mut child, sock) = socket_guest(g, "console")?;
     let stderr = Arc::new(Mutex::new(String::new()));
     let mut err_pipe = child.stderr.take().unwrap();
     let err_copy = stderr.clone();
@@ -660,27 +661,11 @@ fn serial_socket(g: &Guest) -> TestResult {
         *err_copy.lock().unwrap() = s;
     });
     let result = (|| {
-        let connect = || -> Result<BufReader<UnixStream>, String> {
-            let start = Instant::now();
-            loop {
-                match UnixStream::connect(&sock) {
-                    Ok(s) => {
-                        s.set_read_timeout(Some(Duration::from_millis(500)))
-                            .unwrap();
-                        return Ok(BufReader::new(s));
-                    }
-                    Err(e) if start.elapsed() > Duration::from_secs(30) => {
-                        return Err(format!("connect: {e}"));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        };
-        let mut first = connect()?;
+        let mut first = connect_console(&sock)?;
         read_until(&mut first, "NIXVM-TEST: ready", BOOT_TIMEOUT)?;
         drop(first);
         std::thread::sleep(Duration::from_millis(200));
-        let mut second = connect()?;
+        let mut second = connect_console(&sock)?;
         // Replayed from the ring: the guest printed these before this client attached.
         let replay = read_until(&mut second, "NIXVM-TEST: ready", Duration::from_secs(30))?;
         check!(
