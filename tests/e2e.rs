@@ -563,6 +563,10 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
         });
     }
 
+    t.run("stdio_terminal_raw_input_and_restored", || {
+        stdio_terminal(g)
+    });
+
     t.run("sigterm_stops_vm_exit_143", || {
         // The guest waits for a console line that never comes.
         let (mut child, sock) = socket_guest(g, "term")?;
@@ -610,6 +614,100 @@ fn read_until(
     Err(format!(
         "{want:?} did not appear on the console socket; read:\n{seen}"
     ))
+}
+
+/// Opens a pseudo-terminal; returns (master, slave) as files.
+fn open_pty() -> Result<(std::fs::File, std::fs::File), String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc pty calls; every returned descriptor is checked, ptsname's buffer is
+    // copied before the next call.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        if master < 0 || libc::grantpt(master) != 0 || libc::unlockpt(master) != 0 {
+            return Err(format!("no pty: {}", std::io::Error::last_os_error()));
+        }
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
+        let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        if slave < 0 {
+            return Err(format!(
+                "cannot open {name:?}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok((
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        ))
+    }
+}
+
+fn lflag(f: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcgetattr writes into a zeroed termios we own.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(f.as_raw_fd(), &mut t);
+        t.c_lflag
+    }
+}
+
+/// `--serial stdio` on a terminal: raw while the VM runs (keys reach the guest unedited),
+/// the terminal's own settings back when nixvm exits.
+fn stdio_terminal(g: &Guest) -> TestResult {
+    let (mut master, slave) = open_pty()?;
+    let cooked = lflag(&slave);
+    check!(
+        cooked & libc::ICANON != 0,
+        "a new pty starts in canonical mode"
+    );
+    let cl = cmdline("echo");
+    let mut child = Command::new(NIXVM)
+        .args(g.args(&g.vmlinuz, &cl))
+        .stdin(slave.try_clone().map_err(|e| e.to_string())?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let result = (|| {
+        let start = Instant::now();
+        while !seen.contains("NIXVM-TEST: ready") {
+            check!(start.elapsed() < BOOT_TIMEOUT, "guest not ready:\n{seen}");
+            let mut line = String::new();
+            if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err(format!("nixvm closed stdout:\n{seen}"));
+            }
+            seen.push_str(&line);
+        }
+        let raw = lflag(&slave);
+        check!(
+            raw & (libc::ICANON | libc::ECHO | libc::ISIG) == 0,
+            "not raw while running: {raw:#o}"
+        );
+        master
+            .write_all(b"typed-on-a-tty\r")
+            .map_err(|e| e.to_string())?;
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).map_err(|e| e.to_string())?;
+        check!(
+            rest.contains("NIXVM-TEST: got=typed-on-a-tty"),
+            "guest did not get the keys:\n{rest}"
+        );
+        Ok(())
+    })();
+    let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+    result?;
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm ended with {status:?}"
+    );
+    check!(
+        lflag(&slave) == cooked,
+        "terminal not restored: {:#o} != {cooked:#o}",
+        lflag(&slave)
+    );
+    Ok(())
 }
 
 /// Starts nixvm on the test guest waiting for a console line (`nixvm.action=echo`), its
@@ -780,6 +878,7 @@ fn main() {
         "reboot_method_k_exits_3",
         "reboot_method_a_exits_3",
         "reboot_method_t_exits_3",
+        "stdio_terminal_raw_input_and_restored",
         "sigterm_stops_vm_exit_143",
     ];
     match route.as_str() {
