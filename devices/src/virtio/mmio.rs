@@ -1,0 +1,512 @@
+//! The virtio-mmio transport, register layout version 2 (virtio 1.x, no legacy).
+//!
+//! The driver's register accesses arrive here from vCPU exits (except QueueNotify, which the
+//! vmm turns into a KVM ioeventfd per queue). Anything a driver writes out of order or out
+//! of range is ignored with a warning; nothing here panics on guest input.
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{
+    INT_CONFIG, Interrupt, IrqTrigger, Memory, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice,
+};
+
+/// Size of one device's MMIO window.
+pub const WINDOW_SIZE: u64 = 0x1000;
+/// QueueNotify: where the vmm places each queue's ioeventfd (data = queue index).
+pub const QUEUE_NOTIFY: u64 = 0x050;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x4e49_5856; // "NIXV"
+
+#[cfg(test)]
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
+const STATUS_FAILED: u32 = 128;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Memory,
+    irq: Arc<IrqTrigger>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    status: u32,
+    active: bool,
+}
+
+impl MmioTransport {
+    /// `irq_evt` is the eventfd wired to this device's interrupt line.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: Memory,
+        irq_evt: EventFd,
+    ) -> std::io::Result<Self> {
+        let queue_evts = device
+            .queue_max_sizes()
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let queues = fresh_queues(device.as_ref());
+        Ok(MmioTransport {
+            device,
+            mem,
+            irq: Arc::new(IrqTrigger::new(irq_evt)),
+            queues,
+            queue_evts,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            status: 0,
+            active: false,
+        })
+    }
+
+    /// One eventfd per queue: the vmm registers each as an ioeventfd on QueueNotify.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        // Queue configuration is only meaningful before the device runs.
+        if self.active || self.status & STATUS_FEATURES_OK == 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.avail_features() | VIRTIO_F_VERSION_1
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            log::warn!(
+                "virtio-mmio: {}-byte read of register {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        let v = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => match self.device_features_sel {
+                0 => low_half(self.device_features()),
+                1 => low_half(self.device_features() >> 32),
+                _ => 0,
+            },
+            0x034 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            0x044 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.irq.status.load(Ordering::SeqCst),
+            0x070 => self.status,
+            0x0fc => 0, // config generation: config space never changes under the driver
+            _ => {
+                log::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            self.device.write_config(offset - 0x100, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            log::warn!(
+                "virtio-mmio: {}-byte write of register {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let features_open = self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 if features_open => match self.driver_features_sel {
+                0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => log::warn!(
+                    "virtio-mmio: driver features page {} ignored",
+                    self.driver_features_sel
+                ),
+            },
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.selected_queue() {
+                    // virtio-queue checks the size (power of two, not above max) itself.
+                    q.set_size(u16::try_from(v).unwrap_or(0));
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
+                Some(evt) => {
+                    let _ = evt.write(1);
+                }
+                None => log::warn!("virtio-mmio: notify of unknown queue {v}"),
+            },
+            0x064 => {
+                self.irq.status.fetch_and(!v, Ordering::SeqCst);
+            }
+            0x070 => self.set_status(v),
+            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+                if let Some(q) = self.selected_queue() {
+                    let (lo, hi) = if offset & 4 == 0 {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
+                    match offset & !4 {
+                        0x080 => q.set_desc_table_address(lo, hi),
+                        0x090 => q.set_avail_ring_address(lo, hi),
+                        _ => q.set_used_ring_address(lo, hi),
+                    }
+                }
+            }
+            _ => log::warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
+        }
+    }
+
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        if v & self.status != self.status {
+            log::warn!(
+                "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
+                self.status
+            );
+            return;
+        }
+        let new = v & !self.status;
+        if new & STATUS_FEATURES_OK != 0 {
+            let unknown = self.acked_features & !self.device_features();
+            if unknown != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+                log::warn!(
+                    "virtio-mmio: driver accepted features {unknown:#x} we did not offer, or not VERSION_1"
+                );
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+            self.device.set_acked_features(self.acked_features);
+        }
+        self.status = v;
+        if new & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 && !self.active {
+            self.activate();
+        }
+        if new & STATUS_FAILED != 0 {
+            log::warn!(
+                "virtio-mmio: the driver gave up on device type {}",
+                self.device.device_type()
+            );
+        }
+    }
+
+    fn activate(&mut self) {
+        let mem = self.mem.memory();
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        // The queues move into the device; the transport keeps fresh ones until a reset.
+        let configured = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
+        for (i, mut q) in configured.into_iter().enumerate() {
+            if q.ready() && !q.is_valid(&*mem) {
+                log::warn!(
+                    "virtio-mmio: queue {i} of device type {} is not valid",
+                    self.device.device_type()
+                );
+                self.status |= STATUS_NEEDS_RESET;
+                self.irq.trigger(INT_CONFIG);
+                return;
+            }
+            q.set_event_idx(event_idx);
+            let evt = match self.queue_evts[i].try_clone() {
+                Ok(e) => e,
+                Err(e) => {
+                    log::error!("virtio-mmio: {e}");
+                    self.status |= STATUS_NEEDS_RESET;
+                    return;
+                }
+            };
+            queues.push((q, evt));
+        }
+        let irq: Arc<dyn Interrupt> = self.irq.clone();
+        match self.device.activate(self.mem.clone(), irq, queues) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!(
+                    "virtio-mmio: cannot activate device type {}: {e}",
+                    self.device.device_type()
+                );
+                self.status |= STATUS_NEEDS_RESET;
+                self.irq.trigger(INT_CONFIG);
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active && !self.device.reset() {
+            log::warn!(
+                "virtio-mmio: device type {} cannot be reset",
+                self.device.device_type()
+            );
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        self.active = false;
+        self.queues = fresh_queues(self.device.as_ref());
+        for e in &self.queue_evts {
+            let _ = e.read();
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.irq.status.store(0, Ordering::SeqCst);
+    }
+}
+
+fn low_half(v: u64) -> u32 {
+    u32::try_from(v & 0xffff_ffff).expect("masked")
+}
+
+fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    device
+        .queue_max_sizes()
+        .iter()
+        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::memory;
+    use std::sync::Mutex;
+
+    /// A device that records what the transport does to it.
+    #[derive(Default, Clone)]
+    struct Probe(Arc<Mutex<(u64, usize, usize)>>); // acked features, activations, resets
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_RING_F_EVENT_IDX | 1
+        }
+        fn set_acked_features(&mut self, f: u64) {
+            self.0.lock().unwrap().0 = f;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::virtio::read_config_bytes(&[1, 2, 3, 4], offset, data);
+        }
+        fn activate(
+            &mut self,
+            _: Memory,
+            _: Arc<dyn Interrupt>,
+            q: Vec<(Queue, EventFd)>,
+        ) -> Result<(), super::super::ActivateError> {
+            assert_eq!(q.len(), 2);
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.0.lock().unwrap().2 += 1;
+            true
+        }
+    }
+
+    fn transport() -> (MmioTransport, Probe) {
+        let probe = Probe::default();
+        let mem = Memory::new(memory(1 << 20));
+        let t = MmioTransport::new(
+            Box::new(probe.clone()),
+            mem,
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        (t, probe)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives the device to DRIVER_OK with both queues in guest memory.
+    fn bring_up(t: &mut MmioTransport) {
+        w(t, 0x70, STATUS_ACKNOWLEDGE);
+        w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, 0x24, 0);
+        w(t, 0x20, VIRTIO_RING_F_EVENT_IDX as u32);
+        w(t, 0x24, 1);
+        w(t, 0x20, 1); // VERSION_1
+        w(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r(t, 0x70) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
+        for (i, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
+            w(t, 0x30, i);
+            w(t, 0x38, 8);
+            w(t, 0x80, base);
+            w(t, 0x90, base + 0x800);
+            w(t, 0xa0, base + 0x1000);
+            w(t, 0x44, 1);
+        }
+        w(
+            t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    #[test]
+    fn identifies_itself() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, 0), MAGIC);
+        assert_eq!(r(&mut t, 4), 2);
+        assert_eq!(r(&mut t, 8), 42);
+        w(&mut t, 0x14, 1);
+        assert_eq!(r(&mut t, 0x10), 1, "VERSION_1 in the high word");
+        w(&mut t, 0x14, 0);
+        assert_eq!(r(&mut t, 0x10), VIRTIO_RING_F_EVENT_IDX as u32 | 1);
+        w(&mut t, 0x30, 1);
+        assert_eq!(r(&mut t, 0x34), 8);
+        w(&mut t, 0x30, 9);
+        assert_eq!(r(&mut t, 0x34), 0, "no such queue");
+        let mut b = [0u8; 2];
+        t.read(0x101, &mut b);
+        assert_eq!(b, [2, 3]);
+    }
+
+    #[test]
+    fn activates_with_features_and_resets() {
+        let (mut t, probe) = transport();
+        bring_up(&mut t);
+        assert_eq!(probe.0.lock().unwrap().1, 1, "activated once");
+        assert_eq!(
+            probe.0.lock().unwrap().0,
+            VIRTIO_RING_F_EVENT_IDX | VIRTIO_F_VERSION_1
+        );
+        // Queue registers are frozen while running.
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 2);
+        w(&mut t, 0x70, 0);
+        assert_eq!(probe.0.lock().unwrap().2, 1, "reset reached the device");
+        assert_eq!(r(&mut t, 0x70), 0);
+        bring_up(&mut t);
+        assert_eq!(probe.0.lock().unwrap().1, 2, "re-activated after reset");
+    }
+
+    #[test]
+    fn refuses_features_not_offered() {
+        let (mut t, probe) = transport();
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, 0x24, 0);
+        w(&mut t, 0x20, 1 << 7);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+        w(&mut t, 0x70, 0xff);
+        assert_eq!(probe.0.lock().unwrap().1, 0, "never activated");
+    }
+
+    #[test]
+    fn bad_rings_need_reset_not_a_panic() {
+        let (mut t, probe) = transport();
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        w(&mut t, 0x30, 0);
+        w(&mut t, 0x38, 8);
+        w(&mut t, 0x80, 0xffff_f000); // outside the 1 MiB of memory
+        w(&mut t, 0x84, 0x10);
+        w(&mut t, 0x44, 1);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(probe.0.lock().unwrap().1, 0);
+        assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(r(&mut t, 0x60) & INT_CONFIG, 0);
+        w(&mut t, 0x64, INT_CONFIG);
+        assert_eq!(r(&mut t, 0x60), 0, "acknowledged");
+    }
+
+    #[test]
+    fn nonsense_is_ignored() {
+        let (mut t, _) = transport();
+        for off in (0..0x100).step_by(4) {
+            w(&mut t, off, 0xffff_ffff);
+            r(&mut t, off);
+        }
+        t.write(0x70, &[1, 2]);
+        t.write(0x30, &[]);
+        let mut b = [0u8; 3];
+        t.read(0x10, &mut b);
+        t.read(u64::MAX, &mut b);
+        t.write(u64::MAX - 1, &[0; 8]);
+        w(&mut t, QUEUE_NOTIFY, 7);
+        w(&mut t, QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+    }
+}

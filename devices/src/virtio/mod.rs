@@ -1,0 +1,170 @@
+//! virtio 1.x devices and the virtio-mmio transport.
+//!
+//! A device implements [`VirtioDevice`]; the [`mmio::MmioTransport`] owns the register state
+//! machine and hands the device its queues when the driver sets DRIVER_OK. Queue work runs on
+//! the device's own [`worker`] thread, woken by the queues' eventfds (KVM ioeventfds), and
+//! interrupts go out through an eventfd (a KVM irqfd): the data path never needs a vCPU exit.
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::EventFd;
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+pub mod worker;
+
+/// Guest memory as the devices see it (the same type as nixvm-boot's).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+
+/// InterruptStatus bits of virtio-mmio.
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// How a device interrupts the driver.
+pub trait Interrupt: Send + Sync {
+    fn trigger(&self, status: u32);
+}
+
+/// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and an
+/// eventfd wired to the device's GSI.
+pub struct IrqTrigger {
+    pub status: AtomicU32,
+    pub evt: EventFd,
+}
+
+impl IrqTrigger {
+    pub fn new(evt: EventFd) -> Self {
+        IrqTrigger {
+            status: AtomicU32::new(0),
+            evt,
+        }
+    }
+}
+
+impl Interrupt for IrqTrigger {
+    fn trigger(&self, status: u32) {
+        self.status.fetch_or(status, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("cannot start the device's worker thread")]
+    Thread(#[source] io::Error),
+    #[error("queue {0} is not usable (not ready, or its rings are outside guest memory)")]
+    BadQueue(usize),
+}
+
+/// A virtio device behind a transport. Queues move into the device at activation.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    fn queue_max_sizes(&self) -> &[u16];
+    fn avail_features(&self) -> u64;
+    fn set_acked_features(&mut self, _features: u64) {}
+    /// Reads device config space; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::warn!(
+            "virtio type {}: ignored config write of {} bytes at {offset}",
+            self.device_type(),
+            data.len()
+        );
+    }
+    fn activate(
+        &mut self,
+        mem: Memory,
+        irq: Arc<dyn Interrupt>,
+        queues: Vec<(Queue, EventFd)>,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device's work so it can be activated again. False if it cannot.
+    fn reset(&mut self) -> bool;
+}
+
+/// Copies `src` into `dst` at `offset`, as far as both reach (config space reads).
+pub fn read_config_bytes(src: &[u8], offset: u64, dst: &mut [u8]) {
+    dst.fill(0);
+    if let Ok(off) = usize::try_from(offset) {
+        if off < src.len() {
+            let n = dst.len().min(src.len() - off);
+            dst[..n].copy_from_slice(&src[off..off + n]);
+        }
+    }
+}
+
+/// Takes every available chain off `queue`, lets `handle` complete it (returning the number
+/// of bytes written into the chain), and interrupts the driver if it wants to know.
+/// With EVENT_IDX, notifications stay off while there is work, as the spec describes.
+pub fn process_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &dyn Interrupt,
+    mut handle: F,
+) where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::warn!("virtio: bad used ring: {e}");
+            return;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                log::warn!("virtio: cannot complete descriptor {head}: {e}");
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue, // more arrived while notifications were off
+            Ok(false) => break,
+            Err(e) => {
+                log::warn!("virtio: bad avail ring: {e}");
+                break;
+            }
+        }
+    }
+    if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        irq.trigger(INT_VRING);
+    }
+}
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils {
+    //! Guest memory, a recording interrupt and mock queues for device tests.
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    pub fn memory(size: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("test memory")
+    }
+
+    /// Counts the interrupts it gets.
+    #[derive(Default)]
+    pub struct CountingIrq(pub Mutex<Vec<u32>>);
+    impl Interrupt for CountingIrq {
+        fn trigger(&self, status: u32) {
+            self.0.lock().unwrap().push(status);
+        }
+    }
+}
