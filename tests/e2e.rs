@@ -60,7 +60,10 @@ struct Runner {
 
 impl Runner {
     fn wants(&self, name: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| name.contains(f))
+        // A filter is one or more comma-separated parts of test names.
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.split(',').any(|p| name.contains(p)))
     }
 
     fn record(&mut self, name: &str, result: TestResult) {
@@ -145,32 +148,53 @@ fn nixvm(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Run {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn nixvm");
+    // Collected as it comes, so that a process that cannot be reaped cannot hang the tests.
     let collect = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let done = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut chunk) {
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, done)
     };
-    let out = collect(Box::new(child.stdout.take().expect("stdout")));
-    let err = collect(Box::new(child.stderr.take().expect("stderr")));
+    let (out, out_done) = collect(Box::new(child.stdout.take().expect("stdout")));
+    let (err, err_done) = collect(Box::new(child.stderr.take().expect("stderr")));
     let status = wait_timeout(&mut child, timeout);
+    for done in [out_done, err_done] {
+        let start = Instant::now();
+        while !done.is_finished() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
     Run {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: text(&out),
+        stderr: text(&err),
     }
 }
 
+/// Waits for the child, killing it after `timeout`. Never waits forever: a process stuck in
+/// the kernel (seen with nested KVM) is left behind and reported as `None`.
 fn wait_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<ExitStatus> {
     let start = Instant::now();
+    let mut killed = false;
     loop {
         if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
+            return (!killed).then_some(s);
         }
-        if start.elapsed() > timeout {
+        if !killed && start.elapsed() > timeout {
             let _ = child.kill();
-            let _ = child.wait();
+            killed = true;
+        }
+        if killed && start.elapsed() > timeout + Duration::from_secs(30) {
+            eprintln!(
+                "e2e: nixvm (pid {}) did not die after SIGKILL; leaving it",
+                child.id()
+            );
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -567,6 +591,30 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
         stdio_terminal(g)
     });
 
+    let blk_names = [
+        "blk_sha256_matches_host",
+        "blk_order_and_serials",
+        "blk_readonly_refuses_writes",
+        "blk_flushed_write_survives_kill_9",
+        "blk_second_vm_on_locked_image_fails",
+        "blk_driver_reload",
+        "rng_hwrng_gives_bytes",
+    ];
+    if blk_names.iter().any(|n| t.wants(n)) {
+        match disks_boot(g) {
+            Ok(results) => {
+                for (name, result) in blk_names.iter().zip(results) {
+                    t.run(name, || result);
+                }
+            }
+            Err(e) => {
+                for name in blk_names {
+                    t.run(name, || Err(e.clone()));
+                }
+            }
+        }
+    }
+
     t.run("sigterm_stops_vm_exit_143", || {
         // The guest waits for a console line that never comes.
         let (mut child, sock) = socket_guest(g, "term")?;
@@ -616,6 +664,240 @@ fn read_until(
     ))
 }
 
+/// nixvm running with stdout read line by line in the background.
+struct Streaming {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Streaming {
+    fn spawn(args: &[&str]) -> Result<Streaming, String> {
+        Self::spawn_with_stdin(args, Stdio::null())
+    }
+
+    fn spawn_with_stdin(args: &[&str], stdin: Stdio) -> Result<Streaming, String> {
+        let mut child = Command::new(NIXVM)
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Streaming {
+            child,
+            lines,
+            seen: String::new(),
+        })
+    }
+
+    /// Waits for a line containing `want`; returns it.
+    fn wait_for(&mut self, want: &str) -> Result<String, String> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                    if l.contains(want) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Err(format!("{want:?} never appeared; console:\n{}", self.seen))
+    }
+
+    fn marker(&self, key: &str) -> Option<String> {
+        let prefix = format!("NIXVM-TEST: {key}=");
+        self.seen.lines().find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(prefix.as_str())
+                .map(str::to_owned)
+        })
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        wait_timeout(&mut self.child, Duration::ZERO);
+    }
+}
+
+/// A raw disk image of `len` bytes: `fill(i)` gives byte i.
+fn disk_image(name: &str, len: usize, fill: impl Fn(usize) -> u8) -> PathBuf {
+    let p = temp_dir().join(name);
+    std::fs::write(&p, (0..len).map(fill).collect::<Vec<u8>>()).unwrap();
+    p
+}
+
+/// A disk holding a guest script, padded with newlines to whole sectors.
+fn script_disk(name: &str, script: &str) -> PathBuf {
+    let mut b = script.as_bytes().to_vec();
+    b.resize(b.len().div_ceil(512) * 512 + 512, b'\n');
+    let p = temp_dir().join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// One boot with three disks (data, read-only, scratch) plus the script disk and virtio-rng;
+/// returns the result of each check, in the order of `blk_names`.
+fn disks_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+    let data = disk_image("data.img", 8 << 20, |i| {
+        u8::try_from((i * 7 + i / 4096) % 251).unwrap()
+    });
+    let ro = disk_image("ro.img", 1 << 20, |_| 0x5a);
+    let scratch = disk_image("scratch.img", 4 << 20, |_| 0);
+    let script = script_disk(
+        "script.img",
+        r#"
+for d in vda vdb vdc; do
+  echo "NIXVM-TEST: disk_$d=size:$(cat /sys/block/$d/size),ro:$(cat /sys/block/$d/ro),serial:$(cat /sys/block/$d/serial)"
+done
+echo "NIXVM-TEST: sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
+if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then r=accepted; else r=refused; fi
+echo "NIXVM-TEST: ro_write=$r"
+echo "NIXVM-TEST: hwrng=$(head -c 4096 /dev/hwrng | wc -c),$(cat /sys/class/misc/hw_random/rng_current)"
+rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1
+echo "NIXVM-TEST: reload_sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
+printf 'flushed-by-nixvm-guest' | dd of=/dev/vdc bs=512 seek=10 conv=sync,fsync 2>/dev/null
+echo "NIXVM-TEST: wrote"
+sleep 1000
+"#,
+    );
+    let disk = |p: &Path, extra: &str| format!("path={}{extra}", p.display());
+    let (d1, d2, d3, d4) = (
+        disk(&data, ",serial=first-disk"),
+        disk(&ro, ",readonly=on,serial=second-disk"),
+        disk(&scratch, ""),
+        disk(&script, ",readonly=on"),
+    );
+    let cl = cmdline("script");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend([
+        "--cpus", "2", "--disk", &d1, "--disk", &d2, "--disk", &d3, "--disk", &d4,
+    ]);
+    let mut vm = Streaming::spawn(&args)?;
+    vm.wait_for("NIXVM-TEST: wrote")?;
+
+    // While it runs: a second VM on the scratch image must not start.
+    let k = g.vmlinuz.as_str();
+    let second = nixvm(
+        &["--kernel", k, "--disk", &d3, "--serial", "off"],
+        &[],
+        Duration::from_secs(60),
+    );
+    // kill -9 right after the guest's fsync: the bytes must already be in the file.
+    wait_timeout(&mut vm.child, Duration::ZERO);
+    let on_host = std::fs::read(&scratch).map_err(|e| e.to_string())?;
+
+    let host_sha = sha256_hex(&data);
+    let marker = |k: &str| vm.marker(k).unwrap_or_default();
+    let console = vm.seen.clone();
+    let sha = || -> TestResult {
+        check!(
+            marker("sha256_vda") == host_sha,
+            "guest {} != host {host_sha}",
+            marker("sha256_vda")
+        );
+        Ok(())
+    };
+    let order = || -> TestResult {
+        check!(
+            marker("disk_vda") == "size:16384,ro:0,serial:first-disk",
+            "vda: {}\n{console}",
+            marker("disk_vda")
+        );
+        check!(
+            marker("disk_vdb") == "size:2048,ro:1,serial:second-disk",
+            "vdb: {}",
+            marker("disk_vdb")
+        );
+        check!(
+            marker("disk_vdc") == "size:8192,ro:0,serial:",
+            "vdc: {}",
+            marker("disk_vdc")
+        );
+        Ok(())
+    };
+    let readonly = || -> TestResult {
+        check!(
+            marker("ro_write") == "refused",
+            "write to a readonly disk: {}",
+            marker("ro_write")
+        );
+        check!(
+            std::fs::read(&ro).unwrap().iter().all(|&b| b == 0x5a),
+            "read-only image changed"
+        );
+        Ok(())
+    };
+    let flushed = || -> TestResult {
+        let want = b"flushed-by-nixvm-guest";
+        check!(
+            &on_host[5120..5120 + want.len()] == want,
+            "the flushed write is not in the image after kill -9"
+        );
+        Ok(())
+    };
+    let locked = || -> TestResult {
+        check!(second.code() == Some(2), "second VM: {}", second.describe());
+        check!(
+            second.stderr.contains("in use by another process"),
+            "unclear: {}",
+            second.stderr
+        );
+        Ok(())
+    };
+    let reload = || -> TestResult {
+        check!(
+            marker("reload_sha256_vda") == host_sha,
+            "after reload: {:?}\n{console}",
+            marker("reload_sha256_vda")
+        );
+        Ok(())
+    };
+    let rng = || -> TestResult {
+        check!(
+            marker("hwrng") == "4096,virtio_rng.0",
+            "hwrng: {:?}",
+            marker("hwrng")
+        );
+        Ok(())
+    };
+    Ok(vec![
+        sha(),
+        order(),
+        readonly(),
+        flushed(),
+        locked(),
+        reload(),
+        rng(),
+    ])
+}
+
 /// Opens a pseudo-terminal; returns (master, slave) as files.
 fn open_pty() -> Result<(std::fs::File, std::fs::File), String> {
     use std::os::fd::FromRawFd;
@@ -661,25 +943,10 @@ fn stdio_terminal(g: &Guest) -> TestResult {
         "a new pty starts in canonical mode"
     );
     let cl = cmdline("echo");
-    let mut child = Command::new(NIXVM)
-        .args(g.args(&g.vmlinuz, &cl))
-        .stdin(slave.try_clone().map_err(|e| e.to_string())?)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
+    let tty = slave.try_clone().map_err(|e| e.to_string())?;
+    let mut vm = Streaming::spawn_with_stdin(&g.args(&g.vmlinuz, &cl), tty.into())?;
     let result = (|| {
-        let start = Instant::now();
-        while !seen.contains("NIXVM-TEST: ready") {
-            check!(start.elapsed() < BOOT_TIMEOUT, "guest not ready:\n{seen}");
-            let mut line = String::new();
-            if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-                return Err(format!("nixvm closed stdout:\n{seen}"));
-            }
-            seen.push_str(&line);
-        }
+        vm.wait_for("NIXVM-TEST: ready")?;
         let raw = lflag(&slave);
         check!(
             raw & (libc::ICANON | libc::ECHO | libc::ISIG) == 0,
@@ -688,15 +955,10 @@ fn stdio_terminal(g: &Guest) -> TestResult {
         master
             .write_all(b"typed-on-a-tty\r")
             .map_err(|e| e.to_string())?;
-        let mut rest = String::new();
-        out.read_to_string(&mut rest).map_err(|e| e.to_string())?;
-        check!(
-            rest.contains("NIXVM-TEST: got=typed-on-a-tty"),
-            "guest did not get the keys:\n{rest}"
-        );
+        vm.wait_for("NIXVM-TEST: got=typed-on-a-tty")?;
         Ok(())
     })();
-    let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
     result?;
     check!(
         status.and_then(|s| s.code()) == Some(0),
@@ -880,6 +1142,13 @@ fn main() {
         "reboot_method_t_exits_3",
         "stdio_terminal_raw_input_and_restored",
         "sigterm_stops_vm_exit_143",
+        "blk_sha256_matches_host",
+        "blk_order_and_serials",
+        "blk_readonly_refuses_writes",
+        "blk_flushed_write_survives_kill_9",
+        "blk_second_vm_on_locked_image_fails",
+        "blk_driver_reload",
+        "rng_hwrng_gives_bytes",
     ];
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),

@@ -56,6 +56,44 @@ pub struct AcpiConfig {
     pub device_aml: Vec<u8>,
 }
 
+/// A virtio-mmio device as Linux's virtio_mmio driver finds it through ACPI (`LNRO0005`, as
+/// QEMU's microvm machine describes them).
+pub fn virtio_mmio_aml(index: u8, base: u64, size: u64, gsi: u32) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    // ACPI names are four characters: V, two hex digits, _.
+    let name = format!(
+        "_SB_.V{}{}_",
+        HEX[usize::from(index >> 4)] as char,
+        HEX[usize::from(index & 0xf)] as char
+    );
+    let (base, size) = (
+        u32::try_from(base).expect("below 4 GiB"),
+        u32::try_from(size).expect("small"),
+    );
+    let mut aml = Vec::new();
+    aml::Device::new(
+        name.as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &index),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::Memory32Fixed::new(true, base, size),
+                    &aml::Interrupt::new(true, true, false, false, gsi),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    aml
+}
+
+/// The same device for a guest booted with `acpi=off` (needs CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+pub fn virtio_mmio_cmdline(base: u64, size: u64, gsi: u32) -> String {
+    format!("virtio_mmio.device={}K@{base:#x}:{gsi}", size >> 10)
+}
+
 fn dsdt(config: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
@@ -249,6 +287,18 @@ mod tests {
         let mut all = vec![0u8; (layout::ACPI_END - rsdp.0) as usize];
         m.read_slice(&mut all, rsdp).unwrap();
         assert!(all.windows(6).any(|w| w == b"MARKER"));
+    }
+
+    #[test]
+    fn virtio_mmio_descriptions() {
+        let aml = virtio_mmio_aml(0x1b, 0xd000_1000, 0x1000, 6);
+        assert!(aml.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(aml.windows(4).any(|w| w == b"V1B_"));
+        assert!(aml.windows(4).any(|w| w == 0xd000_1000u32.to_le_bytes()));
+        assert_eq!(
+            virtio_mmio_cmdline(0xd000_0000, 0x1000, 5),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! 0x0000_7000  zero page (boot_params)  0x0009_fc00  EBDA start (end of low RAM)
 //! 0x0000_8ff0  boot stack               0x000e_0000  ACPI tables (RSDP first), reserved
 //! 0x0010_0000  high RAM: kernel, initrd (placed as high as allowed), ...
-//! 0xc000_0000  32-bit MMIO gap up to 4 GiB (IOAPIC, LAPIC, KVM TSS/identity map, devices)
+//! 0xc000_0000  32-bit MMIO gap up to 4 GiB: virtio-mmio devices from 0xd000_0000, IOAPIC,
+//!              LAPIC, KVM TSS/identity map
 //! 0x1_0000_0000 the RAM above 3 GiB, if any
 //! ```
 use vm_memory::GuestAddress;
@@ -30,6 +31,12 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap; RAM beyond it continues at 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices: one 4 KiB window each, from here up.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC inputs free for devices: not the legacy ones (0-4 timer/keyboard/serial, 8 RTC,
+/// 9 ACPI, 12 mouse).
+pub const DEVICE_GSIS: [u32; 16] = [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;

@@ -1,44 +1,45 @@
-//! The port-I/O bus: which device answers which port. Unknown ports read as all ones and
-//! ignore writes, as on real hardware; the guest cannot make nixvm fail through them.
+//! A bus: which device answers which address, for port I/O and for MMIO alike. Unknown
+//! addresses read as all ones and ignore writes, as on real hardware; the guest cannot make
+//! nixvm fail through them.
 use std::sync::{Arc, Mutex};
 
-/// A device on the port-I/O bus. `offset` is relative to the device's base port.
-pub trait PioDevice: Send {
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus. `offset` is relative to the device's base address.
+pub trait BusDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 struct Range {
-    base: u16,
-    len: u16,
-    device: Arc<Mutex<dyn PioDevice>>,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
 }
 
 #[derive(Default)]
-pub struct PioBus {
+pub struct Bus {
     ranges: Vec<Range>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("port range {base:#x}+{len} overlaps another device")]
+#[error("address range {base:#x}+{len:#x} overlaps another device")]
 pub struct Overlap {
-    pub base: u16,
-    pub len: u16,
+    pub base: u64,
+    pub len: u64,
 }
 
-impl PioBus {
+impl Bus {
     pub fn insert(
         &mut self,
-        base: u16,
-        len: u16,
-        device: Arc<Mutex<dyn PioDevice>>,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), Overlap> {
-        let end = u32::from(base) + u32::from(len);
+        let end = base.checked_add(len).ok_or(Overlap { base, len })?;
         if len == 0
-            || end > 0x1_0000
-            || self.ranges.iter().any(|r| {
-                u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end
-            })
+            || self
+                .ranges
+                .iter()
+                .any(|r| base < r.base + r.len && r.base < end)
         {
             return Err(Overlap { base, len });
         }
@@ -46,16 +47,16 @@ impl PioBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
         self.ranges
             .iter()
-            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
-            .map(|r| (r, port - r.base))
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (r, addr - r.base))
     }
 
     /// A guest read; returns whether a device answered.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((r, off)) => {
                 lock(&r.device).read(off, data);
                 true
@@ -68,8 +69,8 @@ impl PioBus {
     }
 
     /// A guest write; returns whether a device took it.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((r, off)) => {
                 lock(&r.device).write(off, data);
                 true
@@ -89,19 +90,19 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    struct Echo(Vec<(u16, u8)>);
-    impl PioDevice for Echo {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    struct Echo(Vec<(u64, u8)>);
+    impl BusDevice for Echo {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(offset as u8);
         }
-        fn write(&mut self, offset: u16, data: &[u8]) {
+        fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data[0]));
         }
     }
 
     #[test]
-    fn routes_by_port_and_ignores_unknown_ports() {
-        let mut bus = PioBus::default();
+    fn routes_by_address_and_ignores_unknown_ones() {
+        let mut bus = Bus::default();
         let dev = Arc::new(Mutex::new(Echo(vec![])));
         bus.insert(0x3f8, 8, dev.clone()).unwrap();
         let mut b = [0u8; 1];
@@ -113,16 +114,20 @@ mod tests {
         assert!(!bus.read(0x400, &mut w));
         assert_eq!(w, [0xff; 4]);
         assert!(!bus.write(0xffff, &[1, 2, 3, 4]));
+        bus.insert(0xd000_0000, 0x1000, dev.clone()).unwrap();
+        assert!(bus.read(0xd000_0fff, &mut w));
+        assert!(!bus.read(0xd000_1000, &mut w));
+        assert!(!bus.read(u64::MAX, &mut w));
     }
 
     #[test]
     fn rejects_overlaps_and_bad_ranges() {
-        let mut bus = PioBus::default();
+        let mut bus = Bus::default();
         let dev = Arc::new(Mutex::new(Echo(vec![])));
         bus.insert(0x60, 1, dev.clone()).unwrap();
         bus.insert(0x64, 1, dev.clone()).unwrap();
         assert!(bus.insert(0x5f, 2, dev.clone()).is_err());
-        assert!(bus.insert(0xfff0, 0x20, dev.clone()).is_err());
+        assert!(bus.insert(u64::MAX - 0x10, 0x20, dev.clone()).is_err());
         assert!(bus.insert(0x10, 0, dev).is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! are read-only here (the guest's writes to them are ignored); the other bytes are RAM.
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 
 pub const PORT: u16 = 0x70;
 const REG_A: usize = 0x0a;
@@ -93,8 +93,8 @@ impl Cmos {
     }
 }
 
-impl PioDevice for Cmos {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for Cmos {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = if offset == 1 {
             self.register(usize::from(self.index))
         } else {
@@ -103,7 +103,7 @@ impl PioDevice for Cmos {
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         match (offset, usize::from(self.index)) {
             // Bit 7 of the index port is the NMI mask.

@@ -2,7 +2,7 @@
 //! to the command port resets the machine (`reboot=k`). There is no keyboard behind it.
 use std::sync::Arc;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::{ExitRequest, GuestExit};
 
 pub const DATA_PORT: u16 = 0x60;
@@ -20,14 +20,14 @@ impl I8042 {
 }
 
 /// Registered at [`DATA_PORT`] with a length of 5, covering the command port at offset 4.
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty. Data: nothing.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
-        if offset == COMMAND_PORT - DATA_PORT && data.first() == Some(&CMD_PULSE_RESET) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == u64::from(COMMAND_PORT - DATA_PORT) && data.first() == Some(&CMD_PULSE_RESET) {
             log::info!("i8042: the guest pulsed the reset line");
             self.exit.request(GuestExit::Reset);
         }

@@ -2,7 +2,7 @@
 //! control/status register (S5 = power off) and the reset register.
 use std::sync::Arc;
 
-use crate::bus::PioDevice;
+use crate::bus::BusDevice;
 use crate::{ExitRequest, GuestExit};
 
 /// Registered at the FADT's sleep control port with a length of 2: offset 0 is the sleep
@@ -24,12 +24,12 @@ impl AcpiPm {
     }
 }
 
-impl PioDevice for AcpiPm {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for AcpiPm {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         match offset {
             0 if (self.is_s5)(value) => {

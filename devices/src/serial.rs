@@ -10,7 +10,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::{PioDevice, lock};
+use crate::bus::{BusDevice, lock};
 
 /// How much console output a socket console keeps for a client that attaches later.
 pub const RING_SIZE: usize = 64 * 1024;
@@ -172,13 +172,13 @@ impl SerialDevice {
     }
 }
 
-impl PioDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = u8::try_from(offset).map_or(0xff, |off| self.uart.read(off));
         data.fill(value);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return;
         };

@@ -53,6 +53,18 @@ pub enum Error {
     TooManyCpus(u32),
     #[error("the kernel command line: {0}")]
     Cmdline(#[from] nixvm_boot::params::Error),
+    #[error("cannot use disk image {path}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    DiskSize { path: PathBuf, size: u64 },
+    #[error("disk serial {0:?} is longer than 20 bytes")]
+    DiskSerial(String),
+    #[error("{0} disks are more than nixvm can attach (at most 15)")]
+    TooManyDevices(usize),
     #[error("the directory of serial {kind} {path} does not exist")]
     SerialDir { kind: &'static str, path: PathBuf },
 }
@@ -178,6 +190,59 @@ impl<'de> Deserialize<'de> for SerialConfig {
     }
 }
 
+/// One `--disk`: `path=PATH[,readonly=on][,serial=STR][,direct=on]`; in JSON an object with
+/// the same names (`{"path": "...", "readonly": true}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub direct: bool,
+}
+
+impl DiskConfig {
+    pub const SYNTAX: &'static str = "path=PATH[,readonly=on][,serial=STR][,direct=on]";
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid disk {0:?}: use {syntax}", syntax = DiskConfig::SYNTAX)]
+pub struct DiskError(String);
+
+/// `on`/`off` (also true/false, yes/no, 1/0).
+pub fn parse_switch(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = DiskError;
+    fn from_str(s: &str) -> std::result::Result<Self, DiskError> {
+        let err = || DiskError(s.to_owned());
+        let mut disk = DiskConfig::default();
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(err)?;
+            match k {
+                "path" if !v.is_empty() => disk.path = v.into(),
+                "readonly" => disk.readonly = parse_switch(v).ok_or_else(err)?,
+                "direct" => disk.direct = parse_switch(v).ok_or_else(err)?,
+                "serial" => disk.serial = Some(v.to_owned()),
+                _ => return Err(err()),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(err());
+        }
+        Ok(disk)
+    }
+}
+
 /// What the config file holds: every field optional, as flags may supply it.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +253,8 @@ pub struct ConfigFile {
     pub cpus: Option<u32>,
     pub memory: Option<Size>,
     pub serial: Option<SerialConfig>,
+    pub disks: Option<Vec<DiskConfig>>,
+    pub rng: Option<bool>,
 }
 
 impl ConfigFile {
@@ -211,6 +278,8 @@ impl ConfigFile {
             cpus: over.cpus.or(self.cpus),
             memory: over.memory.or(self.memory),
             serial: over.serial.or(self.serial),
+            disks: over.disks.or(self.disks),
+            rng: over.rng.or(self.rng),
         }
     }
 }
@@ -225,6 +294,8 @@ pub struct VmConfig {
     pub cpus: u8,
     pub memory: Size,
     pub serial: SerialConfig,
+    pub disks: Vec<DiskConfig>,
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -293,6 +364,13 @@ impl VmConfig {
                 });
             }
         }
+        let disks = file.disks.unwrap_or_default();
+        for d in &disks {
+            check_disk(d)?;
+        }
+        if disks.len() + 1 > nixvm_boot::layout::DEVICE_GSIS.len() {
+            return Err(Error::TooManyDevices(disks.len()));
+        }
         Ok(VmConfig {
             kernel,
             kernel_format: format.to_string(),
@@ -301,8 +379,36 @@ impl VmConfig {
             cpus: u8::try_from(cpus).expect("checked against MAX_CPUS"),
             memory,
             serial,
+            disks,
+            rng: file.rng.unwrap_or(true),
         })
     }
+}
+
+/// A disk image exists, opens with the access it needs, and holds whole sectors. Its lock is
+/// taken when the VM starts (another VM may still be running on it now).
+fn check_disk(d: &DiskConfig) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let err = |source| Error::Disk {
+        path: d.path.clone(),
+        source,
+    };
+    if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
+        return Err(Error::DiskSerial(d.serial.clone().unwrap_or_default()));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!d.readonly)
+        .open(&d.path)
+        .map_err(err)?;
+    let size = f.seek(SeekFrom::End(0)).map_err(err)?;
+    if size % 512 != 0 {
+        return Err(Error::DiskSize {
+            path: d.path.clone(),
+            size,
+        });
+    }
+    Ok(())
 }
 
 /// A rough lower bound of the memory the kernel occupies (it loads at 1 MiB or 16 MiB).
@@ -367,6 +473,36 @@ mod tests {
         for s in ["stdio", "off", "file=/x", "socket=/y"] {
             assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
         }
+    }
+
+    #[test]
+    fn disk_specs() {
+        let d: DiskConfig = "path=/a.img,readonly=on,serial=abc,direct=on"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/a.img".into(),
+                readonly: true,
+                serial: Some("abc".into()),
+                direct: true
+            }
+        );
+        assert!(!"path=b.img".parse::<DiskConfig>().unwrap().readonly);
+        for bad in [
+            "",
+            "/a.img",
+            "path=",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none",
+            "readonly=on",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+        }
+        let j: DiskConfig = serde_json::from_str(r#"{"path":"/x","readonly":true}"#).unwrap();
+        assert!(j.readonly && j.serial.is_none());
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/x","ro":true}"#).is_err());
     }
 
     #[test]

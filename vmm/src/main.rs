@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use config::{ConfigFile, SerialConfig, Size, VmConfig};
+use config::{ConfigFile, DiskConfig, SerialConfig, Size, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
@@ -51,12 +51,23 @@ struct Cli {
     /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
     #[arg(long, value_name = "WHERE")]
     serial: Option<SerialConfig>,
+    /// A virtio-blk disk, path=PATH[,readonly=on][,serial=STR][,direct=on]; repeatable: the
+    /// first is the guest's /dev/vda, the next /dev/vdb, ...
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<DiskConfig>,
+    /// The virtio-rng entropy device: on or off [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
+    rng: Option<bool>,
     /// Settings as JSON (same names as these flags); flags override it.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
     /// Check everything, print the resolved configuration as JSON, and exit.
     #[arg(long)]
     dry_run: bool,
+}
+
+fn parse_switch_arg(v: &str) -> Result<bool, String> {
+    config::parse_switch(v).ok_or_else(|| format!("{v:?} is neither on nor off"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +131,8 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         cpus: cli.cpus,
         memory: cli.memory,
         serial: cli.serial.clone(),
+        disks: (!cli.disk.is_empty()).then(|| cli.disk.clone()),
+        rng: cli.rng,
     };
     Ok(VmConfig::validate(
         file.merge(flags),

@@ -6,9 +6,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nixvm_boot::cpu::{EntryState, Segment};
-use nixvm_devices::bus::PioBus;
+use nixvm_devices::bus::Bus;
 
 use crate::lifecycle::{Exit, ExitState};
+
+/// The buses a vCPU's exits go to.
+#[derive(Default)]
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -157,17 +164,11 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
 
 /// Runs a vCPU until the VM stops (`stop` set and the thread kicked with a signal) or the
 /// guest does something that ends the VM.
-pub fn run(
-    mut vcpu: VcpuFd,
-    id: u8,
-    bus: Arc<PioBus>,
-    exit: Arc<ExitState>,
-    stop: Arc<AtomicBool>,
-) {
+pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Buses>, exit: Arc<ExitState>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Acquire) {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !bus.read(port, data) {
+                if !bus.pio.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unknown port {port:#x}");
                 }
             }
@@ -175,16 +176,19 @@ pub fn run(
                 if !(0x3f8..0x400).contains(&port) {
                     log::trace!("vcpu{id}: out {port:#x} {data:x?}");
                 }
-                if !bus.write(port, data) {
+                if !bus.pio.write(u64::from(port), data) {
                     log::trace!("vcpu{id}: write to unknown port {port:#x}");
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
-                data.fill(0xff);
+                if !bus.mmio.read(addr, data) {
+                    log::debug!("vcpu{id}: read of unmapped MMIO {addr:#x}");
+                }
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}")
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !bus.mmio.write(addr, data) {
+                    log::debug!("vcpu{id}: write to unmapped MMIO {addr:#x}");
+                }
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {

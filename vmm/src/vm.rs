@@ -14,17 +14,26 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
-use nixvm_devices::bus::PioBus;
+use nixvm_devices::bus::BusDevice;
 use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
+use nixvm_devices::virtio::block::{self, Block, Disk, DiskOptions};
+use nixvm_devices::virtio::{
+    VirtioDevice,
+    mmio::{self, MmioTransport},
+    rng::Rng,
+};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::{Controller, Input};
 use crate::lifecycle::{self, Exit, ExitState};
+use crate::vcpu::Buses;
 use crate::{cpuid, terminal, unix, vcpu};
 
 /// Where nixvm looks for KVM; `NIXVM_KVM_DEVICE` overrides it (tests use this).
@@ -80,6 +89,8 @@ pub enum Error {
     },
     #[error("serial console")]
     SerialSocket(#[source] unix::Error),
+    #[error(transparent)]
+    Disk(#[from] block::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("event loop")]
@@ -99,6 +110,7 @@ impl Error {
             | Error::KvmCap(_)
             | Error::TooManyVcpus { .. }
             | Error::Kernel(_)
+            | Error::Disk(_)
             | Error::SerialFile { .. } => true,
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
             Error::SerialSocket(e) => !matches!(e, unix::Error::Bind { .. }),
@@ -197,12 +209,12 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 pub struct Vm {
     // Field order is drop order: vCPU fds before the VM fd, the memory last.
     vcpus: Vec<VcpuFd>,
-    bus: Arc<PioBus>,
+    bus: Arc<Buses>,
     exit: Arc<ExitState>,
     controller: Arc<Mutex<Controller>>,
     _vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryMmap,
+    _mem: GuestMemoryAtomic<GuestMemoryMmap>,
 }
 
 impl Vm {
@@ -237,48 +249,32 @@ impl Vm {
             Some(path) => Some(kernel::load_initrd(&mem, path, &loaded, config.memory.0)?),
             None => None,
         };
+        let mem = GuestMemoryAtomic::new(mem);
+
+        // Devices first: the ACPI tables (or, with acpi=off, the command line) describe them.
+        let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
+        let (serial, drained) = create_serial(&vm, console_out)?;
+        let mut buses = Buses::default();
+        add_legacy_devices(&mut buses, &exit, serial.clone());
+        let (device_aml, cmdline) = add_virtio_devices(&vm, &mut buses, &mem, config)?;
+
+        let guest = mem.memory();
         let rsdp = acpi::write_acpi_tables(
-            &mem,
+            &guest,
             &acpi::AcpiConfig {
                 cpus: config.cpus,
-                device_aml: Vec::new(),
+                device_aml,
             },
         )?;
         let boot_info = params::BootInfo {
-            cmdline: &config.cmdline,
+            cmdline: &cmdline,
             initrd,
             rsdp,
             memory_map: layout::memory_map(config.memory.0),
         };
-        let params_addr = params::write_boot_params(&mem, &loaded, &boot_info)?;
-        let entry = cpu::setup_entry(&mem, &loaded.entry, params_addr)?;
-
-        let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
-        let (serial, drained) = create_serial(&vm, console_out)?;
-        let mut bus = PioBus::default();
-        let insert = |bus: &mut PioBus, base, len, dev| {
-            bus.insert(base, len, dev).expect("fixed, disjoint ports")
-        };
-        insert(&mut bus, acpi::COM1_PORT, 8, serial.clone());
-        insert(
-            &mut bus,
-            nixvm_devices::i8042::DATA_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        );
-        insert(
-            &mut bus,
-            nixvm_devices::cmos::PORT,
-            2,
-            Arc::new(Mutex::new(Cmos::default())),
-        );
-        let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
-        insert(
-            &mut bus,
-            acpi::SLEEP_CONTROL_PORT,
-            2,
-            Arc::new(Mutex::new(pm)),
-        );
+        let params_addr = params::write_boot_params(&guest, &loaded, &boot_info)?;
+        let entry = cpu::setup_entry(&guest, &loaded.entry, params_addr)?;
+        drop(guest);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -304,7 +300,7 @@ impl Vm {
         )));
         Ok(Vm {
             vcpus,
-            bus: Arc::new(bus),
+            bus: Arc::new(buses),
             exit,
             controller,
             _vm: vm,
@@ -380,6 +376,96 @@ fn kick_signal() -> i32 {
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The fixed PC devices on the port-I/O bus.
+fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mutex<SerialDevice>>) {
+    let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
+    type Device = Arc<Mutex<dyn BusDevice>>;
+    let devices: [(u16, u64, Device); 4] = [
+        (acpi::COM1_PORT, 8, serial),
+        (
+            nixvm_devices::i8042::DATA_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ),
+        (
+            nixvm_devices::cmos::PORT,
+            2,
+            Arc::new(Mutex::new(Cmos::default())),
+        ),
+        (acpi::SLEEP_CONTROL_PORT, 2, Arc::new(Mutex::new(pm))),
+    ];
+    for (port, len, dev) in devices {
+        buses
+            .pio
+            .insert(u64::from(port), len, dev)
+            .expect("fixed, disjoint ports");
+    }
+}
+
+/// Disks (in command-line order: vda, vdb, ...) then the entropy device, each in its own
+/// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
+/// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
+fn add_virtio_devices(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    config: &VmConfig,
+) -> Result<(Vec<u8>, String)> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &config.disks {
+        let opts = DiskOptions {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            serial: d.serial.clone(),
+            direct: d.direct,
+        };
+        devices.push(Box::new(Block::new(Disk::open(&opts)?)));
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::default()));
+    }
+    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
+    let mut aml = Vec::new();
+    let mut cmdline = config.cmdline.clone();
+    for (i, dev) in devices.into_iter().enumerate() {
+        let index = u8::try_from(i).expect("validated device count");
+        let base = layout::VIRTIO_MMIO_START + u64::from(index) * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::DEVICE_GSIS[i];
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(kvm_err("connect a virtio interrupt"))?;
+        let transport = MmioTransport::new(dev, mem.clone(), irq).map_err(Error::EventFd)?;
+        for (q, evt) in (0u32..).zip(transport.queue_evts()) {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY), q)
+                .map_err(kvm_err("register a virtio queue notifier"))?;
+        }
+        buses
+            .mmio
+            .insert(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                Arc::new(Mutex::new(transport)),
+            )
+            .expect("disjoint windows");
+        if acpi_off {
+            cmdline.push(' ');
+            cmdline.push_str(&acpi::virtio_mmio_cmdline(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            ));
+        } else {
+            aml.extend(acpi::virtio_mmio_aml(
+                index,
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            ));
+        }
+    }
+    Ok((aml, cmdline))
+}
 
 /// Opens where the console goes. Done first, before KVM: a busy socket is the user's to fix.
 fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
@@ -413,14 +412,10 @@ impl VirtioDevice for Block {
         irq: Arc<dyn Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
-        let (mut queue, evts): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
-        let mut queue = queue.pop().ok_or(ActivateError::BadQueue(0))?;
         let disk = self.disk.clone();
-        let worker = Worker::spawn("virtio-blk".into(), evts, move |_| {
-            let m = mem.memory();
-            super::process_queue(&mut queue, &m, irq.as_ref(), |chain| disk.handle(chain, &m));
-        })
-        .map_err(ActivateError::Thread)?;
+        let worker = super::serve_single_queue("virtio-blk", mem, irq, queues, move |chain, m| {
+            disk.handle(chain, m)
+        })?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -94,8 +94,10 @@ impl MmioTransport {
     fn device_features(&self) -> u64 {
         self.device.avail_features() | VIRTIO_F_VERSION_1
     }
+}
 
-    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl crate::bus::BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
             self.device.read_config(offset - 0x100, data);
             return;
@@ -137,7 +139,7 @@ impl MmioTransport {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= 0x100 {
             self.device.write_config(offset - 0x100, data);
             return;
@@ -203,7 +205,9 @@ impl MmioTransport {
             _ => log::warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
         }
     }
+}
 
+impl MmioTransport {
     fn set_status(&mut self, v: u32) {
         if v == 0 {
             self.reset();
@@ -319,6 +323,7 @@ fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use crate::virtio::test_utils::memory;
     use std::sync::Mutex;
 

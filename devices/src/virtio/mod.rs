@@ -148,6 +148,28 @@ pub fn process_queue<F>(
     }
 }
 
+/// Starts a worker thread that serves a device's only queue: each notification runs
+/// [`process_queue`] with `handle` (which completes one chain, returning the bytes written).
+pub fn serve_single_queue<H>(
+    name: &str,
+    mem: Memory,
+    irq: Arc<dyn Interrupt>,
+    queues: Vec<(Queue, EventFd)>,
+    mut handle: H,
+) -> Result<worker::Worker, ActivateError>
+where
+    H: FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32 + Send + 'static,
+{
+    use vm_memory::GuestAddressSpace;
+    let (mut queue, evts): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
+    let mut queue = queue.pop().ok_or(ActivateError::BadQueue(0))?;
+    worker::Worker::spawn(name.to_owned(), evts, move |_| {
+        let m = mem.memory();
+        process_queue(&mut queue, &m, irq.as_ref(), |chain| handle(chain, &m));
+    })
+    .map_err(ActivateError::Thread)
+}
+
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils {
     //! Guest memory, a recording interrupt and mock queues for device tests.

@@ -3,7 +3,6 @@ use std::io::Write;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
@@ -31,16 +30,7 @@ pub fn fill_request(
         return 0;
     };
     let mut buf = vec![0u8; writer.available_bytes().min(MAX_CHUNK)];
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: getrandom writes at most the remaining length into our buffer.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n <= 0 {
-            break;
-        }
-        filled += n as usize;
-    }
+    let filled = host_random(&mut buf);
     match writer.write_all(&buf[..filled]) {
         Ok(()) => u32::try_from(filled).unwrap_or(0),
         Err(e) => {
@@ -48,6 +38,32 @@ pub fn fill_request(
             0
         }
     }
+}
+
+/// The kernel's CRNG output, without ever blocking: a host whose CRNG is not initialized
+/// yet (a young VM, no hardware entropy) would otherwise stall the device, and the VM's
+/// teardown with it. GRND_INSECURE (Linux 5.6+) is the same generator, not waiting for it.
+fn host_random(buf: &mut [u8]) -> usize {
+    const GRND_INSECURE: libc::c_uint = 0x0004;
+    let mut filled = 0;
+    let mut flags = libc::GRND_NONBLOCK;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most the remaining length into our buffer.
+        let n = unsafe {
+            libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, flags)
+        };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => filled += n,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+                && flags != GRND_INSECURE =>
+            {
+                flags = GRND_INSECURE;
+            }
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    filled
 }
 
 impl VirtioDevice for Rng {
@@ -66,15 +82,9 @@ impl VirtioDevice for Rng {
         irq: Arc<dyn Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
-        let (mut queue, evts): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
-        let mut queue = queue.pop().ok_or(ActivateError::BadQueue(0))?;
-        let worker = Worker::spawn("virtio-rng".into(), evts, move |_| {
-            let m = mem.memory();
-            super::process_queue(&mut queue, &m, irq.as_ref(), |chain| {
-                fill_request(chain, &m)
-            });
-        })
-        .map_err(ActivateError::Thread)?;
+        let worker = super::serve_single_queue("virtio-rng", mem, irq, queues, move |chain, m| {
+            fill_request(chain, m)
+        })?;
         self.worker = Some(worker);
         Ok(())
     }
