@@ -641,42 +641,22 @@ mod tests {
         assert_eq!(on_disk.len(), 2048, "size kept");
         assert_eq!(&on_disk[512..1536], &[0u8; 1024][..]);
         assert_eq!(&on_disk[1536..], &[4u8; 512][..]);
+        let discard = || {
+            run(
+                &d,
+                &mem,
+                VIRTIO_BLK_T_DISCARD,
+                0,
+                &[(DATA, 16, false)],
+                true,
+            )
+        };
         segment(3, 1, 0);
-        assert_eq!(
-            run(
-                &d,
-                &mem,
-                VIRTIO_BLK_T_DISCARD,
-                0,
-                &[(DATA, 16, false)],
-                true
-            ),
-            (S_OK, 1)
-        );
+        assert_eq!(discard(), (S_OK, 1));
         segment(3, 2, 0);
-        assert_eq!(
-            run(
-                &d,
-                &mem,
-                VIRTIO_BLK_T_DISCARD,
-                0,
-                &[(DATA, 16, false)],
-                true
-            ),
-            (S_IOERR, 1)
-        );
+        assert_eq!(discard(), (S_IOERR, 1), "past the end");
         segment(0, 1, 2);
-        assert_eq!(
-            run(
-                &d,
-                &mem,
-                VIRTIO_BLK_T_DISCARD,
-                0,
-                &[(DATA, 16, false)],
-                true
-            ),
-            (S_UNSUPP, 1)
-        );
+        assert_eq!(discard(), (S_UNSUPP, 1), "unknown flag");
         assert_eq!(
             run(&d, &mem, VIRTIO_BLK_T_DISCARD, 0, &[], true),
             (S_IOERR, 1),
