@@ -165,6 +165,13 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
 /// Runs a vCPU until the VM stops (`stop` set and the thread kicked with a signal) or the
 /// guest does something that ends the VM.
 pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Buses>, exit: Arc<ExitState>, stop: Arc<AtomicBool>) {
+    if id == 0 {
+        // benches/boot.rs reads this line: nixvm's own setup time.
+        log::info!(
+            "vcpu0: first KVM_RUN {} ms after start",
+            crate::started().elapsed().as_millis()
+        );
+    }
     while !stop.load(Ordering::Acquire) {
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
