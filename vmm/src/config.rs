@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use nixvm_boot::kernel::{self, KernelFormat};
 use nixvm_boot::layout::MIN_MEMORY;
+use nixvm_devices::virtio::block;
 use serde::{Deserialize, Serialize};
 
 /// Most vCPUs a VM can have: xAPIC ids in the MADT are 8 bits and 0xff is the broadcast id.
@@ -53,14 +54,8 @@ pub enum Error {
     TooManyCpus(u32),
     #[error("the kernel command line: {0}")]
     Cmdline(#[from] nixvm_boot::params::Error),
-    #[error("cannot use disk image {path}")]
-    Disk {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    DiskSize { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    Disk(#[from] block::Error),
     #[error("disk serial {0:?} is longer than 20 bytes")]
     DiskSerial(String),
     #[error("{0} disks are more than nixvm can attach (at most 15)")]
@@ -205,6 +200,16 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
+    /// What the block device opens.
+    pub fn options(&self) -> block::DiskOptions {
+        block::DiskOptions {
+            path: self.path.clone(),
+            readonly: self.readonly,
+            serial: self.serial.clone(),
+            direct: self.direct,
+        }
+    }
+
     pub const SYNTAX: &'static str = "path=PATH[,readonly=on][,serial=STR][,direct=on]";
 }
 
@@ -388,26 +393,10 @@ impl VmConfig {
 /// A disk image exists, opens with the access it needs, and holds whole sectors. Its lock is
 /// taken when the VM starts (another VM may still be running on it now).
 fn check_disk(d: &DiskConfig) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let err = |source| Error::Disk {
-        path: d.path.clone(),
-        source,
-    };
     if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
         return Err(Error::DiskSerial(d.serial.clone().unwrap_or_default()));
     }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!d.readonly)
-        .open(&d.path)
-        .map_err(err)?;
-    let size = f.seek(SeekFrom::End(0)).map_err(err)?;
-    if size % 512 != 0 {
-        return Err(Error::DiskSize {
-            path: d.path.clone(),
-            size,
-        });
-    }
+    block::open_image(&d.options())?;
     Ok(())
 }
 
@@ -613,5 +602,33 @@ mod tests {
             Err(Error::InitrdTooLarge { .. })
         ));
         assert!(host_memory() > 64 << 20);
+        // Disks: whole sectors, present, serial of at most 20 bytes.
+        let disk = |p: &Path| DiskConfig {
+            path: p.to_owned(),
+            ..Default::default()
+        };
+        let odd = std::env::temp_dir().join(format!("nixvm-cfg-{}-odd", std::process::id()));
+        File::create(&odd).unwrap().set_len(1000).unwrap();
+        let with_disk = |d: DiskConfig| {
+            let mut c = base();
+            c.disks = Some(vec![d]);
+            VmConfig::validate(c, 1 << 40)
+        };
+        assert!(matches!(
+            with_disk(disk(&odd)),
+            Err(Error::Disk(block::Error::Size { size: 1000, .. }))
+        ));
+        assert!(matches!(
+            with_disk(disk(Path::new("/nonexistent/disk.img"))),
+            Err(Error::Disk(block::Error::Open { .. }))
+        ));
+        let long_serial = DiskConfig {
+            serial: Some("x".repeat(21)),
+            ..disk(&k)
+        };
+        assert!(matches!(with_disk(long_serial), Err(Error::DiskSerial(_))));
+        std::fs::File::create(&odd).unwrap().set_len(4096).unwrap();
+        let v = with_disk(disk(&odd)).unwrap();
+        assert_eq!((v.disks.len(), v.rng), (1, true));
     }
 }

@@ -18,7 +18,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
-use nixvm_devices::virtio::block::{self, Block, Disk, DiskOptions};
+use nixvm_devices::virtio::block::{self, Block, Disk};
 use nixvm_devices::virtio::{
     VirtioDevice,
     mmio::{self, MmioTransport},
@@ -414,13 +414,7 @@ fn add_virtio_devices(
 ) -> Result<(Vec<u8>, String)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &config.disks {
-        let opts = DiskOptions {
-            path: d.path.clone(),
-            readonly: d.readonly,
-            serial: d.serial.clone(),
-            direct: d.direct,
-        };
-        devices.push(Box::new(Block::new(Disk::open(&opts)?)));
+        devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
     }
     if config.rng {
         devices.push(Box::new(Rng::default()));

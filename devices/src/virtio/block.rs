@@ -62,6 +62,31 @@ pub struct DiskOptions {
     pub direct: bool,
 }
 
+/// Opens a disk image with the access `opts` asks for; returns it with its size, which must be
+/// whole sectors. Takes no lock: `--dry-run` checks images a running VM may hold.
+pub fn open_image(opts: &DiskOptions) -> Result<(File, u64), Error> {
+    let path = &opts.path;
+    let open_err = |source| Error::Open {
+        path: path.clone(),
+        source,
+    };
+    let mut o = OpenOptions::new();
+    o.read(true).write(!opts.readonly);
+    if opts.direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let mut file = o.open(path).map_err(open_err)?;
+    // Block devices report their size through seeking to the end.
+    let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+    if size % SECTOR_SIZE != 0 {
+        return Err(Error::Size {
+            path: path.clone(),
+            size,
+        });
+    }
+    Ok((file, size))
+}
+
 /// An open, locked disk image.
 pub struct Disk {
     file: File,
@@ -75,17 +100,7 @@ impl Disk {
     /// Opens and locks the image: exclusively when writable, shared when read-only, so a
     /// second VM cannot write under a first one.
     pub fn open(opts: &DiskOptions) -> Result<Disk, Error> {
-        let path = &opts.path;
-        let open_err = |source| Error::Open {
-            path: path.clone(),
-            source,
-        };
-        let mut o = OpenOptions::new();
-        o.read(true).write(!opts.readonly);
-        if opts.direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        let mut file = o.open(path).map_err(open_err)?;
+        let (file, size) = open_image(opts)?;
         let lock = if opts.readonly {
             libc::LOCK_SH
         } else {
@@ -94,18 +109,11 @@ impl Disk {
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
+            let path = opts.path.clone();
             return Err(if e.kind() == io::ErrorKind::WouldBlock {
-                Error::Locked { path: path.clone() }
+                Error::Locked { path }
             } else {
-                open_err(e)
-            });
-        }
-        // Block devices report their size through seeking to the end.
-        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        if size % SECTOR_SIZE != 0 {
-            return Err(Error::Size {
-                path: path.clone(),
-                size,
+                Error::Open { path, source: e }
             });
         }
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
