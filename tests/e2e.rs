@@ -846,46 +846,27 @@ sleep 1000
     let on_host = std::fs::read(&scratch).map_err(|e| e.to_string())?;
 
     let host_sha = sha256_hex(&data);
-    let marker = |k: &str| vm.marker(k).unwrap_or_default();
-    let console = vm.seen.clone();
-    let sha = || -> TestResult {
+    // The guest's marker `key` has exactly the value `want`.
+    let is = |key: &str, want: &str| -> TestResult {
+        let got = vm.marker(key).unwrap_or_default();
         check!(
-            marker("sha256_vda") == host_sha,
-            "guest {} != host {host_sha}",
-            marker("sha256_vda")
+            got == want,
+            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
+            vm.seen
         );
         Ok(())
     };
-    let order = || -> TestResult {
-        check!(
-            marker("disk_vda") == "size:16384,ro:0,serial:first-disk",
-            "vda: {}\n{console}",
-            marker("disk_vda")
-        );
-        check!(
-            marker("disk_vdb") == "size:2048,ro:1,serial:second-disk",
-            "vdb: {}",
-            marker("disk_vdb")
-        );
-        check!(
-            marker("disk_vdc") == "size:8192,ro:0,serial:",
-            "vdc: {}",
-            marker("disk_vdc")
-        );
-        Ok(())
-    };
-    let readonly = || -> TestResult {
-        check!(
-            marker("ro_write") == "refused",
-            "write to a readonly disk: {}",
-            marker("ro_write")
-        );
+    let sha = is("sha256_vda", &host_sha);
+    let order = is("disk_vda", "size:16384,ro:0,serial:first-disk")
+        .and(is("disk_vdb", "size:2048,ro:1,serial:second-disk"))
+        .and(is("disk_vdc", "size:8192,ro:0,serial:"));
+    let readonly = is("ro_write", "refused").and_then(|()| {
         check!(
             std::fs::read(&ro).unwrap().iter().all(|&b| b == 0x5a),
             "read-only image changed"
         );
         Ok(())
-    };
+    });
     let flushed = || -> TestResult {
         let want = b"flushed-by-nixvm-guest";
         check!(
@@ -903,31 +884,9 @@ sleep 1000
         );
         Ok(())
     };
-    let reload = || -> TestResult {
-        check!(
-            marker("reload_sha256_vda") == host_sha,
-            "after reload: {:?}\n{console}",
-            marker("reload_sha256_vda")
-        );
-        Ok(())
-    };
-    let rng = || -> TestResult {
-        check!(
-            marker("hwrng") == "4096,virtio_rng.0",
-            "hwrng: {:?}",
-            marker("hwrng")
-        );
-        Ok(())
-    };
-    Ok(vec![
-        sha(),
-        order(),
-        readonly(),
-        flushed(),
-        locked(),
-        reload(),
-        rng(),
-    ])
+    let reload = is("reload_sha256_vda", &host_sha);
+    let rng = is("hwrng", "4096,virtio_rng.0");
+    Ok(vec![sha, order, readonly, flushed(), locked(), reload, rng])
 }
 
 /// Opens a pseudo-terminal; returns (master, slave) as files.
