@@ -1,10 +1,13 @@
 //! virtio-blk on a raw image file or block device.
 //!
-//! Requests are served on the device's worker thread, never on a vCPU. Every malformed
+//! Requests never run on a vCPU: the device's worker thread takes them off the queue and a
+//! pool of IO_THREADS threads serves them, several in flight at once, each moving data
+//! straight between the file and guest memory (preadv/pwritev). Every malformed
 //! request completes with VIRTIO_BLK_S_IOERR or UNSUPP, or (when it has no room for a
 //! status byte) is dropped with a warning.
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -12,12 +15,13 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::Worker;
 use super::{
-    ActivateError, GuestMemoryMmap, Interrupt, Memory, TYPE_BLOCK, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice, read_config_bytes,
+    ActivateError, GuestMemoryMmap, Interrupt, Memory, QueuePool, TYPE_BLOCK,
+    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, read_config_bytes,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -29,6 +33,9 @@ const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const MAX_REQUEST: usize = 32 << 20;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX;
 const MAX_DISCARD_SEG: u32 = 32;
+/// Requests in flight per disk: each runs on its own thread, so a slow read does not hold
+/// up the others, and the host's storage sees a queue deeper than one.
+const IO_THREADS: usize = 8;
 /// O_DIRECT buffers are aligned to this.
 const DIRECT_ALIGN: usize = 4096;
 
@@ -145,83 +152,62 @@ impl Disk {
     }
 
     /// Serves one request; returns the bytes written into the chain (data + status).
-    pub fn handle(&self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
-        let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
-        else {
-            log::warn!("virtio-blk: request outside guest memory dropped");
-            return 0;
-        };
-        let Some(data_len) = writer.available_bytes().checked_sub(1) else {
+    pub fn handle<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> u32
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
+        let bufs = Buffers::of(chain);
+        let Some(data_len) = total(&bufs.writable).checked_sub(1) else {
             log::warn!("virtio-blk: request without a status byte dropped");
             return 0;
         };
-        let Ok(mut status_w) = writer.split_at(data_len) else {
+        let (data_w, status_at) = split(&bufs.writable, data_len).expect("data_len < total");
+        let (status, written) = if bufs.misordered {
+            log::warn!("virtio-blk: request with readable buffers after writable ones");
+            (S_IOERR, 0)
+        } else {
+            self.request(mem, &bufs.readable, &data_w)
+        };
+        if !scatter(mem, &status_at, &[status]) {
+            log::warn!("virtio-blk: request whose status byte is outside guest memory dropped");
             return 0;
-        };
-        let (status, written) = match reader.read_obj::<[u8; 16]>() {
-            Ok(h) => {
-                let ty = u32::from_le_bytes(h[0..4].try_into().expect("4"));
-                let sector = u64::from_le_bytes(h[8..16].try_into().expect("8"));
-                let read_len = reader.available_bytes();
-                self.request(ty, sector, &mut reader, read_len, &mut writer, data_len)
-            }
-            Err(_) => (S_IOERR, 0),
-        };
-        match status_w.write_all(&[status]) {
-            Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
-            Err(_) => 0,
         }
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
     }
 
+    /// Runs the request whose header and data for the device are in `readable`, and whose
+    /// data for the driver goes to `data_w`. Returns the status and the bytes of data written.
     fn request(
         &self,
-        ty: u32,
-        sector: u64,
-        reader: &mut impl Read,
-        read_len: usize,
-        writer: &mut impl Write,
-        data_len: usize,
+        mem: &GuestMemoryMmap,
+        readable: &[Segment],
+        data_w: &[Segment],
     ) -> (u8, usize) {
+        let mut header = [0u8; 16];
+        let Some((h, data_r)) = split(readable, header.len()) else {
+            return (S_IOERR, 0);
+        };
+        if !gather(mem, &h, &mut header) {
+            return (S_IOERR, 0);
+        }
+        let ty = u32::from_le_bytes(header[0..4].try_into().expect("4"));
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8"));
         match ty {
-            VIRTIO_BLK_T_IN => {
-                if data_len == 0 || data_len > MAX_REQUEST {
-                    return (S_IOERR, 0);
-                }
-                let Some(offset) = self.range(sector, data_len as u64) else {
-                    log::debug!(
-                        "virtio-blk: read of {data_len} bytes at sector {sector} is off the disk"
-                    );
-                    return (S_IOERR, 0);
-                };
-                let mut buf = self.buffer(data_len);
-                if let Err(e) = self.file.read_exact_at(buf.as_mut(), offset) {
-                    log::warn!("virtio-blk: read at {offset}: {e}");
-                    return (S_IOERR, 0);
-                }
-                match writer.write_all(buf.as_mut()) {
-                    Ok(()) => (S_OK, data_len),
-                    Err(_) => (S_IOERR, 0),
-                }
-            }
-            VIRTIO_BLK_T_OUT => {
-                let len = read_len;
-                if self.readonly || len == 0 || len > MAX_REQUEST {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let write = ty == VIRTIO_BLK_T_OUT;
+                let segs = if write { &data_r[..] } else { data_w };
+                let len = total(segs);
+                if (write && self.readonly) || len == 0 || len > MAX_REQUEST {
                     return (S_IOERR, 0);
                 }
                 let Some(offset) = self.range(sector, len as u64) else {
-                    log::debug!(
-                        "virtio-blk: write of {len} bytes at sector {sector} is off the disk"
-                    );
+                    log::debug!("virtio-blk: {len} bytes at sector {sector} are off the disk");
                     return (S_IOERR, 0);
                 };
-                let mut buf = self.buffer(len);
-                if reader.read_exact(buf.as_mut()).is_err() {
-                    return (S_IOERR, 0);
-                }
-                match self.file.write_all_at(buf.as_mut(), offset) {
-                    Ok(()) => (S_OK, 0),
+                match self.transfer(mem, segs, offset, write) {
+                    Ok(()) => (S_OK, if write { 0 } else { len }),
                     Err(e) => {
-                        log::warn!("virtio-blk: write at {offset}: {e}");
+                        log::warn!("virtio-blk: {len} bytes at {offset}: {e}");
                         (S_IOERR, 0)
                     }
                 }
@@ -239,20 +225,63 @@ impl Disk {
                 }
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = data_len.min(self.id.len());
-                match writer.write_all(&self.id[..n]) {
-                    Ok(()) => (S_OK, n),
-                    Err(_) => (S_IOERR, 0),
+                let n = total(data_w).min(self.id.len());
+                let (to, _) = split(data_w, n).expect("n <= total");
+                if scatter(mem, &to, &self.id[..n]) {
+                    (S_OK, n)
+                } else {
+                    (S_IOERR, 0)
                 }
             }
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if !self.readonly => (
-                self.discard_or_zero(ty == VIRTIO_BLK_T_WRITE_ZEROES, reader),
-                0,
-            ),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if !self.readonly => {
+                let len = total(&data_r);
+                let mut segments = vec![0u8; len];
+                if len > MAX_DISCARD_SEG as usize * 16 || !gather(mem, &data_r, &mut segments) {
+                    return (S_IOERR, 0);
+                }
+                let zero = ty == VIRTIO_BLK_T_WRITE_ZEROES;
+                (self.discard_or_zero(zero, &mut segments.as_slice()), 0)
+            }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => (S_IOERR, 0),
             other => {
                 log::debug!("virtio-blk: unsupported request type {other}");
                 (S_UNSUPP, 0)
+            }
+        }
+    }
+
+    /// Reads the disk at `offset` into the guest buffers `segs`, or writes them there.
+    /// Straight between the file and guest memory (preadv/pwritev) where O_DIRECT allows it,
+    /// else through an aligned bounce buffer.
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[Segment],
+        offset: u64,
+        write: bool,
+    ) -> io::Result<()> {
+        let aligned = |(a, l): &Segment| a.0 % SECTOR_SIZE == 0 && *l as u64 % SECTOR_SIZE == 0;
+        if !self.direct || segs.iter().all(aligned) {
+            let mut iovs = GuestIovecs::new(mem, segs)?;
+            match iovs.transfer(&self.file, offset, write) {
+                // The device wants more alignment than a sector: bounce.
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
+                r => return r,
+            }
+        }
+        let mut buf = self.buffer(total(segs));
+        let outside = || io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory");
+        if write {
+            if !gather(mem, segs, buf.as_mut()) {
+                return Err(outside());
+            }
+            self.file.write_all_at(buf.as_mut(), offset)
+        } else {
+            self.file.read_exact_at(buf.as_mut(), offset)?;
+            if scatter(mem, segs, buf.as_mut()) {
+                Ok(())
+            } else {
+                Err(outside())
             }
         }
     }
@@ -329,6 +358,160 @@ impl Disk {
     }
 }
 
+/// A guest buffer: address and length.
+type Segment = (GuestAddress, usize);
+
+/// A request's buffers in chain order: those the device reads (header, data of a write) and
+/// those it writes (data of a read, then the status byte).
+#[derive(Default)]
+struct Buffers {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    /// A readable buffer came after a writable one, which the spec forbids.
+    misordered: bool,
+}
+
+impl Buffers {
+    fn of<M>(chain: DescriptorChain<M>) -> Buffers
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
+        let mut b = Buffers::default();
+        for d in chain {
+            let seg = (d.addr(), d.len() as usize);
+            if d.is_write_only() {
+                b.writable.push(seg);
+            } else {
+                b.misordered |= !b.writable.is_empty();
+                b.readable.push(seg);
+            }
+        }
+        b
+    }
+}
+
+fn total(segs: &[Segment]) -> usize {
+    segs.iter().map(|s| s.1).sum()
+}
+
+/// The first `n` bytes of `segs` and the rest; None if `segs` are shorter.
+fn split(segs: &[Segment], n: usize) -> Option<(Vec<Segment>, Vec<Segment>)> {
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    let mut left = n;
+    for &(addr, len) in segs {
+        let take = len.min(left);
+        if take > 0 {
+            head.push((addr, take));
+        }
+        if len > take {
+            tail.push((addr.unchecked_add(take as u64), len - take));
+        }
+        left -= take;
+    }
+    (left == 0).then_some((head, tail))
+}
+
+/// Copies guest buffers into `out` (as long as `out`); false if one is outside guest memory.
+fn gather(mem: &GuestMemoryMmap, segs: &[Segment], out: &mut [u8]) -> bool {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        let n = len.min(out.len() - done);
+        if mem.read_slice(&mut out[done..done + n], addr).is_err() {
+            return false;
+        }
+        done += n;
+    }
+    done == out.len()
+}
+
+/// Copies `data` into guest buffers; false if one is outside guest memory or too short.
+fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> bool {
+    let mut done = 0;
+    for &(addr, len) in segs {
+        let n = len.min(data.len() - done);
+        if mem.write_slice(&data[done..done + n], addr).is_err() {
+            return false;
+        }
+        done += n;
+    }
+    done == data.len()
+}
+
+/// Guest buffers as iovecs for preadv/pwritev, valid while the guest memory they were taken
+/// from is borrowed.
+struct GuestIovecs<'a> {
+    iovs: Vec<libc::iovec>,
+    _mem: std::marker::PhantomData<&'a GuestMemoryMmap>,
+}
+
+impl<'a> GuestIovecs<'a> {
+    fn new(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> io::Result<Self> {
+        let mut iovs = Vec::with_capacity(segs.len());
+        for &(addr, len) in segs {
+            let slice = mem.get_slice(addr, len).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("guest buffer: {e}"))
+            })?;
+            // The device may write there: tell the dirty bitmap.
+            slice.bitmap().mark_dirty(0, len);
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            });
+        }
+        Ok(GuestIovecs {
+            iovs,
+            _mem: std::marker::PhantomData,
+        })
+    }
+
+    /// preadv or pwritev at `offset` until every byte has moved.
+    fn transfer(&mut self, file: &File, mut offset: u64, write: bool) -> io::Result<()> {
+        let mut iovs = &mut self.iovs[..];
+        while !iovs.is_empty() {
+            let count = libc::c_int::try_from(iovs.len().min(1024)).expect("at most IOV_MAX");
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: every iovec points into guest memory that `'a` keeps mapped, with the
+            // length get_slice checked; the kernel reads or writes only those bytes.
+            let n = unsafe {
+                if write {
+                    libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), count, off)
+                } else {
+                    libc::preadv(file.as_raw_fd(), iovs.as_ptr(), count, off)
+                }
+            };
+            let mut n = match usize::try_from(n) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            offset += n as u64;
+            while n > 0 {
+                let first = &mut iovs[0];
+                if n >= first.iov_len {
+                    n -= first.iov_len;
+                    iovs = &mut iovs[1..];
+                } else {
+                    // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+                    first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
+                    first.iov_len -= n;
+                    n = 0;
+                }
+            }
+            while iovs.first().is_some_and(|i| i.iov_len == 0) {
+                iovs = &mut iovs[1..];
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A byte buffer aligned for O_DIRECT (the bounce buffer between guest memory and the file).
 struct AlignedBuf {
     ptr: *mut u8,
@@ -366,7 +549,7 @@ impl Drop for AlignedBuf {
 pub struct Block {
     disk: Arc<Disk>,
     config: [u8; 60],
-    worker: Option<Worker>,
+    pool: Option<QueuePool>,
 }
 
 impl Block {
@@ -386,7 +569,7 @@ impl Block {
         Block {
             disk: Arc::new(disk),
             config,
-            worker: None,
+            pool: None,
         }
     }
 }
@@ -421,14 +604,14 @@ impl VirtioDevice for Block {
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
         let disk = self.disk.clone();
-        let worker = super::serve_single_queue("virtio-blk", mem, irq, queues, move |chain, m| {
-            disk.handle(chain, m)
+        let pool = QueuePool::spawn("virtio-blk", IO_THREADS, mem, irq, queues, move |c, m| {
+            disk.handle(c, m)
         })?;
-        self.worker = Some(worker);
+        self.pool = Some(pool);
         Ok(())
     }
     fn reset(&mut self) -> bool {
-        self.worker.take();
+        self.pool.take();
         true
     }
 }
@@ -590,7 +773,7 @@ mod tests {
         );
         // A write with no data.
         assert_eq!(run(&d, &mem, VIRTIO_BLK_T_OUT, 0, &[], true), (S_IOERR, 1));
-        // Guest address outside RAM: dropped.
+        // Data outside guest RAM: an I/O error.
         assert_eq!(
             run(
                 &d,
@@ -599,9 +782,43 @@ mod tests {
                 0,
                 &[(0xffff_0000, 512, true)],
                 true
-            )
-            .1,
-            0
+            ),
+            (S_IOERR, 1)
+        );
+        // The status byte outside guest RAM: nothing to report to, dropped.
+        let vq = MockSplitQueue::new(&mem, 16);
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(HDR, 16, 0, 0)),
+                RawDescriptor::from(Descriptor::new(0xffff_0000, 1, WRITE, 0)),
+            ])
+            .unwrap();
+        assert_eq!(d.handle(chain, &mem), 0);
+        // A readable buffer after a writable one: the spec forbids it.
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(HDR, 16, 0, 0)),
+                RawDescriptor::from(Descriptor::new(DATA, 512, WRITE, 0)),
+                RawDescriptor::from(Descriptor::new(DATA + 0x1000, 512, 0, 0)),
+                RawDescriptor::from(Descriptor::new(STATUS, 1, WRITE, 0)),
+            ])
+            .unwrap();
+        assert_eq!(d.handle(chain, &mem), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_IOERR);
+        // A header split over two descriptors and the status byte sharing the data's
+        // descriptor: any framing is valid.
+        let chain = vq
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(HDR, 8, 0, 0)),
+                RawDescriptor::from(Descriptor::new(HDR + 8, 8, 0, 0)),
+                RawDescriptor::from(Descriptor::new(DATA, 513, WRITE, 0)),
+            ])
+            .unwrap();
+        mem.write_slice(&[0u8; 16], GuestAddress(HDR)).unwrap(); // IN, sector 0
+        assert_eq!(d.handle(chain, &mem), 513);
+        assert_eq!(
+            guest(&mem, DATA, 513),
+            [vec![1u8; 512], vec![S_OK]].concat()
         );
         // Unknown request type.
         assert_eq!(run(&d, &mem, 99, 0, &[], true), (S_UNSUPP, 1));
@@ -756,6 +973,91 @@ mod tests {
             (S_OK, 1)
         );
         assert_eq!(std::fs::read(&path).unwrap()[..512], [0xcd; 512]);
+        // Sector-aligned guest buffers: straight between the file and guest memory.
+        assert_eq!(
+            run(
+                &d,
+                &mem,
+                VIRTIO_BLK_T_IN,
+                0,
+                &[(DATA, 512, true), (DATA + 0x1000, 1024, true)],
+                true
+            ),
+            (S_OK, 1537)
+        );
+        assert_eq!(
+            guest(&mem, DATA + 0x1000, 1024),
+            [vec![2u8; 512], vec![3u8; 512]].concat()
+        );
+        assert_eq!(guest(&mem, DATA, 512), [0xcd; 512]);
+    }
+
+    #[test]
+    fn requests_are_served_in_parallel_and_all_complete() {
+        use crate::virtio::test_utils::CountingIrq;
+        use vm_memory::GuestAddressSpace;
+        use vmm_sys_util::eventfd::EFD_NONBLOCK;
+        const N: u16 = 12;
+        let atomic = Memory::new(memory(1 << 20));
+        let mem = atomic.memory();
+        let (d, _) = disk("pool", false);
+        let vq = MockSplitQueue::new(&*mem, 64);
+        let mut descs = Vec::new();
+        for i in 0..N {
+            let (hdr, data, status) = (
+                HDR + u64::from(i) * 16,
+                DATA + u64::from(i) * 0x1000,
+                STATUS + u64::from(i),
+            );
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            h[8..16].copy_from_slice(&u64::from(i % 4).to_le_bytes());
+            mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+            let next = |k: u16| 3 * i + k;
+            descs.push(RawDescriptor::from(Descriptor::new(hdr, 16, 1, next(1))));
+            descs.push(RawDescriptor::from(Descriptor::new(
+                data,
+                512,
+                WRITE | 1,
+                next(2),
+            )));
+            descs.push(RawDescriptor::from(Descriptor::new(status, 1, WRITE, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let q: Queue = vq.create_queue().unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(CountingIrq::default());
+        let mut b = Block::new(d);
+        b.activate(
+            atomic.clone(),
+            irq.clone(),
+            vec![(q, kick.try_clone().unwrap())],
+        )
+        .unwrap();
+        kick.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while vq.used().idx().load() < N {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests never completed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(b.reset(), "the pool stops");
+        let mut heads: Vec<u32> = (0..N)
+            .map(|k| vq.used().ring().ref_at(k.into()).unwrap().load().id())
+            .collect();
+        heads.sort_unstable();
+        assert_eq!(heads, (0..N).map(|i| 3 * u32::from(i)).collect::<Vec<_>>());
+        for i in 0..N {
+            let byte = u8::try_from(i % 4 + 1).unwrap();
+            assert_eq!(guest(&mem, STATUS + u64::from(i), 1), [S_OK]);
+            assert_eq!(guest(&mem, DATA + u64::from(i) * 0x1000, 512), [byte; 512]);
+        }
+        assert!(
+            !irq.0.lock().unwrap().is_empty(),
+            "the driver was interrupted"
+        );
     }
 
     #[test]

@@ -5,11 +5,11 @@
 //! the device's own [`worker`] thread, woken by the queues' eventfds (KVM ioeventfds), and
 //! interrupts go out through an eventfd (a KVM irqfd): the data path never needs a vCPU exit.
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
@@ -160,7 +160,6 @@ pub fn serve_single_queue<H>(
 where
     H: FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32 + Send + 'static,
 {
-    use vm_memory::GuestAddressSpace;
     let (mut queue, evts): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
     let mut queue = queue.pop().ok_or(ActivateError::BadQueue(0))?;
     worker::Worker::spawn(name.to_owned(), evts, move |_| {
@@ -168,6 +167,114 @@ where
         process_queue(&mut queue, &m, irq.as_ref(), |chain| handle(chain, &m));
     })
     .map_err(ActivateError::Thread)
+}
+
+/// A descriptor chain that owns its hold on guest memory, so it can move to another thread.
+pub type OwnedChain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
+
+/// A device's only queue served by a pool of threads: the worker thread takes chains off the
+/// queue as they arrive and hands them to `threads` threads, so up to that many requests are
+/// in flight at once; each thread completes its chain into the used ring and interrupts the
+/// driver when it wants to know. Dropping the pool finishes the requests in flight first.
+pub struct QueuePool {
+    worker: Option<worker::Worker>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl QueuePool {
+    pub fn spawn<H>(
+        name: &str,
+        threads: usize,
+        mem: Memory,
+        irq: Arc<dyn Interrupt>,
+        queues: Vec<(Queue, EventFd)>,
+        handle: H,
+    ) -> Result<QueuePool, ActivateError>
+    where
+        H: Fn(OwnedChain, &GuestMemoryMmap) -> u32 + Send + Sync + 'static,
+    {
+        let (queue, evts): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
+        let queue = Arc::new(Mutex::new(
+            queue.into_iter().next().ok_or(ActivateError::BadQueue(0))?,
+        ));
+        let (tx, rx) = mpsc::channel::<OwnedChain>();
+        let rx = Arc::new(Mutex::new(rx));
+        let handle = Arc::new(handle);
+        let mut pool = QueuePool {
+            worker: None,
+            threads: Vec::new(),
+        };
+        for i in 0..threads {
+            let (rx, queue, mem, irq, handle) = (
+                rx.clone(),
+                queue.clone(),
+                mem.clone(),
+                irq.clone(),
+                handle.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("{name}-io{i}"))
+                .spawn(move || {
+                    // Ends when the worker thread, and with it the sender, is gone.
+                    while let Ok(chain) = lock(&rx).recv() {
+                        let head = chain.head_index();
+                        let m = mem.memory();
+                        let len = handle(chain, &m);
+                        let mut q = lock(&queue);
+                        if let Err(e) = q.add_used(&*m, head, len) {
+                            log::warn!("virtio: cannot complete descriptor {head}: {e}");
+                        }
+                        if q.needs_notification(&*m).unwrap_or(true) {
+                            drop(q);
+                            irq.trigger(INT_VRING);
+                        }
+                    }
+                })
+                .map_err(ActivateError::Thread)?;
+            pool.threads.push(t);
+        }
+        let w = worker::Worker::spawn(name.to_owned(), evts, move |_| {
+            let m = mem.memory();
+            let mut q = lock(&queue);
+            loop {
+                if let Err(e) = q.disable_notification(&*m) {
+                    log::warn!("virtio: bad used ring: {e}");
+                    return;
+                }
+                while let Some(chain) = q.pop_descriptor_chain(m.clone()) {
+                    // The pool threads outlive this thread, so the channel stays open.
+                    let _ = tx.send(chain);
+                }
+                match q.enable_notification(&*m) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::warn!("virtio: bad avail ring: {e}");
+                        break;
+                    }
+                }
+            }
+        })
+        .map_err(ActivateError::Thread)?;
+        pool.worker = Some(w);
+        Ok(pool)
+    }
+}
+
+impl Drop for QueuePool {
+    fn drop(&mut self) {
+        // Stopping the worker drops the sender; the threads finish what they hold, then end.
+        self.worker.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Locks a mutex even if a thread panicked while holding it (the data stays consistent:
+/// queue state is updated in single calls).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(any(test, feature = "test-utils"))]
