@@ -626,6 +626,7 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
         "blk_flushed_write_survives_kill_9",
         "blk_second_vm_on_locked_image_fails",
         "blk_driver_reload",
+        "blk_parallel_requests",
         "rng_hwrng_gives_bytes",
     ];
     if blk_names.iter().any(|n| t.wants(n)) {
@@ -812,6 +813,16 @@ echo "NIXVM-TEST: sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
 if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then r=accepted; else r=refused; fi
 echo "NIXVM-TEST: ro_write=$r"
 echo "NIXVM-TEST: hwrng=$(head -c 4096 /dev/hwrng | wc -c),$(cat /sys/class/misc/hw_random/rng_current)"
+for i in 0 1 2 3; do
+  dd if=/dev/vda of=/tmp/part$i bs=4096 skip=$((i * 512)) count=512 iflag=direct 2>/dev/null &
+done
+wait
+echo "NIXVM-TEST: parallel_sha256_vda=$(cat /tmp/part0 /tmp/part1 /tmp/part2 /tmp/part3 | sha256sum | cut -d' ' -f1)"
+for i in 0 1 2 3; do
+  dd if=/tmp/part$i of=/dev/vdc bs=4096 seek=$((256 + i * 128)) count=128 oflag=direct 2>/dev/null &
+done
+wait
+rm /tmp/part*
 rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1
 echo "NIXVM-TEST: reload_sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
 printf 'flushed-by-nixvm-guest' | dd of=/dev/vdc bs=512 seek=10 conv=sync,fsync 2>/dev/null
@@ -885,8 +896,30 @@ sleep 1000
         Ok(())
     };
     let reload = is("reload_sha256_vda", &host_sha);
+    // Four readers, then four writers at once: each 512 KiB the writers put at 1 MiB + i *
+    // 512 KiB of the scratch disk is the start of reader i's 2 MiB of the data disk.
+    let parallel = is("parallel_sha256_vda", &host_sha).and_then(|()| {
+        let src = std::fs::read(&data).map_err(|e| e.to_string())?;
+        for i in 0..4 {
+            let (to, from) = ((1 << 20) + i * (512 << 10), i * (2 << 20));
+            check!(
+                on_host[to..to + (512 << 10)] == src[from..from + (512 << 10)],
+                "parallel write {i} is not in the scratch image"
+            );
+        }
+        Ok(())
+    });
     let rng = is("hwrng", "4096,virtio_rng.0");
-    Ok(vec![sha, order, readonly, flushed(), locked(), reload, rng])
+    Ok(vec![
+        sha,
+        order,
+        readonly,
+        flushed(),
+        locked(),
+        reload,
+        parallel,
+        rng,
+    ])
 }
 
 /// Opens a pseudo-terminal; returns (master, slave) as files.
@@ -1197,6 +1230,7 @@ fn main() {
         "blk_flushed_write_survives_kill_9",
         "blk_second_vm_on_locked_image_fails",
         "blk_driver_reload",
+        "blk_parallel_requests",
         "rng_hwrng_gives_bytes",
     ];
     match route.as_str() {
