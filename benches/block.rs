@@ -1,0 +1,474 @@
+//! Block I/O benchmark: nixvm's virtio-blk beside QEMU microvm's, same guest, same image,
+//! same run, and the host's own throughput on that image as the limit.
+//!
+//! `cargo bench -p nixvm --bench block`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved.
+//! Each run measures, with `benches/guest-io.c` (static, added to the guest's initramfs), on
+//! the same raw image file: sequential 1 MiB O_DIRECT reads and writes (MB/s), 4 KiB O_DIRECT
+//! random reads with 1 and with 8 threads (IOPS), each for SECONDS of wall time. The guest
+//! sees the image as /dev/vda and runs the script on its last disk (`nixvm.action=script`);
+//! the host runs the same script on the file. Where /dev/kvm cannot boot Linux it re-runs
+//! itself inside L1 (resources/l1run.sh), where all three run.
+
+use std::error::Error;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
+const TIMEOUT: Duration = Duration::from_secs(240);
+/// Wall time of each mode, in seconds.
+const SECONDS: u32 = 3;
+/// The data image's size.
+const IMAGE_MIB: usize = 256;
+/// What the guest (and the host) runs, with IO = the guest-io binary, DEV = the disk.
+const SCRIPT: &str = r#"
+$IO "$DEV" seqread SECONDS
+$IO "$DEV" seqwrite SECONDS
+$IO "$DEV" randread SECONDS 1
+$IO "$DEV" randread SECONDS 8
+echo "NIXVM-BENCH: done"
+"#;
+
+/// The table's rows: name, unit, and the key of guest-io's `NIXVM-BENCH: key=value` line.
+const ROWS: [(&str, &str, &str); 4] = [
+    ("seq read 1 MiB", "MB/s", "seqread_mbs"),
+    ("seq write 1 MiB", "MB/s", "seqwrite_mbs"),
+    ("rand read 4 KiB, QD1", "IOPS", "randread_qd1_iops"),
+    (
+        "rand read 4 KiB, QD8 (8 threads)",
+        "IOPS",
+        "randread_qd8_iops",
+    ),
+];
+
+/// One run of the script by one VMM (or the host): its values for ROWS, and why it failed.
+struct Run {
+    values: [Option<f64>; 4],
+    failure: Option<String>,
+}
+
+/// The files the runs share, all under target/block-bench.
+struct Files {
+    /// The static guest-io binary.
+    tool: PathBuf,
+    /// The test guest's initramfs with /bin/guest-io added.
+    initrd: PathBuf,
+    /// The raw data image: /dev/vda in the guest.
+    image: PathBuf,
+    /// The script disk: the guest's last disk.
+    script: PathBuf,
+}
+
+fn main() {
+    if let Err(e) = bench() {
+        eprintln!("block bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn bench() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no root")?;
+    let assets = root.join("target/e2e-assets");
+    let dir = root.join("target/block-bench");
+    let files = Files {
+        tool: dir.join("guest-io"),
+        initrd: dir.join("initramfs.cpio.gz"),
+        image: dir.join("data.img"),
+        script: dir.join("script.img"),
+    };
+    if std::env::var_os("NIXVM_BENCH_INSIDE").is_some() {
+        return measure(root, &assets, &files);
+    }
+    let built = Command::new(root.join("resources/assets.sh"))
+        .arg(&assets)
+        .status()?;
+    if !built.success() {
+        return Err(format!("resources/assets.sh failed: {built}").into());
+    }
+    prepare(root, &assets, &dir, &files)?;
+    let route = output(&mut Command::new(root.join("resources/kvm-route.sh")))?;
+    if let Some(why) = route.strip_prefix("none") {
+        println!("skipped: {}", why.trim_start_matches(':').trim());
+        return Ok(());
+    } else if route != "l1" {
+        return measure(root, &assets, &files);
+    }
+    // Run this very executable again inside L1; l1run.sh exports the NIXVM_* variables.
+    let mut l1 = Command::new(root.join("resources/l1run.sh"));
+    l1.current_dir(root).arg("--").arg(std::env::current_exe()?);
+    let host = output(Command::new("uname").arg("-r"))?;
+    l1.env("NIXVM_BENCH_INSIDE", "1")
+        .env("NIXVM_BENCH_ROUTE", "l1");
+    l1.env("NIXVM_BENCH_HOST_KERNEL", host);
+    if let Some(commit) = git_commit(root) {
+        l1.env("NIXVM_BENCH_COMMIT", commit);
+    }
+    std::process::exit(l1.status()?.code().unwrap_or(125));
+}
+
+/// Builds guest-io, the initramfs with it, the data image and the script disk.
+fn prepare(root: &Path, assets: &Path, dir: &Path, files: &Files) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut gcc = Command::new("gcc");
+    gcc.args(["-static", "-O2", "-pthread", "-Wall", "-o"]);
+    output(gcc.arg(&files.tool).arg(root.join("benches/guest-io.c")))?;
+
+    // A second newc archive after the first: the kernel unpacks both.
+    let tree = dir.join("cpio");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("bin"))?;
+    std::fs::copy(&files.tool, tree.join("bin/guest-io"))?;
+    let pack = "find bin | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1";
+    let extra = Command::new("sh")
+        .args(["-c", pack])
+        .current_dir(&tree)
+        .output()?;
+    if !extra.status.success() || extra.stdout.is_empty() {
+        let err = String::from_utf8_lossy(&extra.stderr);
+        return Err(format!("packing guest-io failed: {}", err.trim()).into());
+    }
+    let mut initrd = std::fs::read(assets.join("initramfs.cpio.gz"))?;
+    initrd.extend_from_slice(&extra.stdout);
+    std::fs::write(&files.initrd, initrd)?;
+
+    // Every block written (no holes, which read without I/O), with a non-zero pattern.
+    let len = u64::try_from(IMAGE_MIB << 20)?;
+    if std::fs::metadata(&files.image).map_or(true, |m| m.len() != len) {
+        let mut image = File::create(&files.image)?;
+        let chunk: Vec<u8> = (0..1usize << 20)
+            .map(|i| u8::try_from(i % 251 + 1).unwrap_or(1))
+            .collect();
+        for _ in 0..IMAGE_MIB {
+            image.write_all(&chunk)?;
+        }
+        image.sync_all()?;
+    }
+
+    // Padded with newlines to 64 KiB, so that the kernel's partition probes stay inside it.
+    let script = format!("IO=/bin/guest-io DEV=/dev/vda\n{}", script_text());
+    let mut disk = script.into_bytes();
+    disk.resize(64 << 10, b'\n');
+    std::fs::write(&files.script, disk)?;
+    Ok(())
+}
+
+fn script_text() -> String {
+    SCRIPT.replace("SECONDS", &SECONDS.to_string())
+}
+
+fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
+    let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+    let kernel = assets.join("vmlinux");
+    let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
+    nixvm
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&files.initrd);
+    nixvm.args(["--cmdline", CMDLINE]);
+    nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off --disk".split(' '));
+    nixvm.arg(disk_arg("path=", &files.image, ",direct=on"));
+    nixvm.arg("--disk");
+    nixvm.arg(disk_arg("path=", &files.script, ",readonly=on"));
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args("-M microvm,rtc=on -accel kvm -cpu host -m 256 -smp 1 -nodefaults".split(' '));
+    qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));
+    qemu.arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&files.initrd);
+    qemu.args(["-append", CMDLINE]);
+    let drive = ",if=none,id=d0,format=raw,cache=none,aio=threads";
+    qemu.arg("-drive")
+        .arg(disk_arg("file=", &files.image, drive));
+    qemu.args(["-device", "virtio-blk-device,drive=d0", "-drive"]);
+    qemu.arg(disk_arg(
+        "file=",
+        &files.script,
+        ",if=none,id=d1,format=raw,readonly=on",
+    ));
+    qemu.args(["-device", "virtio-blk-device,drive=d1"]);
+    // The host: the same script, on the image file itself.
+    let mut host = Command::new("sh");
+    host.args(["-c", &script_text()]);
+    host.env("IO", &files.tool).env("DEV", &files.image);
+
+    let mut results: [Vec<Run>; 3] = Default::default();
+    for i in 1..=runs {
+        let [ours, theirs, limit] = &mut results;
+        for (name, cmd, results) in [
+            ("nixvm", &mut nixvm, ours),
+            ("qemu", &mut qemu, theirs),
+            ("host", &mut host, limit),
+        ] {
+            let run = run(cmd)?;
+            match &run.failure {
+                Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
+                None => {
+                    let v = run.values.map(Option::unwrap_or_default);
+                    eprintln!(
+                        "run {i} {name}: {:.1} / {:.1} MB/s, {:.0} / {:.0} IOPS",
+                        v[0], v[1], v[2], v[3]
+                    );
+                }
+            }
+            results.push(run);
+        }
+    }
+
+    header(root, assets, files, runs)?;
+    for (name, cmd) in [("nixvm", &nixvm), ("QEMU", &qemu)] {
+        println!("- {name}: `{}`", command_line(cmd, root));
+    }
+    println!();
+    table(&results);
+    let total = 3 * runs;
+    let failed = total - results.iter().map(|r| ok(r).count()).sum::<usize>();
+    if failed > 0 {
+        return Err(format!("{failed} of {total} runs failed").into());
+    }
+    Ok(())
+}
+
+/// `prefix` + `path` + `suffix`, for --disk and -drive values.
+fn disk_arg(prefix: &str, path: &Path, suffix: &str) -> std::ffi::OsString {
+    let mut s = std::ffi::OsString::from(prefix);
+    s.push(path);
+    s.push(suffix);
+    s
+}
+
+/// Spawns `cmd`, collects its `NIXVM-BENCH: key=value` lines and waits for it to exit.
+fn run(cmd: &mut Command) -> Result<Run> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let id = child.id();
+    let pid = libc::pid_t::try_from(id)?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let out = thread::spawn(move || {
+        let (mut line, mut marks) = (Vec::new(), Vec::new());
+        while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+            let text = String::from_utf8_lossy(&line);
+            if let Some(rest) = text.split("NIXVM-BENCH: ").nth(1) {
+                marks.push(rest.trim().to_string());
+            }
+            line.clear();
+        }
+        marks
+    });
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let err = thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    });
+
+    // Kills the child at TIMEOUT; gives up on it 10 s later. Stopped by dropping `done`.
+    let (done, wait) = mpsc::channel::<()>();
+    let watchdog = thread::spawn(move || {
+        let timeout = mpsc::RecvTimeoutError::Timeout;
+        if wait.recv_timeout(TIMEOUT) != Err(timeout) {
+            return false;
+        }
+        eprintln!("pid {pid}: timed out after {TIMEOUT:?}, killing it");
+        // SAFETY: sending a signal; the child is not reaped before `done` is dropped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if wait.recv_timeout(Duration::from_secs(10)) == Err(timeout) {
+            eprintln!("block bench: pid {pid} survived SIGKILL for 10 s");
+            std::process::exit(1);
+        }
+        true
+    });
+    // Waits for the exit without reaping: the pid stays ours while the watchdog runs.
+    // SAFETY: all-zero bytes are a valid `siginfo_t`, which waitid only writes.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child; `info` is valid for writes.
+    if unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    drop(done);
+    let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
+    let status = child.wait()?;
+    let marks = out.join().map_err(|_| "stdout reader panicked")?;
+    let stderr = err.join().map_err(|_| "stderr reader panicked")?;
+
+    let value = |key: &str| {
+        let v = marks
+            .iter()
+            .find_map(|m| m.strip_prefix(key)?.strip_prefix('='))?;
+        v.parse::<f64>().ok()
+    };
+    let values = ROWS.map(|(_, _, key)| value(key));
+    let errors: Vec<&str> = marks
+        .iter()
+        .filter_map(|m| m.strip_prefix("error="))
+        .collect();
+    let mut failure = if timed_out {
+        Some("timed out, killed".to_string())
+    } else if !status.success() {
+        Some(format!("{status}"))
+    } else if !errors.is_empty() {
+        Some(format!("guest-io: {}", errors.join("; ")))
+    } else if !marks.iter().any(|m| m == "done") || values.iter().any(Option::is_none) {
+        Some(format!("incomplete output: {marks:?}"))
+    } else {
+        None
+    };
+    if let Some(why) = &mut failure {
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        why.extend(tail.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
+    }
+    Ok(Run { values, failure })
+}
+
+/// The facts around the table: when, where, what.
+fn header(root: &Path, assets: &Path, files: &Files, runs: usize) -> Result<()> {
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    let uname = output(Command::new("uname").arg("-r"))?;
+    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
+    let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
+    let mut stat = Command::new("stat");
+    let statfs = output(stat.args(["-f", "-c", "%T"]).arg(&files.image))?;
+    let fs = match mount_type(&files.image) {
+        Some(mount) if mount != statfs => format!("{mount} mount, statfs says {statfs}"),
+        _ => statfs,
+    };
+    let image = files.image.strip_prefix(root).unwrap_or(&files.image);
+    println!("\n- date: {date}");
+    match std::env::var("NIXVM_BENCH_HOST_KERNEL") {
+        Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
+        Err(_) => println!("- kernel (uname -r): {uname}"),
+    }
+    if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
+        println!("- route: l1, both VMMs and the host row inside an L1 QEMU guest on TCG-emulated");
+        println!(
+            "  AMD SVM: absolute figures are far below a real host's, only ratios mean anything"
+        );
+    } else {
+        println!("- route: direct (this host's /dev/kvm)");
+    }
+    println!("- commit: {}", commit.as_deref().unwrap_or("unknown"));
+    println!(
+        "- guest: Debian {} vmlinux (PVH), busybox initramfs + guest-io, 1 vCPU, 256 MiB",
+        kver.trim()
+    );
+    println!(
+        "- image: {IMAGE_MIB} MiB raw file {} ({fs}), /dev/vda in the guest; {SECONDS} s per \
+         row and run; runs of each: {runs}, interleaved",
+        image.display()
+    );
+    println!("- cmdline: `{CMDLINE}`");
+    Ok(())
+}
+
+/// The type of the mount that holds `path` (under L1 the work dir is a 9p mount, whose statfs
+/// passes on the host file system's type).
+fn mount_type(path: &Path) -> Option<String> {
+    let path = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let mut f = line.split(' ');
+        let (Some(_), Some(dir), Some(kind)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let longer = best.as_ref().is_none_or(|(n, _)| dir.len() >= *n);
+        if path.starts_with(dir) && longer {
+            best = Some((dir.len(), kind.to_string()));
+        }
+    }
+    best.map(|(_, kind)| kind)
+}
+
+/// `cmd` as one shell-like line, with paths under `root` made relative to it.
+fn command_line(cmd: &Command, root: &Path) -> String {
+    let root = format!("{}/", root.display());
+    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args());
+    let words: Vec<String> = words
+        .map(OsStr::to_string_lossy)
+        .map(|w| w.replace(&root, ""))
+        .map(|w| if w.contains(' ') { format!("'{w}'") } else { w })
+        .collect();
+    words.join(" ")
+}
+
+/// Median, min and max of `values` (none when empty).
+fn stats(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = match n {
+        0 => return None,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    };
+    Some((median, values[0], values[n - 1]))
+}
+
+/// Prints the Markdown table; failed runs are left out of the statistics.
+fn table(results: &[Vec<Run>; 3]) {
+    println!(
+        "| median (min–max) | nixvm | QEMU microvm | host (limit) | nixvm / QEMU | nixvm / host |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (row, (name, unit, _)) in ROWS.into_iter().enumerate() {
+        let cell = |runs: &[Run]| stats(ok(runs).filter_map(|r| r.values[row]).collect());
+        let [a, b, c] = [0, 1, 2].map(|i| cell(&results[i]));
+        let show = |s: Option<(f64, f64, f64)>| match s {
+            Some((m, lo, hi)) if unit == "IOPS" => format!("{m:.0} {unit} ({lo:.0}–{hi:.0})"),
+            Some((m, lo, hi)) => format!("{m:.1} {unit} ({lo:.1}–{hi:.1})"),
+            None => "–".into(),
+        };
+        let ratio = |x: Option<(f64, f64, f64)>, y: Option<(f64, f64, f64)>| match (x, y) {
+            (Some((x, ..)), Some((y, ..))) if y > 0.0 => format!("**{:.2}**", x / y),
+            _ => String::new(),
+        };
+        let (ra, rb) = (ratio(a, b), ratio(a, c));
+        println!(
+            "| {name} | {} | {} | {} | {ra} | {rb} |",
+            show(a),
+            show(b),
+            show(c)
+        );
+    }
+    let counts = results
+        .each_ref()
+        .map(|r| format!("{}/{}", ok(r).count(), r.len()));
+    println!(
+        "| runs ok | {} | {} | {} | | |",
+        counts[0], counts[1], counts[2]
+    );
+}
+
+/// The runs that succeeded.
+fn ok(runs: &[Run]) -> impl Iterator<Item = &Run> {
+    runs.iter().filter(|r| r.failure.is_none())
+}
+
+/// Runs `cmd` and returns its trimmed stdout; an error if it fails.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{cmd:?} failed: {}: {}", out.status, err.trim()).into());
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn git_commit(root: &Path) -> Option<String> {
+    let mut git = Command::new("git");
+    // The short commit, "-dirty" when the work tree differs from it.
+    let args = ["describe", "--always", "--dirty", "--exclude", "*"];
+    output(git.current_dir(root).args(args)).ok()
+}
