@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod worker;
 

@@ -1,6 +1,6 @@
 //! A device's worker thread: waits on its queues' eventfds and runs a handler for each one
 //! that fires, until it is stopped.
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -16,12 +16,35 @@ impl Worker {
     where
         F: FnMut(usize) + Send + 'static,
     {
+        let fds = evts.iter().map(|e| e.as_raw_fd()).collect();
+        Worker::spawn_poll(name, fds, move |ready, _| {
+            for (i, evt) in evts.iter().enumerate() {
+                if ready[i] != 0 {
+                    let _ = evt.read();
+                    handler(i);
+                }
+            }
+        })
+    }
+
+    /// Polls `fds` and runs `handler(revents, interest)` whenever one is ready. Each fd is
+    /// polled for what `interest[i]` says: POLLIN at first, then whatever the handler leaves
+    /// there (0 pauses an fd, as a network device does while the guest has no buffers; a
+    /// negative value ignores it entirely, errors and hang-ups included).
+    /// The fds must stay open while the worker runs (the handler usually owns them).
+    pub fn spawn_poll<F>(name: String, fds: Vec<RawFd>, mut handler: F) -> std::io::Result<Worker>
+    where
+        F: FnMut(&[i16], &mut [i16]) + Send + 'static,
+    {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || {
-            let mut fds: Vec<libc::pollfd> = evts
+            let n = fds.len();
+            let mut interest = vec![libc::POLLIN; n];
+            let mut ready = vec![0i16; n];
+            let mut pfds: Vec<libc::pollfd> = fds
                 .iter()
-                .map(|e| e.as_raw_fd())
+                .copied()
                 .chain(std::iter::once(stop_rx.as_raw_fd()))
                 .map(|fd| libc::pollfd {
                     fd,
@@ -30,9 +53,14 @@ impl Worker {
                 })
                 .collect();
             loop {
-                // SAFETY: fds is a valid array of pollfd of the length we pass.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                if n < 0 {
+                for ((p, &want), &fd) in pfds.iter_mut().zip(&interest).zip(&fds) {
+                    // A negative interest drops the fd from the poll (errors included).
+                    p.fd = if want < 0 { -1 } else { fd };
+                    p.events = want.max(0);
+                }
+                // SAFETY: pfds is a valid array of pollfd of the length we pass.
+                let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+                if r < 0 {
                     if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                         continue;
                     }
@@ -42,14 +70,14 @@ impl Worker {
                     );
                     return;
                 }
-                if fds[evts.len()].revents != 0 {
+                if pfds[n].revents != 0 {
                     return;
                 }
-                for i in 0..evts.len() {
-                    if fds[i].revents != 0 {
-                        let _ = evts[i].read();
-                        handler(i);
-                    }
+                for (r, p) in ready.iter_mut().zip(&pfds) {
+                    *r = p.revents;
+                }
+                if ready.iter().any(|&r| r != 0) {
+                    handler(&ready, &mut interest);
                 }
             }
         })?;
