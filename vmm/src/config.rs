@@ -58,8 +58,18 @@ pub enum Error {
     Disk(#[from] block::Error),
     #[error("disk serial {0:?} is longer than 20 bytes")]
     DiskSerial(String),
-    #[error("{0} disks are more than nixvm can attach (at most 15)")]
+    #[error(
+        "{0} virtio devices (disks, network interfaces, rng) are more than nixvm can attach (at most 15)"
+    )]
     TooManyDevices(usize),
+    #[error("TAP name {0:?} is not a valid interface name (1 to 15 bytes, no '/')")]
+    TapName(String),
+    #[error("fd {0} of a network interface is not a file descriptor number")]
+    NetFd(i32),
+    #[error("a network interface needs exactly one of \"tap\" and \"fd\"")]
+    NetKind,
+    #[error("MAC address {0} is a multicast address, which a network interface cannot have")]
+    MulticastMac(Mac),
     #[error("the directory of serial {kind} {path} does not exist")]
     SerialDir { kind: &'static str, path: PathBuf },
 }
@@ -248,6 +258,96 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// A MAC address, `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut mac {
+            let p = parts.next().ok_or(())?;
+            if p.len() != 2 {
+                return Err(());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| ())?;
+        }
+        if parts.next().is_some() {
+            return Err(());
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|()| serde::de::Error::custom(format!("invalid MAC address {s:?}")))
+    }
+}
+
+/// One `--net`: `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`; in JSON an object with the same
+/// names (`{"tap": "tap0", "mac": "52:54:00:12:34:56"}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
+}
+
+impl NetConfig {
+    pub const SYNTAX: &'static str = "tap=NAME[,mac=MAC] or fd=N[,mac=MAC]";
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid network interface {0:?}: use {syntax}", syntax = NetConfig::SYNTAX)]
+pub struct NetError(String);
+
+impl FromStr for NetConfig {
+    type Err = NetError;
+    fn from_str(s: &str) -> std::result::Result<Self, NetError> {
+        let err = || NetError(s.to_owned());
+        let mut net = NetConfig::default();
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(err)?;
+            match k {
+                "tap" if !v.is_empty() && net.tap.is_none() => net.tap = Some(v.to_owned()),
+                "fd" if net.fd.is_none() => net.fd = Some(v.parse().map_err(|_| err())?),
+                "mac" => net.mac = Some(v.parse().map_err(|()| err())?),
+                _ => return Err(err()),
+            }
+        }
+        if net.tap.is_some() == net.fd.is_some() {
+            return Err(err());
+        }
+        Ok(net)
+    }
+}
+
 /// What the config file holds: every field optional, as flags may supply it.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +359,7 @@ pub struct ConfigFile {
     pub memory: Option<Size>,
     pub serial: Option<SerialConfig>,
     pub disks: Option<Vec<DiskConfig>>,
+    pub nets: Option<Vec<NetConfig>>,
     pub rng: Option<bool>,
 }
 
@@ -284,6 +385,7 @@ impl ConfigFile {
             memory: over.memory.or(self.memory),
             serial: over.serial.or(self.serial),
             disks: over.disks.or(self.disks),
+            nets: over.nets.or(self.nets),
             rng: over.rng.or(self.rng),
         }
     }
@@ -300,6 +402,7 @@ pub struct VmConfig {
     pub memory: Size,
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
     pub rng: bool,
 }
 
@@ -373,8 +476,14 @@ impl VmConfig {
         for d in &disks {
             check_disk(d)?;
         }
-        if disks.len() + 1 > nixvm_boot::layout::DEVICE_GSIS.len() {
-            return Err(Error::TooManyDevices(disks.len()));
+        let nets = file.nets.unwrap_or_default();
+        for n in &nets {
+            check_net(n)?;
+        }
+        let rng = file.rng.unwrap_or(true);
+        let devices = disks.len() + nets.len() + usize::from(rng);
+        if devices > nixvm_boot::layout::DEVICE_GSIS.len() {
+            return Err(Error::TooManyDevices(devices));
         }
         Ok(VmConfig {
             kernel,
@@ -385,7 +494,8 @@ impl VmConfig {
             memory,
             serial,
             disks,
-            rng: file.rng.unwrap_or(true),
+            nets,
+            rng,
         })
     }
 }
@@ -398,6 +508,25 @@ fn check_disk(d: &DiskConfig) -> Result<()> {
     }
     block::open_image(&d.options())?;
     Ok(())
+}
+
+/// One of tap= or fd=, a name an interface can have, a unicast MAC. Whether the TAP exists
+/// and may be attached is found when the VM starts (a running VM may hold it now).
+fn check_net(n: &NetConfig) -> Result<()> {
+    match (&n.tap, n.fd) {
+        (Some(t), None) => {
+            if t.is_empty() || t.len() >= libc::IFNAMSIZ || t.contains(['/', '\0']) {
+                return Err(Error::TapName(t.clone()));
+            }
+        }
+        (None, Some(fd)) if fd < 0 => return Err(Error::NetFd(fd)),
+        (None, Some(_)) => {}
+        _ => return Err(Error::NetKind),
+    }
+    match n.mac {
+        Some(m) if m.0[0] & 1 != 0 => Err(Error::MulticastMac(m)),
+        _ => Ok(()),
+    }
 }
 
 /// A rough lower bound of the memory the kernel occupies (it loads at 1 MiB or 16 MiB).
@@ -462,6 +591,65 @@ mod tests {
         for s in ["stdio", "off", "file=/x", "socket=/y"] {
             assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
         }
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:ef".parse().unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.mac, Some(Mac([0x52, 0x54, 0, 0xab, 0xcd, 0xef])));
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:ab:cd:ef");
+        assert_eq!("fd=3".parse::<NetConfig>().unwrap().fd, Some(3));
+        for bad in [
+            "",
+            "tap=",
+            "fd=x",
+            "tap=a,fd=3",
+            "tap=a,tap=b",
+            "mac=52:54:00:00:00:01",
+            "tap=a,mac=52:54:00:00:00",
+            "tap=a,mac=52:54:00:00:00:01:02",
+            "tap=a,mac=5:54:00:00:00:01",
+            "tap=a,queues=2",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+        }
+        let j: NetConfig =
+            serde_json::from_str(r#"{"tap":"t","mac":"02:00:00:00:00:01"}"#).unwrap();
+        assert_eq!(j.mac, Some(Mac([2, 0, 0, 0, 0, 1])));
+        assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t","mac":"zz"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&j).unwrap(),
+            r#"{"tap":"t","mac":"02:00:00:00:00:01"}"#
+        );
+        assert!(check_net(&j).is_ok());
+        let named = |t: &str| NetConfig {
+            tap: Some(t.into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            check_net(&named("a-very-long-name0")),
+            Err(Error::TapName(_))
+        ));
+        assert!(matches!(check_net(&named("a/b")), Err(Error::TapName(_))));
+        assert!(matches!(
+            check_net(&NetConfig {
+                fd: Some(-1),
+                ..Default::default()
+            }),
+            Err(Error::NetFd(-1))
+        ));
+        assert!(matches!(
+            check_net(&NetConfig::default()),
+            Err(Error::NetKind)
+        ));
+        assert!(matches!(
+            check_net(&NetConfig {
+                mac: Some(Mac([1, 0, 0, 0, 0, 0])),
+                ..named("t")
+            }),
+            Err(Error::MulticastMac(_))
+        ));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use config::{ConfigFile, DiskConfig, SerialConfig, Size, VmConfig};
+use config::{ConfigFile, DiskConfig, NetConfig, SerialConfig, Size, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
@@ -55,6 +55,11 @@ struct Cli {
     /// first is the guest's /dev/vda, the next /dev/vdb, ...
     #[arg(long, value_name = "SPEC")]
     disk: Vec<DiskConfig>,
+    /// A virtio-net interface on an existing TAP, tap=NAME[,mac=MAC], or on an inherited
+    /// TAP/macvtap fd, fd=N[,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is
+    /// 02: and five bytes of a hash of the interface's name (stable across starts).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetConfig>,
     /// The virtio-rng entropy device: on or off [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
     rng: Option<bool>,
@@ -132,6 +137,7 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         memory: cli.memory,
         serial: cli.serial.clone(),
         disks: (!cli.disk.is_empty()).then(|| cli.disk.clone()),
+        nets: (!cli.net.is_empty()).then(|| cli.net.clone()),
         rng: cli.rng,
     };
     Ok(VmConfig::validate(

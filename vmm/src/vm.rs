@@ -19,6 +19,7 @@ use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
 use nixvm_devices::virtio::block::{self, Block, Disk};
+use nixvm_devices::virtio::net;
 use nixvm_devices::virtio::{
     VirtioDevice,
     mmio::{self, MmioTransport},
@@ -91,6 +92,8 @@ pub enum Error {
     SerialSocket(#[source] unix::Error),
     #[error(transparent)]
     Disk(#[from] block::Error),
+    #[error(transparent)]
+    Net(#[from] net::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("event loop")]
@@ -112,6 +115,7 @@ impl Error {
             | Error::Kernel(_)
             | Error::Disk(_)
             | Error::SerialFile { .. } => true,
+            Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
             Error::SerialSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
@@ -403,7 +407,8 @@ fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mute
     }
 }
 
-/// Disks (in command-line order: vda, vdb, ...) then the entropy device, each in its own
+/// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...), then
+/// the entropy device, each in its own
 /// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
 /// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
 fn add_virtio_devices(
@@ -415,6 +420,14 @@ fn add_virtio_devices(
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &config.disks {
         devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
+    }
+    for n in &config.nets {
+        let tap = match (&n.tap, n.fd) {
+            (Some(name), _) => net::Tap::open(name)?,
+            (None, Some(fd)) => net::Tap::from_fd(fd)?,
+            (None, None) => unreachable!("validated: tap or fd"),
+        };
+        devices.push(Box::new(net::Net::new(tap, n.mac.map(|m| m.0))));
     }
     if config.rng {
         devices.push(Box::new(Rng::default()));
