@@ -24,7 +24,7 @@ type Result<T> = std::result::Result<T, Box<dyn Error>>;
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
 const TIMEOUT: Duration = Duration::from_secs(240);
 /// Wall time of each mode, in seconds.
-const SECONDS: u32 = 3;
+const SECONDS: u32 = 4;
 /// The data image's size.
 const IMAGE_MIB: usize = 256;
 /// What the guest (and the host) runs, with IO = the guest-io binary, DEV = the disk.
@@ -167,6 +167,8 @@ fn script_text() -> String {
 
 fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+    // Before the runs: the checkout may change while they go on.
+    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kernel = assets.join("vmlinux");
     let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
     nixvm
@@ -225,7 +227,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         }
     }
 
-    header(root, assets, files, runs)?;
+    header(root, assets, files, runs, commit.as_deref())?;
     for (name, cmd) in [("nixvm", &nixvm), ("QEMU", &qemu)] {
         println!("- {name}: `{}`", command_line(cmd, root));
     }
@@ -334,10 +336,15 @@ fn run(cmd: &mut Command) -> Result<Run> {
 }
 
 /// The facts around the table: when, where, what.
-fn header(root: &Path, assets: &Path, files: &Files, runs: usize) -> Result<()> {
+fn header(
+    root: &Path,
+    assets: &Path,
+    files: &Files,
+    runs: usize,
+    commit: Option<&str>,
+) -> Result<()> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
     let uname = output(Command::new("uname").arg("-r"))?;
-    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
     let mut stat = Command::new("stat");
     let statfs = output(stat.args(["-f", "-c", "%T"]).arg(&files.image))?;
@@ -359,7 +366,7 @@ fn header(root: &Path, assets: &Path, files: &Files, runs: usize) -> Result<()> 
     } else {
         println!("- route: direct (this host's /dev/kvm)");
     }
-    println!("- commit: {}", commit.as_deref().unwrap_or("unknown"));
+    println!("- commit: {}", commit.unwrap_or("unknown"));
     println!(
         "- guest: Debian {} vmlinux (PVH), busybox initramfs + guest-io, 1 vCPU, 256 MiB",
         kver.trim()
