@@ -260,15 +260,20 @@ fn run(cmd: &mut Command) -> Result<Run> {
     let pid = libc::pid_t::try_from(id)?;
     let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
     let out = thread::spawn(move || {
-        let (mut line, mut marks) = (Vec::new(), Vec::new());
+        let (mut line, mut marks, mut console) = (Vec::new(), Vec::new(), Vec::new());
         while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-            let text = String::from_utf8_lossy(&line);
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
             if let Some(rest) = text.split("NIXVM-BENCH: ").nth(1) {
                 marks.push(rest.trim().to_string());
             }
+            // The console's last lines, for a failure's report.
+            if console.len() == 10 {
+                console.remove(0);
+            }
+            console.push(text);
             line.clear();
         }
-        marks
+        (marks, console)
     });
     let mut stderr = child.stderr.take().ok_or("no stderr")?;
     let err = thread::spawn(move || {
@@ -303,7 +308,7 @@ fn run(cmd: &mut Command) -> Result<Run> {
     drop(done);
     let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
     let status = child.wait()?;
-    let marks = out.join().map_err(|_| "stdout reader panicked")?;
+    let (marks, console) = out.join().map_err(|_| "stdout reader panicked")?;
     let stderr = err.join().map_err(|_| "stderr reader panicked")?;
 
     let value = |key: &str| {
@@ -329,6 +334,9 @@ fn run(cmd: &mut Command) -> Result<Run> {
         None
     };
     if let Some(why) = &mut failure {
+        why.push_str("\n  console's last lines:");
+        why.extend(console.iter().map(|l| format!("\n    {l}")));
+        why.push_str("\n  stderr's last lines:");
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
         why.extend(tail.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
     }
