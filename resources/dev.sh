@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(qemu-system-x86 cpio xz-utils gzip kmod util-linux socat)
+PACKAGES=(qemu-system-x86 cpio xz-utils gzip kmod util-linux socat iproute2)
 
 log() { printf 'dev.sh: %s\n' "$*" >&2; }
 
