@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PACKAGES=(qemu-system-x86 cpio xz-utils gzip kmod util-linux socat iproute2)
+PACKAGES=(qemu-system-x86 cpio xz-utils gzip kmod util-linux socat iproute2
+  libcap-ng-dev libseccomp-dev pkg-config)
 
 log() { printf 'dev.sh: %s\n' "$*" >&2; }
 
@@ -30,6 +31,14 @@ deps() {
     "${sudo[@]}" apt-get update -qq
   fi
   command -v cargo >/dev/null || { log "cargo is missing: install Rust 1.85 or newer (https://rustup.rs)"; exit 2; }
+}
+
+# The upstream virtiofsd, for the virtio-fs tests.
+virtiofsd_dep() {
+  if ! command -v virtiofsd >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" ]; then
+    log "installing virtiofsd (cargo install virtiofsd --locked)"
+    cargo install virtiofsd --locked --quiet
+  fi
 }
 
 demo() {
@@ -53,6 +62,7 @@ demo() {
 
 test_all() {
   deps
+  virtiofsd_dep
   cargo fmt --all -- --check
   cargo clippy --workspace --all-targets -- -D warnings
   cargo test --workspace

@@ -70,6 +70,12 @@ pub enum Error {
     NetKind,
     #[error("MAC address {0} is a multicast address, which a network interface cannot have")]
     MulticastMac(Mac),
+    #[error("virtio-fs tag {0:?} must be 1 to 36 bytes")]
+    FsTag(String),
+    #[error("two virtio-fs shares have the tag {0:?}")]
+    FsDuplicateTag(String),
+    #[error("virtio-fs queue_size {0} must be a power of two from 16 to 32768")]
+    FsQueueSize(u16),
     #[error("the directory of serial {kind} {path} does not exist")]
     SerialDir { kind: &'static str, path: PathBuf },
 }
@@ -348,6 +354,89 @@ impl FromStr for NetConfig {
     }
 }
 
+/// `--memory SIZE[,shared=on]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryArg {
+    pub size: Size,
+    pub shared: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid memory {0:?}: use SIZE[,shared=on] (e.g. 512M, 2G,shared=on)")]
+pub struct MemoryArgError(String);
+
+impl FromStr for MemoryArg {
+    type Err = MemoryArgError;
+    fn from_str(s: &str) -> std::result::Result<Self, MemoryArgError> {
+        let err = || MemoryArgError(s.to_owned());
+        let mut parts = s.split(',');
+        let size = parts.next().unwrap_or("").parse().map_err(|_| err())?;
+        let mut shared = None;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("shared", v)) => shared = Some(parse_switch(v).ok_or_else(err)?),
+                _ => return Err(err()),
+            }
+        }
+        Ok(MemoryArg { size, shared })
+    }
+}
+
+/// One `--fs`: `tag=TAG,socket=PATH[,queue_size=N]`, a virtio-fs share served by the
+/// vhost-user backend (virtiofsd) listening on PATH; in JSON an object with the same names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+}
+
+fn default_fs_queue_size() -> u16 {
+    nixvm_devices::virtio::fs::DEFAULT_QUEUE_SIZE
+}
+
+impl FsConfig {
+    pub const SYNTAX: &'static str = "tag=TAG,socket=PATH[,queue_size=N]";
+
+    pub fn options(&self) -> nixvm_devices::virtio::fs::FsOptions {
+        nixvm_devices::virtio::fs::FsOptions {
+            tag: self.tag.clone(),
+            socket: self.socket.clone(),
+            queue_size: self.queue_size,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid file system share {0:?}: use {syntax}", syntax = FsConfig::SYNTAX)]
+pub struct FsError(String);
+
+impl FromStr for FsConfig {
+    type Err = FsError;
+    fn from_str(s: &str) -> std::result::Result<Self, FsError> {
+        let err = || FsError(s.to_owned());
+        let (mut tag, mut socket, mut queue_size) = (None, None, default_fs_queue_size());
+        for part in s.split(',') {
+            match part.split_once('=').ok_or_else(err)? {
+                ("tag", v) if !v.is_empty() => tag = Some(v.to_owned()),
+                ("socket", v) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                ("queue_size", v) => queue_size = v.parse().map_err(|_| err())?,
+                _ => return Err(err()),
+            }
+        }
+        match (tag, socket) {
+            (Some(tag), Some(socket)) => Ok(FsConfig {
+                tag,
+                socket,
+                queue_size,
+            }),
+            _ => Err(err()),
+        }
+    }
+}
+
 /// What the config file holds: every field optional, as flags may supply it.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,6 +449,8 @@ pub struct ConfigFile {
     pub serial: Option<SerialConfig>,
     pub disks: Option<Vec<DiskConfig>>,
     pub nets: Option<Vec<NetConfig>>,
+    pub fs: Option<Vec<FsConfig>>,
+    pub shared_memory: Option<bool>,
     pub rng: Option<bool>,
 }
 
@@ -386,6 +477,8 @@ impl ConfigFile {
             serial: over.serial.or(self.serial),
             disks: over.disks.or(self.disks),
             nets: over.nets.or(self.nets),
+            fs: over.fs.or(self.fs),
+            shared_memory: over.shared_memory.or(self.shared_memory),
             rng: over.rng.or(self.rng),
         }
     }
@@ -403,6 +496,10 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    pub fs: Vec<FsConfig>,
+    /// Guest RAM is a shared memfd mapping (vhost-user backends map it), else private
+    /// anonymous memory.
+    pub shared_memory: bool,
     pub rng: bool,
 }
 
@@ -480,8 +577,21 @@ impl VmConfig {
         for n in &nets {
             check_net(n)?;
         }
+        let fs = file.fs.unwrap_or_default();
+        for (i, f) in fs.iter().enumerate() {
+            if f.tag.is_empty() || f.tag.len() > nixvm_devices::virtio::fs::TAG_MAX {
+                return Err(Error::FsTag(f.tag.clone()));
+            }
+            if !f.queue_size.is_power_of_two() || !(16..=32768).contains(&f.queue_size) {
+                return Err(Error::FsQueueSize(f.queue_size));
+            }
+            if fs[..i].iter().any(|g| g.tag == f.tag) {
+                return Err(Error::FsDuplicateTag(f.tag.clone()));
+            }
+        }
+        let shared_memory = file.shared_memory.unwrap_or(false) || !fs.is_empty();
         let rng = file.rng.unwrap_or(true);
-        let devices = disks.len() + nets.len() + usize::from(rng);
+        let devices = disks.len() + nets.len() + fs.len() + usize::from(rng);
         if devices > nixvm_boot::layout::DEVICE_GSIS.len() {
             return Err(Error::TooManyDevices(devices));
         }
@@ -495,6 +605,8 @@ impl VmConfig {
             serial,
             disks,
             nets,
+            fs,
+            shared_memory,
             rng,
         })
     }
@@ -590,6 +702,50 @@ mod tests {
         }
         for s in ["stdio", "off", "file=/x", "socket=/y"] {
             assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn fs_and_memory_specs() {
+        let f: FsConfig = "tag=ro-store,socket=/run/s.sock".parse().unwrap();
+        assert_eq!(
+            f,
+            FsConfig {
+                tag: "ro-store".into(),
+                socket: "/run/s.sock".into(),
+                queue_size: 1024
+            }
+        );
+        let f: FsConfig = "socket=s,tag=t,queue_size=128".parse().unwrap();
+        assert_eq!(f.queue_size, 128);
+        for bad in [
+            "",
+            "tag=t",
+            "socket=s",
+            "tag=,socket=s",
+            "tag=t,socket=s,queue_size=x",
+            "tag=t,socket=s,cache=auto",
+        ] {
+            assert!(bad.parse::<FsConfig>().is_err(), "{bad:?}");
+        }
+        let j: FsConfig = serde_json::from_str(r#"{"tag":"t","socket":"/s"}"#).unwrap();
+        assert_eq!(j.queue_size, 1024);
+        assert_eq!(
+            "2G,shared=on".parse(),
+            Ok(MemoryArg {
+                size: Size(2 << 30),
+                shared: Some(true)
+            })
+        );
+        assert_eq!(
+            "512M".parse(),
+            Ok(MemoryArg {
+                size: Size(512 << 20),
+                shared: None
+            })
+        );
+        for bad in ["", "shared=on", "1G,shared=maybe", "1G,huge=on"] {
+            assert!(bad.parse::<MemoryArg>().is_err(), "{bad:?}");
         }
     }
 
@@ -746,6 +902,38 @@ mod tests {
             VmConfig::validate(c, 1 << 40)
         };
         assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
+        // Memory is private unless asked for or a vhost-user device needs it shared.
+        assert!(!v.shared_memory);
+        assert!(
+            with(|c| c.shared_memory = Some(true))
+                .unwrap()
+                .shared_memory
+        );
+        let share = |tag: &str, q: u16| FsConfig {
+            tag: tag.into(),
+            socket: "/s".into(),
+            queue_size: q,
+        };
+        let mut c = base();
+        c.fs = Some(vec![share("ro-store", 1024)]);
+        assert!(VmConfig::validate(c, 1 << 40).unwrap().shared_memory);
+        for (shares, want) in [
+            (vec![share("", 8)], "tag"),
+            (vec![share(&"x".repeat(37), 1024)], "tag"),
+            (vec![share("a", 100)], "queue"),
+            (vec![share("a", 8)], "queue"),
+            (vec![share("a", 1024), share("a", 1024)], "dup"),
+        ] {
+            let mut c = base();
+            c.fs = Some(shares);
+            let e = VmConfig::validate(c, 1 << 40).unwrap_err();
+            let ok = match want {
+                "tag" => matches!(e, Error::FsTag(_)),
+                "queue" => matches!(e, Error::FsQueueSize(_)),
+                _ => matches!(e, Error::FsDuplicateTag(_)),
+            };
+            assert!(ok, "{e}");
+        }
         assert!(matches!(
             with(|c| c.cpus = Some(255)),
             Err(Error::TooManyCpus(255))

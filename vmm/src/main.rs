@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use config::{ConfigFile, DiskConfig, NetConfig, SerialConfig, Size, VmConfig};
+use config::{ConfigFile, DiskConfig, FsConfig, MemoryArg, NetConfig, SerialConfig, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
@@ -45,9 +45,10 @@ struct Cli {
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u32>,
-    /// Guest memory: 512M, 2G; a bare number is MiB [default: 512M].
-    #[arg(long, value_name = "SIZE")]
-    memory: Option<Size>,
+    /// Guest memory: 512M, 2G; a bare number is MiB [default: 512M]. `,shared=on` maps it
+    /// shared (from a memfd), as vhost-user back ends need; on by itself with --fs.
+    #[arg(long, value_name = "SIZE[,shared=on]")]
+    memory: Option<MemoryArg>,
     /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
     #[arg(long, value_name = "WHERE")]
     serial: Option<SerialConfig>,
@@ -60,6 +61,11 @@ struct Cli {
     /// 02: and five bytes of a hash of the interface's name (stable across starts).
     #[arg(long, value_name = "SPEC")]
     net: Vec<NetConfig>,
+    /// A virtio-fs share, tag=TAG,socket=PATH[,queue_size=N], served by the vhost-user
+    /// backend (virtiofsd) listening on PATH; the guest mounts it with `mount -t virtiofs TAG
+    /// DIR`. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    fs: Vec<FsConfig>,
     /// The virtio-rng entropy device: on or off [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
     rng: Option<bool>,
@@ -134,10 +140,12 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         initrd: cli.initrd.clone(),
         cmdline: cli.cmdline.clone(),
         cpus: cli.cpus,
-        memory: cli.memory,
+        memory: cli.memory.map(|m| m.size),
+        shared_memory: cli.memory.and_then(|m| m.shared),
         serial: cli.serial.clone(),
         disks: (!cli.disk.is_empty()).then(|| cli.disk.clone()),
         nets: (!cli.net.is_empty()).then(|| cli.net.clone()),
+        fs: (!cli.fs.is_empty()).then(|| cli.fs.clone()),
         rng: cli.rng,
     };
     Ok(VmConfig::validate(

@@ -19,12 +19,12 @@ use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
 use nixvm_devices::virtio::block::{self, Block, Disk};
-use nixvm_devices::virtio::net;
 use nixvm_devices::virtio::{
     VirtioDevice,
     mmio::{self, MmioTransport},
     rng::Rng,
 };
+use nixvm_devices::virtio::{fs, net};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
@@ -94,6 +94,8 @@ pub enum Error {
     Disk(#[from] block::Error),
     #[error(transparent)]
     Net(#[from] net::Error),
+    #[error(transparent)]
+    Fs(#[from] fs::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("event loop")]
@@ -116,6 +118,7 @@ impl Error {
             | Error::Disk(_)
             | Error::SerialFile { .. } => true,
             Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
+            Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
             Error::SerialSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
@@ -168,9 +171,16 @@ pub fn open_kvm() -> Result<Kvm> {
     Ok(kvm)
 }
 
-/// Guest RAM in one memfd (shared, so vhost-user back ends can map it later), split around
-/// the 32-bit MMIO gap.
-fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
+/// Guest RAM, split around the 32-bit MMIO gap: one memfd mapped shared when `shared` (so
+/// vhost-user back ends can map it), else private anonymous memory.
+fn create_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
+    if !shared {
+        let ranges: Vec<_> = layout::ram_regions(size)
+            .into_iter()
+            .map(|(addr, len)| (addr, usize::try_from(len).expect("64-bit host")))
+            .collect();
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(Error::MapMemory);
+    }
     // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below.
     let fd = unsafe { libc::memfd_create(c"nixvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -245,7 +255,7 @@ impl Vm {
         })
         .map_err(kvm_err("create the PIT"))?;
 
-        let mem = create_memory(config.memory.0)?;
+        let mem = create_memory(config.memory.0, config.shared_memory)?;
         register_memory(&vm, &mem)?;
 
         let loaded = kernel::load_kernel(&mem, &config.kernel)?;
@@ -407,8 +417,18 @@ fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mute
     }
 }
 
-/// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...), then
-/// the entropy device, each in its own
+/// How long to wait for a vhost-user backend's socket: NIXVM_VHOST_USER_WAIT seconds, else 30.
+fn vhost_user_wait() -> std::time::Duration {
+    let secs = std::env::var("NIXVM_VHOST_USER_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(30.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
+/// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...),
+/// virtio-fs shares, then the entropy device, each in its own
 /// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
 /// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
 fn add_virtio_devices(
@@ -428,6 +448,10 @@ fn add_virtio_devices(
             (None, None) => unreachable!("validated: tap or fd"),
         };
         devices.push(Box::new(net::Net::new(tap, n.mac.map(|m| m.0))));
+    }
+    let wait = vhost_user_wait();
+    for f in &config.fs {
+        devices.push(Box::new(fs::VhostUserFs::connect(&f.options(), wait)?));
     }
     if config.rng {
         devices.push(Box::new(Rng::default()));

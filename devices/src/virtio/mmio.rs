@@ -11,8 +11,8 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    INT_CONFIG, Interrupt, IrqTrigger, Memory, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice,
+    INT_CONFIG, INT_VRING, Interrupt, IrqTrigger, Memory, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
 /// Size of one device's MMIO window.
@@ -128,8 +128,14 @@ impl crate::bus::BusDevice for MmioTransport {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            0x060 => self.irq.status.load(Ordering::SeqCst),
+            0x060 => {
+                let direct = self.active && self.device.signals_directly();
+                self.irq.status.load(Ordering::SeqCst) | if direct { INT_VRING } else { 0 }
+            }
             0x070 => self.status,
+            // SHMLen and SHMBase: no shared memory regions, which the spec says as all ones
+            // (a zero length would be a region; virtio-fs would try to use it for DAX).
+            0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => u32::MAX,
             0x0fc => 0, // config generation: config space never changes under the driver
             _ => {
                 log::warn!("virtio-mmio: read of unknown register {offset:#x}");
@@ -202,6 +208,7 @@ impl crate::bus::BusDevice for MmioTransport {
                     }
                 }
             }
+            0x0ac => {} // SHMSel: every region reads as absent
             _ => log::warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
         }
     }
@@ -513,5 +520,14 @@ mod tests {
         w(&mut t, QUEUE_NOTIFY, 7);
         w(&mut t, QUEUE_NOTIFY, 1);
         assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+    }
+
+    #[test]
+    fn no_shared_memory_regions() {
+        let (mut t, _) = transport();
+        w(&mut t, 0xac, 0);
+        for off in [0xb0, 0xb4, 0xb8, 0xbc] {
+            assert_eq!(r(&mut t, off), u32::MAX, "{off:#x}");
+        }
     }
 }

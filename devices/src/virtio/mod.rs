@@ -13,6 +13,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -28,6 +29,7 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_FS: u32 = 26;
 
 /// InterruptStatus bits of virtio-mmio.
 pub const INT_VRING: u32 = 1;
@@ -36,6 +38,11 @@ pub const INT_CONFIG: u32 = 2;
 /// How a device interrupts the driver.
 pub trait Interrupt: Send + Sync {
     fn trigger(&self, status: u32);
+    /// The eventfd that raises the interrupt (a KVM irqfd), for backends outside nixvm that
+    /// signal the guest themselves (vhost-user).
+    fn notifier(&self) -> Option<&EventFd> {
+        None
+    }
 }
 
 /// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and an
@@ -61,6 +68,9 @@ impl Interrupt for IrqTrigger {
             log::warn!("virtio: cannot raise the interrupt: {e}");
         }
     }
+    fn notifier(&self) -> Option<&EventFd> {
+        Some(&self.evt)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +79,8 @@ pub enum ActivateError {
     Thread(#[source] io::Error),
     #[error("queue {0} is not usable (not ready, or its rings are outside guest memory)")]
     BadQueue(usize),
+    #[error("the vhost-user backend refused the device's set-up: {0}")]
+    Backend(String),
 }
 
 /// A virtio device behind a transport. Queues move into the device at activation.
@@ -97,6 +109,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device's work so it can be activated again. False if it cannot.
     fn reset(&mut self) -> bool;
+    /// The device's backend raises its interrupt through the irqfd directly (vhost-user), so
+    /// the transport cannot track why: InterruptStatus then always says "used buffers", and
+    /// the driver checks its queues on every interrupt (harmless when nothing is new).
+    fn signals_directly(&self) -> bool {
+        false
+    }
 }
 
 /// Copies `src` into `dst` at `offset`, as far as both reach (config space reads).

@@ -363,9 +363,9 @@ impl VirtioDevice for Net {
             return Err(ActivateError::BadQueue(0));
         };
         let fds = vec![
-            rx_evt.as_raw_fd(),
-            tx_evt.as_raw_fd(),
-            self.tap.file.as_raw_fd(),
+            (rx_evt.as_raw_fd(), libc::POLLIN),
+            (tx_evt.as_raw_fd(), libc::POLLIN),
+            (self.tap.file.as_raw_fd(), libc::POLLIN),
         ];
         let mut path = DataPath::new(self.tap.clone(), mem, irq, rxq, txq, acked, self.stats());
         let name = format!("virtio-net-{}", self.tap.name());

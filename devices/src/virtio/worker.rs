@@ -16,7 +16,7 @@ impl Worker {
     where
         F: FnMut(usize) + Send + 'static,
     {
-        let fds = evts.iter().map(|e| e.as_raw_fd()).collect();
+        let fds = evts.iter().map(|e| (e.as_raw_fd(), libc::POLLIN)).collect();
         Worker::spawn_poll(name, fds, move |ready, _| {
             for (i, evt) in evts.iter().enumerate() {
                 if ready[i] != 0 {
@@ -28,11 +28,15 @@ impl Worker {
     }
 
     /// Polls `fds` and runs `handler(revents, interest)` whenever one is ready. Each fd is
-    /// polled for what `interest[i]` says: POLLIN at first, then whatever the handler leaves
-    /// there (0 pauses an fd, as a network device does while the guest has no buffers; a
+    /// polled for what `interest[i]` says: the events given with it at first, then whatever
+    /// the handler leaves there (0 pauses an fd, as a network device does while the guest has no buffers; a
     /// negative value ignores it entirely, errors and hang-ups included).
     /// The fds must stay open while the worker runs (the handler usually owns them).
-    pub fn spawn_poll<F>(name: String, fds: Vec<RawFd>, mut handler: F) -> std::io::Result<Worker>
+    pub fn spawn_poll<F>(
+        name: String,
+        fds: Vec<(RawFd, i16)>,
+        mut handler: F,
+    ) -> std::io::Result<Worker>
     where
         F: FnMut(&[i16], &mut [i16]) + Send + 'static,
     {
@@ -40,7 +44,7 @@ impl Worker {
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let n = fds.len();
-            let mut interest = vec![libc::POLLIN; n];
+            let (fds, mut interest): (Vec<RawFd>, Vec<i16>) = fds.into_iter().unzip();
             let mut ready = vec![0i16; n];
             let mut pfds: Vec<libc::pollfd> = fds
                 .iter()

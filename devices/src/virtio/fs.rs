@@ -1,0 +1,474 @@
+//! virtio-fs through a vhost-user backend (virtiofsd): nixvm serves the config space (the
+//! tag) and hands the backend guest memory, the queues, each queue's ioeventfd as its kick
+//! and the device's irqfd as its call, so requests and completions never pass through
+//! nixvm's threads.
+//!
+//! The backend's socket may appear a moment after nixvm starts: connecting waits for it,
+//! bounded. If the backend dies while the VM runs, nixvm logs it and takes the queues over,
+//! answering every request with EIO, so the guest sees I/O errors on that mount instead of
+//! hanging.
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::Worker;
+use super::{
+    ActivateError, GuestMemoryMmap, INT_VRING, Interrupt, Memory, TYPE_FS, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
+};
+
+/// The tag is at most this long (the config space field).
+pub const TAG_MAX: usize = 36;
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// One high-priority queue and one request queue.
+const NUM_QUEUES: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "nothing listens on vhost-user socket {socket} (waited {}s for the backend, e.g. virtiofsd, to start)",
+        waited.as_secs()
+    )]
+    NoBackend { socket: PathBuf, waited: Duration },
+    #[error("cannot connect to vhost-user socket {socket}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the vhost-user backend on {socket} failed the handshake: {message}")]
+    Handshake { socket: PathBuf, message: String },
+}
+
+/// What `--fs` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsOptions {
+    pub tag: String,
+    pub socket: PathBuf,
+    pub queue_size: u16,
+}
+
+/// The virtio-fs device, its backend connected.
+pub struct VhostUserFs {
+    socket: PathBuf,
+    tag: String,
+    frontend: Frontend,
+    /// The same connection, watched for the backend hanging up.
+    stream: UnixStream,
+    backend_features: u64,
+    protocol: bool,
+    acked: u64,
+    queue_sizes: [u16; NUM_QUEUES],
+    config: [u8; TAG_MAX + 4],
+    watcher: Option<Worker>,
+}
+
+/// Connects to `socket`, waiting up to `wait` for a listener to appear there.
+fn connect(socket: &Path, wait: Duration) -> Result<UnixStream, Error> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(Error::NoBackend {
+                        socket: socket.to_owned(),
+                        waited: wait,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(Error::Connect {
+                    socket: socket.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+impl VhostUserFs {
+    /// Connects to the backend (waiting up to `wait` for its socket) and negotiates.
+    pub fn connect(opts: &FsOptions, wait: Duration) -> Result<VhostUserFs, Error> {
+        let stream = connect(&opts.socket, wait)?;
+        let handshake = |e: &dyn std::fmt::Display| Error::Handshake {
+            socket: opts.socket.clone(),
+            message: e.to_string(),
+        };
+        let io_err = |e: io::Error| handshake(&e);
+        let mut frontend =
+            Frontend::from_stream(stream.try_clone().map_err(io_err)?, NUM_QUEUES as u64);
+        frontend.set_owner().map_err(|e| handshake(&e))?;
+        let backend_features = frontend.get_features().map_err(|e| handshake(&e))?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(handshake(&"it does not offer VIRTIO_F_VERSION_1"));
+        }
+        let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        if protocol {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(|e| handshake(&e))?;
+            let wanted = offered & VhostUserProtocolFeatures::MQ;
+            frontend
+                .set_protocol_features(wanted)
+                .map_err(|e| handshake(&e))?;
+            if wanted.contains(VhostUserProtocolFeatures::MQ) {
+                let n = frontend.get_queue_num().map_err(|e| handshake(&e))?;
+                if n < NUM_QUEUES as u64 {
+                    return Err(handshake(&format!(
+                        "it serves {n} queues, virtio-fs needs 2"
+                    )));
+                }
+            }
+        }
+        let mut config = [0u8; TAG_MAX + 4];
+        let n = opts.tag.len().min(TAG_MAX);
+        config[..n].copy_from_slice(&opts.tag.as_bytes()[..n]);
+        config[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes()); // num_request_queues
+        Ok(VhostUserFs {
+            socket: opts.socket.clone(),
+            tag: opts.tag.clone(),
+            frontend,
+            stream,
+            backend_features,
+            protocol,
+            acked: 0,
+            queue_sizes: [opts.queue_size; NUM_QUEUES],
+            config,
+            watcher: None,
+        })
+    }
+
+    /// Sends the backend the memory table and the rings; returns the error as text.
+    fn set_up(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        call: &EventFd,
+        queues: &[(Queue, EventFd)],
+    ) -> Result<(), String> {
+        let fe = &mut self.frontend;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        fe.set_features(self.acked | (self.backend_features & protocol_bit))
+            .map_err(|e| format!("set_features: {e}"))?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("guest memory is not shareable ({e})"))?;
+        fe.set_mem_table(&regions)
+            .map_err(|e| format!("set_mem_table: {e}"))?;
+        let host = |a: u64, what: &str| {
+            mem.get_host_address(GuestAddress(a))
+                .map(|p| p as u64)
+                .map_err(|e| format!("queue {what} at {a:#x}: {e}"))
+        };
+        for (i, (q, kick)) in queues.iter().enumerate() {
+            let cfg = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: host(q.desc_table(), "descriptor table")?,
+                used_ring_addr: host(q.used_ring(), "used ring")?,
+                avail_ring_addr: host(q.avail_ring(), "available ring")?,
+                log_addr: None,
+            };
+            let step = |r: Result<(), vhost::Error>, what: &str| {
+                r.map_err(|e| format!("queue {i}: {what}: {e}"))
+            };
+            step(fe.set_vring_num(i, q.size()), "set_vring_num")?;
+            step(fe.set_vring_addr(i, &cfg), "set_vring_addr")?;
+            step(fe.set_vring_base(i, q.next_avail()), "set_vring_base")?;
+            step(fe.set_vring_call(i, call), "set_vring_call")?;
+            step(fe.set_vring_kick(i, kick), "set_vring_kick")?;
+            if self.protocol {
+                step(fe.set_vring_enable(i, true), "set_vring_enable")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserFs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+    fn avail_features(&self) -> u64 {
+        // PROTOCOL_FEATURES is between nixvm and the backend, not for the guest.
+        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn signals_directly(&self) -> bool {
+        true
+    }
+    fn activate(
+        &mut self,
+        mem: Memory,
+        irq: Arc<dyn Interrupt>,
+        queues: Vec<(Queue, EventFd)>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::BadQueue(queues.len()));
+        }
+        let call = irq
+            .notifier()
+            .ok_or_else(|| ActivateError::Backend("no irqfd to give the backend".into()))?
+            .try_clone()
+            .map_err(ActivateError::Thread)?;
+        self.set_up(&mem.memory(), &call, &queues)
+            .map_err(|e| ActivateError::Backend(format!("{}: {e}", self.socket.display())))?;
+        let mut fallback = Fallback {
+            mem,
+            irq,
+            queues,
+            failed: false,
+        };
+        // Until the backend goes, only its hang-up matters (not its replies: the frontend
+        // reads those), and the kicks are the backend's.
+        let mut fds = vec![(self.stream.as_raw_fd(), libc::POLLRDHUP)];
+        fds.extend(fallback.queues.iter().map(|(_, e)| (e.as_raw_fd(), 0)));
+        let (tag, socket) = (self.tag.clone(), self.socket.clone());
+        let worker = Worker::spawn_poll(format!("virtio-fs-{tag}"), fds, move |ready, interest| {
+            if !fallback.failed {
+                if ready[0] == 0 {
+                    return;
+                }
+                log::error!(
+                    "virtio-fs {tag}: the vhost-user backend on {} has gone away; \
+                     the guest's file operations on this share now fail with EIO",
+                    socket.display()
+                );
+                fallback.take_over();
+                interest[0] = -1;
+                for i in interest.iter_mut().skip(1) {
+                    *i = libc::POLLIN;
+                }
+            }
+            for (i, r) in ready.iter().enumerate().skip(1) {
+                if *r != 0 {
+                    let _ = fallback.queues[i - 1].1.read();
+                }
+            }
+            fallback.answer_all();
+        })
+        .map_err(ActivateError::Thread)?;
+        self.watcher = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        self.watcher.take();
+        for i in 0..NUM_QUEUES {
+            // Stops the ring in the backend; a dead backend has nothing to stop.
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                log::debug!("virtio-fs {}: get_vring_base({i}): {e}", self.tag);
+            }
+        }
+        true
+    }
+}
+
+/// The queues as nixvm serves them once the backend is gone: every request fails with EIO.
+struct Fallback {
+    mem: Memory,
+    irq: Arc<dyn Interrupt>,
+    queues: Vec<(Queue, EventFd)>,
+    failed: bool,
+}
+
+const FUSE_FORGET: u32 = 2;
+const FUSE_BATCH_FORGET: u32 = 42;
+
+impl Fallback {
+    /// Picks the rings up where the backend left them: after the last request it completed
+    /// (requests it had taken but not answered are answered again, now with EIO).
+    fn take_over(&mut self) {
+        self.failed = true;
+        let mem = self.mem.memory();
+        for (q, _) in &mut self.queues {
+            let idx_at = GuestAddress(q.used_ring()).unchecked_add(2);
+            let used = mem.read_obj::<u16>(idx_at).map(u16::from_le).unwrap_or(0);
+            q.set_next_avail(used);
+            q.set_next_used(used);
+        }
+    }
+
+    fn answer_all(&mut self) {
+        let mem = self.mem.memory();
+        let mut used_any = false;
+        for (q, _) in &mut self.queues {
+            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let len = answer_eio(chain, &mem);
+                if q.add_used(&*mem, head, len).is_err() {
+                    break;
+                }
+                used_any = true;
+            }
+        }
+        if used_any {
+            self.irq.trigger(INT_VRING);
+        }
+    }
+}
+
+/// Answers one FUSE request with EIO (FORGETs get no answer); returns the bytes written.
+fn answer_eio<M>(chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemoryMmap) -> u32
+where
+    M: std::ops::Deref<Target = GuestMemoryMmap>,
+{
+    let mut header = [0u8; 40];
+    let mut got = 0;
+    let mut out = None;
+    for d in chain {
+        if d.is_write_only() {
+            out.get_or_insert((d.addr(), d.len()));
+        } else if got < header.len() {
+            let n = (header.len() - got).min(d.len() as usize);
+            if mem.read_slice(&mut header[got..got + n], d.addr()).is_err() {
+                return 0;
+            }
+            got += n;
+        }
+    }
+    let opcode = u32::from_le_bytes(header[4..8].try_into().expect("4"));
+    let (Some((addr, len)), true) = (out, got == header.len()) else {
+        return 0;
+    };
+    if opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET || len < 16 {
+        return 0;
+    }
+    let mut reply = [0u8; 16];
+    reply[0..4].copy_from_slice(&16u32.to_le_bytes());
+    reply[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
+    reply[8..16].copy_from_slice(&header[8..16]); // unique
+    if mem.write_slice(&reply, addr).is_err() {
+        return 0;
+    }
+    16
+}
+
+impl Drop for VhostUserFs {
+    fn drop(&mut self) {
+        self.watcher.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{CountingIrq, memory};
+    use std::os::unix::net::UnixListener;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    #[test]
+    fn a_missing_socket_is_waited_for_then_named() {
+        let sock = std::env::temp_dir().join(format!("nixvm-fs-none-{}.sock", std::process::id()));
+        let opts = FsOptions {
+            tag: "t".into(),
+            socket: sock.clone(),
+            queue_size: 8,
+        };
+        let start = Instant::now();
+        let e = VhostUserFs::connect(&opts, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300), "it waited");
+        assert!(matches!(e, Error::NoBackend { .. }));
+        assert!(e.to_string().contains(&sock.display().to_string()));
+    }
+
+    #[test]
+    fn a_socket_that_appears_late_is_connected_to() {
+        let sock = std::env::temp_dir().join(format!("nixvm-fs-late-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let s2 = sock.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let l = UnixListener::bind(&s2).unwrap();
+            // Accept, then hang up: the handshake fails, but the connection was made.
+            drop(l.accept().unwrap());
+        });
+        let opts = FsOptions {
+            tag: "t".into(),
+            socket: sock.clone(),
+            queue_size: 8,
+        };
+        let e = VhostUserFs::connect(&opts, Duration::from_secs(10))
+            .err()
+            .unwrap();
+        t.join().unwrap();
+        assert!(matches!(e, Error::Handshake { .. }), "{e}");
+        let _ = std::fs::remove_file(&sock);
+    }
+
+    #[test]
+    fn a_dead_backend_s_requests_fail_with_eio() {
+        let mem = Memory::new(memory(1 << 20));
+        let m = mem.memory();
+        let vq = MockSplitQueue::new(&*m, 16);
+        // A LOOKUP (opcode 1) with unique 77, and a FORGET.
+        let mut lookup = [0u8; 40];
+        lookup[4..8].copy_from_slice(&1u32.to_le_bytes());
+        lookup[8..16].copy_from_slice(&77u64.to_le_bytes());
+        m.write_slice(&lookup, GuestAddress(0x1_0000)).unwrap();
+        let mut forget = [0u8; 40];
+        forget[4..8].copy_from_slice(&FUSE_FORGET.to_le_bytes());
+        m.write_slice(&forget, GuestAddress(0x1_1000)).unwrap();
+        let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(Descriptor::new(a, l, f, n));
+        vq.add_desc_chains(
+            &[
+                d(0x1_0000, 40, 1, 1),
+                d(0x2_0000, 128, 2, 0),
+                d(0x1_1000, 48, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let q: Queue = vq.create_queue().unwrap();
+        let irq = Arc::new(CountingIrq::default());
+        let mut f = Fallback {
+            mem: mem.clone(),
+            irq: irq.clone(),
+            queues: vec![(q, EventFd::new(0).unwrap())],
+            failed: false,
+        };
+        f.take_over();
+        f.answer_all();
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!(vq.used().ring().ref_at(0).unwrap().load().len(), 16);
+        assert_eq!(vq.used().ring().ref_at(1).unwrap().load().len(), 0);
+        let mut reply = [0u8; 16];
+        m.read_slice(&mut reply, GuestAddress(0x2_0000)).unwrap();
+        assert_eq!(
+            i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            -libc::EIO
+        );
+        assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 77);
+        assert_eq!(irq.0.lock().unwrap().len(), 1);
+    }
+}
