@@ -52,7 +52,11 @@ shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
 # One L1 guest at a time on this machine: it takes both cores, and runs share $PWD/.l1cmd,
 # so the lock is held from before that file is written until the guest is gone.
 exec 9>/tmp/nixvm-l1run.lock
-flock 9
+if ! flock -n 9; then
+  # Said now and then, so that a caller watching for a frozen L1 sees that it only waits.
+  echo "l1run: waiting for another L1 run to finish"
+  while ! flock -w 60 9; do echo "l1run: still waiting for another L1 run"; done
+fi
 CMDFILE=$W/.l1cmd
 {
   printf 'export PATH='; shq "$PATH"; printf ' HOME='; shq "${HOME:-/root}"; echo
