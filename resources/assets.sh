@@ -14,7 +14,7 @@
 set -euo pipefail
 
 # Modules the test guest loads (with their dependencies).
-GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtiofs vmw_vsock_virtio_transport"
+GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtiofs vmw_vsock_virtio_transport button evdev"
 # Modules the L1 guest loads: KVM on emulated SVM, 9p for the host's files, VMM backends.
 L1_MODULES="kvm-amd 9p 9pnet_virtio virtio_pci tun vhost_net vhost_vsock overlay fuse virtio_net"
 

@@ -385,6 +385,21 @@ fn usage_tests(t: &mut Runner, kernel: Option<&Path>) {
             "invalid network interface",
         )
     });
+    t.run("usage_api_socket_busy", || {
+        let sock = tmp.join("api-busy.sock");
+        let _held = UnixListener::bind(&sock).unwrap();
+        let arg = sock.to_str().unwrap();
+        one_line_usage_error(&["--kernel", k, "--api-socket", arg], &[], "in use")
+    });
+    t.run("usage_ctl_no_vm", || {
+        let sock = tmp.join("nobody.sock");
+        let arg = sock.to_str().unwrap();
+        one_line_usage_error(
+            &["ctl", "--api-socket", arg, "ping"],
+            &[],
+            "nothing listens",
+        )
+    });
     t.run("usage_fs_missing_socket", || {
         let sock = tmp.join("nobody-listens.sock");
         let arg = format!("tag=ro-store,socket={}", sock.display());
@@ -668,6 +683,7 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
         "rng_hwrng_gives_bytes",
     ];
     group(t, &blk_names, "the disks boot", || disks_boot(g));
+    lifecycle_tests(t, g);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         for name in NET_NAMES {
@@ -685,9 +701,9 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     }
 
-    t.run_retry("sigterm_stops_vm_exit_143", || {
-        // The guest waits for a console line that never comes.
-        let (mut child, sock) = socket_guest(g, "term")?;
+    t.run_retry("sigterm_ignored_button_stops_after_timeout_143", || {
+        // The guest waits for a console line that never comes and ignores the power button.
+        let (mut child, sock) = socket_guest(g, "term", &["--shutdown-timeout", "2"])?;
         let ready = connect_console(&sock)
             .and_then(|mut c| read_until(&mut c, "NIXVM-TEST: ready", BOOT_TIMEOUT).map(drop));
         // SAFETY: kill(2) on our own child's pid.
@@ -699,6 +715,157 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
             "after SIGTERM: {status:?}"
         );
         check!(!sock.exists(), "socket file left behind");
+        Ok(())
+    });
+}
+
+/// Guest script lines: busybox acpid powers the guest off on the ACPI power button.
+const ACPID: &str = r#"
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "NIXVM-TEST: button" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /tmp/acpid.log
+"#;
+
+/// Guest script lines: a line every 0.3 s, forever.
+const TICKS: &str = r#"
+echo "NIXVM-TEST: ready"
+i=0
+while :; do i=$((i + 1)); echo "tick $i"; sleep 0.3; done
+"#;
+
+/// Runs `nixvm ctl --api-socket SOCK ARGS`.
+fn ctl(sock: &Path, args: &[&str]) -> Run {
+    let s = sock.to_str().expect("utf-8 path");
+    let mut all = vec!["ctl", "--api-socket", s];
+    all.extend(args);
+    nixvm(&all, &[], BOOT_TIMEOUT)
+}
+
+/// A guest that runs `script` with a control socket; returns it streaming its console.
+fn api_guest(
+    g: &Guest,
+    name: &str,
+    script: &str,
+    extra: &[&str],
+) -> Result<(Streaming, PathBuf), String> {
+    let sock = temp_dir().join(format!("{name}-api.sock"));
+    let disk = script_disk(&format!("{name}-script.img"), script);
+    let d = format!("path={},readonly=on", disk.display());
+    let cl = cmdline("script");
+    let s = sock.to_str().expect("utf-8 path");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend(["--api-socket", s, "--disk", &d]);
+    args.extend(extra);
+    let mut cmd = Command::new(NIXVM);
+    cmd.args(&args).stdin(Stdio::null());
+    Ok((Streaming::spawn_command(cmd)?, sock))
+}
+
+fn lifecycle_tests(t: &mut Runner, g: &Guest) {
+    t.run_retry("api_ping_info_pause_resume", || {
+        // A socket file a crashed nixvm left behind does not stop the next one.
+        let stale = temp_dir().join("pause-api.sock");
+        drop(UnixListener::bind(&stale).map_err(|e| e.to_string())?);
+        let (mut vm, sock) = api_guest(g, "pause", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("tick 2")?;
+        let ping = ctl(&sock, &["ping"]);
+        check!(
+            ping.code() == Some(0) && ping.stdout.contains("\"protocol\":1"),
+            "ping: {}",
+            ping.describe()
+        );
+        let info = ctl(&sock, &["info"]);
+        check!(
+            info.code() == Some(0)
+                && info.stdout.contains("\"state\": \"running\"")
+                && info.stdout.contains("\"vcpus\": 1"),
+            "info: {}",
+            info.describe()
+        );
+        let pause = ctl(&sock, &["pause"]);
+        check!(pause.code() == Some(0), "pause: {}", pause.describe());
+        // Lines already on their way may still come; then nothing for 3 s.
+        std::thread::sleep(Duration::from_millis(500));
+        while vm.lines.try_recv().is_ok() {}
+        std::thread::sleep(Duration::from_secs(3));
+        let during: Vec<String> = vm.lines.try_iter().collect();
+        check!(
+            during.is_empty(),
+            "the console advanced while paused: {during:?}"
+        );
+        let info = ctl(&sock, &["info"]);
+        check!(
+            info.stdout.contains("\"state\": \"paused\""),
+            "info while paused: {}",
+            info.describe()
+        );
+        let resume = ctl(&sock, &["resume"]);
+        check!(resume.code() == Some(0), "resume: {}", resume.describe());
+        vm.wait_for("tick ")?;
+        let down = ctl(&sock, &["shutdown", "--timeout", "120"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        check!(
+            down.code() == Some(0),
+            "shutdown of a guest with acpid: {}",
+            down.describe()
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the guest powered off: {status:?}"
+        );
+        check!(!sock.exists(), "control socket left behind");
+        Ok(())
+    });
+    t.run_retry("api_shutdown_powers_off_exit_0", || {
+        let (mut vm, sock) = api_guest(g, "down", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        let down = ctl(&sock, &["shutdown"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        let _ = vm.wait_for("NIXVM-TEST: button");
+        check!(
+            down.code() == Some(0) && down.stdout.contains("powered off"),
+            "ctl shutdown: {}",
+            down.describe()
+        );
+        check!(
+            vm.seen.contains("NIXVM-TEST: button"),
+            "acpid never saw the button:\n{}",
+            vm.seen
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("sigterm_powers_off_through_acpid_exit_0", || {
+        let (mut vm, _sock) = api_guest(g, "term0", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "after SIGTERM, with acpid: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("api_shutdown_forced_after_timeout", || {
+        // No acpid: the button means nothing to this guest.
+        let (mut vm, sock) = api_guest(g, "forced", TICKS, &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        let down = ctl(&sock, &["shutdown", "--timeout", "3"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        check!(
+            down.code() == Some(1) && down.stderr.contains("did not power off"),
+            "ctl shutdown of a guest that ignores the button: {}",
+            down.describe()
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(4),
+            "nixvm after a forced stop: {status:?}"
+        );
         Ok(())
     });
 }
@@ -1274,9 +1441,21 @@ impl Streaming {
 
     /// Waits for a line containing `want`; returns it.
     fn wait_for(&mut self, want: &str) -> Result<String, String> {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        self.wait_for_within(want, BOOT_TIMEOUT)
+    }
+
+    /// Like `wait_for`, with its own timeout. Says now and then that it still waits, so that
+    /// a long wait inside L1 is not taken for a frozen L1.
+    fn wait_for_within(&mut self, want: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let mut say = Instant::now() + Duration::from_secs(120);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
+            if Instant::now() >= say {
+                println!("e2e: still waiting for {want:?}");
+                say += Duration::from_secs(120);
+            }
+            match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Ok(l) => {
                     self.seen.push_str(&l);
                     self.seen.push('\n');
@@ -1540,12 +1719,17 @@ fn stdio_terminal(g: &Guest) -> TestResult {
 
 /// Starts nixvm on the test guest waiting for a console line (`nixvm.action=echo`), its
 /// console on a socket named after `name`; stderr is piped.
-fn socket_guest(g: &Guest, name: &str) -> Result<(std::process::Child, PathBuf), String> {
+fn socket_guest(
+    g: &Guest,
+    name: &str,
+    extra: &[&str],
+) -> Result<(std::process::Child, PathBuf), String> {
     let sock = temp_dir().join(format!("{name}.sock"));
     let serial = format!("socket={}", sock.display());
     let cl = cmdline("echo");
     let mut args = g.args(&g.vmlinuz, &cl);
     args.extend(["--serial", &serial]);
+    args.extend(extra);
     let child = Command::new(NIXVM)
         .args(&args)
         .stdin(Stdio::null())
@@ -1577,7 +1761,7 @@ fn connect_console(sock: &Path) -> Result<BufReader<UnixStream>, String> {
 /// `--serial socket=`: a first client sees the guest come up and leaves; a second client gets
 /// the kept output replayed, types a line, and the guest echoes it.
 fn serial_socket(g: &Guest) -> TestResult {
-    let (mut child, sock) = socket_guest(g, "console")?;
+    let (mut child, sock) = socket_guest(g, "console", &[])?;
     let stderr = Arc::new(Mutex::new(String::new()));
     let mut err_pipe = child.stderr.take().unwrap();
     let err_copy = stderr.clone();
@@ -1767,7 +1951,11 @@ fn main() {
         "reboot_method_a_exits_3",
         "reboot_method_t_exits_3",
         "stdio_terminal_raw_input_and_restored",
-        "sigterm_stops_vm_exit_143",
+        "sigterm_ignored_button_stops_after_timeout_143",
+        "api_ping_info_pause_resume",
+        "api_shutdown_powers_off_exit_0",
+        "sigterm_powers_off_through_acpid_exit_0",
+        "api_shutdown_forced_after_timeout",
         "blk_sha256_matches_host",
         "blk_order_and_serials",
         "blk_readonly_refuses_writes",

@@ -24,6 +24,8 @@ pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 /// I/O port of the FADT reset register; writing [`RESET_VALUE`] resets the machine.
 pub const RESET_PORT: u16 = 0x601;
 pub const RESET_VALUE: u8 = 1;
+/// The interrupt of the Generic Event Device: it only ever means "power button pressed".
+pub const GED_GSI: u32 = 9;
 /// The S5 (soft-off) sleep type that `\_S5_` announces.
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// Sleep control register: SLP_TYP in bits 2..4, SLP_EN is bit 5.
@@ -94,6 +96,43 @@ pub fn virtio_mmio_cmdline(base: u64, size: u64, gsi: u32) -> String {
     format!("virtio_mmio.device={}K@{base:#x}:{gsi}", size >> 10)
 }
 
+/// The power button of a hardware-reduced platform (as Cloud Hypervisor's): a button device
+/// (PNP0C0C) and a Generic Event Device (ACPI0013) whose interrupt makes Linux run `_EVT`,
+/// which notifies the button; the button driver then reports KEY_POWER to systemd-logind or
+/// acpid. The GED's interrupt has no other use, so `_EVT` needs no event register.
+fn power_button_aml(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(body);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let pressed: u8 = 0x80;
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_GSI,
+                )]),
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![&aml::Notify::new(&button, &pressed)],
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
 fn dsdt(config: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
@@ -115,6 +154,7 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
         ],
     )
     .to_aml_bytes(&mut body);
+    power_button_aml(&mut body);
     body.extend_from_slice(&config.device_aml);
     dsdt.append_slice(&body);
     dsdt
@@ -287,6 +327,15 @@ mod tests {
         let mut all = vec![0u8; (layout::ACPI_END - rsdp.0) as usize];
         m.read_slice(&mut all, rsdp).unwrap();
         assert!(all.windows(6).any(|w| w == b"MARKER"));
+        // The power button and its event device are always there.
+        for id in [
+            &b"ACPI0013"[..],
+            b"_EVT",
+            b"PWRB",
+            &0x0c0c_d041u32.to_le_bytes(),
+        ] {
+            assert!(all.windows(id.len()).any(|w| w == id), "{id:?}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub const MAX_CPUS: u32 = 254;
 pub const DEFAULT_CPUS: u32 = 1;
 pub const DEFAULT_MEMORY: Size = Size(512 << 20);
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +77,8 @@ pub enum Error {
     FsDuplicateTag(String),
     #[error("virtio-fs queue_size {0} must be a power of two from 16 to 32768")]
     FsQueueSize(u16),
+    #[error("the directory of control socket {0} does not exist")]
+    ApiSocketDir(PathBuf),
     #[error("the directory of serial {kind} {path} does not exist")]
     SerialDir { kind: &'static str, path: PathBuf },
 }
@@ -452,6 +455,8 @@ pub struct ConfigFile {
     pub fs: Option<Vec<FsConfig>>,
     pub shared_memory: Option<bool>,
     pub rng: Option<bool>,
+    pub api_socket: Option<PathBuf>,
+    pub shutdown_timeout: Option<u64>,
 }
 
 impl ConfigFile {
@@ -479,6 +484,8 @@ impl ConfigFile {
             nets: over.nets.or(self.nets),
             fs: over.fs.or(self.fs),
             shared_memory: over.shared_memory.or(self.shared_memory),
+            api_socket: over.api_socket.or(self.api_socket),
+            shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
             rng: over.rng.or(self.rng),
         }
     }
@@ -501,6 +508,10 @@ pub struct VmConfig {
     /// anonymous memory.
     pub shared_memory: bool,
     pub rng: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// Seconds between pressing the power button and stopping the VM hard.
+    pub shutdown_timeout: u64,
 }
 
 impl VmConfig {
@@ -553,11 +564,7 @@ impl VmConfig {
         nixvm_boot::params::check_cmdline(&cmdline, nixvm_boot::layout::CMDLINE_MAX_LEN)?;
         let serial = file.serial.unwrap_or_default();
         if let SerialConfig::File(p) | SerialConfig::Socket(p) = &serial {
-            let dir = p
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !dir.is_dir() {
+            if !parent_dir_exists(p) {
                 let kind = if matches!(serial, SerialConfig::File(_)) {
                     "file"
                 } else {
@@ -568,6 +575,9 @@ impl VmConfig {
                     path: p.clone(),
                 });
             }
+        }
+        if let Some(p) = file.api_socket.as_ref().filter(|p| !parent_dir_exists(p)) {
+            return Err(Error::ApiSocketDir(p.clone()));
         }
         let disks = file.disks.unwrap_or_default();
         for d in &disks {
@@ -608,6 +618,8 @@ impl VmConfig {
             fs,
             shared_memory,
             rng,
+            api_socket: file.api_socket,
+            shutdown_timeout: file.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
         })
     }
 }
@@ -620,6 +632,14 @@ fn check_disk(d: &DiskConfig) -> Result<()> {
     }
     block::open_image(&d.options())?;
     Ok(())
+}
+
+/// The directory a file is to be created in exists (a bare name: the current directory).
+fn parent_dir_exists(p: &Path) -> bool {
+    p.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .is_dir()
 }
 
 /// One of tap= or fd=, a name an interface can have, a unicast MAC. Whether the TAP exists

@@ -1,5 +1,5 @@
-//! The event loop's one subscriber: console input (stdin, or the socket client), the console
-//! socket's listener, stop signals and the VM's exit event.
+//! The event loop's console subscriber: console input (stdin, or the socket client), the
+//! console socket's listener, and the VM's exit event (which ends the loop).
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -10,11 +10,10 @@ use nixvm_devices::bus::lock;
 use nixvm_devices::serial::{SerialDevice, SocketConsole};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::lifecycle::{self, Exit, ExitState};
+use crate::lifecycle::{Exit, ExitState};
 use crate::unix::Listener;
 
 const EXIT: u32 = 0;
-const SIGNAL: u32 = 1;
 const STDIN: u32 = 2;
 const DRAINED: u32 = 3;
 const LISTENER: u32 = 4;
@@ -33,7 +32,6 @@ pub enum Input {
 
 pub struct Controller {
     exit: Arc<ExitState>,
-    signal_evt: EventFd,
     serial: Arc<Mutex<SerialDevice>>,
     drained: EventFd,
     input: Input,
@@ -45,14 +43,12 @@ pub struct Controller {
 impl Controller {
     pub fn new(
         exit: Arc<ExitState>,
-        signal_evt: EventFd,
         serial: Arc<Mutex<SerialDevice>>,
         drained: EventFd,
         input: Input,
     ) -> Self {
         Controller {
             exit,
-            signal_evt,
             serial,
             drained,
             input,
@@ -181,7 +177,6 @@ impl MutEventSubscriber for Controller {
     fn init(&mut self, ops: &mut EventOps) {
         for (fd, token) in [
             (self.exit.evt.as_raw_fd(), EXIT),
-            (self.signal_evt.as_raw_fd(), SIGNAL),
             (self.drained.as_raw_fd(), DRAINED),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
@@ -208,11 +203,6 @@ impl MutEventSubscriber for Controller {
             EXIT => {
                 let _ = self.exit.evt.read();
                 self.done = true;
-            }
-            SIGNAL => {
-                let _ = self.signal_evt.read();
-                self.exit
-                    .request_exit(Exit::Signal(lifecycle::caught_signal()));
             }
             DRAINED => {
                 let _ = self.drained.read();

@@ -6,7 +6,11 @@
 //! | 1 | nixvm failed while the VM ran (the message says why) |
 //! | 2 | usage error: nothing was started |
 //! | 3 | the guest rebooted (i8042 or ACPI reset, triple fault, `panic=-1`): restart nixvm |
-//! | 128+N | nixvm got signal N (SIGTERM, SIGINT, SIGHUP) and stopped the VM |
+//! | 4 | `nixvm ctl shutdown` pressed the power button, the guest did not power off within the timeout, and nixvm stopped it |
+//! | 128+N | nixvm got signal N and stopped the VM: SIGTERM (SIGINT when not interactive) only after the guest ignored the power button for `--shutdown-timeout`, or at a second one; SIGHUP at once |
+//!
+//! SIGTERM (and SIGINT when the console is not an interactive terminal) presses the ACPI power
+//! button: a guest that powers off makes nixvm exit 0.
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -17,6 +21,7 @@ pub const EXIT_POWEROFF: u8 = 0;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_REBOOT: u8 = 3;
+pub const EXIT_FORCED: u8 = 4;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +29,8 @@ pub enum Exit {
     PowerOff,
     Reset,
     Signal(i32),
+    /// Stopped after a control-socket shutdown timed out.
+    Forced,
     Failed(String),
 }
 
@@ -33,6 +40,7 @@ impl Exit {
             Exit::PowerOff => EXIT_POWEROFF,
             Exit::Reset => EXIT_REBOOT,
             Exit::Signal(n) => 128u8.saturating_add(u8::try_from(*n).unwrap_or(0)),
+            Exit::Forced => EXIT_FORCED,
             Exit::Failed(_) => EXIT_FAILED,
         }
     }
@@ -109,6 +117,91 @@ pub fn catch_stop_signals(evt: &EventFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Pausing the vCPUs: a paused vCPU thread parks here until resumed (or the VM stops).
+#[derive(Default)]
+pub struct PauseGate {
+    state: Mutex<GateState>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    released: bool,
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A vCPU thread says who it is, so that pausing can kick it out of KVM_RUN.
+    pub fn register(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.lock().threads.push(me);
+    }
+
+    /// Called by a vCPU thread between runs: blocks while the VM is paused.
+    pub fn wait_while_paused(&self) {
+        let mut s = self.lock();
+        if !s.paused || s.released {
+            return;
+        }
+        s.parked += 1;
+        self.cv.notify_all();
+        while s.paused && !s.released {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.parked -= 1;
+    }
+
+    /// Pauses: kicks every vCPU (`kick` signal) and waits until all are parked. False if
+    /// they did not all stop within `timeout`.
+    pub fn pause(&self, kick: i32, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = self.lock();
+        s.paused = true;
+        loop {
+            if s.parked == s.threads.len() {
+                return true;
+            }
+            for t in &s.threads {
+                // SAFETY: the thread ids are of live vCPU threads (they unregister only by
+                // the VM's teardown, which happens on this same event-loop thread).
+                unsafe { libc::pthread_kill(*t, kick) };
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let wait = (deadline - now).min(std::time::Duration::from_millis(20));
+            s = self
+                .cv
+                .wait_timeout(s, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cv.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// For the VM's teardown: nobody parks any more.
+    pub fn release_all(&self) {
+        self.lock().released = true;
+        self.cv.notify_all();
+    }
+}
+
 /// The signal that last arrived, if any.
 pub fn caught_signal() -> i32 {
     SIGNAL_NUM.load(Ordering::SeqCst)
@@ -131,5 +224,6 @@ mod tests {
         assert_eq!(Exit::PowerOff.status(), 0);
         assert_eq!(Exit::Signal(15).status(), 143);
         assert_eq!(Exit::Failed("x".into()).status(), 1);
+        assert_eq!(Exit::Forced.status(), 4);
     }
 }

@@ -2,8 +2,10 @@
 // Tests build fixtures with plain casts; the program itself is checked without this.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
+mod api;
 mod config;
 mod console;
+mod control;
 mod cpuid;
 mod lifecycle;
 mod terminal;
@@ -15,7 +17,7 @@ use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use config::{ConfigFile, DiskConfig, FsConfig, MemoryArg, NetConfig, SerialConfig, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
@@ -27,12 +29,18 @@ use lifecycle::{EXIT_FAILED, EXIT_USAGE};
     version,
     about,
     long_about = None,
+    args_conflicts_with_subcommands = true,
     after_help = "Exit status: 0 the guest powered off; 1 nixvm failed; 2 usage error; 3 the guest \
-                  rebooted (start nixvm again to boot it again); 128+N nixvm stopped on signal N.\n\
+                  rebooted (start nixvm again to boot it again); 4 stopped after `ctl shutdown` \
+                  timed out; 128+N nixvm stopped on signal N.\n\
+                  SIGTERM presses the ACPI power button (and stops the VM after \
+                  --shutdown-timeout); a second SIGTERM stops it at once.\n\
                   Environment: NIXVM_LOG=error|warn|info|debug|trace (default warn); \
-                  NIXVM_KVM_DEVICE (default /dev/kvm)."
+                  NIXVM_KVM_DEVICE (default /dev/kvm); NIXVM_VHOST_USER_WAIT (default 30)."
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Kernel: a bzImage or an uncompressed ELF vmlinux with a PVH note (detected from the file).
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -69,12 +77,90 @@ struct Cli {
     /// The virtio-rng entropy device: on or off [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
     rng: Option<bool>,
+    /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
+    /// before nixvm stops it [default: 30].
+    #[arg(long, value_name = "SECS")]
+    shutdown_timeout: Option<u64>,
     /// Settings as JSON (same names as these flags); flags override it.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
     /// Check everything, print the resolved configuration as JSON, and exit.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Talk to a running nixvm through its control socket.
+    Ctl {
+        /// The VM's --api-socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCmd {
+    /// Press the power button and wait until the guest powered off and nixvm exited; stop it
+    /// hard after the timeout. Exit 0: powered off; 1: had to be stopped; 2: no VM there.
+    Shutdown {
+        /// Seconds to wait for the guest [default: the VM's --shutdown-timeout].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Print the VM's state and settings as JSON.
+    Info,
+    /// Stop the vCPUs.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Check that nixvm answers.
+    Ping,
+}
+
+fn ctl(socket: &std::path::Path, cmd: &CtlCmd) -> u8 {
+    let req = match cmd {
+        CtlCmd::Shutdown { timeout } => api::Request::Shutdown { timeout: *timeout },
+        CtlCmd::Info => api::Request::Info,
+        CtlCmd::Pause => api::Request::Pause,
+        CtlCmd::Resume => api::Request::Resume,
+        CtlCmd::Ping => api::Request::Ping,
+    };
+    match api::call(socket, &req) {
+        Ok(v) => {
+            match cmd {
+                CtlCmd::Info => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v["info"]).unwrap_or_default()
+                ),
+                CtlCmd::Shutdown { .. } => {
+                    let result = v["result"].as_str().unwrap_or("");
+                    if result != "powered-off" {
+                        eprintln!(
+                            "nixvm ctl: the guest did not power off in time; nixvm stopped it ({result})"
+                        );
+                        return api::CTL_FORCED;
+                    }
+                    println!("powered off");
+                }
+                _ => println!("{v}"),
+            }
+            api::CTL_OK
+        }
+        Err(e) => {
+            let mut msg = format!("nixvm ctl: {e}");
+            if let Some(s) = e.source() {
+                msg.push_str(&format!(": {s}"));
+            }
+            eprintln!("{msg}");
+            e.status()
+        }
+    }
 }
 
 fn parse_switch_arg(v: &str) -> Result<bool, String> {
@@ -147,6 +233,8 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         nets: (!cli.net.is_empty()).then(|| cli.net.clone()),
         fs: (!cli.fs.is_empty()).then(|| cli.fs.clone()),
         rng: cli.rng,
+        api_socket: cli.api_socket.clone(),
+        shutdown_timeout: cli.shutdown_timeout,
     };
     Ok(VmConfig::validate(
         file.merge(flags),
@@ -165,7 +253,13 @@ fn run(cli: Cli) -> Result<u8, Error> {
     }
     let raw = config.serial == SerialConfig::Stdio;
     let vm = vm::Vm::build(&config)?;
-    let exit = vm.run(raw)?;
+    let (exit, waiters) = vm.run(raw)?;
+    // The VM is gone and the control socket closed: answer `ctl shutdown`; it returns when
+    // this process exits.
+    for mut w in waiters {
+        use std::io::Write;
+        let _ = writeln!(w, "{}", control::shutdown_answer(&exit));
+    }
     if let lifecycle::Exit::Failed(why) = &exit {
         log::error!("{why}");
     } else {
@@ -185,6 +279,9 @@ fn main() -> ExitCode {
     started();
     init_logger();
     let cli = Cli::parse();
+    if let Some(Command::Ctl { api_socket, cmd }) = &cli.command {
+        return ExitCode::from(ctl(api_socket, cmd));
+    }
     match run(cli) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

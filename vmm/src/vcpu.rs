@@ -8,7 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use nixvm_boot::cpu::{EntryState, Segment};
 use nixvm_devices::bus::Bus;
 
-use crate::lifecycle::{Exit, ExitState};
+use crate::lifecycle::{Exit, ExitState, PauseGate};
 
 /// The buses a vCPU's exits go to.
 #[derive(Default)]
@@ -164,7 +164,15 @@ fn set_lvt_mode(regs: &mut [std::os::raw::c_char; 1024], offset: usize, mode: u3
 
 /// Runs a vCPU until the VM stops (`stop` set and the thread kicked with a signal) or the
 /// guest does something that ends the VM.
-pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Buses>, exit: Arc<ExitState>, stop: Arc<AtomicBool>) {
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u8,
+    bus: Arc<Buses>,
+    exit: Arc<ExitState>,
+    stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
+) {
+    gate.register();
     if id == 0 {
         // benches/boot.rs reads this line: nixvm's own setup time.
         log::info!(
@@ -173,6 +181,10 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Buses>, exit: Arc<ExitState>, stop
         );
     }
     while !stop.load(Ordering::Acquire) {
+        gate.wait_while_paused();
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !bus.pio.read(u64::from(port), data) {

@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,9 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::console::{Controller, Input};
-use crate::lifecycle::{self, Exit, ExitState};
+use crate::control::{Control, VmInfo};
+use crate::lifecycle::{self, Exit, ExitState, PauseGate};
+use crate::unix::Listener;
 use crate::vcpu::Buses;
 use crate::{cpuid, terminal, unix, vcpu};
 
@@ -90,6 +93,8 @@ pub enum Error {
     },
     #[error("serial console")]
     SerialSocket(#[source] unix::Error),
+    #[error("control socket")]
+    ApiSocket(#[source] unix::Error),
     #[error(transparent)]
     Disk(#[from] block::Error),
     #[error(transparent)]
@@ -120,7 +125,7 @@ impl Error {
             Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
             Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
-            Error::SerialSocket(e) => !matches!(e, unix::Error::Bind { .. }),
+            Error::SerialSocket(e) | Error::ApiSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
         }
     }
@@ -226,6 +231,8 @@ pub struct Vm {
     bus: Arc<Buses>,
     exit: Arc<ExitState>,
     controller: Arc<Mutex<Controller>>,
+    control: Arc<Mutex<Control>>,
+    gate: Arc<PauseGate>,
     _vm: VmFd,
     _kvm: Kvm,
     _mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -234,6 +241,11 @@ pub struct Vm {
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm> {
         let (console_out, input) = open_console(&config.serial)?;
+        // Also before KVM: a socket another nixvm holds is the user's to fix.
+        let api_listener = match &config.api_socket {
+            Some(path) => Some(bind_private(path).map_err(Error::ApiSocket)?),
+            None => None,
+        };
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
@@ -271,6 +283,9 @@ impl Vm {
         let mut buses = Buses::default();
         add_legacy_devices(&mut buses, &exit, serial.clone());
         let (device_aml, cmdline) = add_virtio_devices(&vm, &mut buses, &mem, config)?;
+        let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&power_button, acpi::GED_GSI)
+            .map_err(kvm_err("connect the power button"))?;
 
         let guest = mem.memory();
         let rsdp = acpi::write_acpi_tables(
@@ -307,24 +322,45 @@ impl Vm {
         lifecycle::catch_stop_signals(&signal_evt).map_err(Error::EventFd)?;
         let controller = Arc::new(Mutex::new(Controller::new(
             exit.clone(),
-            signal_evt,
             serial,
             drained,
             input,
+        )));
+        let gate = Arc::new(PauseGate::default());
+        let interactive = config.serial == SerialConfig::Stdio
+            // SAFETY: isatty only inspects the descriptor.
+            && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+        let control = Arc::new(Mutex::new(Control::new(
+            exit.clone(),
+            signal_evt,
+            power_button,
+            gate.clone(),
+            kick_signal(),
+            Duration::from_secs(config.shutdown_timeout),
+            interactive,
+            VmInfo {
+                vcpus: config.cpus,
+                memory: config.memory.to_string(),
+                config: serde_json::to_value(config).unwrap_or_default(),
+            },
+            api_listener,
         )));
         Ok(Vm {
             vcpus,
             bus: Arc::new(buses),
             exit,
             controller,
+            control,
+            gate,
             _vm: vm,
             _kvm: kvm,
             _mem: mem,
         })
     }
 
-    /// Runs the VM until it ends; returns how it ended.
-    pub fn run(mut self, raw_terminal: bool) -> Result<Exit> {
+    /// Runs the VM until it ends; returns how it ended, and the control-socket connections
+    /// that wait for that answer (the socket itself is closed by then).
+    pub fn run(mut self, raw_terminal: bool) -> Result<(Exit, Vec<UnixStream>)> {
         let _terminal = if raw_terminal {
             terminal::RawTerminal::enable()
         } else {
@@ -333,6 +369,7 @@ impl Vm {
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
             .map_err(Error::EventLoop)?;
         em.add_subscriber(self.controller.clone());
+        em.add_subscriber(self.control.clone());
 
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -341,12 +378,13 @@ impl Vm {
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let id = u8::try_from(id).expect("at most 254 vCPUs");
             let (bus, exit, stop) = (self.bus.clone(), self.exit.clone(), stop.clone());
+            let gate = self.gate.clone();
             let finished = Arc::new(AtomicBool::new(false));
             let done = finished.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    vcpu::run(vcpu, id, bus, exit, stop);
+                    vcpu::run(vcpu, id, bus, exit, stop, gate);
                     done.store(true, Ordering::Release);
                 });
             match spawned {
@@ -368,6 +406,7 @@ impl Vm {
         }
 
         stop.store(true, Ordering::Release);
+        self.gate.release_all();
         for (handle, finished) in threads {
             // A vCPU blocked in KVM_RUN (halted, say) leaves it when signalled. Kick until it
             // is out: a signal that lands just before it enters KVM_RUN would be missed.
@@ -378,10 +417,12 @@ impl Vm {
             }
             let _ = handle.join();
         }
-        Ok(self
+        let waiters = nixvm_devices::bus::lock(&self.control).finish();
+        let exit = self
             .exit
             .take()
-            .unwrap_or(Exit::Failed("the VM stopped for no recorded reason".into())))
+            .unwrap_or(Exit::Failed("the VM stopped for no recorded reason".into()));
+        Ok((exit, waiters))
     }
 }
 
@@ -496,6 +537,17 @@ fn add_virtio_devices(
         }
     }
     Ok((aml, cmdline))
+}
+
+/// Binds the control socket so that only this user can connect (mode 0600).
+fn bind_private(path: &std::path::Path) -> std::result::Result<Listener, unix::Error> {
+    // SAFETY: umask only changes this process's file mode mask; nixvm is single-threaded
+    // while it builds the VM, so no other file is created meanwhile.
+    let old = unsafe { libc::umask(0o177) };
+    let l = Listener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    l
 }
 
 /// Opens where the console goes. Done first, before KVM: a busy socket is the user's to fix.

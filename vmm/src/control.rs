@@ -1,0 +1,348 @@
+//! The VM's lifecycle in the event loop: stop signals, the graceful shutdown (ACPI power
+//! button, then a hard stop after a timeout), and the control socket's requests.
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api::{self, Request};
+use crate::lifecycle::{self, Exit, ExitState, PauseGate};
+use crate::unix::Listener;
+
+const SIGNAL: u32 = 10;
+const TIMER: u32 = 11;
+const LISTENER: u32 = 12;
+/// Client connections: this plus their fd.
+const CLIENT: u32 = 1 << 20;
+/// Longest request line a client may send.
+const MAX_LINE: usize = 64 << 10;
+
+/// Who asked for the shutdown in progress; it decides how a timeout ends the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Signal(i32),
+    Api,
+}
+
+/// What the control socket reports about the VM.
+pub struct VmInfo {
+    pub vcpus: u8,
+    pub memory: String,
+    pub config: serde_json::Value,
+}
+
+pub struct Control {
+    exit: Arc<ExitState>,
+    signal_evt: EventFd,
+    power_button: EventFd,
+    gate: Arc<PauseGate>,
+    kick: i32,
+    shutdown_timeout: Duration,
+    /// SIGINT from an interactive terminal stops at once (Ctrl-C in raw mode goes to the
+    /// guest, so a SIGINT there comes from elsewhere and means "now").
+    interactive: bool,
+    info: VmInfo,
+    shutdown: Option<(Origin, TimerFd)>,
+    listener: Option<Listener>,
+    clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    /// Connections waiting for the VM to end (a `shutdown` request each).
+    waiters: Vec<UnixStream>,
+}
+
+impl Control {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        exit: Arc<ExitState>,
+        signal_evt: EventFd,
+        power_button: EventFd,
+        gate: Arc<PauseGate>,
+        kick: i32,
+        shutdown_timeout: Duration,
+        interactive: bool,
+        info: VmInfo,
+        listener: Option<Listener>,
+    ) -> Control {
+        Control {
+            exit,
+            signal_evt,
+            power_button,
+            gate,
+            kick,
+            shutdown_timeout,
+            interactive,
+            info,
+            shutdown: None,
+            listener,
+            clients: HashMap::new(),
+            waiters: Vec::new(),
+        }
+    }
+
+    /// For the VM's end: the connections waiting for it; closes the socket (removes its file).
+    pub fn finish(&mut self) -> Vec<UnixStream> {
+        self.listener = None;
+        self.clients.clear();
+        std::mem::take(&mut self.waiters)
+    }
+
+    /// Presses the power button and arms the hard stop; a second request while one is in
+    /// progress changes nothing (a second signal stops at once, see `on_signal`).
+    fn begin_shutdown(&mut self, origin: Origin, timeout: Duration, ops: &mut EventOps) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        log::info!(
+            "pressing the power button; stopping the VM in {} s if it is still running",
+            timeout.as_secs()
+        );
+        // A paused guest cannot react to the button.
+        self.gate.resume();
+        if let Err(e) = self.power_button.write(1) {
+            log::error!("cannot press the power button: {e}");
+        }
+        let timer = match TimerFd::new() {
+            Ok(mut t) => t
+                .reset(timeout.max(Duration::from_millis(1)), None)
+                .map(|()| t),
+            Err(e) => Err(e),
+        };
+        match timer {
+            Ok(t) => {
+                if ops
+                    .add(Events::with_data_raw(t.as_raw_fd(), TIMER, EventSet::IN))
+                    .is_err()
+                {
+                    log::error!("cannot watch the shutdown timer; stopping now");
+                    self.exit.request_exit(forced(origin));
+                }
+                self.shutdown = Some((origin, t));
+            }
+            Err(e) => {
+                log::error!("cannot arm the shutdown timer ({e}); stopping now");
+                self.exit.request_exit(forced(origin));
+            }
+        }
+    }
+
+    fn on_signal(&mut self, count: u64, ops: &mut EventOps) {
+        let sig = lifecycle::caught_signal();
+        let graceful = sig == libc::SIGTERM || (sig == libc::SIGINT && !self.interactive);
+        if !graceful || count > 1 || self.shutdown.is_some() {
+            log::info!("signal {sig}: stopping the VM now");
+            self.exit.request_exit(Exit::Signal(sig));
+            return;
+        }
+        self.begin_shutdown(Origin::Signal(sig), self.shutdown_timeout, ops);
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        let Some(l) = &self.listener else { return };
+        while let Ok((s, _)) = l.listener.accept() {
+            if s.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let fd = s.as_raw_fd();
+            let Ok(token) = u32::try_from(fd).map(|f| CLIENT + f) else {
+                continue;
+            };
+            if ops
+                .add(Events::with_data_raw(fd, token, EventSet::IN))
+                .is_ok()
+            {
+                self.clients.insert(fd, (s, Vec::new()));
+            }
+        }
+    }
+
+    fn drop_client(&mut self, fd: RawFd, ops: &mut EventOps) -> Option<UnixStream> {
+        let (s, _) = self.clients.remove(&fd)?;
+        let token = CLIENT + u32::try_from(fd).ok()?;
+        let _ = ops.remove(Events::with_data_raw(fd, token, EventSet::IN));
+        Some(s)
+    }
+
+    fn read_client(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let mut buf = [0u8; 4096];
+        let mut lines = Vec::new();
+        let mut closed = false;
+        if let Some((s, pending)) = self.clients.get_mut(&fd) {
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                lines.push(String::from_utf8_lossy(&line).into_owned());
+            }
+            if pending.len() > MAX_LINE {
+                let _ = s.write_all(api::error_line("request line too long").as_bytes());
+                closed = true;
+            }
+        }
+        for line in lines {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match api::parse(&line) {
+                Ok(Request::Shutdown { timeout }) => {
+                    let timeout = timeout.map_or(self.shutdown_timeout, Duration::from_secs);
+                    if let Some(s) = self.drop_client(fd, ops) {
+                        let _ = s.set_nonblocking(false);
+                        self.waiters.push(s);
+                    }
+                    self.begin_shutdown(Origin::Api, timeout, ops);
+                    return;
+                }
+                Ok(req) => {
+                    let answer = self.answer(&req);
+                    self.reply(fd, &answer);
+                }
+                Err(e) => self.reply(fd, &api::error_line(&e)),
+            }
+        }
+        if closed {
+            self.drop_client(fd, ops);
+        }
+    }
+
+    fn reply(&mut self, fd: RawFd, line: &str) {
+        if let Some((s, _)) = self.clients.get_mut(&fd) {
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(format!("{line}\n").as_bytes());
+            let _ = s.set_nonblocking(true);
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.shutdown.is_some() {
+            "shutting-down"
+        } else if self.gate.is_paused() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn answer(&mut self, req: &Request) -> String {
+        use serde_json::json;
+        match req {
+            Request::Ping => json!({
+                "ok": true,
+                "protocol": api::PROTOCOL,
+                "version": env!("CARGO_PKG_VERSION"),
+            })
+            .to_string(),
+            Request::Info => json!({
+                "ok": true,
+                "info": {
+                    "state": self.state(),
+                    "vcpus": self.info.vcpus,
+                    "memory": self.info.memory,
+                    "uptime_s": crate::started().elapsed().as_secs_f64(),
+                    "pid": std::process::id(),
+                    "config": self.info.config,
+                },
+            })
+            .to_string(),
+            Request::Pause => {
+                if self.shutdown.is_some() {
+                    return api::error_line("the VM is shutting down");
+                }
+                if self.gate.pause(self.kick, Duration::from_secs(5)) {
+                    json!({ "ok": true, "state": "paused" }).to_string()
+                } else {
+                    self.gate.resume();
+                    api::error_line("the vCPUs did not stop within 5 s")
+                }
+            }
+            Request::Resume => {
+                self.gate.resume();
+                json!({ "ok": true, "state": "running" }).to_string()
+            }
+            Request::Shutdown { .. } => unreachable!("handled by read_client"),
+        }
+    }
+}
+
+/// How a shutdown that timed out ends the VM.
+fn forced(origin: Origin) -> Exit {
+    match origin {
+        Origin::Signal(sig) => Exit::Signal(sig),
+        Origin::Api => Exit::Forced,
+    }
+}
+
+/// The answer for a `shutdown` request, given how the VM ended.
+pub fn shutdown_answer(exit: &Exit) -> String {
+    let result = match exit {
+        Exit::PowerOff => "powered-off",
+        Exit::Forced | Exit::Signal(_) => "forced",
+        Exit::Reset => "rebooted",
+        Exit::Failed(_) => "failed",
+    };
+    serde_json::json!({ "ok": true, "result": result }).to_string()
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds = vec![(self.signal_evt.as_raw_fd(), SIGNAL)];
+        if let Some(l) = &self.listener {
+            fds.push((l.listener.as_raw_fd(), LISTENER));
+            let _ = l.listener.set_nonblocking(true);
+        }
+        for (fd, token) in fds {
+            if ops
+                .add(Events::with_data_raw(fd, token, EventSet::IN))
+                .is_err()
+            {
+                self.exit
+                    .request_exit(Exit::Failed("cannot set up the event loop".into()));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            SIGNAL => {
+                let count = self.signal_evt.read().unwrap_or(1);
+                self.on_signal(count, ops);
+            }
+            TIMER => {
+                if let Some((origin, t)) = &mut self.shutdown {
+                    let _ = t.wait();
+                    log::warn!("the guest did not power off in time; stopping it");
+                    self.exit.request_exit(forced(*origin));
+                }
+            }
+            LISTENER => self.accept(ops),
+            token if token >= CLIENT => {
+                if let Ok(fd) = RawFd::try_from(token - CLIENT) {
+                    if events.event_set().contains(EventSet::IN) {
+                        self.read_client(fd, ops);
+                    } else {
+                        self.drop_client(fd, ops);
+                    }
+                }
+            }
+            other => log::warn!("control: unexpected token {other}"),
+        }
+    }
+}
