@@ -755,8 +755,9 @@ fn api_guest(
     let cl = cmdline("script");
     let s = sock.to_str().expect("utf-8 path");
     let mut args = g.args(&g.vmlinuz, &cl);
-    args.extend(["--api-socket", s, "--disk", &d]);
+    // The script disk last: the guest runs the script of its last disk.
     args.extend(extra);
+    args.extend(["--api-socket", s, "--disk", &d]);
     let mut cmd = Command::new(NIXVM);
     cmd.args(&args).stdin(Stdio::null());
     Ok((Streaming::spawn_command(cmd)?, sock))
@@ -848,6 +849,38 @@ fn lifecycle_tests(t: &mut Runner, g: &Guest) {
         check!(
             status.and_then(|s| s.code()) == Some(0),
             "after SIGTERM, with acpid: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("on_reboot_restart_boots_again", || {
+        // A counter on the first disk: the guest reboots twice, then powers off.
+        let counter = disk_image("reboot-counter.img", 4096, |_| 0);
+        let c = format!("path={}", counter.display());
+        let script = r#"
+n=$(head -c 8 /dev/vda | tr -dc 0-9)
+n=$(( ${n:-0} + 1 ))
+printf '%08d' $n > /tmp/c
+dd if=/tmp/c of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+echo "NIXVM-TEST: boot_count=$n"
+if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
+"#;
+        let (mut vm, _sock) = api_guest(
+            g,
+            "restart",
+            script,
+            &["--on-reboot", "restart", "--disk", &c],
+        )?;
+        vm.wait_for("NIXVM-TEST: boot_count=3")?;
+        let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        let boots = vm.seen.matches("NIXVM-TEST: init").count();
+        check!(
+            boots == 3 && vm.seen.contains("boot_count=1") && vm.seen.contains("boot_count=2"),
+            "{boots} boots:\n{}",
+            vm.seen
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the third boot powered off: {status:?}"
         );
         Ok(())
     });
@@ -1325,7 +1358,8 @@ echo "NIXVM-TEST: after_kill=$r"
     let mut cmd = Command::new(NIXVM);
     cmd.args(&args).stdin(Stdio::null());
     let mut vm = Streaming::spawn_command(cmd)?;
-    vm.wait_for("NIXVM-TEST: kill-data-backend")?;
+    // Checksumming 10 000 files and 256 MiB through nested KVM takes minutes.
+    vm.wait_for_within("NIXVM-TEST: kill-data-backend", Duration::from_secs(900))?;
     data_d.0.kill().map_err(|e| e.to_string())?;
     let _ = data_d.0.wait();
     std::fs::write(store.join("backend-killed"), "").map_err(|e| e.to_string())?;
@@ -1955,6 +1989,7 @@ fn main() {
         "api_ping_info_pause_resume",
         "api_shutdown_powers_off_exit_0",
         "sigterm_powers_off_through_acpid_exit_0",
+        "on_reboot_restart_boots_again",
         "api_shutdown_forced_after_timeout",
         "blk_sha256_matches_host",
         "blk_order_and_serials",

@@ -357,6 +357,15 @@ impl FromStr for NetConfig {
     }
 }
 
+/// What a guest reboot does: end nixvm with status 3, or boot the VM again in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReboot {
+    #[default]
+    Exit,
+    Restart,
+}
+
 /// `--memory SIZE[,shared=on]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryArg {
@@ -457,6 +466,7 @@ pub struct ConfigFile {
     pub rng: Option<bool>,
     pub api_socket: Option<PathBuf>,
     pub shutdown_timeout: Option<u64>,
+    pub on_reboot: Option<OnReboot>,
 }
 
 impl ConfigFile {
@@ -486,6 +496,7 @@ impl ConfigFile {
             shared_memory: over.shared_memory.or(self.shared_memory),
             api_socket: over.api_socket.or(self.api_socket),
             shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
+            on_reboot: over.on_reboot.or(self.on_reboot),
             rng: over.rng.or(self.rng),
         }
     }
@@ -512,6 +523,7 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Seconds between pressing the power button and stopping the VM hard.
     pub shutdown_timeout: u64,
+    pub on_reboot: OnReboot,
 }
 
 impl VmConfig {
@@ -620,6 +632,7 @@ impl VmConfig {
             rng,
             api_socket: file.api_socket,
             shutdown_timeout: file.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+            on_reboot: file.on_reboot.unwrap_or_default(),
         })
     }
 }

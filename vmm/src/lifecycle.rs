@@ -78,6 +78,13 @@ impl ExitState {
         self.exiting.load(Ordering::Acquire)
     }
 
+    /// For a reboot in place: no exit requested any more.
+    pub fn clear(&self) {
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.exiting.store(false, Ordering::Release);
+        let _ = self.evt.read();
+    }
+
     pub fn take(&self) -> Option<Exit> {
         self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -189,6 +196,14 @@ impl PauseGate {
     pub fn resume(&self) {
         self.lock().paused = false;
         self.cv.notify_all();
+    }
+
+    /// After a reboot in place: the new vCPU threads register again.
+    pub fn reopen(&self) {
+        let mut s = self.lock();
+        s.released = false;
+        s.paused = false;
+        s.threads.clear();
     }
 
     pub fn is_paused(&self) -> bool {

@@ -80,6 +80,10 @@ struct Cli {
     /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// What a guest reboot does: exit (status 3, for a supervisor to start nixvm again) or
+    /// restart (boot the VM again in place: fresh memory, devices reset) [default: exit].
+    #[arg(long, value_name = "exit|restart", value_enum)]
+    on_reboot: Option<config::OnReboot>,
     /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
     /// before nixvm stops it [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -235,6 +239,7 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         rng: cli.rng,
         api_socket: cli.api_socket.clone(),
         shutdown_timeout: cli.shutdown_timeout,
+        on_reboot: cli.on_reboot,
     };
     Ok(VmConfig::validate(
         file.merge(flags),

@@ -132,6 +132,76 @@ pub fn configure(
     Ok(())
 }
 
+/// A vCPU's architectural state as it was before the guest first ran: restoring it (and the
+/// MSRs `configure` sets) is a reset for `--on-reboot restart`.
+pub struct InitialState {
+    regs: kvm_bindings::kvm_regs,
+    sregs: kvm_bindings::kvm_sregs,
+    fpu: kvm_fpu,
+    lapic: kvm_bindings::kvm_lapic_state,
+    mp_state: kvm_bindings::kvm_mp_state,
+    events: kvm_bindings::kvm_vcpu_events,
+    xcrs: Option<kvm_bindings::kvm_xcrs>,
+}
+
+// KVM's paravirtual MSRs point into guest memory; a rebooted guest must not find the old
+// kernel's addresses there (KVM would keep writing the clock to them).
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
+const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
+
+impl InitialState {
+    pub fn save(vcpu: &VcpuFd, id: u8) -> Result<InitialState, Error> {
+        let e = |what| setup_err(id, what);
+        Ok(InitialState {
+            regs: vcpu.get_regs().map_err(e("registers"))?,
+            sregs: vcpu.get_sregs().map_err(e("special registers"))?,
+            fpu: vcpu.get_fpu().map_err(e("FPU"))?,
+            lapic: vcpu.get_lapic().map_err(e("LAPIC"))?,
+            mp_state: vcpu.get_mp_state().map_err(e("MP state"))?,
+            events: vcpu.get_vcpu_events().map_err(e("events"))?,
+            xcrs: vcpu.get_xcrs().ok(),
+        })
+    }
+
+    /// Puts the vCPU back as it was before the first boot.
+    pub fn restore(&self, vcpu: &VcpuFd, id: u8, cpuid: &CpuId) -> Result<(), Error> {
+        let e = |what| setup_err(id, what);
+        configure(vcpu, id, cpuid, None)?;
+        let pv: Vec<kvm_msr_entry> = [
+            MSR_KVM_SYSTEM_TIME_NEW,
+            MSR_KVM_WALL_CLOCK_NEW,
+            MSR_KVM_ASYNC_PF_EN,
+            MSR_KVM_STEAL_TIME,
+            MSR_KVM_PV_EOI_EN,
+        ]
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+        // Best effort: a host without one of them never let the guest set it either.
+        for m in pv {
+            let one = Msrs::from_entries(&[m]).expect("one MSR");
+            let _ = vcpu.set_msrs(&one);
+        }
+        if let Some(x) = &self.xcrs {
+            vcpu.set_xcrs(x).map_err(e("XCRs"))?;
+        }
+        vcpu.set_sregs(&self.sregs)
+            .map_err(e("special registers"))?;
+        vcpu.set_regs(&self.regs).map_err(e("registers"))?;
+        vcpu.set_fpu(&self.fpu).map_err(e("FPU"))?;
+        vcpu.set_lapic(&self.lapic).map_err(e("LAPIC"))?;
+        vcpu.set_vcpu_events(&self.events).map_err(e("events"))?;
+        vcpu.set_mp_state(self.mp_state).map_err(e("MP state"))?;
+        Ok(())
+    }
+}
+
 fn kvm_seg(s: &Segment) -> kvm_segment {
     kvm_segment {
         base: s.base,
@@ -171,7 +241,7 @@ pub fn run(
     exit: Arc<ExitState>,
     stop: Arc<AtomicBool>,
     gate: Arc<PauseGate>,
-) {
+) -> VcpuFd {
     gate.register();
     if id == 0 {
         // benches/boot.rs reads this line: nixvm's own setup time.
@@ -238,6 +308,7 @@ pub fn run(
             break;
         }
     }
+    vcpu
 }
 
 #[cfg(test)]

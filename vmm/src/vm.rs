@@ -32,7 +32,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{OnReboot, SerialConfig, VmConfig};
 use crate::console::{Controller, Input};
 use crate::control::{Control, VmInfo};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
@@ -228,14 +228,98 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 pub struct Vm {
     // Field order is drop order: vCPU fds before the VM fd, the memory last.
     vcpus: Vec<VcpuFd>,
+    /// What a reboot in place (`--on-reboot restart`) puts back.
+    reset: ResetState,
     bus: Arc<Buses>,
     exit: Arc<ExitState>,
     controller: Arc<Mutex<Controller>>,
     control: Arc<Mutex<Control>>,
     gate: Arc<PauseGate>,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+}
+
+type Transport = Arc<Mutex<MmioTransport>>;
+
+/// The machine as it was before the guest first ran.
+struct ResetState {
+    config: VmConfig,
+    cmdline: String,
+    device_aml: Vec<u8>,
+    cpuids: Vec<kvm_bindings::CpuId>,
+    vcpus: Vec<vcpu::InitialState>,
+    irqchips: Vec<kvm_bindings::kvm_irqchip>,
+    pit: kvm_bindings::kvm_pit_state2,
+    transports: Vec<Transport>,
+}
+
+/// Loads the kernel, initrd, ACPI tables and boot parameters into guest memory; returns the
+/// boot vCPU's entry state.
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    device_aml: &[u8],
+    cmdline: &str,
+) -> Result<cpu::EntryState> {
+    let loaded = kernel::load_kernel(mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(kernel::load_initrd(mem, path, &loaded, config.memory.0)?),
+        None => None,
+    };
+    let rsdp = acpi::write_acpi_tables(
+        mem,
+        &acpi::AcpiConfig {
+            cpus: config.cpus,
+            device_aml: device_aml.to_vec(),
+        },
+    )?;
+    let boot_info = params::BootInfo {
+        cmdline,
+        initrd,
+        rsdp,
+        memory_map: layout::memory_map(config.memory.0),
+    };
+    let params_addr = params::write_boot_params(mem, &loaded, &boot_info)?;
+    Ok(cpu::setup_entry(mem, &loaded.entry, params_addr)?)
+}
+
+/// Gives all guest memory back to the host, so that it reads as zeros again.
+fn zero_memory(mem: &GuestMemoryMmap) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for r in mem.iter() {
+        let len = r.len();
+        let rc = match r.file_offset() {
+            Some(fo) => {
+                let (off, l) = (
+                    i64::try_from(fo.start()).unwrap_or(i64::MAX),
+                    i64::try_from(len).unwrap_or(i64::MAX),
+                );
+                // SAFETY: punching a hole in our own memfd, inside the region's range.
+                unsafe {
+                    libc::fallocate(
+                        fo.file().as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off,
+                        l,
+                    )
+                }
+            }
+            // SAFETY: the range is this region's private anonymous mapping; afterwards it
+            // reads as zeros. No reference into it is held (the vCPUs are stopped).
+            None => unsafe {
+                libc::madvise(
+                    r.as_ptr().cast(),
+                    usize::try_from(len).expect("64-bit host"),
+                    libc::MADV_DONTNEED,
+                )
+            },
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Vm {
@@ -270,11 +354,6 @@ impl Vm {
         let mem = create_memory(config.memory.0, config.shared_memory)?;
         register_memory(&vm, &mem)?;
 
-        let loaded = kernel::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(kernel::load_initrd(&mem, path, &loaded, config.memory.0)?),
-            None => None,
-        };
         let mem = GuestMemoryAtomic::new(mem);
 
         // Devices first: the ACPI tables (or, with acpi=off, the command line) describe them.
@@ -282,41 +361,51 @@ impl Vm {
         let (serial, drained) = create_serial(&vm, console_out)?;
         let mut buses = Buses::default();
         add_legacy_devices(&mut buses, &exit, serial.clone());
-        let (device_aml, cmdline) = add_virtio_devices(&vm, &mut buses, &mem, config)?;
+        let (device_aml, cmdline, transports) = add_virtio_devices(&vm, &mut buses, &mem, config)?;
         let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&power_button, acpi::GED_GSI)
             .map_err(kvm_err("connect the power button"))?;
 
-        let guest = mem.memory();
-        let rsdp = acpi::write_acpi_tables(
-            &guest,
-            &acpi::AcpiConfig {
-                cpus: config.cpus,
-                device_aml,
-            },
-        )?;
-        let boot_info = params::BootInfo {
-            cmdline: &cmdline,
-            initrd,
-            rsdp,
-            memory_map: layout::memory_map(config.memory.0),
-        };
-        let params_addr = params::write_boot_params(&guest, &loaded, &boot_info)?;
-        let entry = cpu::setup_entry(&guest, &loaded.entry, params_addr)?;
-        drop(guest);
+        let entry = load_guest(&mem.memory(), config, &device_aml, &cmdline)?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        let (mut cpuids, mut initial) = (Vec::new(), Vec::new());
         for id in 0..config.cpus {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
             let cpuid = cpuid::for_vcpu(&supported, id, config.cpus);
             vcpu::configure(&vcpu, id, &cpuid, (id == 0).then_some(&entry))?;
+            if config.on_reboot == OnReboot::Restart {
+                initial.push(vcpu::InitialState::save(&vcpu, id)?);
+            }
+            cpuids.push(cpuid);
             vcpus.push(vcpu);
         }
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(kvm_err("read the interrupt controllers"))?;
+            irqchips.push(chip);
+        }
+        let pit = vm.get_pit2().map_err(kvm_err("read the PIT"))?;
+        let reset = ResetState {
+            config: config.clone(),
+            cmdline,
+            device_aml,
+            cpuids,
+            vcpus: initial,
+            irqchips,
+            pit,
+            transports,
+        };
 
         let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         lifecycle::catch_stop_signals(&signal_evt).map_err(Error::EventFd)?;
@@ -347,19 +436,21 @@ impl Vm {
         )));
         Ok(Vm {
             vcpus,
+            reset,
             bus: Arc::new(buses),
             exit,
             controller,
             control,
             gate,
-            _vm: vm,
+            vm,
             _kvm: kvm,
-            _mem: mem,
+            mem,
         })
     }
 
-    /// Runs the VM until it ends; returns how it ended, and the control-socket connections
-    /// that wait for that answer (the socket itself is closed by then).
+    /// Runs the VM until it ends (a guest reboot with `--on-reboot restart` boots it again
+    /// in place); returns how it ended, and the control-socket connections that wait for
+    /// that answer (the socket itself is closed by then).
     pub fn run(mut self, raw_terminal: bool) -> Result<(Exit, Vec<UnixStream>)> {
         let _terminal = if raw_terminal {
             terminal::RawTerminal::enable()
@@ -370,11 +461,30 @@ impl Vm {
             .map_err(Error::EventLoop)?;
         em.add_subscriber(self.controller.clone());
         em.add_subscriber(self.control.clone());
-
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        let exit = loop {
+            let exit = self.run_once(&mut em);
+            if exit == Exit::Reset && self.reset.config.on_reboot == OnReboot::Restart {
+                log::info!("the guest rebooted: booting it again in place");
+                if let Err(e) = self.reboot() {
+                    break Exit::Failed(format!("cannot reboot the VM in place: {e}"));
+                }
+                continue;
+            }
+            break exit;
+        };
+        let waiters = nixvm_devices::bus::lock(&self.control).finish();
+        Ok((exit, waiters))
+    }
+
+    /// Runs the vCPUs until the VM stops; takes them back.
+    fn run_once(
+        &mut self,
+        em: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    ) -> Exit {
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads: Vec<(JoinHandle<()>, Arc<AtomicBool>)> = Vec::new();
+        let mut threads: Vec<(JoinHandle<VcpuFd>, Arc<AtomicBool>)> = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let id = u8::try_from(id).expect("at most 254 vCPUs");
             let (bus, exit, stop) = (self.bus.clone(), self.exit.clone(), stop.clone());
@@ -384,8 +494,9 @@ impl Vm {
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
-                    vcpu::run(vcpu, id, bus, exit, stop, gate);
+                    let vcpu = vcpu::run(vcpu, id, bus, exit, stop, gate);
                     done.store(true, Ordering::Release);
+                    vcpu
                 });
             match spawned {
                 Ok(handle) => threads.push((handle, finished)),
@@ -415,14 +526,44 @@ impl Vm {
                 let _ = handle.kill(kick_signal());
                 std::thread::sleep(Duration::from_millis(2));
             }
-            let _ = handle.join();
+            if let Ok(vcpu) = handle.join() {
+                self.vcpus.push(vcpu);
+            }
         }
-        let waiters = nixvm_devices::bus::lock(&self.control).finish();
-        let exit = self
-            .exit
+        self.exit
             .take()
-            .unwrap_or(Exit::Failed("the VM stopped for no recorded reason".into()));
-        Ok((exit, waiters))
+            .unwrap_or(Exit::Failed("the VM stopped for no recorded reason".into()))
+    }
+
+    /// Puts the machine back as it was before the first boot: devices reset, memory zeroed,
+    /// kernel, initrd and tables loaded again, interrupt controllers and vCPUs reset.
+    fn reboot(&mut self) -> Result<()> {
+        let r = &self.reset;
+        if self.vcpus.len() != r.vcpus.len() {
+            return Err(Error::Thread(std::io::Error::other(
+                "a vCPU thread was lost",
+            )));
+        }
+        for t in &r.transports {
+            nixvm_devices::bus::lock(t).reset();
+        }
+        let mem = self.mem.memory();
+        zero_memory(&mem).map_err(|e| Error::Memory(r.config.memory.0, e))?;
+        load_guest(&mem, &r.config, &r.device_aml, &r.cmdline)?;
+        for chip in &r.irqchips {
+            self.vm
+                .set_irqchip(chip)
+                .map_err(kvm_err("reset the interrupt controllers"))?;
+        }
+        self.vm.set_pit2(&r.pit).map_err(kvm_err("reset the PIT"))?;
+        for (id, vcpu) in self.vcpus.iter().enumerate() {
+            let id8 = u8::try_from(id).expect("at most 254 vCPUs");
+            r.vcpus[id].restore(vcpu, id8, &r.cpuids[id])?;
+        }
+        self.gate.reopen();
+        self.exit.clear();
+        nixvm_devices::bus::lock(&self.controller).done = false;
+        Ok(())
     }
 }
 
@@ -477,8 +618,9 @@ fn add_virtio_devices(
     buses: &mut Buses,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     config: &VmConfig,
-) -> Result<(Vec<u8>, String)> {
+) -> Result<(Vec<u8>, String, Vec<Transport>)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut transports = Vec::new();
     for d in &config.disks {
         devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
     }
@@ -514,11 +656,11 @@ fn add_virtio_devices(
         }
         buses
             .mmio
-            .insert(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )
+            .insert(base, layout::VIRTIO_MMIO_SIZE, {
+                let t = Arc::new(Mutex::new(transport));
+                transports.push(t.clone());
+                t
+            })
             .expect("disjoint windows");
         if acpi_off {
             cmdline.push(' ');
@@ -536,7 +678,7 @@ fn add_virtio_devices(
             ));
         }
     }
-    Ok((aml, cmdline))
+    Ok((aml, cmdline, transports))
 }
 
 /// Binds the control socket so that only this user can connect (mode 0600).

@@ -292,7 +292,9 @@ impl MmioTransport {
         }
     }
 
-    fn reset(&mut self) {
+    /// Resets the device as a driver writing 0 to Status does (also used for a machine
+    /// reset).
+    pub fn reset(&mut self) {
         if self.active && !self.device.reset() {
             log::warn!(
                 "virtio-mmio: device type {} cannot be reset",
