@@ -1,0 +1,223 @@
+//! What the benchmarks share: the route (direct, or re-run inside L1), running a VMM with a
+//! timeout while timing its console lines, statistics, and the Markdown around the tables.
+//! Each bench includes it with `#[path = "common.rs"] mod common;`.
+#![allow(dead_code)] // not every bench uses every helper
+
+use std::error::Error;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// Where a bench measures: here, nowhere (and why), or it already ran inside L1 (the exit
+/// status of that run).
+pub enum Route {
+    Here,
+    Skipped(String),
+    RanInL1(i32),
+}
+
+/// Builds the guest assets and decides where to measure: here (directly on /dev/kvm, or
+/// already inside L1), or by running this very executable again inside L1.
+pub fn route() -> Result<Route> {
+    let root = root();
+    if std::env::var_os("NIXVM_BENCH_INSIDE").is_some() {
+        return Ok(Route::Here);
+    }
+    let assets = root.join("target/e2e-assets");
+    let built = Command::new(root.join("resources/assets.sh"))
+        .arg(&assets)
+        .status()?;
+    if !built.success() {
+        return Err(format!("resources/assets.sh failed: {built}").into());
+    }
+    let route = output(&mut Command::new(root.join("resources/kvm-route.sh")))?;
+    if let Some(why) = route.strip_prefix("none") {
+        return Ok(Route::Skipped(
+            why.trim_start_matches(':').trim().to_owned(),
+        ));
+    } else if route != "l1" {
+        return Ok(Route::Here);
+    }
+    // l1run.sh exports the NIXVM_* variables into L1.
+    let mut l1 = Command::new(root.join("resources/l1run.sh"));
+    l1.current_dir(&root)
+        .arg("--")
+        .arg(std::env::current_exe()?);
+    let host = output(Command::new("uname").arg("-r"))?;
+    l1.env("NIXVM_BENCH_INSIDE", "1")
+        .env("NIXVM_BENCH_ROUTE", "l1")
+        .env("NIXVM_BENCH_HOST_KERNEL", host);
+    if let Some(commit) = git_commit(&root) {
+        l1.env("NIXVM_BENCH_COMMIT", commit);
+    }
+    Ok(Route::RanInL1(l1.status()?.code().unwrap_or(125)))
+}
+
+/// One run of a VMM: its `NIXVM-BENCH: ...` lines with when each arrived (from the spawn),
+/// and why it failed.
+pub struct Console {
+    pub marks: Vec<(Duration, String)>,
+    pub failure: Option<String>,
+}
+
+impl Console {
+    /// When the mark `m` arrived.
+    pub fn at(&self, m: &str) -> Option<Duration> {
+        self.marks.iter().find(|(_, x)| x == m).map(|(t, _)| *t)
+    }
+
+    /// The value of a `key=value` mark.
+    pub fn value(&self, key: &str) -> Option<f64> {
+        self.marks
+            .iter()
+            .find_map(|(_, m)| m.strip_prefix(key)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    }
+}
+
+/// Spawns `cmd`, timestamps its `NIXVM-BENCH: ` lines, kills it after `timeout`, and requires
+/// a zero exit status and a final `NIXVM-BENCH: done`.
+pub fn run_vm(cmd: &mut Command, timeout: Duration) -> Result<Console> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let out = thread::spawn(move || {
+        let (mut line, mut marks, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+        while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if let Some(rest) = text.split("NIXVM-BENCH: ").nth(1) {
+                marks.push((start.elapsed(), rest.trim().to_string()));
+            }
+            if tail.len() == 10 {
+                tail.remove(0);
+            }
+            tail.push(text);
+            line.clear();
+        }
+        (marks, tail)
+    });
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    let err = thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (marks, tail) = out.join().map_err(|_| "stdout reader panicked")?;
+    let stderr = err.join().map_err(|_| "stderr reader panicked")?;
+    let mut failure = if timed_out {
+        Some(format!("timed out after {timeout:?}, killed"))
+    } else if !status.success() {
+        Some(format!("{status}"))
+    } else if !marks.iter().any(|(_, m)| m == "done") {
+        Some("no `NIXVM-BENCH: done`".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = &mut failure {
+        why.push_str("\n  console's last lines:");
+        why.extend(tail.iter().map(|l| format!("\n    {l}")));
+        why.push_str("\n  stderr's last lines:");
+        let last: Vec<&str> = stderr.lines().rev().take(5).collect();
+        why.extend(last.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
+    }
+    Ok(Console { marks, failure })
+}
+
+/// A disk holding a guest script (the test guest runs its last disk's script), padded with
+/// newlines to 64 KiB so that the kernel's partition probes stay inside it.
+pub fn script_disk(path: &Path, script: &str) -> Result<()> {
+    let mut disk = script.as_bytes().to_vec();
+    disk.resize(64 << 10, b'\n');
+    std::fs::write(path, disk)?;
+    Ok(())
+}
+
+/// Median, min and max of `values` (none when empty).
+pub fn stats(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = match n {
+        0 => return None,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    };
+    Some((median, values[0], values[n - 1]))
+}
+
+/// `cmd` as one shell-like line, with paths under `root` made relative to it.
+pub fn command_line(cmd: &Command, root: &Path) -> String {
+    let root = format!("{}/", root.display());
+    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args());
+    let words: Vec<String> = words
+        .map(OsStr::to_string_lossy)
+        .map(|w| w.replace(&root, ""))
+        .map(|w| if w.contains(' ') { format!("'{w}'") } else { w })
+        .collect();
+    words.join(" ")
+}
+
+/// The lines above a table: date, kernels, route, commit.
+pub fn header(commit: Option<&str>) -> Result<()> {
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    let uname = output(Command::new("uname").arg("-r"))?;
+    println!("\n- date: {date}");
+    match std::env::var("NIXVM_BENCH_HOST_KERNEL") {
+        Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
+        Err(_) => println!("- kernel (uname -r): {uname}"),
+    }
+    if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
+        println!("- route: l1, the VMMs inside an L1 QEMU guest on TCG-emulated AMD SVM:");
+        println!("  absolute figures are far below a real host's, only ratios mean anything");
+    } else {
+        println!("- route: direct (this host's /dev/kvm)");
+    }
+    println!("- commit: {}", commit.unwrap_or("unknown"));
+    Ok(())
+}
+
+/// Runs `cmd` and returns its trimmed stdout; an error if it fails.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{cmd:?} failed: {}: {}", out.status, err.trim()).into());
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// The short commit, "-dirty" when the work tree differs from it.
+pub fn git_commit(root: &Path) -> Option<String> {
+    let mut git = Command::new("git");
+    let args = ["describe", "--always", "--dirty", "--exclude", "*"];
+    output(git.current_dir(root).args(args)).ok()
+}

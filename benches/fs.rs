@@ -1,0 +1,279 @@
+//! virtio-fs benchmark: nixvm beside QEMU microvm (vhost-user-fs-device, memfd memory), both
+//! with the same upstream virtiofsd on the same directory, same guest, same run.
+//!
+//! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved;
+//! a fresh virtiofsd for every run. The guest mounts the share and reads one 256 MiB file,
+//! then runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's
+//! caches warm). Times are taken on the host, from when the guest's marker lines arrive.
+//! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
+
+#[path = "common.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Console, Result, Route};
+
+const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
+const TIMEOUT: Duration = Duration::from_secs(600);
+const BIG_MIB: usize = 256;
+const SCRIPT: &str = r#"
+mkdir -p /mnt
+mount -t virtiofs ro-store /mnt || echo "NIXVM-BENCH: error=mount"
+echo "NIXVM-BENCH: read-start"
+cat /mnt/big.bin > /dev/null
+echo "NIXVM-BENCH: read-end"
+echo "NIXVM-BENCH: files=$(find /mnt/t | wc -l)"
+echo "NIXVM-BENCH: find-end"
+echo "NIXVM-BENCH: files2=$(find /mnt/t | wc -l)"
+echo "NIXVM-BENCH: find2-end"
+echo "NIXVM-BENCH: done"
+"#;
+
+/// The table's rows: name, unit, and how to get the value from a run.
+type Measure = fn(&Console) -> Option<f64>;
+const ROWS: [(&str, &str, Measure); 4] = [
+    ("start → share mounted", "s", |c| {
+        Some(c.at("read-start")?.as_secs_f64())
+    }),
+    ("read 256 MiB file", "MB/s", |c| {
+        let t = c.at("read-end")?.checked_sub(c.at("read-start")?)?;
+        Some((BIG_MIB << 20) as f64 / 1e6 / t.as_secs_f64())
+    }),
+    ("find | wc -l, 10 000 files (cold)", "s", |c| {
+        Some(
+            c.at("find-end")?
+                .checked_sub(c.at("read-end")?)?
+                .as_secs_f64(),
+        )
+    }),
+    ("the same again (warm caches)", "s", |c| {
+        Some(
+            c.at("find2-end")?
+                .checked_sub(c.at("find-end")?)?
+                .as_secs_f64(),
+        )
+    }),
+];
+
+/// The runs that succeeded.
+fn ok(runs: &[Console]) -> Vec<&Console> {
+    runs.iter().filter(|c| c.failure.is_none()).collect()
+}
+
+fn main() {
+    let code = match bench() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fs bench: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The upstream virtiofsd: $NIXVM_VIRTIOFSD, else on PATH, else in ~/.cargo/bin.
+fn virtiofsd() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NIXVM_VIRTIOFSD") {
+        return Some(p.into());
+    }
+    let cargo = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(cargo)
+        .map(|d| d.join("virtiofsd"))
+        .find(|p| p.is_file())
+}
+
+fn bench() -> Result<i32> {
+    let Some(virtiofsd) = virtiofsd() else {
+        println!("skipped: no virtiofsd (cargo install virtiofsd --locked)");
+        return Ok(0);
+    };
+    // Found here: inside L1, HOME may not lead to it.
+    // SAFETY: nothing else runs yet; the variable is read by l1run.sh's child only.
+    unsafe { std::env::set_var("NIXVM_VIRTIOFSD", &virtiofsd) };
+    match common::route()? {
+        Route::Skipped(why) => {
+            println!("skipped: {why}");
+            Ok(0)
+        }
+        Route::RanInL1(code) => Ok(code),
+        Route::Here => measure(&virtiofsd),
+    }
+}
+
+/// The shared tree (10 000 small files in 100 directories and one big file), in the
+/// temporary directory (a tmpfs inside L1).
+fn make_tree(dir: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    for d in 0..100 {
+        let sub = dir.join(format!("t/d{d:03}"));
+        std::fs::create_dir_all(&sub)?;
+        for f in 0..100 {
+            std::fs::write(sub.join(format!("f{f:03}")), format!("{d} {f}\n"))?;
+        }
+    }
+    let mut big = std::fs::File::create(dir.join("big.bin"))?;
+    let chunk: Vec<u8> = (0..1usize << 20)
+        .map(|i| u8::try_from(i % 251).unwrap_or(0))
+        .collect();
+    for _ in 0..BIG_MIB {
+        big.write_all(&chunk)?;
+    }
+    Ok(())
+}
+
+/// A virtiofsd serving `dir` on `socket`, killed when dropped.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(bin: &Path, dir: &Path, socket: &Path) -> Result<Daemon> {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(bin)
+            .arg("--shared-dir")
+            .arg(dir)
+            .arg("--socket-path")
+            .arg(socket)
+            // Inside L1 the root is a chroot, where the namespace sandbox cannot pivot_root.
+            .args(["--sandbox", "chroot", "--readonly", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .spawn()?;
+        // Wait for the socket, as a supervisor would (nixvm waits too, QEMU does not).
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(Daemon(child))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn measure(virtiofsd: &Path) -> Result<i32> {
+    let root = common::root();
+    let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+    let commit = common::git_commit(&root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
+    let assets = root.join("target/e2e-assets");
+    let work = std::env::temp_dir().join("nixvm-fs-bench");
+    let (tree, socket, script) = (
+        work.join("share"),
+        work.join("fs.sock"),
+        work.join("script.img"),
+    );
+    make_tree(&tree)?;
+    common::script_disk(&script, SCRIPT)?;
+    let (kernel, initrd) = (assets.join("vmlinux"), assets.join("initramfs.cpio.gz"));
+
+    let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
+    nixvm
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd);
+    nixvm.args(["--cmdline", CMDLINE]);
+    nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off".split(' '));
+    nixvm
+        .arg("--fs")
+        .arg(format!("tag=ro-store,socket={}", socket.display()));
+    nixvm
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", script.display()));
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args("-M microvm,rtc=on,memory-backend=mem -accel kvm -cpu host -m 256".split(' '));
+    qemu.args("-object memory-backend-memfd,id=mem,size=256M,share=on".split(' '));
+    qemu.args("-smp 1 -nodefaults -no-reboot -display none -serial stdio -monitor none".split(' '));
+    qemu.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
+    qemu.args(["-append", CMDLINE]);
+    qemu.arg("-chardev")
+        .arg(format!("socket,id=fs0,path={}", socket.display()));
+    qemu.args([
+        "-device",
+        "vhost-user-fs-device,chardev=fs0,tag=ro-store,queue-size=1024",
+    ]);
+    qemu.arg("-drive").arg(format!(
+        "file={},if=none,id=d1,format=raw,readonly=on",
+        script.display()
+    ));
+    qemu.args(["-device", "virtio-blk-device,drive=d1"]);
+
+    let mut results: [Vec<Console>; 2] = Default::default();
+    for i in 1..=runs {
+        let [ours, theirs] = &mut results;
+        for (name, cmd, out) in [("nixvm", &mut nixvm, ours), ("qemu", &mut qemu, theirs)] {
+            let daemon = Daemon::start(virtiofsd, &tree, &socket)?;
+            let c = common::run_vm(cmd, TIMEOUT)?;
+            drop(daemon);
+            let files = c.value("files").unwrap_or(0.0);
+            let failure = c.failure.clone().or_else(|| {
+                (files != 10_101.0).then(|| format!("the guest saw {files} entries, not 10101"))
+            });
+            match &failure {
+                Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
+                None => {
+                    let v: Vec<String> = ROWS
+                        .iter()
+                        .map(|(_, u, f)| format!("{:.2} {u}", f(&c).unwrap_or_default()))
+                        .collect();
+                    eprintln!("run {i} {name}: {}", v.join(", "));
+                }
+            }
+            out.push(Console {
+                marks: c.marks,
+                failure,
+            });
+        }
+    }
+
+    common::header(commit.as_deref())?;
+    let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
+    println!(
+        "- guest: Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB; {runs} runs \
+         of each, interleaved; virtiofsd {} (`--sandbox chroot --readonly`, cache auto), \
+         a fresh one per run, sharing a tmpfs directory",
+        kver.trim(),
+        common::output(Command::new(virtiofsd).arg("--version")).unwrap_or_default()
+    );
+    for (name, cmd) in [("nixvm", &nixvm), ("QEMU", &qemu)] {
+        println!("- {name}: `{}`", common::command_line(cmd, &root));
+    }
+    println!("\n| median (min–max) | nixvm | QEMU microvm | nixvm / QEMU |");
+    println!("|---|---|---|---|");
+
+    for (name, unit, f) in ROWS {
+        let cell = |runs: &[Console]| common::stats(ok(runs).into_iter().filter_map(f).collect());
+        let (a, b) = (cell(&results[0]), cell(&results[1]));
+        let show = |s: Option<(f64, f64, f64)>| match s {
+            Some((m, lo, hi)) => format!("{m:.2} {unit} ({lo:.2}–{hi:.2})"),
+            None => "–".into(),
+        };
+        let ratio = match (a, b) {
+            (Some((x, ..)), Some((y, ..))) if y > 0.0 => format!("**{:.2}**", x / y),
+            _ => String::new(),
+        };
+        println!("| {name} | {} | {} | {ratio} |", show(a), show(b));
+    }
+    let counts = results
+        .each_ref()
+        .map(|r| format!("{}/{}", ok(r).len(), r.len()));
+    println!("| runs ok | {} | {} | |", counts[0], counts[1]);
+    let _ = std::fs::remove_dir_all(&work);
+    let failed: usize = results.iter().map(|r| r.len() - ok(r).len()).sum();
+    if failed > 0 {
+        eprintln!("{failed} runs failed");
+        return Ok(1);
+    }
+    Ok(0)
+}
