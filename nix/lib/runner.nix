@@ -1,0 +1,248 @@
+# nixvm's runner library: a pure function (builtins only, no nixpkgs) from a VM description
+# to the nixvm command line and the runner script that starts it.
+#
+#   (import ./runner.nix) { name = "web"; kernel = "/nix/store/…/bzImage"; … }
+#     => { argv = [ "nixvm" "--kernel" … ]; script = "#!/bin/sh …"; … }
+#
+# The description uses microvm.nix's attribute names, with its defaults where one is left out:
+#   name          the VM's host name (microvm.nix: hostName)                "nixvm"
+#   vcpu, mem     vCPUs; RAM in MiB                                          1, 512
+#   kernel        bzImage or PVH vmlinux (required)
+#   initrd        initial ramdisk                                            null
+#   kernelParams  list of strings (or one string); bootParams are appended  []
+#   socket        the control socket (--api-socket); null: none            "<name>.sock"
+#   volumes       [{ image; readOnly ? false; serial ? null; direct ? false;
+#                    size ? (MiB; with it a missing image is created); autoCreate ? true;
+#                    fsType ? "ext4"; label ? null; mkfsExtraArgs ? []; … }]
+#   shares        [{ tag; socket ? "<name>-virtiofs-<tag>.sock"; source; mountPoint;
+#                    proto ? "virtiofs" (the only one nixvm has; microvm.nix's default is
+#                    9p); readOnly ? false (nixvm's: virtiofsd --readonly); … }]
+#   interfaces    [{ type = "tap" | "macvtap"; id; mac ? null (nixvm derives one); … }]
+#   preStart      shell commands run before nixvm                           ""
+# and nixvm's own:
+#   nixvm         the binary (argv[0]); the script uses $NIXVM when set    "nixvm"
+#   bootParams    appended to kernelParams          [ "console=ttyS0" "reboot=k" "panic=-1" ]
+#   serial        --serial                                                   "stdio"
+#   rng           --rng on|off                                               true
+#   shutdownTimeout  --shutdown-timeout SECS                                 null (nixvm's 30)
+#   onReboot      --on-reboot exit|restart                                  null (nixvm's exit)
+#   extraArgs     more nixvm arguments                                       []
+#   shell         the script's interpreter                                  "/bin/sh"
+#   path          directories put first on the script's PATH (truncate, mkfs.*) []
+#   virtiofsd     the virtiofsd the script starts for each share            "virtiofsd"
+#   virtiofsdArgs more virtiofsd arguments                                   []
+#
+# The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
+# macvtap fds, starts a virtiofsd per share unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm),
+# shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline, and
+# the description with its defaults filled in (config).
+desc:
+let
+  inherit (builtins)
+    attrNames concatLists concatStringsSep filter isList isString replaceStrings throw toString;
+
+  fail = msg: throw "nixvm runner.nix: ${msg}";
+
+  known = [
+    "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
+    "interfaces" "preStart" "nixvm" "bootParams" "serial" "rng" "shutdownTimeout"
+    "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs"
+  ];
+  unknown = filter (n: !(builtins.elem n known)) (attrNames desc);
+
+  name = desc.name or "nixvm";
+  c = {
+    inherit name;
+    vcpu = 1;
+    mem = 512;
+    initrd = null;
+    kernelParams = [ ];
+    socket = "${name}.sock";
+    volumes = [ ];
+    shares = [ ];
+    interfaces = [ ];
+    preStart = "";
+    nixvm = "nixvm";
+    bootParams = [ "console=ttyS0" "reboot=k" "panic=-1" ];
+    serial = "stdio";
+    rng = true;
+    shutdownTimeout = null;
+    onReboot = null;
+    extraArgs = [ ];
+    shell = "/bin/sh";
+    path = [ ];
+    virtiofsd = "virtiofsd";
+    virtiofsdArgs = [ ];
+  } // desc // {
+    kernel = desc.kernel or (fail "`kernel` is required");
+  };
+
+  str = toString;
+  hasComma = s: builtins.match ".*,.*" s != null;
+  # A value inside a comma-separated nixvm spec (path=…,serial=…) must not hold a comma.
+  specValue = what: v:
+    let s = str v; in
+    if hasComma s then fail "${what} `${s}` contains a comma, which nixvm's option syntax cannot carry"
+    else if s == "" then fail "${what} is empty"
+    else s;
+
+  # Single-quote for sh.
+  q = s: "'" + replaceStrings [ "'" ] [ "'\\''" ] (str s) + "'";
+
+  kernelParams = if isString c.kernelParams then [ c.kernelParams ] else c.kernelParams;
+  cmdline = concatStringsSep " " (filter (p: p != "") (map str (kernelParams ++ c.bootParams)));
+
+  volumes = map (v: {
+    readOnly = false;
+    serial = null;
+    direct = false;
+    autoCreate = true;
+    fsType = "ext4";
+    label = null;
+    mkfsExtraArgs = [ ];
+  } // v // {
+    image = specValue "volume image" (v.image or (fail "a volume has no `image`"));
+  }) c.volumes;
+
+  shares = map (s:
+    let tag = s.tag or (fail "a share has no `tag`"); in
+    {
+      proto = "virtiofs";
+      readOnly = false;
+      socket = "${name}-virtiofs-${tag}.sock";
+    } // s // {
+      tag = specValue "share tag" tag;
+    }) c.shares;
+  checkedShares = map (s:
+    if s.proto != "virtiofs" then fail "share `${s.tag}`: nixvm serves only virtiofs shares, not ${s.proto}"
+    else if s.socket == null then fail "share `${s.tag}` has no socket"
+    else s // { socket = specValue "share socket" s.socket; }) shares;
+
+  # macvtap interfaces get inherited fds from 3 on, one each (nixvm has one queue pair), in
+  # the order microvm.nix numbers them.
+  macvtaps = filter (i: i.type == "macvtap") c.interfaces;
+  macvtapFd = id:
+    let go = n: l: if l == [ ] then fail "no macvtap ${id}"
+      else if (builtins.head l).id == id then n else go (n + 1) (builtins.tail l);
+    in go 3 macvtaps;
+  macOpt = i: if (i.mac or null) == null then "" else ",mac=${specValue "MAC" i.mac}";
+  netSpec = i:
+    if !(i ? type) then fail "an interface has no `type`"
+    else if !(i ? id) then fail "an interface has no `id`"
+    else if i.type == "tap" then "tap=${specValue "TAP name" i.id}${macOpt i}"
+    else if i.type == "macvtap" then "fd=${str (macvtapFd i.id)}${macOpt i}"
+    else fail "interface `${i.id}`: type ${i.type} is not supported by nixvm (tap or macvtap)";
+
+  diskSpec = v:
+    "path=${v.image}"
+    + (if v.readOnly then ",readonly=on" else "")
+    + (if v.serial == null then "" else ",serial=${specValue "volume serial" v.serial}")
+    + (if v.direct then ",direct=on" else "");
+
+  opt = cond: l: if cond then l else [ ];
+  flag = f: values: concatLists (map (v: [ f v ]) values);
+
+  args =
+    [ "--kernel" (str c.kernel) ]
+    ++ opt (c.initrd != null) [ "--initrd" (str c.initrd) ]
+    ++ [ "--cmdline" cmdline "--cpus" (str c.vcpu) "--memory" "${str c.mem}M" ]
+    ++ opt (c.serial != "stdio") [ "--serial" c.serial ]
+    ++ flag "--disk" (map diskSpec volumes)
+    ++ flag "--net" (map netSpec c.interfaces)
+    ++ flag "--fs" (map (s: "tag=${s.tag},socket=${s.socket}") checkedShares)
+    ++ opt (!c.rng) [ "--rng" "off" ]
+    ++ opt (c.socket != null) [ "--api-socket" (str c.socket) ]
+    ++ opt (c.shutdownTimeout != null) [ "--shutdown-timeout" (str c.shutdownTimeout) ]
+    ++ opt (c.onReboot != null) [ "--on-reboot" c.onReboot ]
+    ++ map str c.extraArgs;
+
+  argv = [ (str c.nixvm) ] ++ args;
+
+  shutdownArgv =
+    if c.socket == null then null
+    else [ (str c.nixvm) "ctl" "--api-socket" (str c.socket) "shutdown" ]
+      ++ opt (c.shutdownTimeout != null) [ "--timeout" (str c.shutdownTimeout) ];
+
+  qArgs = l: concatStringsSep " " (map q l);
+
+  createVolume = v:
+    if !(v.autoCreate && v ? size) then "" else ''
+      if [ ! -e ${q v.image} ]; then
+        echo "run-${name}-vm: creating ${v.image} (${str v.size} MiB, ${v.fsType})" >&2
+        truncate -s ${q "${str v.size}M"} ${q v.image}
+        ${qArgs ([ "mkfs.${v.fsType}" ]
+          ++ opt (v.label != null) [ (if v.fsType == "vfat" then "-n" else "-L") v.label ]
+          ++ v.mkfsExtraArgs ++ [ v.image ])} >&2
+      fi
+    '';
+
+  openMacvtap = i: ''
+    exec ${str (macvtapFd i.id)}<>"/dev/tap$(cat /sys/class/net/${q i.id}/ifindex)"
+  '';
+
+  startVirtiofsd = s: ''
+      rm -f ${q s.socket}
+      ${qArgs ([ c.virtiofsd "--socket-path=${s.socket}" "--shared-dir=${str s.source}" ]
+        ++ opt s.readOnly [ "--readonly" ] ++ c.virtiofsdArgs)} &
+      virtiofsd_pids="$virtiofsd_pids $!"
+  '';
+
+  run = "\"$NIXVM\" ${qArgs args}";
+
+  script = ''
+    #!${c.shell}
+    # run-${name}-vm: starts the VM ${name} with nixvm (generated by nixvm's nix/lib/runner.nix).
+    # NIXVM=/path/to/nixvm overrides the binary; NIXVM_SKIP_VIRTIOFSD=1 leaves the virtiofsd
+    # back ends to someone else (the host module's units).
+    set -eu
+    ${if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH"}
+    NIXVM=''${NIXVM:-${q c.nixvm}}
+  '' + c.preStart + "\n"
+  + concatStringsSep "" (map createVolume volumes)
+  + concatStringsSep "" (map openMacvtap macvtaps)
+  + (if checkedShares == [ ] then ''
+    exec ${run}
+  '' else ''
+    if [ "''${NIXVM_SKIP_VIRTIOFSD:-0}" = 1 ]; then
+      exec ${run}
+    fi
+    virtiofsd_pids=
+    ${concatStringsSep "" (map startVirtiofsd checkedShares)}
+    # nixvm runs in the background (stdin passed on explicitly), this shell forwards SIGTERM
+    # and SIGHUP to it, and stops the virtiofsd daemons once it has exited.
+    exec 9<&0
+    ${run} <&9 &
+    vm=$!
+    trap 'kill -TERM "$vm" 2>/dev/null || :' TERM
+    trap 'kill -HUP "$vm" 2>/dev/null || :' HUP
+    trap : INT
+    status=0
+    wait "$vm" || status=$?
+    while kill -0 "$vm" 2>/dev/null; do status=0; wait "$vm" || status=$?; done
+    kill $virtiofsd_pids 2>/dev/null || :
+    wait $virtiofsd_pids 2>/dev/null || :
+    exit "$status"
+  '');
+
+  shutdownScript =
+    if shutdownArgv == null then null else ''
+      #!${c.shell}
+      # Shuts the VM ${name} down: the ACPI power button, then waits until nixvm has exited.
+      set -eu
+      NIXVM=''${NIXVM:-${q c.nixvm}}
+      exec "$NIXVM" ${qArgs (builtins.tail shutdownArgv)} "$@"
+    '';
+
+  checked =
+    if unknown != [ ] then fail "unknown attribute(s) ${concatStringsSep ", " unknown}"
+    else if !(builtins.isInt c.vcpu) || c.vcpu < 1 then fail "vcpu must be a positive integer"
+    else if !(builtins.isInt c.mem) || c.mem < 64 then fail "mem must be an integer of MiB, at least 64"
+    else if c.onReboot != null && c.onReboot != "exit" && c.onReboot != "restart" then fail "onReboot must be exit or restart"
+    else if !(isList c.volumes && isList c.shares && isList c.interfaces) then fail "volumes, shares and interfaces are lists"
+    else true;
+in
+assert checked;
+{
+  inherit argv script shutdownArgv shutdownScript cmdline;
+  config = c // { inherit volumes; shares = checkedShares; kernelParams = kernelParams; };
+}

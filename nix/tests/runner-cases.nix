@@ -1,0 +1,143 @@
+# VM descriptions for nix/lib/runner.nix and the nixvm argv each must give
+# (resources/nix-tests.sh evaluates them, compares, and runs each argv with --dry-run in
+# `dir`, where it made the images a.img, b.img and c.img of 1 MiB and the directory sock/).
+# A case with `error` must fail to evaluate with that text in the message.
+{ assets, dir }:
+let
+  kernel = "${assets}/vmlinuz";
+  initrd = "${assets}/initramfs.cpio.gz";
+  k = [ "--kernel" kernel ];
+  tail = [ "--cpus" "1" "--memory" "512M" ];
+  defaultCmdline = "console=ttyS0 reboot=k panic=-1";
+in
+{
+  # Only the kernel: microvm.nix's defaults (1 vCPU, 512 MiB, socket <name>.sock).
+  minimal = {
+    desc = { inherit kernel; };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail
+      ++ [ "--api-socket" "nixvm.sock" ];
+  };
+
+  # What the guest module generates for a NixOS system.
+  nixos = {
+    desc = {
+      name = "web";
+      nixvm = "/nix/store/00000000000000000000000000000000-nixvm-0.1.0/bin/nixvm";
+      inherit kernel initrd;
+      vcpu = 2;
+      mem = 1024;
+      kernelParams = [
+        "loglevel=4"
+        "init=/nix/store/3m6ai0zm3rg7a2z1s2ad1xfzdc0wz6kn-nixos-system-web-24.11/init"
+        "regInfo=/nix/store/ijgclfphrd1vzk6qvbwzy0mbcgqnfzgf-closure-info/registration"
+      ];
+      socket = "${dir}/sock/web.sock";
+      onReboot = "restart";
+    };
+    argv = [ "/nix/store/00000000000000000000000000000000-nixvm-0.1.0/bin/nixvm" ] ++ k
+      ++ [ "--initrd" initrd
+        "--cmdline" "loglevel=4 init=/nix/store/3m6ai0zm3rg7a2z1s2ad1xfzdc0wz6kn-nixos-system-web-24.11/init regInfo=/nix/store/ijgclfphrd1vzk6qvbwzy0mbcgqnfzgf-closure-info/registration ${defaultCmdline}"
+        "--cpus" "2" "--memory" "1024M"
+        "--api-socket" "${dir}/sock/web.sock" "--on-reboot" "restart" ];
+  };
+
+  # Volumes: order, readOnly, serial, direct; microvm.nix's extra attributes are ignored.
+  volumes = {
+    desc = {
+      inherit kernel;
+      socket = null;
+      volumes = [
+        { image = "${dir}/a.img"; mountPoint = "/var"; size = 1; fsType = "ext4"; }
+        { image = "b.img"; readOnly = true; serial = "store"; }
+        { image = "${dir}/c.img"; direct = true; serial = "data-1"; readOnly = false; label = "data"; }
+      ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail ++ [
+      "--disk" "path=${dir}/a.img"
+      "--disk" "path=b.img,readonly=on,serial=store"
+      "--disk" "path=${dir}/c.img,serial=data-1,direct=on"
+    ];
+  };
+
+  # Interfaces: TAPs by name (with and without a MAC), macvtaps as inherited fds from 3 on.
+  interfaces = {
+    desc = {
+      name = "net";
+      inherit kernel;
+      interfaces = [
+        { type = "tap"; id = "vm-net-a"; mac = "02:00:00:00:00:01"; }
+        { type = "macvtap"; id = "vm-net-m1"; mac = "02:00:00:00:00:02"; macvtap = { link = "eth0"; mode = "bridge"; }; }
+        { type = "tap"; id = "vm-net-b"; }
+        { type = "macvtap"; id = "vm-net-m2"; mac = "02:00:00:00:00:03"; }
+      ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail ++ [
+      "--net" "tap=vm-net-a,mac=02:00:00:00:00:01"
+      "--net" "fd=3,mac=02:00:00:00:00:02"
+      "--net" "tap=vm-net-b"
+      "--net" "fd=4,mac=02:00:00:00:00:03"
+      "--api-socket" "net.sock"
+    ];
+  };
+
+  # Shares: the host store and a data share, microvm.nix's default socket names.
+  shares = {
+    desc = {
+      name = "fs";
+      inherit kernel initrd;
+      shares = [
+        { tag = "ro-store"; source = "/nix/store"; mountPoint = "/nix/.ro-store"; proto = "virtiofs"; readOnly = true; }
+        { tag = "data"; source = "/srv/data"; mountPoint = "/data"; socket = "${dir}/sock/data.sock"; }
+      ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [ "--initrd" initrd "--cmdline" defaultCmdline ] ++ tail ++ [
+      "--fs" "tag=ro-store,socket=fs-virtiofs-ro-store.sock"
+      "--fs" "tag=data,socket=${dir}/sock/data.sock"
+      "--api-socket" "fs.sock"
+    ];
+  };
+
+  # nixvm's own settings, kernelParams as one string, extra arguments.
+  settings = {
+    desc = {
+      inherit kernel;
+      kernelParams = "quiet nixvm.action=poweroff";
+      bootParams = [ "console=ttyS0" ];
+      vcpu = 4;
+      mem = 2048;
+      serial = "file=${dir}/console.log";
+      rng = false;
+      shutdownTimeout = 10;
+      onReboot = "exit";
+      socket = "${dir}/sock/ctl.sock";
+      extraArgs = [ "--disk" "path=${dir}/a.img,readonly=on" ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [
+      "--cmdline" "quiet nixvm.action=poweroff console=ttyS0"
+      "--cpus" "4" "--memory" "2048M"
+      "--serial" "file=${dir}/console.log"
+      "--rng" "off"
+      "--api-socket" "${dir}/sock/ctl.sock"
+      "--shutdown-timeout" "10"
+      "--on-reboot" "exit"
+      "--disk" "path=${dir}/a.img,readonly=on"
+    ];
+  };
+
+  # Descriptions nixvm cannot run fail at evaluation, saying why.
+  no-kernel = { desc = { name = "x"; }; error = "`kernel` is required"; };
+  share-9p = {
+    desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv"; mountPoint = "/s"; proto = "9p"; } ]; };
+    error = "nixvm serves only virtiofs shares";
+  };
+  user-net = {
+    desc = { inherit kernel; interfaces = [ { type = "user"; id = "u"; mac = "02:00:00:00:00:09"; } ]; };
+    error = "type user is not supported";
+  };
+  comma-path = {
+    desc = { inherit kernel; volumes = [ { image = "a,b.img"; } ]; };
+    error = "contains a comma";
+  };
+  unknown-attr = { desc = { inherit kernel; vcpus = 2; }; error = "unknown attribute(s) vcpus"; };
+  small-mem = { desc = { inherit kernel; mem = 32; }; error = "at least 64"; };
+}
