@@ -225,7 +225,11 @@ if [ -f "$MODULE_TESTS" ]; then
     lib=$NIXPKGS_LIB
     [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
     if out=$(nix_json "(import $(nstr "$MODULE_TESTS") { lib = import $(nstr "$lib"); }).\"$t\"" 2>&1); then
-      if [ "$out" = true ]; then ok "$name"; else failed "$name" "$out"; fi
+      if [ "$out" = true ]; then
+        ok "$name"
+      else
+        failed "$name" "$(nix_raw "(import $(nstr "$MODULE_TESTS") { lib = import $(nstr "$lib"); }).\"$t\"" 2>&1)"
+      fi
     else
       failed "$name" "$out"
     fi

@@ -12,7 +12,7 @@
 #   kernelParams  list of strings (or one string); bootParams are appended  []
 #   socket        the control socket (--api-socket); null: none            "<name>.sock"
 #   volumes       [{ image; readOnly ? false; serial ? null; direct ? false;
-#                    size ? (MiB; with it a missing image is created); autoCreate ? true;
+#                    size ? null (MiB; with it a missing image is created); autoCreate ? true;
 #                    fsType ? "ext4"; label ? null; mkfsExtraArgs ? []; … }]
 #   shares        [{ tag; socket ? "<name>-virtiofs-<tag>.sock"; source; mountPoint;
 #                    proto ? "virtiofs" (the only one nixvm has; microvm.nix's default is
@@ -34,8 +34,10 @@
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm),
-# shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline, and
-# the description with its defaults filled in (config).
+# shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline,
+# command and shutdownCommand (the argvs quoted for sh), volumesScript and macvtapScript (the
+# script's parts that create volumes and open macvtap fds), and the description with its
+# defaults filled in (config).
 desc:
 let
   inherit (builtins)
@@ -166,7 +168,7 @@ let
   qArgs = l: concatStringsSep " " (map q l);
 
   createVolume = v:
-    if !(v.autoCreate && v ? size) then "" else ''
+    if !(v.autoCreate && (v.size or null) != null) then "" else ''
       if [ ! -e ${q v.image} ]; then
         echo "run-${name}-vm: creating ${v.image} (${str v.size} MiB, ${v.fsType})" >&2
         truncate -s ${q "${str v.size}M"} ${q v.image}
@@ -188,6 +190,8 @@ let
   '';
 
   run = "\"$NIXVM\" ${qArgs args}";
+  volumesScript = concatStringsSep "" (map createVolume volumes);
+  macvtapScript = concatStringsSep "" (map openMacvtap macvtaps);
 
   script = ''
     #!${c.shell}
@@ -198,8 +202,8 @@ let
     ${if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH"}
     NIXVM=''${NIXVM:-${q c.nixvm}}
   '' + c.preStart + "\n"
-  + concatStringsSep "" (map createVolume volumes)
-  + concatStringsSep "" (map openMacvtap macvtaps)
+  + volumesScript
+  + macvtapScript
   + (if checkedShares == [ ] then ''
     exec ${run}
   '' else ''
@@ -243,6 +247,9 @@ let
 in
 assert checked;
 {
-  inherit argv script shutdownArgv shutdownScript cmdline;
+  inherit argv script shutdownArgv shutdownScript cmdline volumesScript macvtapScript;
+  # The argv, and the shutdown argv, quoted for sh.
+  command = qArgs argv;
+  shutdownCommand = if shutdownArgv == null then null else qArgs shutdownArgv;
   config = c // { inherit volumes; shares = checkedShares; kernelParams = kernelParams; };
 }

@@ -1,0 +1,70 @@
+# nixvm as a microvm.nix hypervisor: what microvm.nix's lib/runners/<hypervisor>.nix return,
+# made from microvm.nix's configuration (`config.microvm` with hostName) through
+# nix/lib/runner.nix. nix/modules/microvm.nix builds the runner package from it.
+#   command               nixvm's argv, quoted for sh
+#   canShutdown           with a control socket (microvm.socket, default "<hostName>.sock")
+#   shutdownCommand       `nixvm ctl --api-socket <socket> shutdown`: the ACPI power button,
+#                         returning once nixvm has exited
+#   preStart              microvm.preStart, then the volumes microvm.nix would create
+#   supportsNotifySocket  false: nixvm has no vsock to forward sd_notify over
+#   tapMultiQueue         false: nixvm's virtio-net has one queue pair
+#   requiresMacvtapAsFds  true: macvtaps are inherited fds (from 3 on, one per interface)
+# microvm.nix features nixvm does not have fail evaluation, saying which.
+{ microvmConfig
+, nixvm ? "nixvm"
+, pkgs ? null
+, macvtapFds ? null
+, extraArgs ? [ ]
+, ...
+}:
+let
+  mc = microvmConfig;
+  get = n: d: mc.${n} or d;
+  unsupported = what: throw "nixvm (microvm.hypervisor = \"nixvm\") does not support ${what}";
+  check = cond: what: if cond then unsupported what else true;
+
+  checks = builtins.all (x: x) [
+    (check ((get "user" null) != null) "microvm.user: run the runner as the user instead")
+    (check ((get "cpu" null) != null) "microvm.cpu (CPU emulation)")
+    (check (get "balloon" false) "microvm.balloon")
+    (check ((get "hotplugMem" 0) > 0) "microvm.hotplugMem (virtio-mem)")
+    (check (get "hugepageMem" false) "microvm.hugepageMem")
+    (check ((get "graphics" { enable = false; }).enable or false) "microvm.graphics")
+    (check ((get "devices" [ ]) != [ ]) "microvm.devices (PCI/USB passthrough)")
+    (check (((get "vsock" { }).cid or null) != null) "microvm.vsock.cid (no vsock)")
+  ];
+
+  storeOnDisk = get "storeOnDisk" false;
+  kernel = mc.kernel;
+
+  runner = import ./lib/runner.nix {
+    name = mc.hostName;
+    inherit nixvm;
+    inherit (mc) vcpu mem;
+    kernel = "${kernel}/bzImage";
+    initrd = mc.initrdPath;
+    kernelParams = mc.kernelParams;
+    socket = get "socket" null;
+    # With the store on a disk image, it is the first disk (/dev/vda), read-only.
+    volumes = (if storeOnDisk then [ { image = "${mc.storeDisk}"; readOnly = true; } ] else [ ])
+      ++ map (v: v // { autoCreate = (v.autoCreate or true) && (v.size or null) != null; }) (get "volumes" [ ]);
+    shares = get "shares" [ ];
+    interfaces = get "interfaces" [ ];
+    inherit extraArgs;
+  };
+in
+assert checks;
+{
+  command = runner.command;
+  canShutdown = runner.shutdownArgv != null;
+  shutdownCommand =
+    if runner.shutdownCommand != null then runner.shutdownCommand
+    else throw "nixvm: cannot shut down without microvm.socket";
+  preStart = (get "preStart" "") + "\n" + runner.volumesScript;
+  supportsNotifySocket = false;
+  tapMultiQueue = false;
+  requiresMacvtapAsFds = true;
+  # For the module: the fds the runner must open, and the whole runner.nix result.
+  openMacvtapFds = runner.macvtapScript;
+  inherit runner;
+}

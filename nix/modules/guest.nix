@@ -1,0 +1,270 @@
+# nixvm's NixOS guest module: a NixOS system that boots under nixvm, and its runner,
+# `system.build.vm` with `bin/run-<hostName>-vm` (the name nixpkgs' qemu-vm.nix gives the QEMU
+# one). Options under `nixvm.` carry microvm.nix's names where they mean the same.
+#
+# The guest: virtio-mmio drivers in the initrd, no boot loader, a tmpfs `/` (by default), the
+# host's /nix/store through virtio-fs at /nix/.ro-store with a writable overlay on /nix/store
+# (tmpfs at /nix/.rw-store unless something else is mounted there), fileSystems for volumes
+# and shares. The runner: creates missing volumes (truncate + mkfs), starts a virtiofsd per
+# share unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm booting the system's kernel and initrd with
+# `<boot.kernelParams> init=<toplevel>/init regInfo=<closure-info>/registration console=ttyS0
+# reboot=k panic=-1`; `bin/shutdown-<hostName>-vm` powers it off (`nixvm ctl … shutdown`).
+{ config, lib, pkgs, ... }:
+let
+  inherit (lib) mkOption mkDefault mkIf mkMerge types literalExpression;
+  cfg = config.nixvm;
+  hostName = config.networking.hostName;
+  toplevel = config.system.build.toplevel;
+  ov = cfg.writableStoreOverlay;
+
+  storeShare = {
+    tag = "ro-store";
+    source = "/nix/store";
+    mountPoint = "/nix/.ro-store";
+    socket = "${hostName}-virtiofs-ro-store.sock";
+    proto = "virtiofs";
+    readOnly = true;
+  };
+  shares = lib.optional cfg.mountHostNixStore storeShare ++ cfg.shares;
+
+  # The description nix/lib/runner.nix takes (microvm.nix's names).
+  description = {
+    name = hostName;
+    nixvm = "${cfg.package}/bin/nixvm";
+    inherit (cfg) vcpu mem socket kernelParams preStart shutdownTimeout onReboot extraArgs;
+    kernel = cfg.kernel;
+    initrd = cfg.initrd;
+    volumes = map (v: removeAttrs v [ "_module" ]) cfg.volumes;
+    shares = map (s: removeAttrs s [ "_module" ]) shares;
+    interfaces = map (i: removeAttrs i [ "_module" ]) cfg.interfaces;
+    shell = pkgs.runtimeShell;
+    path = map (p: "${p}/bin") ([ pkgs.coreutils pkgs.util-linux ] ++ mkfsPackages);
+    virtiofsd = "${cfg.virtiofsd}/bin/virtiofsd";
+    inherit (cfg) virtiofsdArgs;
+  };
+  runner = import ../lib/runner.nix description;
+
+  fsTypes = map (v: v.fsType) (builtins.filter (v: v.autoCreate && v.size != null) cfg.volumes);
+  mkfsPackages = lib.unique (map (t: {
+    ext2 = pkgs.e2fsprogs; ext3 = pkgs.e2fsprogs; ext4 = pkgs.e2fsprogs;
+    xfs = pkgs.xfsprogs; vfat = pkgs.dosfstools; btrfs = pkgs.btrfs-progs;
+  }.${t} or (throw "nixvm.volumes: no mkfs known for fsType ${t}")) fsTypes);
+
+  regInfo = pkgs.closureInfo { rootPaths = [ toplevel ]; };
+
+  runScript = pkgs.writeScript "run-${hostName}-vm" runner.script;
+  shutdownScript = pkgs.writeScript "shutdown-${hostName}-vm" runner.shutdownScript;
+
+  letters = lib.stringToCharacters "abcdefghijklmnopqrstuvwxyz";
+
+  volumeType = types.submodule {
+    options = {
+      image = mkOption { type = types.str; description = "Path of the disk image on the host (relative: to the runner's working directory)."; };
+      serial = mkOption { type = types.nullOr types.str; default = null; description = "Serial number the guest sees (at most 20 bytes)."; };
+      direct = mkOption { type = types.bool; default = false; description = "Open the image with O_DIRECT."; };
+      readOnly = mkOption { type = types.bool; default = false; description = "Read-only disk."; };
+      label = mkOption { type = types.nullOr types.str; default = null; description = "File system label, given at creation; the guest mounts by label when set."; };
+      mountPoint = mkOption { type = types.nullOr types.str; default = null; description = "Where the guest mounts the volume, if at all."; };
+      size = mkOption { type = types.nullOr types.int; default = null; description = "Size in MiB of an image the runner creates when it is missing."; };
+      autoCreate = mkOption { type = types.bool; default = true; description = "Create a missing image (truncate + mkfs) before starting; needs size."; };
+      mkfsExtraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More mkfs arguments."; };
+      fsType = mkOption { type = types.str; default = "ext4"; description = "File system for creation and mounting."; };
+    };
+  };
+
+  shareType = types.submodule ({ config, ... }: {
+    options = {
+      tag = mkOption { type = types.str; description = "virtio-fs tag (at most 36 bytes)."; };
+      socket = mkOption {
+        type = types.str;
+        default = "${hostName}-virtiofs-${config.tag}.sock";
+        defaultText = literalExpression ''"''${hostName}-virtiofs-''${tag}.sock"'';
+        description = "virtiofsd's vhost-user socket.";
+      };
+      source = mkOption { type = types.str; description = "Directory on the host."; };
+      mountPoint = mkOption { type = types.str; description = "Where the guest mounts it."; };
+      proto = mkOption { type = types.enum [ "virtiofs" ]; default = "virtiofs"; description = "Only virtio-fs (microvm.nix's 9p is not available)."; };
+      readOnly = mkOption { type = types.bool; default = false; description = "Serve the share read-only (virtiofsd --readonly)."; };
+    };
+  });
+
+  interfaceType = types.submodule {
+    options = {
+      type = mkOption { type = types.enum [ "tap" "macvtap" ]; description = "A TAP device by name, or a macvtap opened by the runner (/dev/tap<ifindex>)."; };
+      id = mkOption { type = types.str; description = "Interface name on the host."; };
+      mac = mkOption { type = types.nullOr types.str; default = null; description = "MAC address of the guest's interface; null: nixvm derives a stable one from id."; };
+      macvtap.link = mkOption { type = types.nullOr types.str; default = null; description = "Host interface a macvtap attaches to (used by the host module)."; };
+      macvtap.mode = mkOption { type = types.enum [ "private" "vepa" "bridge" "passthru" "source" ]; default = "bridge"; description = "MACVTAP mode (used by the host module)."; };
+      bridge = mkOption { type = types.nullOr types.str; default = null; description = "Bridge the host module attaches a TAP to."; };
+    };
+  };
+in
+{
+  options.nixvm = {
+    package = mkOption {
+      type = types.package;
+      default = pkgs.nixvm or (throw "nixvm.package is not set (use nixvm's flake, or an overlay with pkgs.nixvm)");
+      defaultText = literalExpression "pkgs.nixvm";
+      description = "The nixvm package the runner uses.";
+    };
+    virtiofsd = mkOption {
+      type = types.package;
+      default = pkgs.virtiofsd;
+      defaultText = literalExpression "pkgs.virtiofsd";
+      description = "The virtiofsd the runner starts for each share when run by hand.";
+    };
+    virtiofsdArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--sandbox" "none" ];
+      description = "More arguments for the virtiofsd the runner starts.";
+    };
+    vcpu = mkOption { type = types.ints.between 1 254; default = 1; description = "Number of vCPUs."; };
+    mem = mkOption { type = types.ints.positive; default = 512; description = "RAM in MiB (at least 64)."; };
+    socket = mkOption {
+      type = types.nullOr types.str;
+      default = "${hostName}.sock";
+      defaultText = literalExpression ''"''${hostName}.sock"'';
+      description = "nixvm's control socket (--api-socket), for shutdown; null: none.";
+    };
+    kernel = mkOption {
+      type = types.str;
+      default = "${toplevel}/kernel";
+      defaultText = literalExpression ''"''${config.system.build.toplevel}/kernel"'';
+      description = "The kernel nixvm boots (bzImage, or a PVH vmlinux).";
+    };
+    initrd = mkOption {
+      type = types.nullOr types.str;
+      default = "${toplevel}/initrd";
+      defaultText = literalExpression ''"''${config.system.build.toplevel}/initrd"'';
+      description = "The initrd nixvm loads.";
+    };
+    kernelParams = mkOption {
+      type = types.listOf types.str;
+      description = ''
+        The kernel command line nixvm passes (console=ttyS0 reboot=k panic=-1 follow). Includes
+        boot.kernelParams but does not end up in the toplevel, so it may refer to it.
+      '';
+    };
+    preStart = mkOption { type = types.lines; default = ""; description = "Commands the runner runs before nixvm."; };
+    volumes = mkOption { type = types.listOf volumeType; default = [ ]; description = "Disk images: /dev/vda, /dev/vdb, … in order."; };
+    shares = mkOption { type = types.listOf shareType; default = [ ]; description = "Directories shared through virtio-fs (besides the store)."; };
+    interfaces = mkOption { type = types.listOf interfaceType; default = [ ]; description = "Network interfaces: eth0, eth1, … in order."; };
+    mountHostNixStore = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Share the host's /nix/store (read-only, tag ro-store) and mount it at /nix/.ro-store.";
+    };
+    writableStoreOverlay = mkOption {
+      type = types.nullOr types.str;
+      default = "/nix/.rw-store";
+      description = ''
+        With the host's store shared: the directory holding a writable overlay over it on
+        /nix/store (a tmpfs by default: mount a volume there to keep it); null: /nix/store is
+        the read-only share.
+      '';
+    };
+    shutdownTimeout = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Seconds the guest has to power off after the power button (nixvm's default: 30)."; };
+    onReboot = mkOption { type = types.enum [ "exit" "restart" ]; default = "restart"; description = "A guest reboot boots the VM again in place (restart), or ends nixvm with status 3 (exit)."; };
+    extraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More nixvm arguments."; };
+    runner = mkOption {
+      type = types.attrsOf types.unspecified;
+      readOnly = true;
+      internal = true;
+      description = "What nix/lib/runner.nix made of this configuration: argv, script, shutdownArgv, cmdline, config.";
+    };
+  };
+
+  config = mkMerge [
+    {
+      nixvm.runner = runner;
+      nixvm.kernelParams = config.boot.kernelParams ++ [
+        "init=${toplevel}/init"
+        "regInfo=${regInfo}/registration"
+      ];
+
+      boot.loader.grub.enable = false;
+      boot.initrd.kernelModules = [ "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
+        ++ lib.optional (cfg.mountHostNixStore && ov != null) "overlay";
+
+      # The store's registration, as qemu-vm.nix does it.
+      boot.postBootCommands = ''
+        if [[ "$(cat /proc/cmdline)" =~ regInfo=([^ ]*) ]]; then
+          ${config.nix.package.out}/bin/nix-store --load-db < ''${BASH_REMATCH[1]}
+        fi
+      '';
+
+      fileSystems = mkMerge ([
+        { "/" = mkDefault { device = "rootfs"; fsType = "tmpfs"; options = [ "size=50%" "mode=0755" ]; neededForBoot = true; }; }
+      ]
+      ++ lib.imap0 (i: v: lib.optionalAttrs (v.mountPoint != null) {
+        ${v.mountPoint} = {
+          device = if v.label != null then "/dev/disk/by-label/${v.label}" else "/dev/vd${builtins.elemAt letters i}";
+          inherit (v) fsType;
+        } // lib.optionalAttrs (v.mountPoint == ov) { neededForBoot = true; };
+      }) cfg.volumes
+      ++ map (s: {
+        ${s.mountPoint} = {
+          device = s.tag;
+          fsType = "virtiofs";
+          options = [ "defaults" ] ++ lib.optional s.readOnly "ro";
+        } // lib.optionalAttrs (s.source == "/nix/store" || s.mountPoint == ov) { neededForBoot = true; };
+      }) shares
+      ++ lib.optional (cfg.mountHostNixStore && ov != null) {
+        ${ov} = mkDefault { fsType = "tmpfs"; device = "tmpfs"; options = [ "mode=0755" ]; neededForBoot = true; };
+      }
+      ++ lib.optional (cfg.mountHostNixStore && ov == null) {
+        "/nix/store" = { device = "/nix/.ro-store"; fsType = "none"; options = [ "bind" ]; neededForBoot = true; };
+      });
+
+      system.build.vm = pkgs.runCommand "nixvm-${hostName}" {
+        preferLocalBuild = true;
+        meta.mainProgram = "run-${hostName}-vm";
+        passthru = {
+          inherit (runner) argv shutdownArgv cmdline;
+          inherit hostName;
+          runnerName = "run-${hostName}-vm";
+          nixvmConfig = runner.config;
+        };
+      } (''
+        mkdir -p $out/bin
+        ln -s ${runScript} $out/bin/run-${hostName}-vm
+        ln -s ${toplevel} $out/system
+      '' + lib.optionalString (runner.shutdownScript != null) ''
+        ln -s ${shutdownScript} $out/bin/shutdown-${hostName}-vm
+      '');
+    }
+
+    # The overlay on /nix/store, made in the initrd (as qemu-vm.nix makes it).
+    (mkIf (cfg.mountHostNixStore && ov != null && !config.boot.initrd.systemd.enable) {
+      boot.initrd.postMountCommands = ''
+        mkdir -p -m 0755 $targetRoot${ov}/store $targetRoot${ov}/work $targetRoot/nix/store
+        mount -t overlay overlay $targetRoot/nix/store \
+          -o lowerdir=$targetRoot/nix/.ro-store,upperdir=$targetRoot${ov}/store,workdir=$targetRoot${ov}/work || fail
+      '';
+    })
+    (mkIf (cfg.mountHostNixStore && ov != null && config.boot.initrd.systemd.enable) {
+      boot.initrd.systemd.mounts = [{
+        where = "/sysroot/nix/store";
+        what = "overlay";
+        type = "overlay";
+        options = "lowerdir=/sysroot/nix/.ro-store,upperdir=/sysroot${ov}/store,workdir=/sysroot${ov}/work";
+        wantedBy = [ "initrd-fs.target" ];
+        before = [ "initrd-fs.target" ];
+        requires = [ "nixvm-rw-store.service" ];
+        after = [ "nixvm-rw-store.service" ];
+        unitConfig.RequiresMountsFor = "/sysroot/nix/.ro-store";
+      }];
+      boot.initrd.systemd.services.nixvm-rw-store = {
+        unitConfig = {
+          DefaultDependencies = false;
+          RequiresMountsFor = "/sysroot${ov}";
+        };
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = "/bin/mkdir -p -m 0755 /sysroot${ov}/store /sysroot${ov}/work /sysroot/nix/store";
+        };
+      };
+    })
+  ];
+}

@@ -1,0 +1,85 @@
+# nixvm as a microvm.nix hypervisor. Import it beside microvm.nix's guest module and set
+#   microvm.hypervisor = "nixvm";
+# It adds "nixvm" to microvm.hypervisor's choices and builds `microvm.runner.nixvm` the way
+# microvm.nix builds its runners (bin/microvm-run, bin/microvm-shutdown, microvm.binScripts,
+# share/microvm/…), from nix/microvm-runner.nix; microvm.nix's host module (microvm@<name>,
+# its TAP and virtiofsd units) runs it unchanged.
+{ config, lib, pkgs, ... }:
+let
+  mcfg = config.microvm;
+  hostName = config.networking.hostName;
+
+  hv = import ../microvm-runner.nix {
+    inherit pkgs;
+    microvmConfig = mcfg // { inherit hostName; hypervisor = "nixvm"; };
+    nixvm = "${mcfg.nixvm.package}/bin/nixvm";
+    inherit (mcfg.nixvm) extraArgs;
+  };
+
+  execArg = lib.optionalString (mcfg.prettyProcnames or false) ''-a "microvm@${hostName}"'';
+
+  binScripts = (mcfg.binScripts or { }) // {
+    microvm-run = ''
+      set -eou pipefail
+      ${hv.preStart}
+      ${hv.openMacvtapFds}
+      exec ${execArg} ${hv.command}
+    '';
+  } // lib.optionalAttrs hv.canShutdown {
+    microvm-shutdown = hv.shutdownCommand;
+  };
+
+  binScriptPkgs = lib.mapAttrs (n: text: pkgs.writeShellScript "microvm-${hostName}-${n}" text) binScripts;
+
+  runnerPackage = pkgs.runCommand "microvm-nixvm-${hostName}" {
+    meta.mainProgram = "microvm-run";
+    passthru = {
+      inherit (hv) canShutdown supportsNotifySocket tapMultiQueue command;
+      hypervisor = "nixvm";
+      nixvmArgv = hv.runner.argv;
+    };
+  } ''
+    mkdir -p $out/bin $out/share/microvm
+    ${lib.concatStrings (lib.mapAttrsToList (n: p: ''
+      ln -s ${p} $out/bin/${n}
+    '') binScriptPkgs)}
+    ${lib.optionalString (mcfg.systemSymlink or true) ''
+      ln -s ${config.system.build.toplevel} $out/share/microvm/system
+    ''}
+    echo vnet_hdr > $out/share/microvm/tap-flags
+    ${lib.concatMapStrings (i: lib.optionalString (i.type == "tap") ''
+      echo ${lib.escapeShellArg i.id} >> $out/share/microvm/tap-interfaces
+    '') mcfg.interfaces}
+    ${lib.concatMapStrings (i: lib.optionalString (i.type == "macvtap" && (i.macvtap.link or null) != null) ''
+      echo ${lib.escapeShellArg "${i.id} ${i.mac} ${i.macvtap.link} ${toString i.macvtap.mode}"} >> $out/share/microvm/macvtap-interfaces
+    '') mcfg.interfaces}
+    ${lib.concatMapStrings (s: ''
+      mkdir -p $out/share/microvm/virtiofs/${s.tag}
+      echo ${lib.escapeShellArg s.socket} > $out/share/microvm/virtiofs/${s.tag}/socket
+      echo ${lib.escapeShellArg s.source} > $out/share/microvm/virtiofs/${s.tag}/source
+    '') mcfg.shares}
+  '';
+in
+{
+  options.microvm = {
+    # Merged with microvm.nix's enum of hypervisors.
+    hypervisor = lib.mkOption { type = lib.types.enum [ "nixvm" ]; };
+    nixvm = {
+      package = lib.mkOption {
+        type = lib.types.package;
+        default = pkgs.nixvm or (throw "microvm.nixvm.package is not set (use nixvm's flake, or an overlay with pkgs.nixvm)");
+        defaultText = lib.literalExpression "pkgs.nixvm";
+        description = "The nixvm package microvm.nix's runner uses.";
+      };
+      extraArgs = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        description = "More nixvm arguments.";
+      };
+    };
+  };
+
+  config = {
+    microvm.runner.nixvm = runnerPackage;
+  };
+}
