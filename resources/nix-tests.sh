@@ -7,7 +7,8 @@
 #     argv equals the expected one, and target/debug/nixvm accepts it with --dry-run;
 #     descriptions it cannot run fail to evaluate, saying why;
 #   - script/*: the generated runner and shutdown scripts run (volumes created, virtiofsd
-#     started and stopped, nixvm run with the argv);
+#     started and stopped, nixvm run with the argv); the fake-toplevel runner of
+#     resources/nix-runner-boot.sh (which the e2e harness boots) passes --dry-run;
 #   - modules/*: the guest, host and microvm.nix modules evaluated with lib.evalModules of
 #     the real nixpkgs lib, where NIXPKGS_LIB points to a checkout of nix-community/nixpkgs.lib
 #     (otherwise they print "skipped: NIXPKGS_LIB is not set").
@@ -208,6 +209,27 @@ EOF
     cmp -s "$d/stop-argv" "$d/want-stop" || errs+=("shutdown ran: $(cat "$d/stop-argv" 2>/dev/null)")
   fi
   if [ ${#errs[@]} -eq 0 ]; then ok "$name"; else failed "$name" "${errs[@]}"; fi
+fi
+
+# resources/nix-runner-boot.sh renders a runner for a fake toplevel (the e2e harness boots
+# it); here it runs against nixvm --dry-run.
+if wants script/fake-toplevel; then
+  name=script/fake-toplevel
+  d=$TMP/fake-toplevel
+  mkdir -p "$d"
+  printf '#!/bin/sh\nexec "$REAL_NIXVM" "$@" --dry-run\n' > "$d/dry-nixvm"
+  chmod +x "$d/dry-nixvm"
+  if [ -z "$have_vm" ]; then
+    skip_or_fail "$name" "$why"
+  elif ! out=$(resources/nix-runner-boot.sh --render-only "$d/vm" 2>&1); then
+    failed "$name" "nix-runner-boot.sh --render-only failed:" "$out"
+  elif ! out=$(cd "$d/vm" && REAL_NIXVM=$NIXVM NIXVM=$d/dry-nixvm ./bin/run-fake-vm 2>&1 </dev/null); then
+    failed "$name" "the rendered runner failed with --dry-run:" "$out"
+  elif [[ $out != *"nixvm.action=poweroff init=$d/vm/system/init regInfo=$d/vm/closure-info/registration console=ttyS0 reboot=k panic=-1"* ]]; then
+    failed "$name" "unexpected configuration:" "$out"
+  else
+    ok "$name"
+  fi
 fi
 
 # ---------------------------------------------------------------- modules
