@@ -66,6 +66,7 @@ test_all() {
   cargo fmt --all -- --check
   cargo clippy --workspace --all-targets -- -D warnings
   cargo test --workspace
+  resources/nix-tests.sh
 }
 
 case ${1:-} in

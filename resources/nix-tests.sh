@@ -40,14 +40,22 @@ skip() { echo "nix: $1 ... skipped: $2"; skipped=$((skipped + 1)); }
 # A missing prerequisite of nixvm's own build is a failure in CI.
 skip_or_fail() { if [ "${CI:-}" = true ]; then failed "$1" "$2"; else skip "$1" "$2"; fi; }
 
+# Nix itself, as resources/dev.sh installs its packages: Debian's nix-bin through apt.
+if ! command -v nix-instantiate >/dev/null && command -v apt-get >/dev/null; then
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+  echo "nix-tests.sh: installing nix-bin (apt-get)" >&2
+  { "${sudo[@]}" apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends nix-bin; } >/dev/null 2>&1
+fi
 if ! command -v nix-instantiate >/dev/null; then
   skip_or_fail all "nix-instantiate is not installed (Debian: apt-get install nix-bin)"
   [ "$failed" -eq 0 ]
   exit
 fi
 
-# Evaluation only: no store database, no daemon, no network.
-nix_json() { nix-instantiate --readonly-mode --eval --strict --json -E "$1"; }
+# Evaluation only: the dummy store (no store database, no daemon, any user), no network.
+nix_json() { nix-instantiate --store dummy:// --eval --strict --json -E "$1"; }
 nix_raw() {
   nix --extra-experimental-features nix-command --store dummy:// eval --impure --raw --expr "$1"
 }
@@ -61,7 +69,7 @@ RUNNER="$ROOT/nix/lib/runner.nix"
 if wants parse; then
   errs=()
   while IFS= read -r f; do
-    out=$(nix-instantiate --parse "$f" 2>&1 >/dev/null) || errs+=("$f: $out")
+    out=$(nix-instantiate --store dummy:// --parse "$f" 2>&1 >/dev/null) || errs+=("$f: $out")
   done < <(find nix flake.nix -name '*.nix' 2>/dev/null | sort)
   if [ ${#errs[@]} -eq 0 ]; then ok parse; else failed parse "${errs[@]}"; fi
 fi
@@ -140,7 +148,9 @@ echo "virtiofsd $*" >> virtiofsd.log
 echo $$ >> virtiofsd.pids
 exec sleep 60
 EOF
-  chmod +x "$d/bin/"*
+  # nixvm after a moment: the virtiofsd daemons, started in the background, have logged.
+  printf '#!/bin/sh\nsleep 0.5\nexec "$REAL_NIXVM" "$@"\n' > "$d/slow-nixvm"
+  chmod +x "$d/bin/"* "$d/slow-nixvm"
   desc="{ name = \"s\"; kernel = $(nstr "$ASSETS/vmlinuz"); initrd = $(nstr "$ASSETS/initramfs.cpio.gz");
     path = [ $(nstr "$d/bin") ]; virtiofsd = $(nstr "$d/bin/virtiofsd");
     preStart = \"echo prestart > prestart.log\";
@@ -156,7 +166,7 @@ EOF
   elif [ -z "$have_vm" ]; then
     errs+=(skip)
   else
-    out=$(cd "$d/vm" && NIXVM=$NIXVM "$d/run" 2>&1 </dev/null) || errs+=("the runner failed: $out")
+    out=$(cd "$d/vm" && REAL_NIXVM=$NIXVM NIXVM=$d/slow-nixvm "$d/run" 2>&1 </dev/null) || errs+=("the runner failed: $out")
     [ "$(stat -c %s "$d/vm/new.img" 2>/dev/null)" = 3145728 ] || errs+=("new.img was not created with 3 MiB")
     [ "$(stat -c %s "$d/vm/old.img")" = 1048576 ] || errs+=("old.img was touched")
     [ "$(cat "$d/vm/mkfs.log" 2>/dev/null)" = "mkfs.fake -L var new.img" ] ||
