@@ -684,6 +684,7 @@ fn boot_tests(t: &mut Runner, g: &Guest) {
     ];
     group(t, &blk_names, "the disks boot", || disks_boot(g));
     lifecycle_tests(t, g);
+    nix_runner_test(t);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         for name in NET_NAMES {
@@ -725,6 +726,8 @@ mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\necho "NIXVM-TEST: button" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /tmp/acpid.log
+# acpid forks, then opens the input devices: a button pressed before that is lost.
+sleep 2
 "#;
 
 /// Guest script lines: a line every 0.3 s, forever.
@@ -901,6 +904,45 @@ if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
         );
         Ok(())
     });
+}
+
+/// The runner script that nix/lib/runner.nix generates boots a fake NixOS toplevel made of
+/// the test guest (resources/nix-runner-boot.sh checks exit 0, the poweroff marker and the
+/// NixOS command line).
+fn nix_runner_test(t: &mut Runner) {
+    const NAME: &str = "nix_runner_boots_fake_toplevel";
+    if !t.wants(NAME) {
+        return;
+    }
+    let once = || -> Result<Option<String>, String> {
+        let dir = temp_dir().join("nix-runner-boot");
+        let log = temp_dir().join("nix-runner-boot.log");
+        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(root().join("resources/nix-runner-boot.sh"))
+            .arg(&dir)
+            .env("NIXVM", NIXVM)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("resources/nix-runner-boot.sh: {e}"))?;
+        let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        match status.and_then(|s| s.code()) {
+            Some(0) => Ok(None),
+            Some(77) => Ok(Some(tail)),
+            None => Err(format!("no exit within the timeout {STALLED}:\n{tail}")),
+            Some(c) => Err(format!("exit {c}:\n{tail}")),
+        }
+    };
+    let stalled = |r: &Result<_, String>| r.as_ref().is_err_and(|e| e.contains(STALLED));
+    match retry_stalled(NAME, once, stalled) {
+        Ok(Some(why)) => t.skip(NAME, why.trim()),
+        r => t.run(NAME, || r.map(drop)),
+    }
 }
 
 /// Runs one boot that checks several things (once more if it stalled) and reports each
@@ -1990,6 +2032,7 @@ fn main() {
         "api_shutdown_powers_off_exit_0",
         "sigterm_powers_off_through_acpid_exit_0",
         "on_reboot_restart_boots_again",
+        "nix_runner_boots_fake_toplevel",
         "api_shutdown_forced_after_timeout",
         "blk_sha256_matches_host",
         "blk_order_and_serials",
