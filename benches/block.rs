@@ -9,8 +9,6 @@
 //! the host runs the same script on the file. Where /dev/kvm cannot boot Linux it re-runs
 //! itself inside L1 (resources/l1run.sh), where all three run.
 
-use std::error::Error;
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +17,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
+#[path = "common.rs"]
+mod common;
+
+use common::command_line;
+use common::{Result, git_commit, output, stats};
 
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -407,30 +409,6 @@ fn mount_type(path: &Path) -> Option<String> {
     best.map(|(_, kind)| kind)
 }
 
-/// `cmd` as one shell-like line, with paths under `root` made relative to it.
-fn command_line(cmd: &Command, root: &Path) -> String {
-    let root = format!("{}/", root.display());
-    let words = std::iter::once(cmd.get_program()).chain(cmd.get_args());
-    let words: Vec<String> = words
-        .map(OsStr::to_string_lossy)
-        .map(|w| w.replace(&root, ""))
-        .map(|w| if w.contains(' ') { format!("'{w}'") } else { w })
-        .collect();
-    words.join(" ")
-}
-
-/// Median, min and max of `values` (none when empty).
-fn stats(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let median = match n {
-        0 => return None,
-        _ if n % 2 == 1 => values[n / 2],
-        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    };
-    Some((median, values[0], values[n - 1]))
-}
-
 /// Prints the Markdown table; failed runs are left out of the statistics.
 fn table(results: &[Vec<Run>; 3]) {
     println!(
@@ -469,21 +447,4 @@ fn table(results: &[Vec<Run>; 3]) {
 /// The runs that succeeded.
 fn ok(runs: &[Run]) -> impl Iterator<Item = &Run> {
     runs.iter().filter(|r| r.failure.is_none())
-}
-
-/// Runs `cmd` and returns its trimmed stdout; an error if it fails.
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{cmd:?} failed: {}: {}", out.status, err.trim()).into());
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn git_commit(root: &Path) -> Option<String> {
-    let mut git = Command::new("git");
-    // The short commit, "-dirty" when the work tree differs from it.
-    let args = ["describe", "--always", "--dirty", "--exclude", "*"];
-    output(git.current_dir(root).args(args)).ok()
 }

@@ -5,7 +5,6 @@
 //! nixvm's own setup time (its `first KVM_RUN` log line) and the child's peak RSS.
 //! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 
-use std::error::Error;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,7 +12,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
+#[path = "common.rs"]
+mod common;
+
+use common::{Result, git_commit, output, stats};
 
 const MARKER: &str = "NIXVM-TEST: init";
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=poweroff";
@@ -234,18 +236,6 @@ fn header(root: &Path, assets: &Path, runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// Median, min and max of `values` (none when empty).
-fn stats(mut values: Vec<f64>) -> Option<(f64, f64, f64)> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let median = match n {
-        0 => return None,
-        _ if n % 2 == 1 => values[n / 2],
-        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    };
-    Some((median, values[0], values[n - 1]))
-}
-
 /// Prints the Markdown table; failed runs are left out of the statistics.
 fn table(ours: &[Run], theirs: &[Run]) {
     println!("| median (min–max) | nixvm | QEMU microvm | nixvm / QEMU |");
@@ -272,21 +262,4 @@ fn table(ours: &[Run], theirs: &[Run]) {
 /// The runs that succeeded.
 fn ok(runs: &[Run]) -> impl Iterator<Item = &Run> {
     runs.iter().filter(|r| r.failure.is_none())
-}
-
-/// Runs `cmd` and returns its trimmed stdout; an error if it fails.
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output()?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!("{cmd:?} failed: {}: {}", out.status, err.trim()).into());
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
-
-fn git_commit(root: &Path) -> Option<String> {
-    let mut git = Command::new("git");
-    // The short commit, "-dirty" when the work tree differs from it.
-    let args = ["describe", "--always", "--dirty", "--exclude", "*"];
-    output(git.current_dir(root).args(args)).ok()
 }
