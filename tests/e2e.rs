@@ -1026,7 +1026,13 @@ impl NetNs {
         ip(&["netns", "add", &ns.0])?;
         ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
         for (i, tap) in taps.iter().enumerate() {
-            ip(&["-n", &ns.0, "tuntap", "add", tap, "mode", "tap", "vnet_hdr"])?;
+            // A name ending in "mq" makes a multi_queue TAP (which a single-queue attach
+            // would fail on with EINVAL).
+            let mut add = vec!["-n", &ns.0, "tuntap", "add", tap, "mode", "tap", "vnet_hdr"];
+            if tap.ends_with("mq") {
+                add.push("multi_queue");
+            }
+            ip(&add)?;
             ip(&[
                 "-n",
                 &ns.0,
@@ -1075,12 +1081,13 @@ fn open_tap_fd(name: &str) -> Result<i32, String> {
 /// 64 MiB both ways over TCP, checked by sha256 on both sides.
 const NET_BYTES: usize = 64 << 20;
 
-/// One boot with three NICs: two TAPs by name (one with a given MAC), one by an inherited fd.
+/// One boot with three NICs: two TAPs by name (one multi_queue, with a given MAC), one by an
+/// inherited fd.
 /// The guest pings the host side of each, sends 64 MiB to a listener on the host side of
 /// eth0 and receives 64 MiB on its own listener. Returns the results in NET_NAMES order.
 fn net_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     use std::net::{TcpListener, TcpStream};
-    let ns = NetNs::new(&["nxtap0", "nxtap1", "nxtap2"])?;
+    let ns = NetNs::new(&["nxtap0", "nxtap1mq", "nxtap2"])?;
     let fd = join(in_netns(&ns.0, || open_tap_fd("nxtap2")))?;
     let listener = join(in_netns(&ns.0, || {
         TcpListener::bind("10.77.0.1:5001").map_err(|e| format!("bind: {e}"))
@@ -1146,7 +1153,7 @@ echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f
             "--net",
             "tap=nxtap0",
             "--net",
-            "tap=nxtap1,mac=52:54:00:12:34:56",
+            "tap=nxtap1mq,mac=52:54:00:12:34:56",
             "--net",
             &fd_arg,
             "--disk",
