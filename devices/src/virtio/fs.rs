@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{
-    ActivateError, GuestMemoryMmap, INT_VRING, Interrupt, Memory, TYPE_FS, VIRTIO_F_VERSION_1,
-    VirtioDevice, read_config_bytes,
+    ActivateError, GuestMemoryMmap, Interrupt, Memory, TYPE_FS, VIRTIO_F_VERSION_1, VirtioDevice,
+    read_config_bytes,
 };
 
 /// The tag is at most this long (the config space field).
@@ -316,21 +316,12 @@ impl Fallback {
         }
     }
 
+    /// Answers every request waiting, with the queue's notification protocol (EVENT_IDX
+    /// included: the driver only kicks again once told where to).
     fn answer_all(&mut self) {
         let mem = self.mem.memory();
-        let mut used_any = false;
         for (q, _) in &mut self.queues {
-            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let len = answer_eio(chain, &mem);
-                if q.add_used(&*mem, head, len).is_err() {
-                    break;
-                }
-                used_any = true;
-            }
-        }
-        if used_any {
-            self.irq.trigger(INT_VRING);
+            super::process_queue(q, &mem, self.irq.as_ref(), |chain| answer_eio(chain, &mem));
         }
     }
 }
