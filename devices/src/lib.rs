@@ -8,6 +8,7 @@ pub mod cmos;
 pub mod i8042;
 pub mod pm;
 pub mod serial;
+pub mod storefs;
 pub mod virtio;
 
 /// What a device can ask of the VM as a whole.

@@ -1,0 +1,46 @@
+//! A built-in, read-only virtio-fs server for the Nix store: the FUSE request handling core.
+//!
+//! [`StoreFs`] turns one FUSE request (the device-readable bytes of a virtio-fs descriptor
+//! chain) into one reply; it does no virtqueue work itself, the vhost-user backend does. It
+//! is pure request/reply logic over a host directory, so it is unit-tested byte for byte.
+//!
+//! What it serves, and how:
+//! - Only the read-only subset: INIT, LOOKUP, FORGET, BATCH_FORGET, GETATTR, READLINK,
+//!   OPEN, OPENDIR, READ, READDIR, READDIRPLUS, RELEASE, RELEASEDIR, STATFS, ACCESS, FLUSH,
+//!   LSEEK, DESTROY. GETXATTR and LISTXATTR answer ENOSYS (the store has no xattrs, and
+//!   ENOSYS lets the guest kernel stop asking, e.g. for security.capability on every exec).
+//!   Every write-class opcode answers EROFS; FSYNC, FSYNCDIR and SYNCFS answer 0 (syncing
+//!   a read-only file is legal and has nothing to do). Unknown opcodes answer ENOSYS.
+//! - Nothing outside the served directory is reachable: the root is held as an O_PATH
+//!   descriptor and every name is resolved with `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` relative to its parent's O_PATH
+//!   descriptor, one component at a time (names with '/', ".", ".." or no NUL are
+//!   refused with EINVAL). Symlinks are returned to the guest as symlinks and never
+//!   followed on the host.
+//! - Node ids: every node keeps (dev, ino), its parent node and its name; the same host
+//!   inode gets the same node id while it is known. Open O_PATH descriptors are kept only
+//!   for an LRU-bounded set of nodes ([`DEFAULT_MAX_CACHED_FDS`]); an evicted node is
+//!   reopened through its parent chain (and checked to still be the same (dev, ino), else
+//!   ESTALE), so a store of millions of paths does not exhaust descriptors. Open file and
+//!   directory handles hold a descriptor each and are bounded by [`MAX_HANDLES`] (ENFILE).
+//!   Unknown node ids and unknown handles answer EBADF.
+//! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`] and
+//!   files are opened with FOPEN_KEEP_CACHE. Failed lookups are plain ENOENT errors (no
+//!   negative entry is cached), so files that appear on the host later are found.
+use std::io;
+use std::path::PathBuf;
+
+pub mod fuse;
+mod server;
+
+pub use server::{DEFAULT_MAX_CACHED_FDS, MAX_HANDLES, MAX_TRANSFER, StoreFs, TIMEOUT_SECS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path} as a directory to serve")]
+    OpenRoot {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
