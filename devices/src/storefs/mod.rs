@@ -23,7 +23,14 @@
 //!   reopened through its parent chain (and checked to still be the same (dev, ino), else
 //!   ESTALE), so a store of millions of paths does not exhaust descriptors. Open file and
 //!   directory handles hold a descriptor each and are bounded by [`MAX_HANDLES`] (ENFILE).
-//!   Unknown node ids and unknown handles answer EBADF.
+//!   Unknown node ids and unknown handles answer EBADF. Descriptors beyond the process's
+//!   RLIMIT_NOFILE answer EMFILE, so the backend should raise its soft limit to the hard one
+//!   (the defaults need up to DEFAULT_MAX_CACHED_FDS + MAX_HANDLES + a few).
+//! - Node descriptors are reopened under the node table's lock (a cache miss costs one
+//!   openat2 per evicted ancestor); lookups' own openat2 and all I/O run outside it.
+//! - Files and directories are opened for reading by reopening the node's O_PATH descriptor
+//!   through /proc/self/fd (only after checking it is a regular file or a directory, so
+//!   FIFOs, devices and symlinks are never opened), so /proc must be mounted.
 //! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`] and
 //!   files are opened with FOPEN_KEEP_CACHE. Failed lookups are plain ENOENT errors (no
 //!   negative entry is cached), so files that appear on the host later are found.

@@ -1628,6 +1628,54 @@ mod tests {
     }
 
     #[test]
+    fn storefs_concurrent_requests() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<StoreFs>();
+        let t = tree();
+        let fs = StoreFs::with_max_cached_fds(&t.0, 3).unwrap();
+        init(&fs, u32::MAX);
+        let many = lookup(&fs, ROOT_ID, "many").unwrap();
+        std::thread::scope(|s| {
+            for th in 0..4u64 {
+                let fs = &fs;
+                s.spawn(move || {
+                    for round in 0..30u64 {
+                        let i = (th * 7 + round) % 50;
+                        let e = lookup(fs, many.nodeid, &format!("file-{i:03}")).unwrap();
+                        let o = open(fs, OPEN, e.nodeid, 0).unwrap();
+                        assert_eq!(read(fs, o.fh, 0, 10).unwrap(), b"x");
+                        let r = ReleaseIn {
+                            fh: o.fh,
+                            ..Default::default()
+                        };
+                        assert_eq!(call(fs, RELEASE, 0, r.as_slice()).0, 0);
+                        let d = path_of(fs, "a/b/c/deep.txt");
+                        assert_eq!(getattr(fs, d.nodeid).unwrap().size, 4);
+                        for n in [d.nodeid, e.nodeid] {
+                            let f = ForgetIn { nlookup: 1 };
+                            assert_eq!(fs.handle(&req(FORGET, n, f.as_slice()), 4096), None);
+                        }
+                    }
+                });
+            }
+        });
+        // a, b and c were looked up 120 times each and never forgotten; the rest is gone.
+        let inodes = lock(&fs.inodes);
+        let mut left: Vec<_> = inodes.nodes.values().map(|n| n.name.clone()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                c"a".to_owned(),
+                c"b".to_owned(),
+                c"c".to_owned(),
+                c"many".to_owned()
+            ]
+        );
+        assert!(inodes.lru.len() <= 3);
+    }
+
+    #[test]
     fn storefs_malformed_requests() {
         let t = tree();
         let fs = StoreFs::new(&t.0).unwrap();
