@@ -212,22 +212,9 @@ fn boot(cmd: &mut Command) -> Result<Run> {
 
 /// The facts around the table: when, where, what.
 fn header(root: &Path, assets: &Path, runs: usize) -> Result<()> {
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
-    let uname = output(Command::new("uname").arg("-r"))?;
     let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
-    println!("\n- date: {date}");
-    match std::env::var("NIXVM_BENCH_HOST_KERNEL") {
-        Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
-        Err(_) => println!("- kernel (uname -r): {uname}"),
-    }
-    if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
-        println!("- route: l1, both VMMs inside an L1 QEMU guest on TCG-emulated AMD SVM:");
-        println!("  absolute times are ~50-100x a real host's, only the ratios mean anything");
-    } else {
-        println!("- route: direct (this host's /dev/kvm)");
-    }
-    println!("- commit: {}", commit.as_deref().unwrap_or("unknown"));
+    common::header(commit.as_deref())?;
     println!(
         "- guest: Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB",
         kver.trim()
