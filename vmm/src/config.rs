@@ -77,6 +77,20 @@ pub enum Error {
     FsDuplicateTag(String),
     #[error("virtio-fs queue_size {0} must be a power of two from 16 to 32768")]
     FsQueueSize(u16),
+    #[error("virtio-fs queues={0} must be from 1 to 16")]
+    FsQueues(u16),
+    #[error(
+        "virtio-fs share {0:?} needs exactly one of socket=PATH (an external back end such as virtiofsd) and path=DIR (served by nixvm)"
+    )]
+    FsSource(String),
+    #[error("virtio-fs share {0:?}: nixvm serves path= read-only, so add readonly=on")]
+    FsNotReadOnly(String),
+    #[error(
+        "virtio-fs share {0:?}: readonly=on is for path= shares; start the socket's back end read-only instead (virtiofsd --readonly)"
+    )]
+    FsReadOnlySocket(String),
+    #[error("the directory {0} to share with path= does not exist or is not a directory")]
+    FsDir(PathBuf),
     #[error("the directory of control socket {0} does not exist")]
     ApiSocketDir(PathBuf),
     #[error("the directory of serial {kind} {path} does not exist")]
@@ -394,15 +408,25 @@ impl FromStr for MemoryArg {
     }
 }
 
-/// One `--fs`: `tag=TAG,socket=PATH[,queue_size=N]`, a virtio-fs share served by the
-/// vhost-user backend (virtiofsd) listening on PATH; in JSON an object with the same names.
+/// One `--fs`: a virtio-fs share, either served by an external vhost-user backend (e.g.
+/// virtiofsd) listening on `socket=PATH`, or a directory `path=DIR,readonly=on` that nixvm
+/// serves itself with a `nixvm storefs` process of its own. In JSON an object with the same
+/// names (`readonly` a boolean).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsConfig {
     pub tag: String,
-    pub socket: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub readonly: bool,
     #[serde(default = "default_fs_queue_size")]
     pub queue_size: u16,
+    /// Request queues; default 1 for `socket=`, min(cpus, 4) for `path=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
 }
 
 fn default_fs_queue_size() -> u16 {
@@ -410,13 +434,26 @@ fn default_fs_queue_size() -> u16 {
 }
 
 impl FsConfig {
-    pub const SYNTAX: &'static str = "tag=TAG,socket=PATH[,queue_size=N]";
+    pub const SYNTAX: &'static str =
+        "tag=TAG,socket=PATH or tag=TAG,path=DIR,readonly=on, then [,queue_size=N][,queues=N]";
 
-    pub fn options(&self) -> nixvm_devices::virtio::fs::FsOptions {
+    /// The request queues to ask for, on a VM with `cpus` vCPUs.
+    pub fn request_queues(&self, cpus: u8) -> u16 {
+        match (self.queues, &self.path) {
+            (Some(n), _) => n,
+            (None, Some(_)) => u16::from(cpus).clamp(1, 4),
+            (None, None) => 1,
+        }
+    }
+
+    /// The frontend's options, connecting to `socket` (the share's own, or the one of the
+    /// backend nixvm started for it).
+    pub fn options(&self, socket: &Path, cpus: u8) -> nixvm_devices::virtio::fs::FsOptions {
         nixvm_devices::virtio::fs::FsOptions {
             tag: self.tag.clone(),
-            socket: self.socket.clone(),
+            socket: socket.to_owned(),
             queue_size: self.queue_size,
+            request_queues: self.request_queues(cpus),
         }
     }
 }
@@ -429,23 +466,29 @@ impl FromStr for FsConfig {
     type Err = FsError;
     fn from_str(s: &str) -> std::result::Result<Self, FsError> {
         let err = || FsError(s.to_owned());
-        let (mut tag, mut socket, mut queue_size) = (None, None, default_fs_queue_size());
+        let mut tag = None;
+        let mut f = FsConfig {
+            tag: String::new(),
+            socket: None,
+            path: None,
+            readonly: false,
+            queue_size: default_fs_queue_size(),
+            queues: None,
+        };
         for part in s.split(',') {
             match part.split_once('=').ok_or_else(err)? {
                 ("tag", v) if !v.is_empty() => tag = Some(v.to_owned()),
-                ("socket", v) if !v.is_empty() => socket = Some(PathBuf::from(v)),
-                ("queue_size", v) => queue_size = v.parse().map_err(|_| err())?,
+                ("socket", v) if !v.is_empty() => f.socket = Some(PathBuf::from(v)),
+                ("path", v) if !v.is_empty() => f.path = Some(PathBuf::from(v)),
+                ("readonly", "on") => f.readonly = true,
+                ("readonly", "off") => f.readonly = false,
+                ("queue_size", v) => f.queue_size = v.parse().map_err(|_| err())?,
+                ("queues", v) => f.queues = Some(v.parse().map_err(|_| err())?),
                 _ => return Err(err()),
             }
         }
-        match (tag, socket) {
-            (Some(tag), Some(socket)) => Ok(FsConfig {
-                tag,
-                socket,
-                queue_size,
-            }),
-            _ => Err(err()),
-        }
+        f.tag = tag.ok_or_else(err)?;
+        Ok(f)
     }
 }
 
@@ -610,6 +653,23 @@ impl VmConfig {
             if fs[..i].iter().any(|g| g.tag == f.tag) {
                 return Err(Error::FsDuplicateTag(f.tag.clone()));
             }
+            if f.queues
+                .is_some_and(|q| !(1..=nixvm_devices::virtio::fs::MAX_REQUEST_QUEUES).contains(&q))
+            {
+                return Err(Error::FsQueues(f.queues.unwrap_or(0)));
+            }
+            match (&f.socket, &f.path) {
+                (Some(_), None) if f.readonly => {
+                    return Err(Error::FsReadOnlySocket(f.tag.clone()));
+                }
+                (Some(_), None) => {}
+                (None, Some(_)) if !f.readonly => {
+                    return Err(Error::FsNotReadOnly(f.tag.clone()));
+                }
+                (None, Some(dir)) if !dir.is_dir() => return Err(Error::FsDir(dir.clone())),
+                (None, Some(_)) => {}
+                _ => return Err(Error::FsSource(f.tag.clone())),
+            }
         }
         let shared_memory = file.shared_memory.unwrap_or(false) || !fs.is_empty();
         let rng = file.rng.unwrap_or(true);
@@ -745,19 +805,35 @@ mod tests {
             f,
             FsConfig {
                 tag: "ro-store".into(),
-                socket: "/run/s.sock".into(),
-                queue_size: 1024
+                socket: Some("/run/s.sock".into()),
+                path: None,
+                readonly: false,
+                queue_size: 1024,
+                queues: None,
             }
         );
+        assert_eq!(f.request_queues(8), 1);
         let f: FsConfig = "socket=s,tag=t,queue_size=128".parse().unwrap();
         assert_eq!(f.queue_size, 128);
+        let f: FsConfig = "tag=store,path=/nix/store,readonly=on,queues=2"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (f.path.as_deref(), f.readonly, f.queues, f.socket),
+            (Some(Path::new("/nix/store")), true, Some(2), None)
+        );
+        let f: FsConfig = "tag=store,path=/nix/store,readonly=on".parse().unwrap();
+        assert_eq!((f.request_queues(1), f.request_queues(2)), (1, 2));
+        assert_eq!(f.request_queues(64), 4);
         for bad in [
             "",
-            "tag=t",
             "socket=s",
             "tag=,socket=s",
             "tag=t,socket=s,queue_size=x",
             "tag=t,socket=s,cache=auto",
+            "tag=t,path=/d,readonly=yes",
+            "tag=t,path=",
+            "tag=t,socket=s,queues=-1",
         ] {
             assert!(bad.parse::<FsConfig>().is_err(), "{bad:?}");
         }
@@ -944,18 +1020,44 @@ mod tests {
         );
         let share = |tag: &str, q: u16| FsConfig {
             tag: tag.into(),
-            socket: "/s".into(),
+            socket: Some("/s".into()),
+            path: None,
+            readonly: false,
             queue_size: q,
+            queues: None,
+        };
+        let dir = |spec: &str| {
+            let mut f: FsConfig = spec.parse().unwrap();
+            f.path = f.path.map(|_| std::env::temp_dir());
+            f
         };
         let mut c = base();
         c.fs = Some(vec![share("ro-store", 1024)]);
         assert!(VmConfig::validate(c, 1 << 40).unwrap().shared_memory);
+        let mut c = base();
+        c.fs = Some(vec![dir("tag=a,path=/d,readonly=on")]);
+        assert!(VmConfig::validate(c, 1 << 40).unwrap().shared_memory);
+        let mut c = base();
+        let mut missing = dir("tag=a,path=/d,readonly=on");
+        missing.path = Some("/nonexistent/nixvm-share".into());
+        c.fs = Some(vec![missing]);
+        assert!(matches!(
+            VmConfig::validate(c, 1 << 40),
+            Err(Error::FsDir(p)) if p == Path::new("/nonexistent/nixvm-share")
+        ));
         for (shares, want) in [
             (vec![share("", 8)], "tag"),
             (vec![share(&"x".repeat(37), 1024)], "tag"),
             (vec![share("a", 100)], "queue"),
             (vec![share("a", 8)], "queue"),
             (vec![share("a", 1024), share("a", 1024)], "dup"),
+            (vec![dir("tag=a")], "source"),
+            (vec![dir("tag=a,socket=/s,path=/d,readonly=on")], "source"),
+            (vec![dir("tag=a,path=/d")], "not-ro"),
+            (vec![dir("tag=a,socket=/s,readonly=on")], "ro-socket"),
+            (vec![dir("tag=a,path=/d,readonly=on,queues=0")], "queues"),
+            (vec![dir("tag=a,path=/d,readonly=on,queues=17")], "queues"),
+            (vec![dir("tag=a,socket=/s,queues=17")], "queues"),
         ] {
             let mut c = base();
             c.fs = Some(shares);
@@ -963,6 +1065,10 @@ mod tests {
             let ok = match want {
                 "tag" => matches!(e, Error::FsTag(_)),
                 "queue" => matches!(e, Error::FsQueueSize(_)),
+                "source" => matches!(e, Error::FsSource(_)),
+                "not-ro" => matches!(e, Error::FsNotReadOnly(_)),
+                "ro-socket" => matches!(e, Error::FsReadOnlySocket(_)),
+                "queues" => matches!(e, Error::FsQueues(_)),
                 _ => matches!(e, Error::FsDuplicateTag(_)),
             };
             assert!(ok, "{e}");

@@ -8,6 +8,7 @@ mod console;
 mod control;
 mod cpuid;
 mod lifecycle;
+mod storefs;
 mod terminal;
 mod unix;
 mod vcpu;
@@ -98,6 +99,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve DIR read-only as a virtio-fs vhost-user back end on SOCKET (nixvm's own, for the
+    /// Nix store; `--fs tag=T,socket=SOCKET` connects to it, and `--fs tag=T,path=DIR,readonly=on`
+    /// starts one by itself). Serves one connection; ends when the VMM disconnects.
+    Storefs {
+        /// The vhost-user socket to create and listen on.
+        #[arg(long, value_name = "PATH", required_unless_present = "listen_fd")]
+        socket: Option<PathBuf>,
+        /// An inherited listening socket instead of --socket (how nixvm starts it).
+        #[arg(long, value_name = "FD", conflicts_with = "socket")]
+        listen_fd: Option<i32>,
+        /// The directory to serve, read-only.
+        #[arg(long, value_name = "DIR")]
+        path: PathBuf,
+        /// Request queues to serve, each with its own thread (1 to 16).
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        queues: u16,
+    },
     /// Talk to a running nixvm through its control socket.
     Ctl {
         /// The VM's --api-socket.
@@ -284,8 +302,36 @@ fn main() -> ExitCode {
     started();
     init_logger();
     let cli = Cli::parse();
-    if let Some(Command::Ctl { api_socket, cmd }) = &cli.command {
-        return ExitCode::from(ctl(api_socket, cmd));
+    match &cli.command {
+        Some(Command::Ctl { api_socket, cmd }) => return ExitCode::from(ctl(api_socket, cmd)),
+        Some(Command::Storefs {
+            socket,
+            listen_fd,
+            path,
+            queues,
+        }) => {
+            let opts = storefs::Options {
+                listen: match (socket, listen_fd) {
+                    (Some(s), _) => storefs::Listen::Socket(s.clone()),
+                    (None, Some(fd)) => storefs::Listen::Fd(*fd),
+                    (None, None) => unreachable!("clap requires one"),
+                },
+                dir: path.clone(),
+                request_queues: *queues,
+            };
+            return match storefs::run(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let mut msg = format!("nixvm storefs: {e}");
+                    if let Some(s) = e.source() {
+                        msg.push_str(&format!(": {s}"));
+                    }
+                    eprintln!("{msg}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            };
+        }
+        None => {}
     }
     match run(cli) {
         Ok(status) => ExitCode::from(status),

@@ -38,7 +38,7 @@ use crate::control::{Control, VmInfo};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::unix::Listener;
 use crate::vcpu::Buses;
-use crate::{cpuid, terminal, unix, vcpu};
+use crate::{cpuid, storefs, terminal, unix, vcpu};
 
 /// Where nixvm looks for KVM; `NIXVM_KVM_DEVICE` overrides it (tests use this).
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
@@ -101,6 +101,8 @@ pub enum Error {
     Net(#[from] net::Error),
     #[error(transparent)]
     Fs(#[from] fs::Error),
+    #[error(transparent)]
+    Storefs(#[from] storefs::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("event loop")]
@@ -238,6 +240,8 @@ pub struct Vm {
     vm: VmFd,
     _kvm: Kvm,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// `nixvm storefs` processes serving `path=` shares: stopped after everything else.
+    _backends: Vec<storefs::Process>,
 }
 
 type Transport = Arc<Mutex<MmioTransport>>;
@@ -361,7 +365,9 @@ impl Vm {
         let (serial, drained) = create_serial(&vm, console_out)?;
         let mut buses = Buses::default();
         add_legacy_devices(&mut buses, &exit, serial.clone());
-        let (device_aml, cmdline, transports) = add_virtio_devices(&vm, &mut buses, &mem, config)?;
+        let mut backends = Vec::new();
+        let (device_aml, cmdline, transports) =
+            add_virtio_devices(&vm, &mut buses, &mem, config, &mut backends)?;
         let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&power_button, acpi::GED_GSI)
             .map_err(kvm_err("connect the power button"))?;
@@ -445,6 +451,7 @@ impl Vm {
             vm,
             _kvm: kvm,
             mem,
+            _backends: backends,
         })
     }
 
@@ -613,11 +620,13 @@ fn vhost_user_wait() -> std::time::Duration {
 /// virtio-fs shares, then the entropy device, each in its own
 /// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
 /// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
+/// The back-end processes started for `path=` shares go into `backends`.
 fn add_virtio_devices(
     vm: &VmFd,
     buses: &mut Buses,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     config: &VmConfig,
+    backends: &mut Vec<storefs::Process>,
 ) -> Result<(Vec<u8>, String, Vec<Transport>)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut transports = Vec::new();
@@ -634,7 +643,18 @@ fn add_virtio_devices(
     }
     let wait = vhost_user_wait();
     for f in &config.fs {
-        devices.push(Box::new(fs::VhostUserFs::connect(&f.options(), wait)?));
+        let device = match (&f.socket, &f.path) {
+            (Some(socket), _) => fs::VhostUserFs::connect(&f.options(socket, config.cpus), wait)?,
+            (None, Some(dir)) => {
+                let queues = f.request_queues(config.cpus);
+                let (process, socket) = storefs::spawn(dir, queues)?;
+                backends.push(process);
+                // It listens already: connecting does not wait.
+                fs::VhostUserFs::connect(&f.options(&socket.path, config.cpus), wait)?
+            }
+            (None, None) => unreachable!("validated: socket or path"),
+        };
+        devices.push(Box::new(device));
     }
     if config.rng {
         devices.push(Box::new(Rng::default()));

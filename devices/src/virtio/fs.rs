@@ -31,8 +31,8 @@ use super::{
 /// The tag is at most this long (the config space field).
 pub const TAG_MAX: usize = 36;
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
-/// One high-priority queue and one request queue.
-const NUM_QUEUES: usize = 2;
+/// At most this many request queues (besides the high-priority queue).
+pub const MAX_REQUEST_QUEUES: u16 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,6 +57,8 @@ pub struct FsOptions {
     pub tag: String,
     pub socket: PathBuf,
     pub queue_size: u16,
+    /// Request queues wanted (1..=MAX_REQUEST_QUEUES); fewer if the backend serves fewer.
+    pub request_queues: u16,
 }
 
 /// The virtio-fs device, its backend connected.
@@ -69,7 +71,8 @@ pub struct VhostUserFs {
     backend_features: u64,
     protocol: bool,
     acked: u64,
-    queue_sizes: [u16; NUM_QUEUES],
+    /// One size per queue: the high-priority queue, then the request queues.
+    queue_sizes: Vec<u16>,
     config: [u8; TAG_MAX + 4],
     watcher: Option<Worker>,
 }
@@ -113,14 +116,17 @@ impl VhostUserFs {
             message: e.to_string(),
         };
         let io_err = |e: io::Error| handshake(&e);
+        let wanted_queues = 1 + u64::from(opts.request_queues.clamp(1, MAX_REQUEST_QUEUES));
         let mut frontend =
-            Frontend::from_stream(stream.try_clone().map_err(io_err)?, NUM_QUEUES as u64);
+            Frontend::from_stream(stream.try_clone().map_err(io_err)?, wanted_queues);
         frontend.set_owner().map_err(|e| handshake(&e))?;
         let backend_features = frontend.get_features().map_err(|e| handshake(&e))?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(handshake(&"it does not offer VIRTIO_F_VERSION_1"));
         }
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        // Without MQ the backend serves the two queues every virtio-fs backend has.
+        let mut num_queues = 2;
         if protocol {
             let offered = frontend
                 .get_protocol_features()
@@ -131,17 +137,20 @@ impl VhostUserFs {
                 .map_err(|e| handshake(&e))?;
             if wanted.contains(VhostUserProtocolFeatures::MQ) {
                 let n = frontend.get_queue_num().map_err(|e| handshake(&e))?;
-                if n < NUM_QUEUES as u64 {
+                if n < 2 {
                     return Err(handshake(&format!(
                         "it serves {n} queues, virtio-fs needs 2"
                     )));
                 }
+                num_queues = n.min(wanted_queues);
             }
         }
         let mut config = [0u8; TAG_MAX + 4];
         let n = opts.tag.len().min(TAG_MAX);
         config[..n].copy_from_slice(&opts.tag.as_bytes()[..n]);
-        config[TAG_MAX..].copy_from_slice(&1u32.to_le_bytes()); // num_request_queues
+        let num_queues = usize::try_from(num_queues).expect("at most 1 + MAX_REQUEST_QUEUES");
+        let request_queues = u32::try_from(num_queues - 1).expect("small");
+        config[TAG_MAX..].copy_from_slice(&request_queues.to_le_bytes());
         Ok(VhostUserFs {
             socket: opts.socket.clone(),
             tag: opts.tag.clone(),
@@ -150,7 +159,7 @@ impl VhostUserFs {
             backend_features,
             protocol,
             acked: 0,
-            queue_sizes: [opts.queue_size; NUM_QUEUES],
+            queue_sizes: vec![opts.queue_size; num_queues],
             config,
             watcher: None,
         })
@@ -180,6 +189,10 @@ impl VhostUserFs {
                 .map_err(|e| format!("queue {what} at {a:#x}: {e}"))
         };
         for (i, (q, kick)) in queues.iter().enumerate() {
+            if !q.ready() {
+                // A driver may leave request queues unused (Linux before 6.11 uses one).
+                continue;
+            }
             let cfg = VringConfigData {
                 queue_max_size: q.max_size(),
                 queue_size: q.size(),
@@ -231,7 +244,7 @@ impl VirtioDevice for VhostUserFs {
         irq: Arc<dyn Interrupt>,
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
+        if queues.len() != self.queue_sizes.len() {
             return Err(ActivateError::BadQueue(queues.len()));
         }
         let call = irq
@@ -281,7 +294,7 @@ impl VirtioDevice for VhostUserFs {
     }
     fn reset(&mut self) -> bool {
         self.watcher.take();
-        for i in 0..NUM_QUEUES {
+        for i in 0..self.queue_sizes.len() {
             // Stops the ring in the backend; a dead backend has nothing to stop.
             if let Err(e) = self.frontend.get_vring_base(i) {
                 log::debug!("virtio-fs {}: get_vring_base({i}): {e}", self.tag);
@@ -383,6 +396,7 @@ mod tests {
             tag: "t".into(),
             socket: sock.clone(),
             queue_size: 8,
+            request_queues: 1,
         };
         let start = Instant::now();
         let e = VhostUserFs::connect(&opts, Duration::from_millis(300))
@@ -408,6 +422,7 @@ mod tests {
             tag: "t".into(),
             socket: sock.clone(),
             queue_size: 8,
+            request_queues: 1,
         };
         let e = VhostUserFs::connect(&opts, Duration::from_secs(10))
             .err()

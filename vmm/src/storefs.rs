@@ -1,0 +1,427 @@
+//! `nixvm storefs --socket PATH --path DIR`: nixvm's own read-only virtio-fs back end, a
+//! vhost-user daemon (the `vhost-user-backend` crate) serving DIR with
+//! `nixvm_devices::storefs::StoreFs`. It runs as its own process, so that a bug in file
+//! serving cannot take a VMM with it; `nixvm --fs tag=T,socket=PATH` connects to it as it
+//! does to virtiofsd, and `nixvm --fs tag=T,path=DIR,readonly=on` starts one itself
+//! ([`spawn`]) on a listening socket it hands over (`--listen-fd`), so no socket is left
+//! for anyone to manage. The high-priority queue and each request queue have a thread.
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nixvm_devices::storefs::StoreFs;
+use vhost::vhost_user::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{
+    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+const QUEUE_SIZE: usize = 1024;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot serve {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: nixvm_devices::storefs::Error,
+    },
+    #[error("vhost-user daemon on {socket}: {message}")]
+    Daemon { socket: PathBuf, message: String },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--listen-fd {0} is not a listening socket")]
+    ListenFd(RawFd),
+    #[error("--queues {0} must be from 1 to 16")]
+    Queues(u16),
+    #[error("cannot start nixvm storefs for {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the daemon takes its one connection from.
+#[derive(Debug)]
+pub enum Listen {
+    /// Bind a socket at this path (replacing a stale one).
+    Socket(PathBuf),
+    /// A listening socket inherited from the process that started it.
+    Fd(RawFd),
+}
+
+/// What `nixvm storefs` is asked to do.
+#[derive(Debug)]
+pub struct Options {
+    pub listen: Listen,
+    pub dir: PathBuf,
+    /// Request queues served (besides the high-priority queue), each by its own thread.
+    pub request_queues: u16,
+}
+
+struct Backend {
+    fs: StoreFs,
+    /// The high-priority queue and the request queues.
+    num_queues: usize,
+    mem: std::sync::RwLock<Memory>,
+    event_idx: AtomicBool,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl Backend {
+    /// Serves every request waiting on `vring`.
+    fn serve(&self, vring: &VringRwLock) -> std::io::Result<()> {
+        let mem: GuestMemoryLoadGuard<GuestMemoryMmap> =
+            self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .iter(mem.clone())
+                    .ok()
+                    .and_then(|mut i| i.next());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let len = self.answer(chain, &mem);
+                if vring.add_used(head, len).is_err() {
+                    log::warn!("storefs: cannot complete descriptor {head}");
+                }
+            }
+            if !event_idx || !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// One FUSE request: the readable part in, the reply into the writable part.
+    fn answer<M>(&self, chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemoryMmap) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemoryMmap>,
+    {
+        let (mut request, mut out) = (Vec::new(), Vec::new());
+        for d in chain {
+            if d.is_write_only() {
+                out.push((d.addr(), d.len() as usize));
+            } else if request.len() < 1 << 20 {
+                let mut b = vec![0u8; d.len() as usize];
+                if mem.read_slice(&mut b, d.addr()).is_err() {
+                    return 0;
+                }
+                request.extend_from_slice(&b);
+            }
+        }
+        let room: usize = out.iter().map(|o| o.1).sum();
+        let Some(reply) = self.fs.handle(&request, room) else {
+            return 0;
+        };
+        let mut done = 0;
+        for (addr, len) in out {
+            let n = len.min(reply.len() - done);
+            if n == 0 {
+                break;
+            }
+            if mem.write_slice(&reply[done..done + n], addr).is_err() {
+                return 0;
+            }
+            done += n;
+        }
+        u32::try_from(done).unwrap_or(0)
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+    }
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
+        Ok(())
+    }
+    /// One thread per queue: a long read on a request queue does not hold up FORGETs, and
+    /// a guest that spreads requests over the queues (Linux 6.11 and later) gets them served
+    /// in parallel.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1 << i).collect()
+    }
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Ok(());
+        }
+        match vrings.get(usize::from(device_event)) {
+            Some(v) => self.serve(v),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves `opts.dir` on the one connection it accepts, until the VMM disconnects.
+pub fn run(opts: &Options) -> Result<(), Error> {
+    let socket = match &opts.listen {
+        Listen::Socket(p) => p.clone(),
+        Listen::Fd(fd) => PathBuf::from(format!("fd {fd}")),
+    };
+    let daemon_err = |message: String| Error::Daemon {
+        socket: socket.clone(),
+        message,
+    };
+    if !(1..=nixvm_devices::virtio::fs::MAX_REQUEST_QUEUES).contains(&opts.request_queues) {
+        return Err(Error::Queues(opts.request_queues));
+    }
+    let num_queues = 1 + usize::from(opts.request_queues);
+    raise_fd_limit();
+    let dir = &opts.dir;
+    let fs = StoreFs::new(dir).map_err(|source| Error::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let listener = match &opts.listen {
+        Listen::Socket(p) => {
+            let _ = std::fs::remove_file(p);
+            UnixListener::bind(p).map_err(|source| Error::Listen {
+                path: p.clone(),
+                source,
+            })?
+        }
+        Listen::Fd(fd) => inherited_listener(*fd)?,
+    };
+    let mut listener = vhost::vhost_user::Listener::from(listener);
+    let exits = (0..num_queues)
+        .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| daemon_err(e.to_string()))?;
+    let backend = Arc::new(Backend {
+        fs,
+        num_queues,
+        mem: std::sync::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+        event_idx: AtomicBool::new(false),
+        exits,
+    });
+    let mut daemon = VhostUserDaemon::new(
+        "nixvm-storefs".into(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| daemon_err(e.to_string()))?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| daemon_err(e.to_string()))?;
+    drop(listener);
+    if let Listen::Socket(p) = &opts.listen {
+        // Connected: nobody else is to connect.
+        let _ = std::fs::remove_file(p);
+    }
+    let served = daemon.wait().map_err(|e| e.to_string());
+    for (_, n) in &backend.exits {
+        let _ = n.notify();
+    }
+    match served {
+        Ok(()) => Ok(()),
+        // The VMM hanging up is how a session ends.
+        Err(e) if e.contains("disconnect") || e.contains("Disconnected") => Ok(()),
+        Err(e) if e.contains("partial message") || e.contains("PartialMessage") => Ok(()),
+        Err(e) => Err(daemon_err(e)),
+    }
+}
+
+/// Takes over the listening socket `fd` that the starting process left open for us.
+fn inherited_listener(fd: RawFd) -> Result<UnixListener, Error> {
+    let mut listening: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("4");
+    // SAFETY: getsockopt writes at most `len` bytes into the valid `listening`; on a number
+    // that is no socket it fails without touching anything.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || listening == 0 {
+        return Err(Error::ListenFd(fd));
+    }
+    // SAFETY: `fd` is an open listening socket (checked above) that this process was given
+    // to own; nothing else in it uses that number.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = set_cloexec(owned.as_raw_fd(), true);
+    Ok(UnixListener::from(owned))
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on a descriptor number only read and set its flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        if libc::fcntl(fd, libc::F_SETFD, flags) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A `nixvm storefs` process serving one `--fs path=` share of this VM. It ends by itself
+/// when the VM's connection closes; dropping this kills it (it holds no data) and reaps it.
+pub struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The listening socket of a just-started back end, in a directory only this user can
+/// enter; both are removed when this is dropped (after connecting).
+pub struct PrivateSocket {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Drop for PrivateSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Starts `nixvm storefs` (this same executable) serving `dir` read-only on a fresh
+/// listening socket; connect to the returned socket, then drop it.
+pub fn spawn(dir: &Path, request_queues: u16) -> Result<(Process, PrivateSocket), Error> {
+    let spawn_err = |source| Error::Spawn {
+        path: dir.to_owned(),
+        source,
+    };
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let mut n = 0u32;
+    let private = loop {
+        let d = base.join(format!("nixvm-storefs.{}.{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(spawn_err(e)),
+        }
+    };
+    let socket = PrivateSocket {
+        path: private.join("sock"),
+        dir: private,
+    };
+    let listener = UnixListener::bind(&socket.path).map_err(|source| Error::Listen {
+        path: socket.path.clone(),
+        source,
+    })?;
+    let exe = std::env::current_exe().map_err(spawn_err)?;
+    let fd = listener.as_raw_fd();
+    // The child inherits the listener by number. Nothing else spawns processes while a VM
+    // is being built, so no other child can pick it up meanwhile.
+    set_cloexec(fd, false).map_err(spawn_err)?;
+    let child = Command::new(exe)
+        .arg("storefs")
+        .arg("--listen-fd")
+        .arg(fd.to_string())
+        .arg("--path")
+        .arg(dir)
+        .arg("--queues")
+        .arg(request_queues.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(spawn_err)?;
+    drop(listener);
+    Ok((Process(child), socket))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one: the node cache and open handles need up to
+/// `DEFAULT_MAX_CACHED_FDS + MAX_HANDLES` descriptors, more than the usual soft 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let need = (nixvm_devices::storefs::DEFAULT_MAX_CACHED_FDS
+        + nixvm_devices::storefs::MAX_HANDLES
+        + 64) as libc::rlim_t;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads the valid `lim`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            log::warn!(
+                "storefs: cannot raise the open-file limit to {}",
+                lim.rlim_max
+            );
+        }
+    }
+    if lim.rlim_cur < need {
+        log::warn!(
+            "storefs: the open-file limit is {} (hard); serving a large store wants {need}",
+            lim.rlim_cur
+        );
+    }
+}
