@@ -1,11 +1,14 @@
-//! virtio-fs benchmark: nixvm beside QEMU microvm (vhost-user-fs-device, memfd memory), both
-//! with the same upstream virtiofsd on the same directory, same guest, same run.
+//! virtio-fs benchmark: nixvm's built-in back end (`--fs path=DIR,readonly=on`, `nixvm
+//! storefs`) beside the upstream virtiofsd, served to nixvm and to QEMU microvm
+//! (vhost-user-fs-device, memfd memory): same directory, same guest, same run.
 //!
 //! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved;
-//! a fresh virtiofsd for every run. The guest mounts the share and reads one 256 MiB file,
-//! then runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's
-//! caches warm). Times are taken on the host, from when the guest's marker lines arrive.
-//! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
+//! a fresh back end for every run. The guest mounts the share and reads one 256 MiB file,
+//! runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's caches
+//! warm), then `stat`s every file twice. Times are taken on the host, from when the guest's
+//! marker lines arrive; "start → share mounted" counts from starting the back end (virtiofsd)
+//! or nixvm (which starts its own). Where /dev/kvm cannot boot Linux it re-runs itself
+//! inside L1 (resources/l1run.sh).
 
 #[path = "common.rs"]
 mod common;
@@ -30,14 +33,18 @@ echo "NIXVM-BENCH: files=$(find /mnt/t | wc -l)"
 echo "NIXVM-BENCH: find-end"
 echo "NIXVM-BENCH: files2=$(find /mnt/t | wc -l)"
 echo "NIXVM-BENCH: find2-end"
+echo "NIXVM-BENCH: stats=$(find /mnt/t -type f | xargs stat -c %s | wc -l)"
+echo "NIXVM-BENCH: stat-end"
+echo "NIXVM-BENCH: stats2=$(find /mnt/t -type f | xargs stat -c %s | wc -l)"
+echo "NIXVM-BENCH: stat2-end"
 echo "NIXVM-BENCH: done"
 "#;
 
 /// The table's rows: name, unit, and how to get the value from a run.
 type Measure = fn(&Console) -> Option<f64>;
-const ROWS: [(&str, &str, Measure); 4] = [
+const ROWS: [(&str, &str, Measure); 6] = [
     ("start → share mounted", "s", |c| {
-        Some(c.at("read-start")?.as_secs_f64())
+        Some(c.at("read-start")?.as_secs_f64() + c.value("backend-start")?)
     }),
     ("read 256 MiB file", "MB/s", |c| {
         let t = c.at("read-end")?.checked_sub(c.at("read-start")?)?;
@@ -57,7 +64,24 @@ const ROWS: [(&str, &str, Measure); 4] = [
                 .as_secs_f64(),
         )
     }),
+    ("find + stat of every file", "s", |c| {
+        Some(
+            c.at("stat-end")?
+                .checked_sub(c.at("find2-end")?)?
+                .as_secs_f64(),
+        )
+    }),
+    ("the same again", "s", |c| {
+        Some(
+            c.at("stat2-end")?
+                .checked_sub(c.at("stat-end")?)?
+                .as_secs_f64(),
+        )
+    }),
 ];
+
+/// The configurations compared, in the table's column order.
+const SETUPS: [&str; 3] = ["nixvm built-in", "nixvm + virtiofsd", "QEMU + virtiofsd"];
 
 /// The runs that succeeded.
 fn ok(runs: &[Console]) -> Vec<&Console> {
@@ -177,20 +201,23 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
     common::script_disk(&script, SCRIPT)?;
     let (kernel, initrd) = (assets.join("vmlinux"), assets.join("initramfs.cpio.gz"));
 
-    let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
-    nixvm
-        .arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd);
-    nixvm.args(["--cmdline", CMDLINE]);
-    nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off".split(' '));
-    nixvm
-        .arg("--fs")
-        .arg(format!("tag=ro-store,socket={}", socket.display()));
-    nixvm
-        .arg("--disk")
-        .arg(format!("path={},readonly=on", script.display()));
+    let nixvm_with = |share: String| {
+        let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
+        nixvm
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--initrd")
+            .arg(&initrd);
+        nixvm.args(["--cmdline", CMDLINE]);
+        nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off".split(' '));
+        nixvm.arg("--fs").arg(share);
+        nixvm
+            .arg("--disk")
+            .arg(format!("path={},readonly=on", script.display()));
+        nixvm
+    };
+    let mut builtin = nixvm_with(format!("tag=ro-store,path={},readonly=on", tree.display()));
+    let mut nixvm = nixvm_with(format!("tag=ro-store,socket={}", socket.display()));
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args("-M microvm,rtc=on,memory-backend=mem -accel kvm -cpu host -m 256".split(' '));
     qemu.args("-object memory-backend-memfd,id=mem,size=256M,share=on".split(' '));
@@ -209,16 +236,29 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
     ));
     qemu.args(["-device", "virtio-blk-device,drive=d1"]);
 
-    let mut results: [Vec<Console>; 2] = Default::default();
+    let mut results: [Vec<Console>; 3] = Default::default();
     for i in 1..=runs {
-        let [ours, theirs] = &mut results;
-        for (name, cmd, out) in [("nixvm", &mut nixvm, ours), ("qemu", &mut qemu, theirs)] {
-            let daemon = Daemon::start(virtiofsd, &tree, &socket)?;
-            let c = common::run_vm(cmd, TIMEOUT)?;
+        let [a, b, c] = &mut results;
+        let setups = [(&mut builtin, a), (&mut nixvm, b), (&mut qemu, c)];
+        for (n, (cmd, out)) in setups.into_iter().enumerate() {
+            let name = SETUPS[n];
+            let started = std::time::Instant::now();
+            let daemon = match n {
+                0 => None,
+                _ => Some(Daemon::start(virtiofsd, &tree, &socket)?),
+            };
+            let backend_start = started.elapsed().as_secs_f64();
+            let mut c = common::run_vm(cmd, TIMEOUT)?;
             drop(daemon);
-            let files = c.value("files").unwrap_or(0.0);
+            // How long the back end took to listen, as a mark the rows can read.
+            c.marks
+                .push((Duration::ZERO, format!("backend-start={backend_start}")));
+            let got = |k: &str| c.value(k).unwrap_or(0.0);
             let failure = c.failure.clone().or_else(|| {
-                (files != 10_101.0).then(|| format!("the guest saw {files} entries, not 10101"))
+                let (files, stats) = (got("files"), got("stats2"));
+                (files != 10_101.0 || stats != 10_000.0).then(|| {
+                    format!("the guest saw {files} entries and {stats} files, not 10101 and 10000")
+                })
             });
             match &failure {
                 Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
@@ -246,29 +286,42 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         kver.trim(),
         common::output(Command::new(virtiofsd).arg("--version")).unwrap_or_default()
     );
-    for (name, cmd) in [("nixvm", &nixvm), ("QEMU", &qemu)] {
+    for (name, cmd) in SETUPS.iter().zip([&builtin, &nixvm, &qemu]) {
         println!("- {name}: `{}`", common::command_line(cmd, &root));
     }
-    println!("\n| median (min–max) | nixvm | QEMU microvm | nixvm / QEMU |");
-    println!("|---|---|---|---|");
+    println!(
+        "\n| median (min–max) | {} | {} | {} | built-in / nixvm + virtiofsd | built-in / QEMU + virtiofsd |",
+        SETUPS[0], SETUPS[1], SETUPS[2]
+    );
+    println!("|---|---|---|---|---|---|");
 
     for (name, unit, f) in ROWS {
         let cell = |runs: &[Console]| common::stats(ok(runs).into_iter().filter_map(f).collect());
-        let (a, b) = (cell(&results[0]), cell(&results[1]));
+        let cells = results.each_ref().map(|r| cell(r));
         let show = |s: Option<(f64, f64, f64)>| match s {
             Some((m, lo, hi)) => format!("{m:.2} {unit} ({lo:.2}–{hi:.2})"),
             None => "–".into(),
         };
-        let ratio = match (a, b) {
+        let ratio = |a: Option<(f64, f64, f64)>, b: Option<(f64, f64, f64)>| match (a, b) {
             (Some((x, ..)), Some((y, ..))) if y > 0.0 => format!("**{:.2}**", x / y),
             _ => String::new(),
         };
-        println!("| {name} | {} | {} | {ratio} |", show(a), show(b));
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            show(cells[0]),
+            show(cells[1]),
+            show(cells[2]),
+            ratio(cells[0], cells[1]),
+            ratio(cells[0], cells[2])
+        );
     }
     let counts = results
         .each_ref()
         .map(|r| format!("{}/{}", ok(r).len(), r.len()));
-    println!("| runs ok | {} | {} | |", counts[0], counts[1]);
+    println!(
+        "| runs ok | {} | {} | {} | | |",
+        counts[0], counts[1], counts[2]
+    );
     let _ = std::fs::remove_dir_all(&work);
     let failed: usize = results.iter().map(|r| r.len() - ok(r).len()).sum();
     if failed > 0 {

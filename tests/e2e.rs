@@ -1297,17 +1297,20 @@ impl Virtiofsd {
 
 impl Virtiofsd {
     /// nixvm's own back end, `nixvm storefs`, in virtiofsd's place.
-    fn start_storefs(dir: &Path, socket: &Path) -> Result<Virtiofsd, String> {
+    /// Its log (at level info) goes to `log`.
+    fn start_storefs(dir: &Path, socket: &Path, log: &Path) -> Result<Virtiofsd, String> {
         let _ = std::fs::remove_file(socket);
+        let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(NIXVM)
             .arg("storefs")
             .arg("--socket")
             .arg(socket)
             .arg("--path")
             .arg(dir)
+            .env("NIXVM_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("nixvm storefs: {e}"))?;
         Ok(Virtiofsd(child))
@@ -1362,7 +1365,8 @@ fn storefs_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     std::fs::create_dir_all(&side).map_err(e)?;
     std::fs::write(side.join("hello"), "from-the-standalone-daemon\n").map_err(e)?;
     let sock = tmp.join("storefs.sock");
-    let daemon = Virtiofsd::start_storefs(&side, &sock)?;
+    let daemon_log = tmp.join("sfs-daemon.log");
+    let daemon = Virtiofsd::start_storefs(&side, &sock, &daemon_log)?;
     // Where nixvm puts its back end's private socket directory: looked at while it runs.
     let runtime = tmp.join("sfs-runtime");
     let _ = std::fs::remove_dir_all(&runtime);
@@ -1448,11 +1452,16 @@ echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
         );
         Ok(())
     });
+    let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
     let standalone = is("side", "from-the-standalone-daemon").and_then(|()| {
         check!(
             standalone_exit == Some(0),
-            "the standalone nixvm storefs after the VM disconnected: {standalone_exit:?}"
+            "the standalone nixvm storefs after the VM disconnected: {standalone_exit:?}\n{log}"
         );
+        // Landlock is best effort (the kernel may lack it); the daemon must say which.
+        let landlock = log.lines().find(|l| l.contains("Landlock"));
+        check!(landlock.is_some(), "no word on Landlock in its log:\n{log}");
+        println!("e2e: nixvm storefs: {}", landlock.unwrap_or_default());
         Ok(())
     });
     let _ = std::fs::remove_dir_all(&store);

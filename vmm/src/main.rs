@@ -8,6 +8,7 @@ mod console;
 mod control;
 mod cpuid;
 mod lifecycle;
+mod sandbox;
 mod storefs;
 mod terminal;
 mod unix;

@@ -48,6 +48,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot sandbox the back end")]
+    Sandbox(#[from] crate::sandbox::Error),
     #[error("--listen-fd {0} is not a listening socket")]
     ListenFd(RawFd),
     #[error("--queues {0} must be from 1 to 16")]
@@ -221,9 +223,11 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         return Err(Error::Queues(opts.request_queues));
     }
     let num_queues = 1 + usize::from(opts.request_queues);
-    raise_fd_limit();
+    let limit = raise_fd_limit();
+    // Half the descriptors for cached nodes, the rest for the guest's open files.
+    let cached = nixvm_devices::storefs::DEFAULT_MAX_CACHED_FDS.min(limit / 2);
     let dir = &opts.dir;
-    let fs = StoreFs::new(dir).map_err(|source| Error::Dir {
+    let fs = StoreFs::with_max_cached_fds(dir, cached).map_err(|source| Error::Dir {
         path: dir.to_owned(),
         source,
     })?;
@@ -238,6 +242,20 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         Listen::Fd(fd) => inherited_listener(*fd)?,
     };
     let mut listener = vhost::vhost_user::Listener::from(listener);
+    // Everything to open is open: from here on only reading under DIR (before any thread
+    // starts, as Landlock binds the threads started after it).
+    match crate::sandbox::landlock_read_only(dir) {
+        Ok(crate::sandbox::Landlock::Enforced(abi)) => {
+            log::info!(
+                "storefs: Landlock (ABI {abi}): read-only, {}",
+                dir.display()
+            );
+        }
+        Ok(crate::sandbox::Landlock::Unsupported) => {
+            log::info!("storefs: this kernel has no Landlock; relying on seccomp");
+        }
+        Err(e) => log::warn!("storefs: not sandboxed by Landlock: {e}"),
+    }
     let exits = (0..num_queues)
         .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
         .collect::<std::io::Result<Vec<_>>>()
@@ -255,6 +273,7 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
     .map_err(|e| daemon_err(e.to_string()))?;
+    crate::sandbox::seccomp_backend()?;
     daemon
         .start(&mut listener)
         .map_err(|e| daemon_err(e.to_string()))?;
@@ -394,34 +413,34 @@ pub fn spawn(dir: &Path, request_queues: u16) -> Result<(Process, PrivateSocket)
     Ok((Process(child), socket))
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard one: the node cache and open handles need up to
-/// `DEFAULT_MAX_CACHED_FDS + MAX_HANDLES` descriptors, more than the usual soft 1024.
-fn raise_fd_limit() {
+/// Raises the soft RLIMIT_NOFILE to the hard one (the node cache and open handles want up to
+/// `DEFAULT_MAX_CACHED_FDS + MAX_HANDLES` descriptors, more than the usual soft 1024); returns
+/// the limit in force.
+fn raise_fd_limit() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `lim`.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return;
+        return 1024;
     }
-    let need = (nixvm_devices::storefs::DEFAULT_MAX_CACHED_FDS
-        + nixvm_devices::storefs::MAX_HANDLES
-        + 64) as libc::rlim_t;
     if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit only reads the valid `lim`.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the valid `raised`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        } else {
             log::warn!(
                 "storefs: cannot raise the open-file limit to {}",
                 lim.rlim_max
             );
         }
     }
-    if lim.rlim_cur < need {
-        log::warn!(
-            "storefs: the open-file limit is {} (hard); serving a large store wants {need}",
-            lim.rlim_cur
-        );
-    }
+    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    log::info!("storefs: open-file limit {limit}");
+    limit
 }

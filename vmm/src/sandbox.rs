@@ -1,0 +1,297 @@
+//! Dropping what a back-end process does not need, once it has opened what it serves:
+//! Landlock (the file system becomes read-only and shrinks to one directory) and a seccomp
+//! allow-list of system calls. Both are best effort where the kernel lacks them (Landlock
+//! needs Linux 5.13 and the LSM enabled); both only ever take rights away.
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {0} for the Landlock rule")]
+    Open(std::path::PathBuf, #[source] std::io::Error),
+    #[error("Landlock: {0}")]
+    Landlock(&'static str, #[source] std::io::Error),
+    #[error("seccomp filter")]
+    Seccomp(#[source] seccompiler::Error),
+    #[error("seccomp filter")]
+    SeccompBackend(#[source] seccompiler::BackendError),
+}
+
+/// What Landlock did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Landlock {
+    /// In force, at this ABI version.
+    Enforced(i64),
+    /// This kernel has no Landlock (or it is disabled).
+    Unsupported,
+}
+
+const CREATE_RULESET_VERSION: u32 = 1;
+const RULE_PATH_BENEATH: libc::c_int = 1;
+const ACCESS_FS_READ_FILE: u64 = 1 << 2;
+const ACCESS_FS_READ_DIR: u64 = 1 << 3;
+/// EXECUTE .. MAKE_SYM: the rights of ABI 1.
+const ACCESS_FS_V1: u64 = (1 << 13) - 1;
+const ACCESS_FS_REFER: u64 = 1 << 13;
+const ACCESS_FS_TRUNCATE: u64 = 1 << 14;
+const ACCESS_FS_IOCTL_DEV: u64 = 1 << 15;
+
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+}
+
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// Restricts the calling thread, and the threads it starts from now on, to reading files and
+/// listing directories under `dir`: no writes anywhere, nothing opened outside `dir`
+/// (descriptors already open keep working). Call it before starting threads.
+pub fn landlock_read_only(dir: &Path) -> Result<Landlock, Error> {
+    let last_err = |what| Error::Landlock(what, std::io::Error::last_os_error());
+    // SAFETY: the version query takes no attribute (null, size 0) and returns a number.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<RulesetAttr>(),
+            0usize,
+            CREATE_RULESET_VERSION,
+        )
+    };
+    if abi < 1 {
+        return Ok(Landlock::Unsupported);
+    }
+    let mut handled = ACCESS_FS_V1;
+    if abi >= 2 {
+        handled |= ACCESS_FS_REFER;
+    }
+    if abi >= 3 {
+        handled |= ACCESS_FS_TRUNCATE;
+    }
+    if abi >= 5 {
+        handled |= ACCESS_FS_IOCTL_DEV;
+    }
+    let attr = RulesetAttr {
+        handled_access_fs: handled,
+    };
+    // SAFETY: `attr` is a valid ruleset attribute of the size passed; the call returns a new
+    // descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &raw const attr,
+            std::mem::size_of::<RulesetAttr>(),
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(last_err("create a ruleset"));
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| last_err("create a ruleset"))?;
+    // SAFETY: `fd` is the new ruleset descriptor, owned by nobody else.
+    let ruleset = unsafe { OwnedFd::from_raw_fd(fd) };
+    let root: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_path()
+        .open(dir)
+        .map_err(|e| Error::Open(dir.to_owned(), e))?
+        .into();
+    let rule = PathBeneathAttr {
+        allowed_access: (ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR) & handled,
+        parent_fd: root.as_raw_fd(),
+    };
+    // SAFETY: both descriptors are open; `rule` is a valid path-beneath attribute.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.as_raw_fd(),
+            RULE_PATH_BENEATH,
+            &raw const rule,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(last_err("add the rule"));
+    }
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers; Landlock requires it unprivileged.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(last_err("set no_new_privs"));
+    }
+    // SAFETY: the ruleset descriptor is open; the call only restricts this thread.
+    if unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset.as_raw_fd(), 0u32) } != 0 {
+        return Err(last_err("restrict this process"));
+    }
+    Ok(Landlock::Enforced(abi))
+}
+
+trait OpenPath {
+    fn custom_flags_path(&mut self) -> &mut Self;
+}
+
+impl OpenPath for std::fs::OpenOptions {
+    fn custom_flags_path(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+    }
+}
+
+/// The system calls a vhost-user back end serving files read-only makes once it runs: the
+/// vhost-user socket and eventfds, epoll, threads and memory, reading files and directories
+/// through descriptors, and what the Rust runtime and the allocator use.
+const BACKEND_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_accept4,
+    libc::SYS_getsockopt,
+    libc::SYS_close,
+    libc::SYS_dup,
+    libc::SYS_fcntl,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_getdents64,
+    libc::SYS_readlinkat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_lseek,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_prctl,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Allows only [`BACKEND_SYSCALLS`] from now on, in every thread of the process; any other
+/// call fails with EPERM (an error reply to one request rather than a dead back end).
+pub fn seccomp_backend() -> Result<(), Error> {
+    let program = backend_filter()?;
+    seccompiler::apply_filter_all_threads(&program).map_err(Error::Seccomp)
+}
+
+fn backend_filter() -> Result<BpfProgram, Error> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        BACKEND_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(u32::try_from(libc::EPERM).expect("small")),
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(Error::SeccompBackend)?;
+    BpfProgram::try_from(filter).map_err(Error::SeccompBackend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each check runs in a thread of its own: both restrictions bind the calling thread
+    /// (seccomp without TSYNC), so the test process stays unrestricted.
+    #[test]
+    fn landlock_leaves_reading_inside_and_nothing_else() {
+        let base = std::env::temp_dir().join(format!("nixvm-landlock-{}", std::process::id()));
+        let inside = base.join("inside");
+        std::fs::create_dir_all(&inside).unwrap();
+        std::fs::write(inside.join("f"), "in").unwrap();
+        std::fs::write(base.join("outside"), "out").unwrap();
+        use std::os::unix::fs::OpenOptionsExt;
+        let pre: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(inside.join("f"))
+            .unwrap()
+            .into();
+        let (i, b) = (inside.clone(), base.clone());
+        let got = std::thread::spawn(move || {
+            let mode = landlock_read_only(&i).unwrap();
+            if mode == Landlock::Unsupported {
+                return None;
+            }
+            let read_inside = std::fs::read_to_string(i.join("f")).ok();
+            let listed = std::fs::read_dir(&i).map(|d| d.count()).ok();
+            let read_outside = std::fs::read_to_string(b.join("outside")).is_ok();
+            let write_inside = std::fs::write(i.join("new"), "x").is_ok();
+            // A node held as O_PATH, reopened through /proc as the file server does.
+            let reopened =
+                std::fs::read_to_string(format!("/proc/self/fd/{}", pre.as_raw_fd())).ok();
+            Some((read_inside, listed, read_outside, write_inside, reopened))
+        })
+        .join()
+        .unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
+        let Some(got) = got else {
+            println!("skipped: this kernel has no Landlock");
+            return;
+        };
+        assert_eq!(
+            got,
+            (Some("in".into()), Some(1), false, false, Some("in".into()))
+        );
+    }
+
+    #[test]
+    fn the_filter_refuses_what_is_not_listed() {
+        let program = backend_filter().unwrap();
+        let (pid, uid) = std::thread::spawn(move || {
+            seccompiler::apply_filter(&program).unwrap();
+            // SAFETY: getpid and getuid take no arguments.
+            unsafe {
+                (
+                    libc::syscall(libc::SYS_getpid),
+                    libc::syscall(libc::SYS_getuid),
+                )
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(pid > 0, "getpid is allowed");
+        assert_eq!(uid, -1, "getuid is not");
+    }
+}
