@@ -9,7 +9,11 @@
 #   supportsNotifySocket  false: nixvm has no vsock to forward sd_notify over
 #   tapMultiQueue         false: nixvm's virtio-net has one queue pair
 #   requiresMacvtapAsFds  true: macvtaps are inherited fds (from 3 on, one per interface)
-# microvm.nix features nixvm does not have fail evaluation, saying which.
+#   virtiofsdShares       the shares a virtiofsd still has to serve (on their `socket`)
+# Shares of the host's /nix/store (source "/nix/store") and shares with readOnly = true
+# (microvm.nix's own share options have no readOnly) are served by nixvm itself, read-only
+# (runner.nix's backend "nixvm"); the others by a virtiofsd on their socket, as microvm.nix
+# does it. microvm.nix features nixvm does not have fail evaluation, saying which.
 { microvmConfig
 , nixvm ? "nixvm"
 , pkgs ? null
@@ -35,6 +39,12 @@ let
   ];
 
   storeOnDisk = get "storeOnDisk" false;
+
+  # The store (read-only in the guest anyway) and read-only shares: served by nixvm itself.
+  servedByNixvm = s: (s.readOnly or false) || (s.source or null) == "/nix/store";
+  shares = map (s:
+    if servedByNixvm s then s // { readOnly = true; backend = "nixvm"; }
+    else s // { backend = "virtiofsd"; }) (get "shares" [ ]);
   kernel = mc.kernel;
 
   runner = import ./lib/runner.nix {
@@ -48,7 +58,7 @@ let
     # With the store on a disk image, it is the first disk (/dev/vda), read-only.
     volumes = (if storeOnDisk then [ { image = "${mc.storeDisk}"; readOnly = true; } ] else [ ])
       ++ map (v: v // { autoCreate = (v.autoCreate or true) && (v.size or null) != null; }) (get "volumes" [ ]);
-    shares = get "shares" [ ];
+    inherit shares;
     interfaces = get "interfaces" [ ];
     inherit extraArgs;
   };
@@ -66,5 +76,6 @@ assert checks;
   requiresMacvtapAsFds = true;
   # For the module: the fds the runner must open, and the whole runner.nix result.
   openMacvtapFds = runner.macvtapScript;
+  virtiofsdShares = builtins.filter (s: s.backend == "virtiofsd") runner.config.shares;
   inherit runner;
 }

@@ -4,10 +4,12 @@
 # Needs nix-instantiate (Debian: apt-get install nix-bin; Nix 2.8 is enough) and no network.
 #   - parse: `nix-instantiate --parse` of every .nix file;
 #   - runner/*: nix/lib/runner.nix on the descriptions of nix/tests/runner-cases.nix: the
-#     argv equals the expected one, and target/debug/nixvm accepts it with --dry-run;
-#     descriptions it cannot run fail to evaluate, saying why;
+#     argv equals the expected one (and the runner script holds, or lacks, what the case
+#     says), and target/debug/nixvm accepts it with --dry-run; descriptions it cannot run
+#     fail to evaluate, saying why;
 #   - script/*: the generated runner and shutdown scripts run (volumes created, virtiofsd
-#     started and stopped, nixvm run with the argv); the fake-toplevel runner of
+#     started and stopped for the shares nixvm does not serve itself, nixvm run with the
+#     argv); the fake-toplevel runner of
 #     resources/nix-runner-boot.sh (which the e2e harness boots) passes --dry-run;
 #   - modules/*: the guest, host and microvm.nix modules evaluated with lib.evalModules of
 #     the real nixpkgs lib, where NIXPKGS_LIB points to a checkout of nix-community/nixpkgs.lib
@@ -86,7 +88,7 @@ else
 fi
 
 CASES_DIR=$TMP/cases
-mkdir -p "$CASES_DIR/sock"
+mkdir -p "$CASES_DIR/sock" "$CASES_DIR/ro"
 for i in a b c; do truncate -s 1M "$CASES_DIR/$i.img"; done
 CASES="(import $(nstr "$ROOT/nix/tests/runner-cases.nix") { assets = $(nstr "$ASSETS"); dir = $(nstr "$CASES_DIR"); })"
 
@@ -113,6 +115,24 @@ for c in "${case_names[@]}"; do
     failed "$name" "argv: $got" "want: $want"
     continue
   fi
+  # What the runner script must hold (scriptHas) and must not (scriptLacks).
+  script_errs=()
+  if ! script=$(nix_raw "((import $(nstr "$RUNNER")) $CASES.\"$c\".desc).script" 2>&1); then
+    script_errs+=("the script did not render: $script")
+  else
+    mapfile -t has < <(nix_raw "builtins.concatStringsSep \"\\n\" ($CASES.\"$c\".scriptHas or [ ])")
+    mapfile -t lacks < <(nix_raw "builtins.concatStringsSep \"\\n\" ($CASES.\"$c\".scriptLacks or [ ])")
+    for x in "${has[@]}"; do
+      [ -z "$x" ] || [[ $script == *"$x"* ]] || script_errs+=("the script lacks: $x")
+    done
+    for x in "${lacks[@]}"; do
+      [ -z "$x" ] || [[ $script != *"$x"* ]] || script_errs+=("the script holds: $x")
+    done
+  fi
+  if [ ${#script_errs[@]} -gt 0 ]; then
+    failed "$name" "${script_errs[@]}" "script:" "$script"
+    continue
+  fi
   if [ -z "$have_vm" ]; then
     skip_or_fail "$name" "argv ok; --dry-run not run: $why"
     continue
@@ -133,11 +153,12 @@ render() { # FILE DESC [ATTR]
 }
 
 # Volumes created with truncate and mkfs.<fsType> from `path`, a virtiofsd started per share
-# and stopped once nixvm has exited, nixvm (the real one, with --dry-run) run with the argv.
+# with backend virtiofsd (not for the read-only share nixvm serves) and stopped once nixvm has
+# exited, nixvm (the real one, with --dry-run) run with the argv.
 if wants script/run; then
   name=script/run
   d=$TMP/script-run
-  mkdir -p "$d/bin" "$d/vm"
+  mkdir -p "$d/bin" "$d/vm" "$d/ro"
   cat > "$d/bin/mkfs.fake" <<'EOF'
 #!/bin/sh
 echo "mkfs.fake $*" >> mkfs.log
@@ -157,7 +178,8 @@ EOF
     volumes = [ { image = \"new.img\"; size = 3; fsType = \"fake\"; label = \"var\"; }
                 { image = \"old.img\"; size = 5; fsType = \"fake\"; }
                 { image = \"ro.img\"; readOnly = true; } ];
-    shares = [ { tag = \"ro-store\"; source = \"/nix/store\"; readOnly = true; } { tag = \"data\"; source = \"/srv\"; } ];
+    shares = [ { tag = \"ro-store\"; source = $(nstr "$d/ro"); readOnly = true; } { tag = \"data\"; source = \"/srv\"; }
+               { tag = \"docs\"; source = \"/usr/share/doc\"; readOnly = true; backend = \"virtiofsd\"; } ];
     extraArgs = [ \"--dry-run\" ]; }"
   truncate -s 1M "$d/vm/old.img" "$d/vm/ro.img"
   errs=()
@@ -174,14 +196,14 @@ EOF
     [ "$(cat "$d/vm/prestart.log" 2>/dev/null)" = prestart ] || errs+=("preStart did not run")
     # Started in the background: in either order.
     want_v="virtiofsd --socket-path=s-virtiofs-data.sock --shared-dir=/srv
-virtiofsd --socket-path=s-virtiofs-ro-store.sock --shared-dir=/nix/store --readonly"
+virtiofsd --socket-path=s-virtiofs-docs.sock --shared-dir=/usr/share/doc --readonly"
     [ "$(sort "$d/vm/virtiofsd.log" 2>/dev/null)" = "$want_v" ] ||
       errs+=("virtiofsd runs: $(cat "$d/vm/virtiofsd.log" 2>/dev/null)")
     sleep 0.2
     for p in $(cat "$d/vm/virtiofsd.pids" 2>/dev/null); do
       ! kill -0 "$p" 2>/dev/null || { errs+=("virtiofsd $p still runs"); kill "$p"; }
     done
-    [[ $out == *'"tag": "ro-store"'* && $out == *'"path": "new.img"'* ]] ||
+    [[ $out == *'"tag": "ro-store"'* && $out == *"\"path\": \"$d/ro\""* && $out == *'"path": "new.img"'* ]] ||
       errs+=("nixvm --dry-run printed: $out")
   fi
   if [ "${errs[*]}" = skip ]; then skip_or_fail "$name" "$why"

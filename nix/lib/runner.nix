@@ -14,9 +14,15 @@
 #   volumes       [{ image; readOnly ? false; serial ? null; direct ? false;
 #                    size ? null (MiB; with it a missing image is created); autoCreate ? true;
 #                    fsType ? "ext4"; label ? null; mkfsExtraArgs ? []; … }]
-#   shares        [{ tag; socket ? "<name>-virtiofs-<tag>.sock"; source; mountPoint;
-#                    proto ? "virtiofs" (the only one nixvm has; microvm.nix's default is
-#                    9p); readOnly ? false (nixvm's: virtiofsd --readonly); … }]
+#   shares        [{ tag; source; mountPoint; proto ? "virtiofs" (the only one nixvm has;
+#                    microvm.nix's default is 9p); readOnly ? false;
+#                    backend ? (if readOnly then "nixvm" else "virtiofsd") (nixvm's):
+#                      "nixvm": nixvm serves `source` itself, read-only (--fs
+#                        tag=…,path=<source>,readonly=on): no socket, no virtiofsd; only
+#                        for readOnly shares;
+#                      "virtiofsd": a virtiofsd listening on `socket` (--fs tag=…,socket=…),
+#                        with --readonly when readOnly;
+#                    socket ? "<name>-virtiofs-<tag>.sock" (backend virtiofsd only); … }]
 #   interfaces    [{ type = "tap" | "macvtap"; id; mac ? null (nixvm derives one); … }]
 #   preStart      shell commands run before nixvm                           ""
 # and nixvm's own:
@@ -29,11 +35,12 @@
 #   extraArgs     more nixvm arguments                                       []
 #   shell         the script's interpreter                                  "/bin/sh"
 #   path          directories put first on the script's PATH (truncate, mkfs.*) []
-#   virtiofsd     the virtiofsd the script starts for each share            "virtiofsd"
+#   virtiofsd     the virtiofsd the script starts per virtiofsd share      "virtiofsd"
 #   virtiofsdArgs more virtiofsd arguments                                   []
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
-# macvtap fds, starts a virtiofsd per share unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm),
+# macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
+# NIXVM_SKIP_VIRTIOFSD=1, runs nixvm; with none it simply execs nixvm),
 # shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline,
 # command and shutdownCommand (the argvs quoted for sh), volumesScript and macvtapScript (the
 # script's parts that create volumes and open macvtap fds), and the description with its
@@ -107,18 +114,31 @@ let
   }) c.volumes;
 
   shares = map (s:
-    let tag = s.tag or (fail "a share has no `tag`"); in
-    {
-      proto = "virtiofs";
-      readOnly = false;
-      socket = "${name}-virtiofs-${tag}.sock";
-    } // s // {
+    let
+      tag = s.tag or (fail "a share has no `tag`");
+      withDefaults = {
+        proto = "virtiofs";
+        readOnly = false;
+        socket = "${name}-virtiofs-${tag}.sock";
+      } // s;
+    in
+    { backend = if withDefaults.readOnly then "nixvm" else "virtiofsd"; } // withDefaults // {
       tag = specValue "share tag" tag;
     }) c.shares;
   checkedShares = map (s:
     if s.proto != "virtiofs" then fail "share `${s.tag}`: nixvm serves only virtiofs shares, not ${s.proto}"
-    else if s.socket == null then fail "share `${s.tag}` has no socket"
-    else s // { socket = specValue "share socket" s.socket; }) shares;
+    else if s.backend == "nixvm" then
+      if !s.readOnly then fail "share `${s.tag}`: backend nixvm serves only read-only shares (set readOnly = true, or backend = \"virtiofsd\")"
+      else s // { source = specValue "share source" (s.source or (fail "share `${s.tag}` has no `source`")); }
+    else if s.backend == "virtiofsd" then
+      if s.socket == null then fail "share `${s.tag}` has no socket"
+      else s // { socket = specValue "share socket" s.socket; }
+    else fail "share `${s.tag}`: backend must be nixvm or virtiofsd, not ${str s.backend}") shares;
+  # The shares a virtiofsd serves (the script starts one for each); nixvm serves the others.
+  virtiofsdShares = filter (s: s.backend == "virtiofsd") checkedShares;
+  fsSpec = s:
+    if s.backend == "nixvm" then "tag=${s.tag},path=${s.source},readonly=on"
+    else "tag=${s.tag},socket=${s.socket}";
 
   # macvtap interfaces get inherited fds from 3 on, one each (nixvm has one queue pair), in
   # the order microvm.nix numbers them.
@@ -151,7 +171,7 @@ let
     ++ opt (c.serial != "stdio") [ "--serial" c.serial ]
     ++ flag "--disk" (map diskSpec volumes)
     ++ flag "--net" (map netSpec c.interfaces)
-    ++ flag "--fs" (map (s: "tag=${s.tag},socket=${s.socket}") checkedShares)
+    ++ flag "--fs" (map fsSpec checkedShares)
     ++ opt (!c.rng) [ "--rng" "off" ]
     ++ opt (c.socket != null) [ "--api-socket" (str c.socket) ]
     ++ opt (c.shutdownTimeout != null) [ "--shutdown-timeout" (str c.shutdownTimeout) ]
@@ -197,21 +217,22 @@ let
     #!${c.shell}
     # run-${name}-vm: starts the VM ${name} with nixvm (generated by nixvm's nix/lib/runner.nix).
     # NIXVM=/path/to/nixvm overrides the binary; NIXVM_SKIP_VIRTIOFSD=1 leaves the virtiofsd
-    # back ends to someone else (the host module's units).
+    # back ends to someone else (the host module's units). Read-only shares with backend
+    # nixvm need neither: nixvm serves them itself.
     set -eu
     ${if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH"}
     NIXVM=''${NIXVM:-${q c.nixvm}}
   '' + c.preStart + "\n"
   + volumesScript
   + macvtapScript
-  + (if checkedShares == [ ] then ''
+  + (if virtiofsdShares == [ ] then ''
     exec ${run}
   '' else ''
     if [ "''${NIXVM_SKIP_VIRTIOFSD:-0}" = 1 ]; then
       exec ${run}
     fi
     virtiofsd_pids=
-    ${concatStringsSep "" (map startVirtiofsd checkedShares)}
+    ${concatStringsSep "" (map startVirtiofsd virtiofsdShares)}
     # nixvm runs in the background (stdin passed on explicitly), this shell forwards SIGTERM
     # and SIGHUP to it, and stops the virtiofsd daemons once it has exited.
     exec 9<&0

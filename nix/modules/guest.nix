@@ -5,8 +5,10 @@
 # The guest: virtio-mmio drivers in the initrd, no boot loader, a tmpfs `/` (by default), the
 # host's /nix/store through virtio-fs at /nix/.ro-store with a writable overlay on /nix/store
 # (tmpfs at /nix/.rw-store unless something else is mounted there), fileSystems for volumes
-# and shares. The runner: creates missing volumes (truncate + mkfs), starts a virtiofsd per
-# share unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm booting the system's kernel and initrd with
+# and shares. Read-only shares, the store among them, are served by nixvm itself (backend
+# "nixvm": `--fs tag=…,path=…,readonly=on`), writable ones by virtiofsd. The runner: creates
+# missing volumes (truncate + mkfs), starts a virtiofsd per share with backend "virtiofsd"
+# unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm booting the system's kernel and initrd with
 # `<boot.kernelParams> init=<toplevel>/init regInfo=<closure-info>/registration console=ttyS0
 # reboot=k panic=-1`; `bin/shutdown-<hostName>-vm` powers it off (`nixvm ctl … shutdown`).
 { config, lib, pkgs, ... }:
@@ -24,6 +26,7 @@ let
     socket = "${hostName}-virtiofs-ro-store.sock";
     proto = "virtiofs";
     readOnly = true;
+    backend = cfg.storeBackend;
   };
   shares = lib.optional cfg.mountHostNixStore storeShare ++ cfg.shares;
 
@@ -79,12 +82,27 @@ let
         type = types.str;
         default = "${hostName}-virtiofs-${config.tag}.sock";
         defaultText = literalExpression ''"''${hostName}-virtiofs-''${tag}.sock"'';
-        description = "virtiofsd's vhost-user socket.";
+        description = "virtiofsd's vhost-user socket (backend \"virtiofsd\" only).";
       };
       source = mkOption { type = types.str; description = "Directory on the host."; };
       mountPoint = mkOption { type = types.str; description = "Where the guest mounts it."; };
       proto = mkOption { type = types.enum [ "virtiofs" ]; default = "virtiofs"; description = "Only virtio-fs (microvm.nix's 9p is not available)."; };
-      readOnly = mkOption { type = types.bool; default = false; description = "Serve the share read-only (virtiofsd --readonly)."; };
+      readOnly = mkOption { type = types.bool; default = false; description = "Serve the share read-only (and mount it ro in the guest)."; };
+      backend = mkOption {
+        type = types.enum [ "nixvm" "virtiofsd" ];
+        default = if config.readOnly then "nixvm" else "virtiofsd";
+        defaultText = literalExpression ''if readOnly then "nixvm" else "virtiofsd"'';
+        description = ''
+          Who serves the share. "nixvm": nixvm itself, read-only (`--fs tag=…,path=…,readonly=on`;
+          it starts its own back-end process, nothing else runs and there is no socket); only
+          for readOnly shares. It reads `source` with the permissions of the user nixvm runs as
+          (the host module's `nixvm`) and, made for the immutable store, lets the guest cache
+          entries, attributes (24 h) and file contents across opens: for a directory whose
+          files change in place, or one that user cannot read, use "virtiofsd". "virtiofsd": a
+          virtiofsd listening on `socket` (started by the runner, or by the host module's
+          unit), with --readonly when readOnly.
+        '';
+      };
     };
   });
 
@@ -111,7 +129,7 @@ in
       type = types.package;
       default = pkgs.virtiofsd;
       defaultText = literalExpression "pkgs.virtiofsd";
-      description = "The virtiofsd the runner starts for each share when run by hand.";
+      description = "The virtiofsd the runner starts, when run by hand, for each share with backend \"virtiofsd\".";
     };
     virtiofsdArgs = mkOption {
       type = types.listOf types.str;
@@ -154,6 +172,15 @@ in
       type = types.bool;
       default = true;
       description = "Share the host's /nix/store (read-only, tag ro-store) and mount it at /nix/.ro-store.";
+    };
+    storeBackend = mkOption {
+      type = types.enum [ "nixvm" "virtiofsd" ];
+      default = "nixvm";
+      description = ''
+        Who serves the host's /nix/store share (see shares.*.backend): nixvm itself, read-only,
+        with nothing else to run; or a virtiofsd (--readonly) on the socket
+        `<hostName>-virtiofs-ro-store.sock`.
+      '';
     };
     writableStoreOverlay = mkOption {
       type = types.nullOr types.str;

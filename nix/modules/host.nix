@@ -7,9 +7,11 @@
 #                          waits for nixvm to exit); Restart=on-failure (a poweroff, exit 0,
 #                          stays down);
 #   nixvm-tap-<id>.service a TAP (or macvtap) per interface, owned by the VM's user;
-#   nixvm-virtiofsd-<name>-<tag>.service  a virtiofsd per share, ready only once its socket
-#                          exists (the runner is told, NIXVM_SKIP_VIRTIOFSD=1, not to start its
-#                          own).
+#   nixvm-virtiofsd-<name>-<tag>.service  a virtiofsd per share with backend "virtiofsd"
+#                          (writable shares, by default), ready only once its socket exists
+#                          (the runner is told, NIXVM_SKIP_VIRTIOFSD=1, not to start its own).
+#                          Shares with backend "nixvm" (read-only ones, the store among them)
+#                          need no unit: nixvm serves them itself, as the VM's user.
 { config, lib, pkgs, ... }:
 let
   inherit (lib) mkOption mkIf types literalExpression;
@@ -98,7 +100,9 @@ let
       v = vmOf name vm;
       c = nixvmConfigOf name vm;
       taps = map (i: tapUnit name vm i) c.interfaces;
-      fsds = map (s: virtiofsdUnit name vm s) c.shares;
+      # Shares nixvm serves itself (backend "nixvm") need nothing here.
+      fsds = map (s: virtiofsdUnit name vm s)
+        (builtins.filter (s: (s.backend or "virtiofsd") == "virtiofsd") c.shares);
       deps = map (u: "${u.name}.service") (taps ++ fsds);
       timeout = if c.shutdownTimeout == null then 30 else c.shutdownTimeout;
     in
@@ -175,7 +179,7 @@ in
         type = types.package;
         default = pkgs.virtiofsd;
         defaultText = literalExpression "pkgs.virtiofsd";
-        description = "The virtiofsd serving shares.";
+        description = "The virtiofsd serving shares with backend \"virtiofsd\".";
       };
       virtiofsdArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More virtiofsd arguments."; };
       user = mkOption { type = types.str; default = "nixvm"; description = "The unprivileged user VMs run as."; };

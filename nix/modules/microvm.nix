@@ -4,6 +4,14 @@
 # microvm.nix builds its runners (bin/microvm-run, bin/microvm-shutdown, microvm.binScripts,
 # share/microvm/…), from nix/microvm-runner.nix; microvm.nix's host module (microvm@<name>,
 # its TAP and virtiofsd units) runs it unchanged.
+#
+# The host's /nix/store share (and any share with readOnly = true) is served by nixvm itself,
+# read-only: it is left out of share/microvm/virtiofs/, and when no share is left for a
+# virtiofsd, microvm.nix's bin/virtiofsd-run (with virtiofsd-reload and virtiofsd-shutdown) is
+# left out too, so that microvm-virtiofsd@<name> (ConditionPathExists on it) does not start.
+# With other shares beside it, bin/virtiofsd-run is microvm.nix's own, which starts a
+# virtiofsd for every virtiofs share, the store's included (nixvm does not connect to that
+# one). microvm.nix's share options have no readOnly: there, only the store's share is nixvm's.
 { config, lib, pkgs, ... }:
 let
   mcfg = config.microvm;
@@ -18,7 +26,11 @@ let
 
   execArg = lib.optionalString (mcfg.prettyProcnames or false) ''-a "microvm@${hostName}"'';
 
-  binScripts = (mcfg.binScripts or { }) // {
+  # microvm.nix's virtiofsd scripts (bin/virtiofsd-run is what its host module starts), kept
+  # only while some share still needs a virtiofsd.
+  virtiofsdScripts = [ "virtiofsd-run" "virtiofsd-reload" "virtiofsd-shutdown" ];
+  binScripts = (if hv.virtiofsdShares == [ ] then removeAttrs (mcfg.binScripts or { }) virtiofsdScripts
+    else mcfg.binScripts or { }) // {
     microvm-run = ''
       set -eou pipefail
       ${hv.preStart}
@@ -57,7 +69,7 @@ let
       mkdir -p $out/share/microvm/virtiofs/${s.tag}
       echo ${lib.escapeShellArg s.socket} > $out/share/microvm/virtiofs/${s.tag}/socket
       echo ${lib.escapeShellArg s.source} > $out/share/microvm/virtiofs/${s.tag}/source
-    '') mcfg.shares}
+    '') hv.virtiofsdShares}
   '';
 in
 {

@@ -103,7 +103,7 @@ let
     "--cmdline" "loglevel=4 init=${toplevel "web"}/init regInfo=${regInfo} ${tail}"
     "--cpus" "2" "--memory" "1024M"
     "--net" "tap=vm-web,mac=02:00:00:00:00:01"
-    "--fs" "tag=ro-store,socket=web-virtiofs-ro-store.sock"
+    "--fs" "tag=ro-store,path=/nix/store,readonly=on"
     "--api-socket" "web.sock"
     "--on-reboot" "restart"
   ];
@@ -125,6 +125,10 @@ let
     (has "regInfo loaded" c.boot.postBootCommands "/bin/nix-store --load-db")
     (has "the runner script runs the argv" (lib.head (lib.filter (x: lib.hasSuffix "run-web-vm" x.name) [ (pkgs.writeScript "run-web-vm" c.nixvm.runner.script) ])).text
       "exec \"$NIXVM\" '--kernel' '${toplevel "web"}/kernel'")
+    # nixvm serves the store itself: the runner starts no virtiofsd.
+    { what = "store share served by nixvm"; got = { inherit (lib.head vm.nixvmConfig.shares) tag source readOnly backend; }; want = { tag = "ro-store"; source = "/nix/store"; readOnly = true; backend = "nixvm"; }; }
+    { what = "no virtiofsd in the runner"; got = lib.hasInfix "virtiofsd_pids" c.nixvm.runner.script || lib.hasInfix "--shared-dir" c.nixvm.runner.script; want = false; }
+    { what = "/nix/.ro-store mounted ro"; got = c.fileSystems."/nix/.ro-store".options; want = [ "defaults" "ro" ]; }
   ];
 
   # Volumes, more shares, a read-only store, the systemd initrd, nixvm's settings.
@@ -143,7 +147,11 @@ let
         { image = "/srv/vm/data.img"; mountPoint = "/data"; label = "data"; fsType = "xfs"; serial = "data"; direct = true; size = 4096; }
         { image = "/srv/vm/seed.img"; readOnly = true; autoCreate = false; }
       ];
-      shares = [ { tag = "home"; source = "/home/alice"; mountPoint = "/home/alice"; } ];
+      storeBackend = "virtiofsd";
+      shares = [
+        { tag = "home"; source = "/home/alice"; mountPoint = "/home/alice"; }
+        { tag = "docs"; source = "/usr/share/doc"; mountPoint = "/docs"; readOnly = true; }
+      ];
       interfaces = [ { type = "macvtap"; id = "vm-db"; mac = "02:00:00:00:00:02"; macvtap.link = "eth0"; } ];
     };
   }];
@@ -161,6 +169,7 @@ let
         "--net" "fd=3,mac=02:00:00:00:00:02"
         "--fs" "tag=ro-store,socket=db-virtiofs-ro-store.sock"
         "--fs" "tag=home,socket=db-virtiofs-home.sock"
+        "--fs" "tag=docs,path=/usr/share/doc,readonly=on"
         "--shutdown-timeout" "20" "--on-reboot" "exit"
       ];
     }
@@ -177,6 +186,11 @@ let
     { what = "seed.img not created"; got = lib.hasInfix "seed.img' ]" c.nixvm.runner.script; want = false; }
     (has "macvtap fd" c.nixvm.runner.script "exec 3<>\"/dev/tap$(cat /sys/class/net/'vm-db'/ifindex)\"")
     (has "virtiofsd for home" c.nixvm.runner.script "'--socket-path=db-virtiofs-home.sock' '--shared-dir=/home/alice' &")
+    (has "virtiofsd for the store (storeBackend)" c.nixvm.runner.script "'--socket-path=db-virtiofs-ro-store.sock' '--shared-dir=/nix/store' '--readonly' &")
+    { what = "no virtiofsd for docs"; got = lib.hasInfix "--shared-dir=/usr/share/doc" c.nixvm.runner.script; want = false; }
+    { what = "/docs mounted ro"; got = c.fileSystems."/docs".options; want = [ "defaults" "ro" ]; }
+    { what = "share backends"; got = map (x: x.backend) c.nixvm.shares; want = [ "virtiofsd" "nixvm" ]; }
+    { what = "nixvm serves only read-only shares"; got = (builtins.tryEval (builtins.deepSeq (evalGuest [{ nixvm.shares = [ { tag = "w"; source = "/w"; mountPoint = "/w"; backend = "nixvm"; } ]; }]).config.nixvm.runner.argv true)).success; want = false; }
   ];
 
   # ------------------------------------------------------------------ host
@@ -186,7 +200,14 @@ let
       nixvm.vms.web.vm = web.config.system.build.vm;
       nixvm.vms.db = {
         autostart = false;
-        config = { nixvm.shares = [ { tag = "data"; source = "/srv/data"; mountPoint = "/data"; readOnly = true; } ]; nixvm.shutdownTimeout = 60; };
+        config = {
+          nixvm.shares = [
+            { tag = "data"; source = "/srv/data"; mountPoint = "/data"; readOnly = true; }
+            { tag = "home"; source = "/home/alice"; mountPoint = "/home/alice"; }
+            { tag = "docs"; source = "/usr/share/doc"; mountPoint = "/docs"; readOnly = true; backend = "virtiofsd"; }
+          ];
+          nixvm.shutdownTimeout = 60;
+        };
       };
     }
   ];
@@ -199,23 +220,36 @@ let
       want = {
         User = "nixvm"; Group = "kvm"; WorkingDirectory = "/var/lib/nixvm/web"; Restart = "on-failure"; TimeoutStopSec = 45;
         wantedBy = [ "multi-user.target" ];
-        requires = [ "nixvm-tap-vm-web.service" "nixvm-virtiofsd-web-ro-store.service" ];
+        requires = [ "nixvm-tap-vm-web.service" ];
         environment.NIXVM_SKIP_VIRTIOFSD = "1";
       };
     }
     (has "TAP owned by the VM user" s.nixvm-tap-vm-web.script "tuntap add name 'vm-web' mode tap user 'nixvm' vnet_hdr")
     { what = "TAP removed at stop"; got = s.nixvm-tap-vm-web.serviceConfig.ExecStop; want = "${store "iproute2"}/bin/ip link delete vm-web"; }
+    # nixvm serves the store (and other read-only shares) itself: no virtiofsd unit.
+    { what = "no virtiofsd unit for the store"; got = lib.filter (lib.hasPrefix "nixvm-virtiofsd-") (builtins.attrNames s); want = [ "nixvm-virtiofsd-db-docs" "nixvm-virtiofsd-db-home" ]; }
     {
-      what = "virtiofsd for the store";
-      got = s.nixvm-virtiofsd-web-ro-store.serviceConfig.ExecStart;
-      want = "\"${store "virtiofsd"}/bin/virtiofsd\" \"--socket-path=/var/lib/nixvm/web/web-virtiofs-ro-store.sock\" \"--socket-group=kvm\" \"--shared-dir=/nix/store\" \"--readonly\"";
+      what = "virtiofsd for a writable share";
+      got = s.nixvm-virtiofsd-db-home.serviceConfig.ExecStart;
+      want = "\"${store "virtiofsd"}/bin/virtiofsd\" \"--socket-path=/var/lib/nixvm/db/db-virtiofs-home.sock\" \"--socket-group=kvm\" \"--shared-dir=/home/alice\"";
     }
-    (has "virtiofsd ready once its socket is there" s.nixvm-virtiofsd-web-ro-store.postStart "[ -S '/var/lib/nixvm/web/web-virtiofs-ro-store.sock' ] && exit 0")
+    {
+      what = "virtiofsd for a read-only share given to it";
+      got = s.nixvm-virtiofsd-db-docs.serviceConfig.ExecStart;
+      want = "\"${store "virtiofsd"}/bin/virtiofsd\" \"--socket-path=/var/lib/nixvm/db/db-virtiofs-docs.sock\" \"--socket-group=kvm\" \"--shared-dir=/usr/share/doc\" \"--readonly\"";
+    }
+    (has "virtiofsd ready once its socket is there" s.nixvm-virtiofsd-db-home.postStart "[ -S '/var/lib/nixvm/db/db-virtiofs-home.sock' ] && exit 0")
+    {
+      what = "nixvm@db serves the store and data itself";
+      got = lib.filter (a: lib.hasPrefix "tag=" a) host.config.nixvm.vms.db.vm.argv;
+      want = [ "tag=ro-store,path=/nix/store,readonly=on" "tag=data,path=/srv/data,readonly=on" "tag=home,socket=db-virtiofs-home.sock" "tag=docs,socket=db-virtiofs-docs.sock" ];
+    }
     # The VM declared by its configuration: evaluated with the guest module, named after it.
     { what = "nixvm@db ExecStart"; got = d.serviceConfig.ExecStart; want = "\"${store "nixvm-db"}/bin/run-db-vm\""; }
     { what = "nixvm@db not autostarted"; got = d.wantedBy; want = [ ]; }
     { what = "nixvm@db stop timeout"; got = d.serviceConfig.TimeoutStopSec; want = 75; }
-    { what = "nixvm@db shares"; got = d.requires; want = [ "nixvm-virtiofsd-db-ro-store.service" "nixvm-virtiofsd-db-data.service" ]; }
+    { what = "nixvm@db shares"; got = d.requires; want = [ "nixvm-virtiofsd-db-home.service" "nixvm-virtiofsd-db-docs.service" ]; }
+    { what = "nixvm@db after its virtiofsd units"; got = lib.filter (lib.hasPrefix "nixvm-virtiofsd-") d.after; want = [ "nixvm-virtiofsd-db-home.service" "nixvm-virtiofsd-db-docs.service" ]; }
     { what = "state directories"; got = host.config.systemd.tmpfiles.rules; want = [ "d /var/lib/nixvm 0750 nixvm kvm -" "d /var/lib/nixvm/db 0770 nixvm kvm -" "d /var/lib/nixvm/web 0770 nixvm kvm -" ]; }
     { what = "user"; got = host.config.users.users.nixvm.group; want = "kvm"; }
   ];
@@ -261,6 +295,10 @@ let
           { type = "macvtap"; id = "vm-mvm-m"; mac = "02:00:00:00:00:04"; macvtap = { link = "eth0"; mode = "bridge"; }; bridge = null; }
         ];
         binScripts.tap-up = "echo tap-up";
+        # What microvm.nix's virtiofsd module adds for virtiofs shares.
+        binScripts.virtiofsd-run = "echo virtiofsd-run";
+        binScripts.virtiofsd-reload = "echo virtiofsd-reload";
+        binScripts.virtiofsd-shutdown = "echo virtiofsd-shutdown";
       };
     }
     extra
@@ -278,7 +316,7 @@ let
         "--disk" "path=var.img"
         "--net" "tap=vm-mvm,mac=02:00:00:00:00:03"
         "--net" "fd=3,mac=02:00:00:00:00:04"
-        "--fs" "tag=ro-store,socket=mvm-virtiofs-ro-store.sock"
+        "--fs" "tag=ro-store,path=/nix/store,readonly=on"
         "--api-socket" "mvm.sock"
       ];
     }
@@ -287,8 +325,28 @@ let
     (has "binScripts kept" r.buildCommand "$out/bin/tap-up")
     (has "tap-interfaces" r.buildCommand "vm-mvm >> $out/share/microvm/tap-interfaces")
     (has "macvtap-interfaces" r.buildCommand "echo 'vm-mvm-m 02:00:00:00:00:04 eth0 bridge' >> $out/share/microvm/macvtap-interfaces")
-    (has "virtiofs socket" r.buildCommand "mvm-virtiofs-ro-store.sock > $out/share/microvm/virtiofs/ro-store/socket")
+    # nixvm serves the store: no virtiofsd for microvm.nix's host to start.
+    { what = "no share/microvm/virtiofs"; got = lib.hasInfix "share/microvm/virtiofs" r.buildCommand; want = false; }
+    { what = "no bin/virtiofsd-*"; got = lib.hasInfix "virtiofsd-" r.buildCommand; want = false; }
   ] ;
+  # Beside the store, a writable share (a virtiofsd's) and a read-only one (nixvm's).
+  microvmMixed = let r = (mvm {
+    microvm.shares = [
+      { tag = "data"; source = "/srv/data"; mountPoint = "/data"; proto = "virtiofs"; socket = "mvm-virtiofs-data.sock"; }
+      { tag = "ro"; source = "/srv/ro"; mountPoint = "/ro"; proto = "virtiofs"; socket = "mvm-virtiofs-ro.sock"; readOnly = true; }
+    ];
+  }).config.microvm.declaredRunner; in expect [
+    {
+      what = "nixvm argv (mixed shares)";
+      got = lib.filter (lib.hasPrefix "tag=") r.nixvmArgv;
+      # (the module system puts the extra module's definitions first)
+      want = [ "tag=data,socket=mvm-virtiofs-data.sock" "tag=ro,path=/srv/ro,readonly=on" "tag=ro-store,path=/nix/store,readonly=on" ];
+    }
+    (has "virtiofs socket of the writable share" r.buildCommand "mvm-virtiofs-data.sock > $out/share/microvm/virtiofs/data/socket")
+    { what = "no virtiofs entry for the store"; got = lib.hasInfix "share/microvm/virtiofs/ro-store" r.buildCommand; want = false; }
+    { what = "no virtiofs entry for the read-only share"; got = lib.hasInfix "share/microvm/virtiofs/ro/" r.buildCommand; want = false; }
+    (has "bin/virtiofsd-run kept" r.buildCommand "$out/bin/virtiofsd-run")
+  ];
   microvmScripts = let c = (mvm { }).config; hv = import ../microvm-runner.nix { microvmConfig = c.microvm // { hostName = "mvm"; }; nixvm = nixvmBin; }; in expect [
     { what = "shutdownCommand"; got = hv.shutdownCommand; want = "'${nixvmBin}' 'ctl' '--api-socket' 'mvm.sock' 'shutdown'"; }
     (has "preStart creates volumes" hv.preStart "truncate -s '256M' 'var.img'")
@@ -328,7 +386,7 @@ in
 {
   inherit guest guest-volumes microvm-unsupported flake;
   host = host-test;
-  microvm = let a = microvm; b = microvmScripts; in
-    if a == true && b == true then true
-    else lib.concatStringsSep "\n" (lib.filter builtins.isString [ a b ]);
+  microvm = let l = [ microvm microvmMixed microvmScripts ]; in
+    if lib.all (x: x == true) l then true
+    else lib.concatStringsSep "\n" (lib.filter builtins.isString l);
 }

@@ -1,7 +1,8 @@
 # VM descriptions for nix/lib/runner.nix and the nixvm argv each must give
 # (resources/nix-tests.sh evaluates them, compares, and runs each argv with --dry-run in
-# `dir`, where it made the images a.img, b.img and c.img of 1 MiB and the directory sock/).
-# A case with `error` must fail to evaluate with that text in the message.
+# `dir`, where it made the images a.img, b.img and c.img of 1 MiB and the directories sock/
+# and ro/). A case with `error` must fail to evaluate with that text in the message. A case
+# may list strings its runner script must hold (`scriptHas`) and must not (`scriptLacks`).
 { assets, dir }:
 let
   kernel = "${assets}/vmlinuz";
@@ -80,21 +81,47 @@ in
     ];
   };
 
-  # Shares: the host store and a data share, microvm.nix's default socket names.
+  # Shares, one of each: a read-only one as the store share is (nixvm serves it: path=, no
+  # socket, no virtiofsd) and a writable data share (a virtiofsd on its socket, which the
+  # script starts); a read-only share given to a virtiofsd explicitly (--readonly), with
+  # microvm.nix's default socket name.
   shares = {
     desc = {
       name = "fs";
       inherit kernel initrd;
       shares = [
-        { tag = "ro-store"; source = "/nix/store"; mountPoint = "/nix/.ro-store"; proto = "virtiofs"; readOnly = true; }
+        { tag = "ro-store"; source = "${dir}/ro"; mountPoint = "/nix/.ro-store"; proto = "virtiofs"; readOnly = true; }
         { tag = "data"; source = "/srv/data"; mountPoint = "/data"; socket = "${dir}/sock/data.sock"; }
+        { tag = "docs"; source = "/usr/share/doc"; mountPoint = "/docs"; readOnly = true; backend = "virtiofsd"; }
       ];
     };
     argv = [ "nixvm" ] ++ k ++ [ "--initrd" initrd "--cmdline" defaultCmdline ] ++ tail ++ [
-      "--fs" "tag=ro-store,socket=fs-virtiofs-ro-store.sock"
+      "--fs" "tag=ro-store,path=${dir}/ro,readonly=on"
       "--fs" "tag=data,socket=${dir}/sock/data.sock"
+      "--fs" "tag=docs,socket=fs-virtiofs-docs.sock"
       "--api-socket" "fs.sock"
     ];
+    scriptHas = [
+      "'virtiofsd' '--socket-path=${dir}/sock/data.sock' '--shared-dir=/srv/data' &"
+      "'virtiofsd' '--socket-path=fs-virtiofs-docs.sock' '--shared-dir=/usr/share/doc' '--readonly' &"
+      "kill $virtiofsd_pids"
+    ];
+    scriptLacks = [ "--shared-dir=${dir}/ro" "fs-virtiofs-ro-store.sock" ];
+  };
+
+  # Only a read-only share: nixvm serves it, nothing else runs; the script execs nixvm.
+  share-readonly = {
+    desc = {
+      name = "ro";
+      inherit kernel;
+      shares = [ { tag = "ro-store"; source = "${dir}/ro"; mountPoint = "/nix/.ro-store"; readOnly = true; } ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail ++ [
+      "--fs" "tag=ro-store,path=${dir}/ro,readonly=on"
+      "--api-socket" "ro.sock"
+    ];
+    scriptHas = [ "exec \"$NIXVM\" '--kernel'" ];
+    scriptLacks = [ "virtiofsd_pids" "--shared-dir" "NIXVM_SKIP_VIRTIOFSD:-0" "ro-virtiofs-ro-store.sock" ];
   };
 
   # nixvm's own settings, kernelParams as one string, extra arguments.
@@ -129,6 +156,18 @@ in
   share-9p = {
     desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv"; mountPoint = "/s"; proto = "9p"; } ]; };
     error = "nixvm serves only virtiofs shares";
+  };
+  share-nixvm-writable = {
+    desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv"; mountPoint = "/s"; backend = "nixvm"; } ]; };
+    error = "backend nixvm serves only read-only shares";
+  };
+  share-bad-backend = {
+    desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv"; mountPoint = "/s"; readOnly = true; backend = "9p"; } ]; };
+    error = "backend must be nixvm or virtiofsd, not 9p";
+  };
+  share-comma-source = {
+    desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv/a,b"; mountPoint = "/s"; readOnly = true; } ]; };
+    error = "share source `/srv/a,b` contains a comma";
   };
   user-net = {
     desc = { inherit kernel; interfaces = [ { type = "user"; id = "u"; mac = "02:00:00:00:00:09"; } ]; };
