@@ -71,9 +71,10 @@ struct Cli {
     /// 02: and five bytes of a hash of the interface's name (stable across starts).
     #[arg(long, value_name = "SPEC")]
     net: Vec<NetConfig>,
-    /// A virtio-fs share, tag=TAG,socket=PATH[,queue_size=N], served by the vhost-user
-    /// backend (virtiofsd) listening on PATH; the guest mounts it with `mount -t virtiofs TAG
-    /// DIR`. Repeatable.
+    /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
+    /// back end (the Nix store); tag=TAG,socket=PATH uses the vhost-user back end (virtiofsd)
+    /// listening on PATH. Both take [,queue_size=N][,queues=N]. The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. Repeatable.
     #[arg(long, value_name = "SPEC")]
     fs: Vec<FsConfig>,
     /// The virtio-rng entropy device: on or off [default: on].

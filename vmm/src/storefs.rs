@@ -28,6 +28,8 @@ use vmm_sys_util::event::{
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 const QUEUE_SIZE: usize = 1024;
+/// The most of a request that is read from the guest.
+const MAX_REQUEST: usize = 1 << 20;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -132,12 +134,15 @@ impl Backend {
         for d in chain {
             if d.is_write_only() {
                 out.push((d.addr(), d.len() as usize));
-            } else if request.len() < 1 << 20 {
-                let mut b = vec![0u8; d.len() as usize];
-                if mem.read_slice(&mut b, d.addr()).is_err() {
+            } else {
+                // Requests are small (a header and a name or two): a guest's length beyond
+                // MAX_REQUEST is not read, and the server sees a malformed request.
+                let start = request.len();
+                let n = (d.len() as usize).min(MAX_REQUEST - start);
+                request.resize(start + n, 0);
+                if mem.read_slice(&mut request[start..], d.addr()).is_err() {
                     return 0;
                 }
-                request.extend_from_slice(&b);
             }
         }
         let room: usize = out.iter().map(|o| o.1).sum();
