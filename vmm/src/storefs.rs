@@ -18,7 +18,8 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -146,11 +147,15 @@ impl Backend {
             }
         }
         let room: usize = out.iter().map(|o| o.1).sum();
-        let Some(reply) = self.fs.handle(&request, room) else {
+        // File data goes from the file straight into the guest's buffers.
+        let mut read_into = |file: &std::fs::File, offset: u64, len: usize| {
+            read_into_guest(mem, &out, OUT_HEADER, file, offset, len)
+        };
+        let Some(reply) = self.fs.handle_into(&request, room, &mut read_into) else {
             return 0;
         };
         let mut done = 0;
-        for (addr, len) in out {
+        for &(addr, len) in &out {
             let n = len.min(reply.len() - done);
             if n == 0 {
                 break;
@@ -160,8 +165,88 @@ impl Backend {
             }
             done += n;
         }
-        u32::try_from(done).unwrap_or(0)
+        // A READ's reply is its header; its `len` counts the data placed after it.
+        let said = reply
+            .get(..4)
+            .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]));
+        u32::try_from(done)
+            .unwrap_or(0)
+            .max(said.min(u32::try_from(room).unwrap_or(0)))
     }
+}
+
+/// The size of a FUSE reply header.
+const OUT_HEADER: usize = 16;
+
+/// Reads up to `len` bytes of `file` at `offset` into the guest buffers `out`, after their
+/// first `skip` bytes; returns how many it read (fewer at the end of the file).
+fn read_into_guest(
+    mem: &GuestMemoryMmap,
+    out: &[(vm_memory::GuestAddress, usize)],
+    mut skip: usize,
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<usize> {
+    let mut iovs = Vec::with_capacity(out.len());
+    let mut want = len;
+    for &(addr, l) in out {
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(want);
+        if n == 0 {
+            break;
+        }
+        let at = addr
+            .checked_add(skip as u64)
+            .ok_or(std::io::ErrorKind::InvalidInput)?;
+        skip = 0;
+        let slice = mem
+            .get_slice(at, n)
+            .map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        iovs.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: n,
+        });
+        want -= n;
+    }
+    let mut done = 0;
+    let mut iovs = &mut iovs[..];
+    while !iovs.is_empty() {
+        let count = libc::c_int::try_from(iovs.len().min(1024)).unwrap_or(1024);
+        let off = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: every iovec points into guest memory that `mem` keeps mapped, with a length
+        // get_slice checked; the kernel writes only those bytes.
+        let r = unsafe { libc::preadv(file.as_raw_fd(), iovs.as_ptr(), count, off) };
+        let mut n = match usize::try_from(r) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        done += n;
+        while n > 0 {
+            let first = &mut iovs[0];
+            if n >= first.iov_len {
+                n -= first.iov_len;
+                iovs = &mut iovs[1..];
+            } else {
+                // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
+                first.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(done)
 }
 
 impl VhostUserBackend for Backend {

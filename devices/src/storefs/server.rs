@@ -391,6 +391,36 @@ impl StoreFs {
         })
     }
 
+    /// As [`StoreFs::handle`], but a well-formed READ's data is not copied into the reply:
+    /// `read_into(file, offset, len)` reads up to `len` bytes of `file` at `offset` straight
+    /// into the data part of the caller's reply buffers (after the 16-byte header) and says how
+    /// many it read (fewer at the end of the file). The reply is then only the header, whose
+    /// `len` counts the data too.
+    pub fn handle_into(
+        &self,
+        request: &[u8],
+        max_reply: usize,
+        read_into: &mut dyn FnMut(&File, u64, usize) -> io::Result<usize>,
+    ) -> Option<Vec<u8>> {
+        match read_struct::<InHeader>(request) {
+            Some((h, body))
+                if h.opcode == fuse::READ && usize::try_from(h.len).ok() == Some(request.len()) =>
+            {
+                let room = max_reply.saturating_sub(OUT_HEADER);
+                Some(match self.read_with(body, room, read_into) {
+                    Ok(n) => {
+                        let mut header = ok_reply(h.unique, &[]);
+                        let len = u32::try_from(OUT_HEADER + n).unwrap_or(u32::MAX);
+                        header[..4].copy_from_slice(&len.to_le_bytes());
+                        header
+                    }
+                    Err(e) => error_reply(h.unique, e),
+                })
+            }
+            _ => self.handle(request, max_reply),
+        }
+    }
+
     fn dispatch(&self, h: &InHeader, body: &[u8], room: usize) -> Res<Vec<u8>> {
         let node = h.nodeid;
         match h.opcode {
@@ -693,6 +723,35 @@ impl StoreFs {
     }
 
     fn read(&self, body: &[u8], room: usize) -> Res<Vec<u8>> {
+        let mut buf = Vec::new();
+        let n = self.read_with(body, room, &mut |file, offset, size| {
+            buf.resize(size, 0);
+            let mut done = 0;
+            while done < size {
+                let off = offset
+                    .checked_add(done as u64)
+                    .ok_or(io::ErrorKind::InvalidInput)?;
+                match file.read_at(&mut buf[done..], off) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(done)
+        })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// A READ: checks the handle and bounds the size (the request's, the room, MAX_TRANSFER),
+    /// then lets `read_into` move the data; returns how many bytes it read.
+    fn read_with(
+        &self,
+        body: &[u8],
+        room: usize,
+        read_into: &mut dyn FnMut(&File, u64, usize) -> io::Result<usize>,
+    ) -> Res<usize> {
         let (r, _) = parse::<ReadIn>(body)?;
         let h = self.handle_of(r.fh)?;
         let Handle::File(file) = h.as_ref() else {
@@ -702,19 +761,11 @@ impl StoreFs {
             .unwrap_or(usize::MAX)
             .min(room)
             .min(MAX_TRANSFER);
-        let mut buf = vec![0u8; size];
-        let mut done = 0;
-        while done < size {
-            let off = r.offset.checked_add(done as u64).ok_or(libc::EINVAL)?;
-            match file.read_at(&mut buf[done..], off) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(errno_of(&e)),
-            }
+        r.offset.checked_add(size as u64).ok_or(libc::EINVAL)?;
+        match read_into(file, r.offset, size) {
+            Ok(n) => Ok(n.min(size)),
+            Err(e) => Err(errno_of(&e)),
         }
-        buf.truncate(done);
-        Ok(buf)
     }
 
     fn list_dir(&self, node: u64, fd: &OwnedFd) -> Res<Vec<DirEntry>> {
@@ -1154,6 +1205,45 @@ mod tests {
         let (e, b) = call(&fs, INIT, 0, &body);
         assert_eq!(e, 0);
         assert_eq!(read_struct::<InitOut>(&b).unwrap().0.major, 7);
+    }
+
+    #[test]
+    fn storefs_reads_into_the_callers_buffers() {
+        let t = tree();
+        let fs = StoreFs::new(&t.0).unwrap();
+        init(&fs, u32::MAX);
+        let e = lookup(&fs, ROOT_ID, "hello.txt").unwrap();
+        let o = open(&fs, OPEN, e.nodeid, libc::O_RDONLY).unwrap();
+        let placed = std::cell::RefCell::new(Vec::new());
+        let mut into = |f: &File, off: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            let n = f.read_at(&mut b, off)?;
+            *placed.borrow_mut() = b[..n].to_vec();
+            Ok(n)
+        };
+        // Only the header comes back; its len counts the data the callback placed.
+        let r = fs
+            .handle_into(&req(READ, 0, &read_in(o.fh, 6, 100)), 16 + 3, &mut into)
+            .unwrap();
+        let (h, rest) = read_struct::<OutHeader>(&r).unwrap();
+        assert_eq!(
+            (h.len, h.error, h.unique, rest.len()),
+            (16 + 3, 0, 0x1234, 0)
+        );
+        assert_eq!(*placed.borrow(), b"wor");
+        // Errors are whole replies; other opcodes are answered as by handle().
+        let r = fs
+            .handle_into(&req(READ, 0, &read_in(999, 0, 10)), 4096, &mut into)
+            .unwrap();
+        let (h, _) = read_struct::<OutHeader>(&r).unwrap();
+        assert_eq!((h.len, h.error), (16, -libc::EBADF));
+        let r = fs
+            .handle_into(&req(GETATTR, ROOT_ID, &[0u8; 16]), 4096, &mut into)
+            .unwrap();
+        assert_eq!(
+            r,
+            fs.handle(&req(GETATTR, ROOT_ID, &[0u8; 16]), 4096).unwrap()
+        );
     }
 
     #[test]
