@@ -2,7 +2,8 @@
 //! storefs`) beside the upstream virtiofsd, served to nixvm and to QEMU microvm
 //! (vhost-user-fs-device, memfd memory): same directory, same guest, same run.
 //!
-//! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved;
+//! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved
+//! (each round begins with the next setup);
 //! a fresh back end for every run. The guest mounts the share and reads one 256 MiB file,
 //! runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's caches
 //! warm), then `stat`s every file twice. Times are taken on the host, from when the guest's
@@ -239,8 +240,10 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
     let mut results: [Vec<Console>; 3] = Default::default();
     for i in 1..=runs {
         let [a, b, c] = &mut results;
-        let setups = [(&mut builtin, a), (&mut nixvm, b), (&mut qemu, c)];
-        for (n, (cmd, out)) in setups.into_iter().enumerate() {
+        let mut setups = vec![(0, &mut builtin, a), (1, &mut nixvm, b), (2, &mut qemu, c)];
+        // Each run starts with another setup: the first VM after a while pays for cold caches.
+        setups.rotate_left((i - 1) % SETUPS.len());
+        for (n, cmd, out) in setups {
             let name = SETUPS[n];
             let started = std::time::Instant::now();
             let daemon = match n {
@@ -275,6 +278,22 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
                 failure,
             });
         }
+        // The medians so far, in case the route dies before the table (L1 sometimes does).
+        let so_far: Vec<String> = ROWS
+            .iter()
+            .map(|(name, _, f)| {
+                let m = results.each_ref().map(|r| {
+                    common::stats(ok(r).into_iter().filter_map(f).collect())
+                        .map_or("–".to_string(), |(m, ..)| format!("{m:.2}"))
+                });
+                format!("{name}: {}", m.join(" / "))
+            })
+            .collect();
+        eprintln!(
+            "after round {i} (medians, {}): {}",
+            SETUPS.join(" / "),
+            so_far.join("; ")
+        );
     }
 
     common::header(commit.as_deref())?;

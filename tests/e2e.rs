@@ -1458,10 +1458,13 @@ echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
             standalone_exit == Some(0),
             "the standalone nixvm storefs after the VM disconnected: {standalone_exit:?}\n{log}"
         );
-        // Landlock is best effort (the kernel may lack it); the daemon must say which.
-        let landlock = log.lines().find(|l| l.contains("Landlock"));
-        check!(landlock.is_some(), "no word on Landlock in its log:\n{log}");
-        println!("e2e: nixvm storefs: {}", landlock.unwrap_or_default());
+        // Landlock and the mount namespace are best effort (the kernel or the host's policy
+        // may not allow them); the daemon must say what became of each.
+        for what in ["Landlock", "mount namespace"] {
+            let line = log.lines().find(|l| l.contains(what));
+            check!(line.is_some(), "no word on the {what} in its log:\n{log}");
+            println!("e2e: nixvm storefs: {}", line.unwrap_or_default());
+        }
         Ok(())
     });
     let _ = std::fs::remove_dir_all(&store);

@@ -1,7 +1,8 @@
-//! Dropping what a back-end process does not need, once it has opened what it serves:
-//! Landlock (the file system becomes read-only and shrinks to one directory) and a seccomp
-//! allow-list of system calls. Both are best effort where the kernel lacks them (Landlock
-//! needs Linux 5.13 and the LSM enabled); both only ever take rights away.
+//! Dropping what a back-end process does not need, once it has opened what it serves: a
+//! mount namespace whose root holds only the served directory and /proc, Landlock (the file
+//! system becomes read-only and shrinks to one directory) and a seccomp allow-list of system
+//! calls. The first two are best effort where the kernel or the host's policy lacks them
+//! (unprivileged user namespaces, Landlock's LSM); all of them only ever take rights away.
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
@@ -30,6 +31,10 @@ pub enum Landlock {
 }
 
 const CREATE_RULESET_VERSION: u32 = 1;
+/// open_tree(2) and move_mount(2) flags (linux/mount.h).
+const OPEN_TREE_CLOEXEC: libc::c_uint = 0o2000000;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const RULE_PATH_BENEATH: libc::c_int = 1;
 const ACCESS_FS_READ_FILE: u64 = 1 << 2;
 const ACCESS_FS_READ_DIR: u64 = 1 << 3;
@@ -51,9 +56,10 @@ struct PathBeneathAttr {
 }
 
 /// Restricts the calling thread, and the threads it starts from now on, to reading files and
-/// listing directories under `dir`: no writes anywhere, nothing opened outside `dir`
-/// (descriptors already open keep working). Call it before starting threads.
-pub fn landlock_read_only(dir: &Path) -> Result<Landlock, Error> {
+/// listing directories under `dir` (an O_PATH descriptor of it): no writes anywhere,
+/// nothing opened outside `dir` (descriptors already open keep working). Call it before
+/// starting threads.
+pub fn landlock_read_only(dir: &OwnedFd) -> Result<Landlock, Error> {
     let last_err = |what| Error::Landlock(what, std::io::Error::last_os_error());
     // SAFETY: the version query takes no attribute (null, size 0) and returns a number.
     let abi = unsafe {
@@ -96,15 +102,9 @@ pub fn landlock_read_only(dir: &Path) -> Result<Landlock, Error> {
     let fd = libc::c_int::try_from(fd).map_err(|_| last_err("create a ruleset"))?;
     // SAFETY: `fd` is the new ruleset descriptor, owned by nobody else.
     let ruleset = unsafe { OwnedFd::from_raw_fd(fd) };
-    let root: OwnedFd = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags_path()
-        .open(dir)
-        .map_err(|e| Error::Open(dir.to_owned(), e))?
-        .into();
     let rule = PathBeneathAttr {
         allowed_access: (ACCESS_FS_READ_FILE | ACCESS_FS_READ_DIR) & handled,
-        parent_fd: root.as_raw_fd(),
+        parent_fd: dir.as_raw_fd(),
     };
     // SAFETY: both descriptors are open; `rule` is a valid path-beneath attribute.
     let r = unsafe {
@@ -130,15 +130,179 @@ pub fn landlock_read_only(dir: &Path) -> Result<Landlock, Error> {
     Ok(Landlock::Enforced(abi))
 }
 
-trait OpenPath {
-    fn custom_flags_path(&mut self) -> &mut Self;
+/// `dir` as an O_PATH descriptor, for [`landlock_read_only`] and [`mount_namespace`].
+pub fn open_dir(dir: &Path) -> Result<OwnedFd, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    Ok(std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| Error::Open(dir.to_owned(), e))?
+        .into())
 }
 
-impl OpenPath for std::fs::OpenOptions {
-    fn custom_flags_path(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+/// What the mount namespace step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Namespace {
+    /// The process's root is now a tmpfs holding only `/proc` and the served directory.
+    Entered,
+    /// Not possible here (why); nothing was changed.
+    Unavailable(String),
+}
+
+/// Moves the process into a mount namespace of its own (with a user namespace when not
+/// root) whose root is a small tmpfs holding only /proc and `dir` (bound read-only), so that
+/// nothing else of the host's file system is reachable by path. Descriptors stay valid.
+/// The process must be single-threaded. Best effort: where user namespaces are not allowed,
+/// nothing changes and it says why; a failure half-way leaves the process in its own
+/// namespace with the old root, which only hides things.
+pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
+    use std::ffi::CString;
+    let fail = |what: &str| Namespace::Unavailable(format!("{what}: {}", io_last()));
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let flags = if uid == 0 {
+        libc::CLONE_NEWNS
+    } else {
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS
+    };
+    // SAFETY: unshare takes flags; it fails (EINVAL) rather than misbehave if threads exist.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return fail("unshare");
     }
+    if uid != 0 {
+        let maps = [
+            ("/proc/self/setgroups", "deny".to_string()),
+            ("/proc/self/uid_map", format!("{uid} {uid} 1")),
+            ("/proc/self/gid_map", format!("{gid} {gid} 1")),
+        ];
+        for (file, text) in maps {
+            if let Err(e) = std::fs::write(file, text) {
+                return Namespace::Unavailable(format!("{file}: {e}"));
+            }
+        }
+    }
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let mount =
+        |src: Option<&str>, target: &str, fstype: Option<&str>, flags, data: Option<&str>| {
+            let (src, target) = (src.map(c), c(target));
+            let (fstype, data) = (fstype.map(c), data.map(c));
+            let p = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+            // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
+            let r = unsafe {
+                libc::mount(p(&src), target.as_ptr(), p(&fstype), flags, p(&data).cast())
+            };
+            if r == 0 { Ok(()) } else { Err(io_last()) }
+        };
+    let step = |what: &str, r: std::io::Result<()>| {
+        r.map_err(|e| Namespace::Unavailable(format!("{what}: {e}")))
+    };
+    let run = || -> Result<(), Namespace> {
+        step(
+            "make / private",
+            mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
+        )?;
+        // The new root is built on /proc/self/fd/N of `dir`, which exists wherever DIR is.
+        let base = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        let target = std::fs::read_link(&base)
+            .map_err(|e| Namespace::Unavailable(format!("{base}: {e}")))?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| Namespace::Unavailable("the directory's path is not UTF-8".into()))?;
+        // A copy of DIR's mount tree in this namespace, detached (descriptors opened before
+        // unshare name the old namespace's mounts, which cannot be bound here).
+        let path = c(target);
+        // SAFETY: open_tree takes a NUL-terminated path and flags; it returns a new
+        // descriptor or -1.
+        let tree = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
+            )
+        };
+        let tree = libc::c_int::try_from(tree)
+            .ok()
+            .filter(|t| *t >= 0)
+            .ok_or_else(|| fail("open_tree"))?;
+        // SAFETY: `tree` is the new descriptor, owned by nobody else.
+        let tree = unsafe { OwnedFd::from_raw_fd(tree) };
+        // The tmpfs goes over DIR's own path (it surely exists).
+        let new_root = target.to_owned();
+        step(
+            "mount a tmpfs root",
+            mount(
+                Some("nixvm-storefs"),
+                &new_root,
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("size=64k,mode=0755"),
+            ),
+        )?;
+        for d in ["proc", "dir"] {
+            std::fs::create_dir(format!("{new_root}/{d}"))
+                .map_err(|e| Namespace::Unavailable(format!("{new_root}/{d}: {e}")))?;
+        }
+        let dir_at = c(&format!("{new_root}/dir"));
+        let empty = c("");
+        // SAFETY: move_mount takes the tree descriptor, two NUL-terminated paths and flags.
+        let moved = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_FDCWD,
+                dir_at.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if moved != 0 {
+            return Err(fail("move the directory into the new root"));
+        }
+        // Read-only where the host's mount flags allow it (Landlock and seccomp stop writes
+        // anyway).
+        let _ = mount(
+            None,
+            &format!("{new_root}/dir"),
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        );
+        step(
+            "bind /proc",
+            mount(
+                Some("/proc"),
+                &format!("{new_root}/proc"),
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            ),
+        )?;
+        std::env::set_current_dir(&new_root)
+            .map_err(|e| Namespace::Unavailable(format!("chdir {new_root}: {e}")))?;
+        let dot = c(".");
+        // SAFETY: pivot_root takes two NUL-terminated paths; "." twice stacks the old root
+        // under the new one, which is then detached.
+        if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+            return Err(fail("pivot_root"));
+        }
+        // SAFETY: umount2 takes a NUL-terminated path and flags.
+        if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(fail("detach the old root"));
+        }
+        std::env::set_current_dir("/")
+            .map_err(|e| Namespace::Unavailable(format!("chdir /: {e}")))?;
+        Ok(())
+    };
+    match run() {
+        Ok(()) => Namespace::Entered,
+        Err(n) => n,
+    }
+}
+
+fn io_last() -> std::io::Error {
+    std::io::Error::last_os_error()
 }
 
 /// The system calls a vhost-user back end serving files read-only makes once it runs: the
@@ -250,7 +414,7 @@ mod tests {
             .into();
         let (i, b) = (inside.clone(), base.clone());
         let got = std::thread::spawn(move || {
-            let mode = landlock_read_only(&i).unwrap();
+            let mode = landlock_read_only(&open_dir(&i).unwrap()).unwrap();
             if mode == Landlock::Unsupported {
                 return None;
             }

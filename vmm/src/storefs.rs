@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nixvm_devices::storefs::StoreFs;
+use nixvm_devices::virtio::iovecs::GuestIovecs;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{
-    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
+    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -115,13 +115,15 @@ impl Backend {
                 if vring.add_used(head, len).is_err() {
                     log::warn!("storefs: cannot complete descriptor {head}");
                 }
+                // Each reply is signalled at once (as EVENT_IDX allows), not after the whole
+                // batch: the guest goes on with a read while its readahead is served.
+                if vring.needs_notification().unwrap_or(true) {
+                    vring.signal_used_queue()?;
+                }
             }
             if !event_idx || !vring.enable_notification().unwrap_or(false) {
                 break;
             }
-        }
-        if vring.needs_notification().unwrap_or(true) {
-            vring.signal_used_queue()?;
         }
         Ok(())
     }
@@ -188,7 +190,7 @@ fn read_into_guest(
     offset: u64,
     len: usize,
 ) -> std::io::Result<usize> {
-    let mut iovs = Vec::with_capacity(out.len());
+    let mut segs = Vec::with_capacity(out.len());
     let mut want = len;
     for &(addr, l) in out {
         if skip >= l {
@@ -203,50 +205,10 @@ fn read_into_guest(
             .checked_add(skip as u64)
             .ok_or(std::io::ErrorKind::InvalidInput)?;
         skip = 0;
-        let slice = mem
-            .get_slice(at, n)
-            .map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        iovs.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: n,
-        });
+        segs.push((at, n));
         want -= n;
     }
-    let mut done = 0;
-    let mut iovs = &mut iovs[..];
-    while !iovs.is_empty() {
-        let count = libc::c_int::try_from(iovs.len().min(1024)).unwrap_or(1024);
-        let off = libc::off_t::try_from(offset + done as u64)
-            .map_err(|_| std::io::ErrorKind::InvalidInput)?;
-        // SAFETY: every iovec points into guest memory that `mem` keeps mapped, with a length
-        // get_slice checked; the kernel writes only those bytes.
-        let r = unsafe { libc::preadv(file.as_raw_fd(), iovs.as_ptr(), count, off) };
-        let mut n = match usize::try_from(r) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(_) => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-        };
-        done += n;
-        while n > 0 {
-            let first = &mut iovs[0];
-            if n >= first.iov_len {
-                n -= first.iov_len;
-                iovs = &mut iovs[1..];
-            } else {
-                // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-                first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
-                first.iov_len -= n;
-                n = 0;
-            }
-        }
-    }
-    Ok(done)
+    GuestIovecs::new(mem, &segs)?.transfer(file, offset, false)
 }
 
 impl VhostUserBackend for Backend {
@@ -332,9 +294,19 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         Listen::Fd(fd) => inherited_listener(*fd)?,
     };
     let mut listener = vhost::vhost_user::Listener::from(listener);
-    // Everything to open is open: from here on only reading under DIR (before any thread
-    // starts, as Landlock binds the threads started after it).
-    match crate::sandbox::landlock_read_only(dir) {
+    // Everything to open is open: from here on only reading under DIR. Both steps come
+    // before any thread starts (a user namespace needs a single thread; Landlock binds the
+    // threads started after it).
+    let dir_fd = crate::sandbox::open_dir(dir)?;
+    match crate::sandbox::mount_namespace(&dir_fd) {
+        crate::sandbox::Namespace::Entered => {
+            log::info!("storefs: in a mount namespace holding only /proc and the directory");
+        }
+        crate::sandbox::Namespace::Unavailable(why) => {
+            log::info!("storefs: no mount namespace ({why}); relying on Landlock and seccomp");
+        }
+    }
+    match crate::sandbox::landlock_read_only(&dir_fd) {
         Ok(crate::sandbox::Landlock::Enforced(abi)) => {
             log::info!(
                 "storefs: Landlock (ABI {abi}): read-only, {}",
@@ -367,11 +339,9 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     daemon
         .start(&mut listener)
         .map_err(|e| daemon_err(e.to_string()))?;
+    // Connected: nobody else is to connect. (A --socket file stays: the sandbox can no
+    // longer remove it; the next start replaces it.)
     drop(listener);
-    if let Listen::Socket(p) = &opts.listen {
-        // Connected: nobody else is to connect.
-        let _ = std::fs::remove_file(p);
-    }
     let served = daemon.wait().map_err(|e| e.to_string());
     for (_, n) in &backend.exits {
         let _ = n.notify();

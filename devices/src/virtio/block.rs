@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::iovecs::GuestIovecs;
 use super::{
     ActivateError, GuestMemoryMmap, Interrupt, Memory, QueuePool, TYPE_BLOCK,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice, read_config_bytes,
@@ -263,7 +263,7 @@ impl Disk {
         let aligned = |(a, l): &Segment| a.0 % SECTOR_SIZE == 0 && *l as u64 % SECTOR_SIZE == 0;
         if !self.direct || segs.iter().all(aligned) {
             let mut iovs = GuestIovecs::new(mem, segs)?;
-            match iovs.transfer(&self.file, offset, write) {
+            match iovs.transfer_all(&self.file, offset, write) {
                 // The device wants more alignment than a sector: bounce.
                 Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {}
                 r => return r,
@@ -435,81 +435,6 @@ fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> bool {
         done += n;
     }
     done == data.len()
-}
-
-/// Guest buffers as iovecs for preadv/pwritev, valid while the guest memory they were taken
-/// from is borrowed.
-struct GuestIovecs<'a> {
-    iovs: Vec<libc::iovec>,
-    _mem: std::marker::PhantomData<&'a GuestMemoryMmap>,
-}
-
-impl<'a> GuestIovecs<'a> {
-    fn new(mem: &'a GuestMemoryMmap, segs: &[Segment]) -> io::Result<Self> {
-        let mut iovs = Vec::with_capacity(segs.len());
-        for &(addr, len) in segs {
-            let slice = mem.get_slice(addr, len).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("guest buffer: {e}"))
-            })?;
-            // The device may write there: tell the dirty bitmap.
-            slice.bitmap().mark_dirty(0, len);
-            iovs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: len,
-            });
-        }
-        Ok(GuestIovecs {
-            iovs,
-            _mem: std::marker::PhantomData,
-        })
-    }
-
-    /// preadv or pwritev at `offset` until every byte has moved.
-    fn transfer(&mut self, file: &File, mut offset: u64, write: bool) -> io::Result<()> {
-        let mut iovs = &mut self.iovs[..];
-        while !iovs.is_empty() {
-            let count = libc::c_int::try_from(iovs.len().min(1024)).expect("at most IOV_MAX");
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: every iovec points into guest memory that `'a` keeps mapped, with the
-            // length get_slice checked; the kernel reads or writes only those bytes.
-            let n = unsafe {
-                if write {
-                    libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), count, off)
-                } else {
-                    libc::preadv(file.as_raw_fd(), iovs.as_ptr(), count, off)
-                }
-            };
-            let mut n = match usize::try_from(n) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => n,
-                Err(_) => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-            };
-            offset += n as u64;
-            while n > 0 {
-                let first = &mut iovs[0];
-                if n >= first.iov_len {
-                    n -= first.iov_len;
-                    iovs = &mut iovs[1..];
-                } else {
-                    // SAFETY: n < iov_len, so the new base stays inside the same buffer.
-                    first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n).cast() };
-                    first.iov_len -= n;
-                    n = 0;
-                }
-            }
-            while iovs.first().is_some_and(|i| i.iov_len == 0) {
-                iovs = &mut iovs[1..];
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A byte buffer aligned for O_DIRECT (the bounce buffer between guest memory and the file).

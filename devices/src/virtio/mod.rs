@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod fs;
+pub mod iovecs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
