@@ -1460,8 +1460,10 @@ echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
         );
         // Landlock and the mount namespace are best effort (the kernel or the host's policy
         // may not allow them); the daemon must say what became of each.
-        for what in ["Landlock", "mount namespace"] {
-            let line = log.lines().find(|l| l.contains(what));
+        for what in ["Landlock (", "mount namespace"] {
+            let line = log.lines().find(|l| {
+                l.contains(what) || (what.starts_with("Landlock") && l.contains("no Landlock"))
+            });
             check!(line.is_some(), "no word on the {what} in its log:\n{log}");
             println!("e2e: nixvm storefs: {}", line.unwrap_or_default());
         }
