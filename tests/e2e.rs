@@ -1199,15 +1199,7 @@ echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f
     received?;
     wait_timeout(&mut vm.child, BOOT_TIMEOUT);
 
-    let is = |key: &str, want: &str| -> TestResult {
-        let got = vm.marker(key).unwrap_or_default();
-        check!(
-            got == want,
-            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
-            vm.seen
-        );
-        Ok(())
-    };
+    let is = |key: &str, want: &str| vm.expect(key, want);
     let ping = is("ping_eth0", "ok").and(is("ping_eth1", "ok"));
     let up = from_guest.and_then(|()| {
         let host = sha256_hex(&got_path);
@@ -1421,15 +1413,7 @@ echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
         let mut d = daemon;
         wait_timeout(&mut d.0, Duration::from_secs(10)).and_then(|s| s.code())
     };
-    let is = |key: &str, want: &str| -> TestResult {
-        let got = vm.marker(key).unwrap_or_default();
-        check!(
-            got == want,
-            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
-            vm.seen
-        );
-        Ok(())
-    };
+    let is = |key: &str, want: &str| vm.expect(key, want);
     let sums = is("mounted", "ro-store").and(is("store", &format!("403,{host_sha}")));
     let links = is("links", "../libexec/hello-real,hello-from-store,static-ok");
     let erofs = is("write", "refused,1");
@@ -1626,15 +1610,7 @@ echo "NIXVM-TEST: after_kill=$r"
     vm.wait_for("NIXVM-TEST: after_kill=")?;
     let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
 
-    let is = |key: &str, want: &str| -> TestResult {
-        let got = vm.marker(key).unwrap_or_default();
-        check!(
-            got == want,
-            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
-            vm.seen
-        );
-        Ok(())
-    };
+    let is = |key: &str, want: &str| vm.expect(key, want);
     let sums = is("mounted", "ro-store").and(is("store", &format!("10004,{host_sha}")));
     let links = is(
         "links",
@@ -1766,6 +1742,17 @@ impl Streaming {
         ))
     }
 
+    /// The marker `key` has the value `want`; the console in the failure.
+    fn expect(&self, key: &str, want: &str) -> TestResult {
+        let got = self.marker(key).unwrap_or_default();
+        check!(
+            got == want,
+            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
+            self.seen
+        );
+        Ok(())
+    }
+
     fn marker(&self, key: &str) -> Option<String> {
         let prefix = format!("NIXVM-TEST: {key}=");
         self.seen.lines().find_map(|l| {
@@ -1873,15 +1860,7 @@ sleep 1000
 
     let host_sha = sha256_hex(&data);
     // The guest's marker `key` has exactly the value `want`.
-    let is = |key: &str, want: &str| -> TestResult {
-        let got = vm.marker(key).unwrap_or_default();
-        check!(
-            got == want,
-            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
-            vm.seen
-        );
-        Ok(())
-    };
+    let is = |key: &str, want: &str| vm.expect(key, want);
     let sha = is("sha256_vda", &host_sha);
     let order = is("disk_vda", "size:16384,ro:0,serial:first-disk")
         .and(is("disk_vdb", "size:2048,ro:1,serial:second-disk"))
@@ -2260,25 +2239,13 @@ fn main() {
         "blk_driver_reload",
         "blk_parallel_requests",
         "rng_hwrng_gives_bytes",
-        "net_ping_host",
-        "net_tcp_64m_guest_to_host",
-        "net_tcp_64m_host_to_guest",
-        "net_two_nics_order_and_macs",
-        "net_fd_passed_tap",
-        "fs_store_checksums_match",
-        "fs_symlinks_resolve",
-        "fs_executables_run",
-        "fs_two_shares",
-        "fs_unmount_and_remount",
-        "fs_backend_killed_vm_survives",
-        "storefs_checksums_match",
-        "storefs_symlinks_and_executables",
-        "storefs_writes_fail_erofs",
-        "storefs_new_path_appears",
-        "storefs_escapes_stay_inside",
-        "storefs_path_share_needs_nothing_else",
-        "storefs_standalone_daemon",
     ];
+    let boot_names: Vec<&str> = boot_names
+        .into_iter()
+        .chain(NET_NAMES)
+        .chain(FS_NAMES)
+        .chain(STOREFS_NAMES)
+        .collect();
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),
         "l1" if boot_names.iter().any(|n| t.wants(n)) => {
