@@ -31,10 +31,6 @@ pub enum Landlock {
 }
 
 const CREATE_RULESET_VERSION: u32 = 1;
-/// open_tree(2) and move_mount(2) flags (linux/mount.h).
-const OPEN_TREE_CLOEXEC: libc::c_uint = 0o2000000;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const RULE_PATH_BENEATH: libc::c_int = 1;
 const ACCESS_FS_READ_FILE: u64 = 1 << 2;
 const ACCESS_FS_READ_DIR: u64 = 1 << 3;
@@ -209,25 +205,11 @@ pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
         let target = target
             .to_str()
             .ok_or_else(|| Namespace::Unavailable("the directory's path is not UTF-8".into()))?;
-        // A copy of DIR's mount tree in this namespace, detached (descriptors opened before
-        // unshare name the old namespace's mounts, which cannot be bound here).
-        let path = c(target);
-        // SAFETY: open_tree takes a NUL-terminated path and flags; it returns a new
-        // descriptor or -1.
-        let tree = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                path.as_ptr(),
-                libc::OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE,
-            )
-        };
-        let tree = libc::c_int::try_from(tree)
-            .ok()
-            .filter(|t| *t >= 0)
-            .ok_or_else(|| fail("open_tree"))?;
-        // SAFETY: `tree` is the new descriptor, owned by nobody else.
-        let tree = unsafe { OwnedFd::from_raw_fd(tree) };
+        // DIR as this namespace sees it (descriptors opened before unshare name the old
+        // namespace's mounts, which cannot be bound here), kept for the bind below.
+        let here: OwnedFd = std::fs::File::open(target)
+            .map_err(|e| Namespace::Unavailable(format!("{target}: {e}")))?
+            .into();
         // The tmpfs goes over DIR's own path (it surely exists).
         let new_root = target.to_owned();
         step(
@@ -244,22 +226,17 @@ pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
             std::fs::create_dir(format!("{new_root}/{d}"))
                 .map_err(|e| Namespace::Unavailable(format!("{new_root}/{d}: {e}")))?;
         }
-        let dir_at = c(&format!("{new_root}/dir"));
-        let empty = c("");
-        // SAFETY: move_mount takes the tree descriptor, two NUL-terminated paths and flags.
-        let moved = unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                tree.as_raw_fd(),
-                empty.as_ptr(),
-                libc::AT_FDCWD,
-                dir_at.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            )
-        };
-        if moved != 0 {
-            return Err(fail("move the directory into the new root"));
-        }
+        step(
+            "bind the directory",
+            mount(
+                Some(&format!("/proc/self/fd/{}", here.as_raw_fd())),
+                &format!("{new_root}/dir"),
+                None,
+                // Not recursive: the new root's tmpfs is itself mounted below DIR now.
+                libc::MS_BIND,
+                None,
+            ),
+        )?;
         // Read-only where the host's mount flags allow it (Landlock and seccomp stop writes
         // anyway).
         let _ = mount(
