@@ -155,6 +155,15 @@ pub enum Namespace {
 pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
     use std::ffi::CString;
     let fail = |what: &str| Namespace::Unavailable(format!("{what}: {}", io_last()));
+    // DIR's path, read while still in the namespace it was opened in (afterwards the link
+    // reads relative to that namespace's root, which may not be this process's root).
+    let base = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let target = match std::fs::read_link(&base).map(|p| p.into_os_string().into_string()) {
+        Ok(Ok(t)) => t,
+        Ok(Err(_)) => return Namespace::Unavailable("the directory's path is not UTF-8".into()),
+        Err(e) => return Namespace::Unavailable(format!("{base}: {e}")),
+    };
+    let target = target.as_str();
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let flags = if uid == 0 {
@@ -199,12 +208,6 @@ pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
             mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
         )?;
         // The new root is built on /proc/self/fd/N of `dir`, which exists wherever DIR is.
-        let base = format!("/proc/self/fd/{}", dir.as_raw_fd());
-        let target = std::fs::read_link(&base)
-            .map_err(|e| Namespace::Unavailable(format!("{base}: {e}")))?;
-        let target = target
-            .to_str()
-            .ok_or_else(|| Namespace::Unavailable("the directory's path is not UTF-8".into()))?;
         // DIR as this namespace sees it (descriptors opened before unshare name the old
         // namespace's mounts, which cannot be bound here), kept for the bind below.
         let here: OwnedFd = std::fs::File::open(target)
