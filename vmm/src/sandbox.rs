@@ -11,7 +11,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {0} for the Landlock rule")]
+    #[error("cannot open {0} to sandbox its server")]
     Open(std::path::PathBuf, #[source] std::io::Error),
     #[error("Landlock: {0}")]
     Landlock(&'static str, #[source] std::io::Error),
@@ -142,7 +142,8 @@ pub fn open_dir(dir: &Path) -> Result<OwnedFd, Error> {
 pub enum Namespace {
     /// The process's root is now a tmpfs holding only `/proc` and the served directory.
     Entered,
-    /// Not possible here (why); nothing was changed.
+    /// Not possible here (why). A failure after unshare leaves the process in namespaces of
+    /// its own with the old root, which can only hide things, never grant any.
     Unavailable(String),
 }
 
@@ -207,19 +208,18 @@ pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
             "make / private",
             mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None),
         )?;
-        // The new root is built on /proc/self/fd/N of `dir`, which exists wherever DIR is.
         // DIR as this namespace sees it (descriptors opened before unshare name the old
         // namespace's mounts, which cannot be bound here), kept for the bind below.
         let here: OwnedFd = std::fs::File::open(target)
             .map_err(|e| Namespace::Unavailable(format!("{target}: {e}")))?
             .into();
         // The tmpfs goes over DIR's own path (it surely exists).
-        let new_root = target.to_owned();
+        let new_root = target;
         step(
             "mount a tmpfs root",
             mount(
                 Some("nixvm-storefs"),
-                &new_root,
+                new_root,
                 Some("tmpfs"),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 Some("size=64k,mode=0755"),
@@ -259,7 +259,7 @@ pub fn mount_namespace(dir: &OwnedFd) -> Namespace {
                 None,
             ),
         )?;
-        std::env::set_current_dir(&new_root)
+        std::env::set_current_dir(new_root)
             .map_err(|e| Namespace::Unavailable(format!("chdir {new_root}: {e}")))?;
         let dot = c(".");
         // SAFETY: pivot_root takes two NUL-terminated paths; "." twice stacks the old root

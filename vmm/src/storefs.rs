@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nixvm_devices::storefs::StoreFs;
+use nixvm_devices::storefs::fuse::OutHeader;
 use nixvm_devices::virtio::iovecs::GuestIovecs;
-use vhost::vhost_user::VhostUserProtocolFeatures;
+use nixvm_devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{
@@ -31,9 +33,6 @@ type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 const QUEUE_SIZE: usize = 1024;
 /// The most of a request that is read from the guest.
 const MAX_REQUEST: usize = 1 << 20;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -167,18 +166,17 @@ impl Backend {
             }
             done += n;
         }
-        // A READ's reply is its header; its `len` counts the data placed after it.
+        // The header's `len` is what the guest gets: the reply's bytes, and for a READ also
+        // the data already placed after the header.
         let said = reply
             .get(..4)
             .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]));
-        u32::try_from(done)
-            .unwrap_or(0)
-            .max(said.min(u32::try_from(room).unwrap_or(0)))
+        said.min(u32::try_from(room).unwrap_or(u32::MAX))
     }
 }
 
 /// The size of a FUSE reply header.
-const OUT_HEADER: usize = 16;
+const OUT_HEADER: usize = size_of::<OutHeader>();
 
 /// Reads up to `len` bytes of `file` at `offset` into the guest buffers `out`, after their
 /// first `skip` bytes; returns how many it read (fewer at the end of the file).
@@ -222,7 +220,9 @@ impl VhostUserBackend for Backend {
         QUEUE_SIZE
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VHOST_USER_F_PROTOCOL_FEATURES
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
