@@ -9,8 +9,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::GuestMemoryMmap;
 use crate::layout;
+use vm_memory::GuestMemoryBackend;
 
 const OEM_ID: [u8; 6] = *b"NIXVM ";
 const OEM_TABLE_ID: [u8; 8] = *b"NIXVMTBL";
@@ -208,7 +208,7 @@ fn madt(cpus: u8) -> Sdt {
 
 /// Writes the tables at [`layout::ACPI_START`]; returns the RSDP's address.
 pub fn write_acpi_tables(
-    mem: &GuestMemoryMmap,
+    mem: &impl GuestMemoryBackend,
     config: &AcpiConfig,
 ) -> Result<GuestAddress, Error> {
     let rsdp_addr = layout::ACPI_START;
@@ -248,11 +248,11 @@ fn align16(n: u64) -> u64 {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    fn mem() -> vm_memory::GuestMemoryMmap {
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
-    fn table(m: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+    fn table(m: &impl GuestMemoryBackend, addr: u64) -> Vec<u8> {
         let len = m.read_obj::<u32>(GuestAddress(addr + 4)).unwrap() as usize;
         let mut t = vec![0u8; len];
         m.read_slice(&mut t, GuestAddress(addr)).unwrap();

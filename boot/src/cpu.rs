@@ -3,9 +3,9 @@
 //! Described here without KVM types; the vmm crate turns [`EntryState`] into `kvm_sregs`/`kvm_regs`.
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::GuestMemoryMmap;
 use crate::kernel::Entry;
 use crate::layout;
+use vm_memory::GuestMemoryBackend;
 
 pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_ET: u64 = 1 << 4;
@@ -103,7 +103,7 @@ pub enum Error {
 /// Writes the GDT (and, for the 64-bit entry, identity page tables) and returns the entry state.
 /// `params` is the zero page or start_info address from [`crate::params::write_boot_params`].
 pub fn setup_entry(
-    mem: &GuestMemoryMmap,
+    mem: &impl GuestMemoryBackend,
     entry: &Entry,
     params: GuestAddress,
 ) -> Result<EntryState, Error> {
@@ -163,13 +163,13 @@ const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 /// Writes the reset-vector stub. On a hardware-reduced ACPI platform without EFI, Linux's
 /// reboot falls through to jumping to the BIOS at F000:FFF0; there is no BIOS, so the stub
 /// pulses the i8042 reset line, and every reboot method ends in a reset.
-pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
+pub fn write_reset_vector(mem: &impl GuestMemoryBackend) -> Result<(), Error> {
     mem.write_slice(&RESET_STUB, GuestAddress(layout::BIOS_RESET_VECTOR))
         .map_err(Error::Write)
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages: PML4 → one PDPT → four page directories.
-fn write_identity_map(mem: &GuestMemoryMmap) -> Result<(), Error> {
+fn write_identity_map(mem: &impl GuestMemoryBackend) -> Result<(), Error> {
     const PRESENT_RW: u64 = 0x3;
     const HUGE: u64 = 0x80;
     let w = |v: u64, at: u64| mem.write_obj(v, GuestAddress(at)).map_err(Error::Write);
@@ -189,8 +189,8 @@ mod tests {
     use super::*;
     use linux_loader::loader::bootparam::setup_header;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    fn mem() -> vm_memory::GuestMemoryMmap {
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
     }
 
     #[test]

@@ -10,8 +10,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, KernelLoader, PvhBootCapability, bzimage::BzImage, elf::Elf};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::GuestMemoryMmap;
 use crate::layout;
+use vm_memory::GuestMemoryBackend;
 
 /// bzImage header fields (offsets into the file, from Documentation/arch/x86/boot.rst).
 const BOOT_FLAG_OFFSET: usize = 0x1fe;
@@ -238,7 +238,7 @@ impl LoadedKernel {
 }
 
 /// Loads the kernel at `path` into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel> {
+pub fn load_kernel(mem: &impl GuestMemoryBackend, path: &Path) -> Result<LoadedKernel> {
     let mut file = File::open(path).map_err(read_err(path))?;
     let format = detect(path, &mut file)?;
     let load_err = |source| Error::Load {
@@ -283,7 +283,7 @@ pub fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Option<u64> {
 
 /// Copies the initrd at `path` into guest memory; returns (address, size).
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &impl GuestMemoryBackend,
     path: &Path,
     kernel: &LoadedKernel,
     mem_size: u64,

@@ -12,6 +12,3 @@ pub mod cpu;
 pub mod kernel;
 pub mod layout;
 pub mod params;
-
-/// The guest memory type used throughout nixvm.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -3,9 +3,9 @@
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::GuestMemoryMmap;
 use crate::kernel::{Entry, LoadedKernel};
 use crate::layout::{self, MemoryRange};
+use vm_memory::GuestMemoryBackend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,7 +62,7 @@ pub struct BootInfo<'a> {
 /// Writes the command line and the zero page or start_info. Returns the address that goes into
 /// `rsi` (bzImage) or `rbx` (PVH).
 pub fn write_boot_params(
-    mem: &GuestMemoryMmap,
+    mem: &impl GuestMemoryBackend,
     kernel: &LoadedKernel,
     info: &BootInfo<'_>,
 ) -> Result<GuestAddress> {
@@ -78,7 +78,7 @@ pub fn write_boot_params(
 }
 
 fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &impl GuestMemoryBackend,
     header: linux_loader::loader::bootparam::setup_header,
     info: &BootInfo<'_>,
 ) -> Result<GuestAddress> {
@@ -126,7 +126,7 @@ impl Le {
 }
 
 /// Writes `hvm_start_info` (version 1), the module list (the initrd) and the memory map.
-fn write_start_info(mem: &GuestMemoryMmap, info: &BootInfo<'_>) -> Result<GuestAddress> {
+fn write_start_info(mem: &impl GuestMemoryBackend, info: &BootInfo<'_>) -> Result<GuestAddress> {
     let base = layout::PVH_INFO_START;
     let max_ranges = (layout::ZERO_PAGE_START - base - PVH_MEMMAP_OFFSET) / 24;
     if info.memory_map.len() as u64 > max_ranges {
@@ -170,8 +170,8 @@ mod tests {
     use super::*;
     use linux_loader::loader::bootparam::setup_header;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    fn mem() -> vm_memory::GuestMemoryMmap {
+        vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
     }
 
     fn info(cmdline: &str) -> BootInfo<'_> {

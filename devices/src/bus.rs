@@ -3,6 +3,8 @@
 //! nixvm fail through them.
 use std::sync::{Arc, Mutex};
 
+use crate::lock;
+
 /// A device on a bus. `offset` is relative to the device's base address.
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
@@ -78,12 +80,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, carrying on if another thread panicked while holding it: device state is
-/// plain data, and one vCPU's panic must not take the console away from the others.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

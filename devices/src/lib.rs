@@ -11,6 +11,13 @@ pub mod serial;
 pub mod storefs;
 pub mod virtio;
 
+/// Locks a mutex, carrying on if another thread panicked while holding it: what nixvm keeps
+/// behind locks (device registers, queue state, caches) is updated in single steps, and one
+/// thread's panic must not take the console or a disk away from the others.
+pub fn lock<T: ?Sized>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What a device can ask of the VM as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestExit {

@@ -10,15 +10,16 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::{BusDevice, lock};
+use crate::bus::BusDevice;
+use crate::lock;
 
 /// How much console output a socket console keeps for a client that attaches later.
 pub const RING_SIZE: usize = 64 * 1024;
 
 /// Raises the UART's interrupt line by signalling an eventfd (a KVM irqfd).
-pub struct IrqTrigger(pub EventFd);
+pub struct SerialIrq(pub EventFd);
 
-impl Trigger for IrqTrigger {
+impl Trigger for SerialIrq {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
@@ -140,12 +141,12 @@ impl Write for ConsoleOut {
 
 /// COM1 on the port-I/O bus.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, InputDrained, ConsoleOut>,
+    uart: Serial<SerialIrq, InputDrained, ConsoleOut>,
     write_failed: bool,
 }
 
 impl SerialDevice {
-    pub fn new(irq: IrqTrigger, drained: InputDrained, out: ConsoleOut) -> Self {
+    pub fn new(irq: SerialIrq, drained: InputDrained, out: ConsoleOut) -> Self {
         SerialDevice {
             uart: Serial::with_events(irq, drained, out),
             write_failed: false,
@@ -202,7 +203,7 @@ mod tests {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = SerialDevice::new(
-            IrqTrigger(irq.try_clone().unwrap()),
+            SerialIrq(irq.try_clone().unwrap()),
             InputDrained(drained.try_clone().unwrap()),
             out,
         );

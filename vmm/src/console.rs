@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use nixvm_devices::bus::lock;
+use nixvm_devices::lock;
 use nixvm_devices::serial::{SerialDevice, SocketConsole};
 use vmm_sys_util::eventfd::EventFd;
 

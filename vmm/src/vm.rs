@@ -16,9 +16,10 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use nixvm_boot::{GuestMemoryMmap, acpi, cpu, kernel, layout, params};
+use nixvm_boot::{acpi, cpu, kernel, layout, params};
 use nixvm_devices::bus::BusDevice;
-use nixvm_devices::serial::{ConsoleOut, InputDrained, IrqTrigger, SerialDevice, SocketConsole};
+use nixvm_devices::serial::{ConsoleOut, InputDrained, SerialDevice, SerialIrq, SocketConsole};
+use nixvm_devices::virtio::GuestMemoryMmap;
 use nixvm_devices::virtio::block::{self, Block, Disk};
 use nixvm_devices::virtio::{
     VirtioDevice,
@@ -481,7 +482,7 @@ impl Vm {
             }
             break exit;
         };
-        let waiters = nixvm_devices::bus::lock(&self.control).finish();
+        let waiters = nixvm_devices::lock(&self.control).finish();
         Ok((exit, waiters))
     }
 
@@ -515,7 +516,7 @@ impl Vm {
             }
         }
 
-        while !nixvm_devices::bus::lock(&self.controller).done {
+        while !nixvm_devices::lock(&self.controller).done {
             if let Err(e) = em.run() {
                 self.exit
                     .request_exit(Exit::Failed(format!("event loop failed: {e:?}")));
@@ -552,7 +553,7 @@ impl Vm {
             )));
         }
         for t in &r.transports {
-            nixvm_devices::bus::lock(t).reset();
+            nixvm_devices::lock(t).reset();
         }
         let mem = self.mem.memory();
         zero_memory(&mem).map_err(|e| Error::Memory(r.config.memory.0, e))?;
@@ -569,7 +570,7 @@ impl Vm {
         }
         self.gate.reopen();
         self.exit.clear();
-        nixvm_devices::bus::lock(&self.controller).done = false;
+        nixvm_devices::lock(&self.controller).done = false;
         Ok(())
     }
 }
@@ -746,7 +747,7 @@ fn create_serial(vm: &VmFd, out: ConsoleOut) -> Result<(Arc<Mutex<SerialDevice>>
         .map_err(kvm_err("connect the serial interrupt"))?;
     let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
     let dev = SerialDevice::new(
-        IrqTrigger(irq),
+        SerialIrq(irq),
         InputDrained(drained.try_clone().map_err(Error::EventFd)?),
         out,
     );

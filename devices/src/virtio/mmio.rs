@@ -11,7 +11,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    INT_CONFIG, INT_VRING, Interrupt, IrqTrigger, Memory, VIRTIO_F_VERSION_1,
+    INT_CONFIG, INT_VRING, Interrupt, Memory, MmioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
 };
 
@@ -35,7 +35,7 @@ const STATUS_FAILED: u32 = 128;
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: Memory,
-    irq: Arc<IrqTrigger>,
+    irq: Arc<MmioInterrupt>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     queue_sel: u32,
@@ -62,7 +62,7 @@ impl MmioTransport {
         Ok(MmioTransport {
             device,
             mem,
-            irq: Arc::new(IrqTrigger::new(irq_evt)),
+            irq: Arc::new(MmioInterrupt::new(irq_evt)),
             queues,
             queue_evts,
             queue_sel: 0,

@@ -8,6 +8,8 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
+use crate::lock;
+
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
@@ -48,21 +50,21 @@ pub trait Interrupt: Send + Sync {
 
 /// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and an
 /// eventfd wired to the device's GSI.
-pub struct IrqTrigger {
+pub struct MmioInterrupt {
     pub status: AtomicU32,
     pub evt: EventFd,
 }
 
-impl IrqTrigger {
+impl MmioInterrupt {
     pub fn new(evt: EventFd) -> Self {
-        IrqTrigger {
+        MmioInterrupt {
             status: AtomicU32::new(0),
             evt,
         }
     }
 }
 
-impl Interrupt for IrqTrigger {
+impl Interrupt for MmioInterrupt {
     fn trigger(&self, status: u32) {
         self.status.fetch_or(status, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
@@ -289,12 +291,6 @@ impl Drop for QueuePool {
             let _ = t.join();
         }
     }
-}
-
-/// Locks a mutex even if a thread panicked while holding it (the data stays consistent:
-/// queue state is updated in single calls).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(any(test, feature = "test-utils"))]
