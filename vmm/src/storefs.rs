@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nixvm_devices::storefs::StoreFs;
 use nixvm_devices::storefs::fuse::OutHeader;
 use nixvm_devices::virtio::iovecs::GuestIovecs;
-use nixvm_devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use nixvm_devices::virtio::{F_EVENT_IDX, F_VERSION_1};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
@@ -220,9 +220,7 @@ impl VhostUserBackend for Backend {
         QUEUE_SIZE
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        F_VERSION_1 | F_EVENT_IDX | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ

@@ -20,8 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::iovecs::GuestIovecs;
 use super::{
-    ActivateError, GuestMemoryMmap, Interrupt, Memory, QueuePool, TYPE_BLOCK,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, read_config_bytes,
+    ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, QueuePool, VIRTIO_ID_BLOCK,
+    VirtioDevice, read_config_bytes,
 };
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -501,13 +501,13 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
     fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_RING_F_EVENT_IDX
+        let mut f = F_EVENT_IDX
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{
-    ActivateError, GuestMemoryMmap, Interrupt, Memory, TYPE_FS, VIRTIO_F_VERSION_1, VirtioDevice,
+    ActivateError, F_VERSION_1, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_FS, VirtioDevice,
     read_config_bytes,
 };
 
@@ -121,8 +121,8 @@ impl VhostUserFs {
             Frontend::from_stream(stream.try_clone().map_err(io_err)?, wanted_queues);
         frontend.set_owner().map_err(|e| handshake(&e))?;
         let backend_features = frontend.get_features().map_err(|e| handshake(&e))?;
-        if backend_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(handshake(&"it does not offer VIRTIO_F_VERSION_1"));
+        if backend_features & F_VERSION_1 == 0 {
+            return Err(handshake(&"it does not offer F_VERSION_1"));
         }
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
         // Without MQ the backend serves the two queues every virtio-fs backend has.
@@ -220,7 +220,7 @@ impl VhostUserFs {
 
 impl VirtioDevice for VhostUserFs {
     fn device_type(&self) -> u32 {
-        TYPE_FS
+        VIRTIO_ID_FS
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes

@@ -6,31 +6,66 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use virtio_bindings::{virtio_config, virtio_mmio as mmio};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    INT_CONFIG, INT_VRING, Interrupt, Memory, MmioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
+    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING, VirtioDevice,
 };
 
 /// Size of one device's MMIO window.
 pub const WINDOW_SIZE: u64 = 0x1000;
 /// QueueNotify: where the vmm places each queue's ioeventfd (data = queue index).
-pub const QUEUE_NOTIFY: u64 = 0x050;
+pub const QUEUE_NOTIFY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e49_5856; // "NIXV"
 
 #[cfg(test)]
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+const STATUS_ACKNOWLEDGE: u32 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER;
+const STATUS_DRIVER_OK: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_FEATURES_OK: u32 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_NEEDS_RESET: u32 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+const STATUS_FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
+
+/// A register's offset in the window (the bindings type them u32).
+const fn reg(offset: u32) -> u64 {
+    offset as u64
+}
+const MAGIC_VALUE: u64 = reg(mmio::VIRTIO_MMIO_MAGIC_VALUE);
+const VERSION_REG: u64 = reg(mmio::VIRTIO_MMIO_VERSION);
+const DEVICE_ID: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_ID);
+const VENDOR_ID: u64 = reg(mmio::VIRTIO_MMIO_VENDOR_ID);
+const DEVICE_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES);
+const DEVICE_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL);
+const DRIVER_FEATURES: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES);
+const DRIVER_FEATURES_SEL: u64 = reg(mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL);
+const QUEUE_SEL: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_SEL);
+const QUEUE_NUM_MAX: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM_MAX);
+const QUEUE_NUM: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_NUM);
+const QUEUE_READY: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_READY);
+const INTERRUPT_STATUS: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_STATUS);
+const INTERRUPT_ACK: u64 = reg(mmio::VIRTIO_MMIO_INTERRUPT_ACK);
+const STATUS: u64 = reg(mmio::VIRTIO_MMIO_STATUS);
+const QUEUE_DESC_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_LOW);
+const QUEUE_DESC_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH);
+const QUEUE_AVAIL_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW);
+const QUEUE_AVAIL_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH);
+const QUEUE_USED_LOW: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_LOW);
+const QUEUE_USED_HIGH: u64 = reg(mmio::VIRTIO_MMIO_QUEUE_USED_HIGH);
+const SHM_SEL: u64 = reg(mmio::VIRTIO_MMIO_SHM_SEL);
+const SHM_LEN_LOW: u64 = reg(mmio::VIRTIO_MMIO_SHM_LEN_LOW);
+const SHM_LEN_HIGH: u64 = reg(mmio::VIRTIO_MMIO_SHM_LEN_HIGH);
+const SHM_BASE_LOW: u64 = reg(mmio::VIRTIO_MMIO_SHM_BASE_LOW);
+const SHM_BASE_HIGH: u64 = reg(mmio::VIRTIO_MMIO_SHM_BASE_HIGH);
+const CONFIG_GENERATION: u64 = reg(mmio::VIRTIO_MMIO_CONFIG_GENERATION);
+/// Device config space starts here.
+const CONFIG: u64 = reg(mmio::VIRTIO_MMIO_CONFIG);
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -92,14 +127,14 @@ impl MmioTransport {
     }
 
     fn device_features(&self) -> u64 {
-        self.device.avail_features() | VIRTIO_F_VERSION_1
+        self.device.avail_features() | F_VERSION_1
     }
 }
 
 impl crate::bus::BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+        if offset >= CONFIG {
+            self.device.read_config(offset - CONFIG, data);
             return;
         }
         if data.len() != 4 {
@@ -111,32 +146,33 @@ impl crate::bus::BusDevice for MmioTransport {
             return;
         }
         let v = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device.device_type(),
-            0x00c => VENDOR,
-            0x010 => match self.device_features_sel {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID => VENDOR,
+            DEVICE_FEATURES => match self.device_features_sel {
                 0 => low_half(self.device_features()),
                 1 => low_half(self.device_features() >> 32),
                 _ => 0,
             },
-            0x034 => self
+            QUEUE_NUM_MAX => self
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.max_size())),
-            0x044 => self
+            QUEUE_READY => self
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            0x060 => {
+            INTERRUPT_STATUS => {
                 let direct = self.active && self.device.signals_directly();
-                self.irq.status.load(Ordering::SeqCst) | if direct { INT_VRING } else { 0 }
+                self.irq.status.load(Ordering::SeqCst)
+                    | if direct { VIRTIO_MMIO_INT_VRING } else { 0 }
             }
-            0x070 => self.status,
+            STATUS => self.status,
             // SHMLen and SHMBase: no shared memory regions, which the spec says as all ones
             // (a zero length would be a region; virtio-fs would try to use it for DAX).
-            0x0b0 | 0x0b4 | 0x0b8 | 0x0bc => u32::MAX,
-            0x0fc => 0, // config generation: config space never changes under the driver
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
+            CONFIG_GENERATION => 0, // config generation: config space never changes under the driver
             _ => {
                 log::warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -146,8 +182,8 @@ impl crate::bus::BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= 0x100 {
-            self.device.write_config(offset - 0x100, data);
+        if offset >= CONFIG {
+            self.device.write_config(offset - CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -160,8 +196,8 @@ impl crate::bus::BusDevice for MmioTransport {
         let v = u32::from_le_bytes(bytes);
         let features_open = self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER;
         match offset {
-            0x014 => self.device_features_sel = v,
-            0x020 if features_open => match self.driver_features_sel {
+            DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            DRIVER_FEATURES if features_open => match self.driver_features_sel {
                 0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
                 1 => {
                     self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -171,15 +207,15 @@ impl crate::bus::BusDevice for MmioTransport {
                     self.driver_features_sel
                 ),
             },
-            0x024 => self.driver_features_sel = v,
-            0x030 => self.queue_sel = v,
-            0x038 => {
+            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            QUEUE_SEL => self.queue_sel = v,
+            QUEUE_NUM => {
                 if let Some(q) = self.selected_queue() {
                     // virtio-queue checks the size (power of two, not above max) itself.
                     q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
-            0x044 => {
+            QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(v == 1);
                 }
@@ -190,25 +226,27 @@ impl crate::bus::BusDevice for MmioTransport {
                 }
                 None => log::warn!("virtio-mmio: notify of unknown queue {v}"),
             },
-            0x064 => {
+            INTERRUPT_ACK => {
                 self.irq.status.fetch_and(!v, Ordering::SeqCst);
             }
-            0x070 => self.set_status(v),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
+            STATUS => self.set_status(v),
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_AVAIL_LOW | QUEUE_AVAIL_HIGH
+            | QUEUE_USED_LOW | QUEUE_USED_HIGH => {
                 if let Some(q) = self.selected_queue() {
-                    let (lo, hi) = if offset & 4 == 0 {
-                        (Some(v), None)
-                    } else {
-                        (None, Some(v))
-                    };
-                    match offset & !4 {
-                        0x080 => q.set_desc_table_address(lo, hi),
-                        0x090 => q.set_avail_ring_address(lo, hi),
+                    let (lo, hi) =
+                        if matches!(offset, QUEUE_DESC_LOW | QUEUE_AVAIL_LOW | QUEUE_USED_LOW) {
+                            (Some(v), None)
+                        } else {
+                            (None, Some(v))
+                        };
+                    match offset {
+                        QUEUE_DESC_LOW | QUEUE_DESC_HIGH => q.set_desc_table_address(lo, hi),
+                        QUEUE_AVAIL_LOW | QUEUE_AVAIL_HIGH => q.set_avail_ring_address(lo, hi),
                         _ => q.set_used_ring_address(lo, hi),
                     }
                 }
             }
-            0x0ac => {} // SHMSel: every region reads as absent
+            SHM_SEL => {} // SHMSel: every region reads as absent
             _ => log::warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
         }
     }
@@ -230,7 +268,7 @@ impl MmioTransport {
         let new = v & !self.status;
         if new & STATUS_FEATURES_OK != 0 {
             let unknown = self.acked_features & !self.device_features();
-            if unknown != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            if unknown != 0 || self.acked_features & F_VERSION_1 == 0 {
                 log::warn!(
                     "virtio-mmio: driver accepted features {unknown:#x} we did not offer, or not VERSION_1"
                 );
@@ -253,7 +291,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mem = self.mem.memory();
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.acked_features & F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         // The queues move into the device; the transport keeps fresh ones until a reset.
         let configured = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
@@ -264,7 +302,7 @@ impl MmioTransport {
                     self.device.device_type()
                 );
                 self.status |= STATUS_NEEDS_RESET;
-                self.irq.trigger(INT_CONFIG);
+                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
                 return;
             }
             q.set_event_idx(event_idx);
@@ -287,7 +325,7 @@ impl MmioTransport {
                     self.device.device_type()
                 );
                 self.status |= STATUS_NEEDS_RESET;
-                self.irq.trigger(INT_CONFIG);
+                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
             }
         }
     }
@@ -348,7 +386,7 @@ mod tests {
             &[16, 8]
         }
         fn avail_features(&self) -> u64 {
-            VIRTIO_RING_F_EVENT_IDX | 1
+            F_EVENT_IDX | 1
         }
         fn set_acked_features(&mut self, f: u64) {
             self.0.lock().unwrap().0 = f;
@@ -398,7 +436,7 @@ mod tests {
         w(t, 0x70, STATUS_ACKNOWLEDGE);
         w(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(t, 0x24, 0);
-        w(t, 0x20, VIRTIO_RING_F_EVENT_IDX as u32);
+        w(t, 0x20, F_EVENT_IDX as u32);
         w(t, 0x24, 1);
         w(t, 0x20, 1); // VERSION_1
         w(
@@ -431,7 +469,7 @@ mod tests {
         w(&mut t, 0x14, 1);
         assert_eq!(r(&mut t, 0x10), 1, "VERSION_1 in the high word");
         w(&mut t, 0x14, 0);
-        assert_eq!(r(&mut t, 0x10), VIRTIO_RING_F_EVENT_IDX as u32 | 1);
+        assert_eq!(r(&mut t, 0x10), F_EVENT_IDX as u32 | 1);
         w(&mut t, 0x30, 1);
         assert_eq!(r(&mut t, 0x34), 8);
         w(&mut t, 0x30, 9);
@@ -446,10 +484,7 @@ mod tests {
         let (mut t, probe) = transport();
         bring_up(&mut t);
         assert_eq!(probe.0.lock().unwrap().1, 1, "activated once");
-        assert_eq!(
-            probe.0.lock().unwrap().0,
-            VIRTIO_RING_F_EVENT_IDX | VIRTIO_F_VERSION_1
-        );
+        assert_eq!(probe.0.lock().unwrap().0, F_EVENT_IDX | F_VERSION_1);
         // Queue registers are frozen while running.
         w(&mut t, 0x30, 0);
         w(&mut t, 0x38, 2);
@@ -501,8 +536,8 @@ mod tests {
         );
         assert_eq!(probe.0.lock().unwrap().1, 0);
         assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
-        assert_ne!(r(&mut t, 0x60) & INT_CONFIG, 0);
-        w(&mut t, 0x64, INT_CONFIG);
+        assert_ne!(r(&mut t, 0x60) & VIRTIO_MMIO_INT_CONFIG, 0);
+        w(&mut t, 0x64, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(r(&mut t, 0x60), 0, "acknowledged");
     }
 

@@ -26,17 +26,15 @@ pub mod worker;
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_FS: u32 = 26;
-
+pub use virtio_bindings::virtio_ids::{
+    VIRTIO_ID_BLOCK, VIRTIO_ID_FS, VIRTIO_ID_NET, VIRTIO_ID_RNG,
+};
 /// InterruptStatus bits of virtio-mmio.
-pub const INT_VRING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+
+/// Feature bits as masks (the bindings number them).
+pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// How a device interrupts the driver.
 pub trait Interrupt: Send + Sync {
@@ -166,7 +164,7 @@ pub fn process_queue<F>(
         }
     }
     if used_any && queue.needs_notification(mem).unwrap_or(true) {
-        irq.trigger(INT_VRING);
+        irq.trigger(VIRTIO_MMIO_INT_VRING);
     }
 }
 
@@ -248,7 +246,7 @@ impl QueuePool {
                         }
                         if q.needs_notification(&*m).unwrap_or(true) {
                             drop(q);
-                            irq.trigger(INT_VRING);
+                            irq.trigger(VIRTIO_MMIO_INT_VRING);
                         }
                     }
                 })

@@ -24,12 +24,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{
-    ActivateError, GuestMemoryMmap, INT_VRING, Interrupt, Memory, TYPE_NET,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, read_config_bytes,
+    ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_NET,
+    VIRTIO_MMIO_INT_VRING, VirtioDevice, read_config_bytes,
 };
 
 const QUEUE_SIZE: u16 = 256;
-/// The virtio-net header with VIRTIO_F_VERSION_1: `virtio_net_hdr_v1`, num_buffers included.
+/// The virtio-net header with F_VERSION_1: `virtio_net_hdr_v1`, num_buffers included.
 pub const HDR_LEN: usize = 12;
 /// The largest frame: a 64 KiB IP packet with an Ethernet header and a VLAN tag.
 pub const MAX_FRAME: usize = 65550;
@@ -309,13 +309,13 @@ fn bit(f: u32) -> u64 {
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
-        TYPE_NET
+        VIRTIO_ID_NET
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }
     fn avail_features(&self) -> u64 {
-        VIRTIO_RING_F_EVENT_IDX
+        F_EVENT_IDX
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF)
@@ -493,7 +493,7 @@ impl DataPath {
             }
         }
         if used_any && self.txq.needs_notification(&*mem).unwrap_or(true) {
-            self.irq.trigger(INT_VRING);
+            self.irq.trigger(VIRTIO_MMIO_INT_VRING);
         }
     }
 
@@ -650,7 +650,7 @@ impl DataPath {
             }
         }
         if used_any && self.rxq.needs_notification(&*mem).unwrap_or(true) {
-            self.irq.trigger(INT_VRING);
+            self.irq.trigger(VIRTIO_MMIO_INT_VRING);
         }
     }
 
@@ -909,7 +909,7 @@ mod tests {
         );
     }
 
-    const VIRTIO_F_VERSION_1_BIT: u64 = super::super::VIRTIO_F_VERSION_1;
+    const VIRTIO_F_VERSION_1_BIT: u64 = super::super::F_VERSION_1;
 
     #[test]
     fn rx_merges_buffers_and_waits_for_them() {

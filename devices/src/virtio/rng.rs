@@ -7,8 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::Worker;
 use super::{
-    ActivateError, GuestMemoryMmap, Interrupt, Memory, TYPE_RNG, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice,
+    ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_RNG, VirtioDevice,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -68,13 +67,13 @@ fn host_random(buf: &mut [u8]) -> usize {
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        TYPE_RNG
+        VIRTIO_ID_RNG
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
     fn avail_features(&self) -> u64 {
-        VIRTIO_RING_F_EVENT_IDX
+        F_EVENT_IDX
     }
     fn activate(
         &mut self,
