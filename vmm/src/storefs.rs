@@ -11,15 +11,15 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nixvm_devices::storefs::StoreFs;
 use nixvm_devices::storefs::fuse::OutHeader;
 use nixvm_devices::virtio::iovecs::GuestIovecs;
+use nixvm_devices::virtio::queue;
 use nixvm_devices::virtio::{F_EVENT_IDX, F_VERSION_1};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::QueueT;
 use vm_memory::{
     Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
 };
@@ -87,44 +87,41 @@ struct Backend {
     /// The high-priority queue and the request queues.
     num_queues: usize,
     mem: std::sync::RwLock<Memory>,
-    event_idx: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
 }
 
 impl Backend {
-    /// Serves every request waiting on `vring`.
+    /// Serves every request waiting on `vring` ([`queue::for_each_chain`]). Each reply is
+    /// signalled at once (as EVENT_IDX allows), not after the whole batch: the guest goes on
+    /// with a read while its readahead is served. A queue the driver broke is not served
+    /// again (the frontend's reset sets it up anew).
     fn serve(&self, vring: &VringRwLock) -> std::io::Result<()> {
         let mem: GuestMemoryLoadGuard<GuestMemoryMmap> =
             self.mem.read().unwrap_or_else(|e| e.into_inner()).memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                let _ = vring.disable_notification();
+        let mut state = vring.get_mut();
+        let call = match state.get_call() {
+            Some(c) => Some(c.try_clone()?),
+            None => None,
+        };
+        let queue = state.get_queue_mut();
+        let mut signal_err = None;
+        let served = queue::for_each_chain(queue, &*mem, |q, chain| {
+            let head = chain.head_index();
+            let len = self.answer(chain, &mem);
+            if q.add_used(&*mem, head, len).is_err() {
+                log::warn!("storefs: cannot complete descriptor {head}");
             }
-            loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .iter(mem.clone())
-                    .ok()
-                    .and_then(|mut i| i.next());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let len = self.answer(chain, &mem);
-                if vring.add_used(head, len).is_err() {
-                    log::warn!("storefs: cannot complete descriptor {head}");
-                }
-                // Each reply is signalled at once (as EVENT_IDX allows), not after the whole
-                // batch: the guest goes on with a read while its readahead is served.
-                if vring.needs_notification().unwrap_or(true) {
-                    vring.signal_used_queue()?;
+            if q.needs_notification(&*mem).unwrap_or(true) {
+                if let Some(Err(e)) = call.as_ref().map(|c| c.notify()) {
+                    signal_err.get_or_insert(e);
                 }
             }
-            if !event_idx || !vring.enable_notification().unwrap_or(false) {
-                break;
-            }
+        });
+        if let Err(e) = served {
+            log::warn!("storefs: a queue is broken ({e}); it is no longer served");
+            queue.set_ready(false);
         }
-        Ok(())
+        signal_err.map_or(Ok(()), Err)
     }
 
     /// One FUSE request: the readable part in, the reply into the writable part.
@@ -225,8 +222,9 @@ impl VhostUserBackend for Backend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::MQ
     }
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings' queues know it (the daemon sets it on them): queue::for_each_chain
+        // follows whichever protocol was negotiated.
     }
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
@@ -324,7 +322,6 @@ pub fn run(opts: &Options) -> Result<(), Error> {
         fs,
         num_queues,
         mem: std::sync::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
-        event_idx: AtomicBool::new(false),
         exits,
     });
     let mut daemon = VhostUserDaemon::new(

@@ -168,7 +168,10 @@ impl crate::bus::BusDevice for MmioTransport {
                 self.irq.status.load(Ordering::SeqCst)
                     | if direct { VIRTIO_MMIO_INT_VRING } else { 0 }
             }
-            STATUS => self.status,
+            STATUS => {
+                let broken = self.irq.broken.load(Ordering::SeqCst);
+                self.status | if broken { STATUS_NEEDS_RESET } else { 0 }
+            }
             // SHMLen and SHMBase: no shared memory regions, which the spec says as all ones
             // (a zero length would be a region; virtio-fs would try to use it for DAX).
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
@@ -352,6 +355,7 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.irq.status.store(0, Ordering::SeqCst);
+        self.irq.broken.store(false, Ordering::SeqCst);
     }
 }
 

@@ -5,7 +5,7 @@
 //! the device's own [`worker`] thread, woken by the queues' eventfds (KVM ioeventfds), and
 //! interrupts go out through an eventfd (a KVM irqfd): the data path never needs a vCPU exit.
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use crate::lock;
@@ -19,6 +19,7 @@ pub mod fs;
 pub mod iovecs;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
 pub mod worker;
 
@@ -39,6 +40,12 @@ pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EV
 /// How a device interrupts the driver.
 pub trait Interrupt: Send + Sync {
     fn trigger(&self, status: u32);
+    /// The device cannot go on (the driver broke a queue): the transport reports
+    /// DEVICE_NEEDS_RESET from now until the driver resets the device, and the driver is
+    /// told with a configuration change interrupt.
+    fn needs_reset(&self) {
+        self.trigger(VIRTIO_MMIO_INT_CONFIG);
+    }
     /// The eventfd that raises the interrupt (a KVM irqfd), for backends outside nixvm that
     /// signal the guest themselves (vhost-user).
     fn notifier(&self) -> Option<&EventFd> {
@@ -51,6 +58,8 @@ pub trait Interrupt: Send + Sync {
 pub struct MmioInterrupt {
     pub status: AtomicU32,
     pub evt: EventFd,
+    /// Set by [`Interrupt::needs_reset`]; the transport clears it at reset.
+    pub broken: AtomicBool,
 }
 
 impl MmioInterrupt {
@@ -58,6 +67,7 @@ impl MmioInterrupt {
         MmioInterrupt {
             status: AtomicU32::new(0),
             evt,
+            broken: AtomicBool::new(false),
         }
     }
 }
@@ -67,6 +77,11 @@ impl Interrupt for MmioInterrupt {
         self.status.fetch_or(status, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
             log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+    fn needs_reset(&self) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            self.trigger(VIRTIO_MMIO_INT_CONFIG);
         }
     }
     fn notifier(&self) -> Option<&EventFd> {
@@ -129,43 +144,48 @@ pub fn read_config_bytes(src: &[u8], offset: u64, dst: &mut [u8]) {
     }
 }
 
-/// Takes every available chain off `queue`, lets `handle` complete it (returning the number
-/// of bytes written into the chain), and interrupts the driver if it wants to know.
-/// With EVENT_IDX, notifications stay off while there is work, as the spec describes.
+/// Takes every available chain off `queue` ([`queue::for_each_chain`]), lets `handle`
+/// complete it (returning the number of bytes written into the chain), and interrupts the
+/// driver if it wants to know. A queue the driver broke is not served again until a reset:
+/// the device reports that it needs one. Returns false then.
 pub fn process_queue<F>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     irq: &dyn Interrupt,
     mut handle: F,
-) where
+) -> bool
+where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
-    let mut used_any = false;
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            log::warn!("virtio: bad used ring: {e}");
-            return;
+    let served = queue::for_each_chain(queue, mem, |q, chain| {
+        let head = chain.head_index();
+        let len = handle(chain);
+        if let Err(e) = q.add_used(mem, head, len) {
+            log::warn!("virtio: cannot complete descriptor {head}: {e}");
         }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = handle(chain);
-            if let Err(e) = queue.add_used(mem, head, len) {
-                log::warn!("virtio: cannot complete descriptor {head}: {e}");
+    });
+    match served {
+        Ok(used_any) => {
+            if used_any && queue.needs_notification(mem).unwrap_or(true) {
+                irq.trigger(VIRTIO_MMIO_INT_VRING);
             }
-            used_any = true;
+            true
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue, // more arrived while notifications were off
-            Ok(false) => break,
-            Err(e) => {
-                log::warn!("virtio: bad avail ring: {e}");
-                break;
-            }
+        Err(e) => {
+            broken_queue(queue, irq, &e);
+            false
         }
     }
-    if used_any && queue.needs_notification(mem).unwrap_or(true) {
-        irq.trigger(VIRTIO_MMIO_INT_VRING);
+}
+
+/// Stops serving a queue the driver broke and asks for a reset (logged once per queue).
+pub fn broken_queue(queue: &mut Queue, irq: &dyn Interrupt, e: &queue::QueueError) {
+    if !queue.ready() {
+        return; // never served, or already stopped
     }
+    log::warn!("virtio: a queue is broken ({e}); the device needs a reset");
+    queue.set_ready(false);
+    irq.needs_reset();
 }
 
 /// Starts a worker thread that serves a device's only queue: each notification runs
@@ -256,23 +276,12 @@ impl QueuePool {
         let w = worker::Worker::spawn(name.to_owned(), evts, move |_| {
             let m = mem.memory();
             let mut q = lock(&queue);
-            loop {
-                if let Err(e) = q.disable_notification(&*m) {
-                    log::warn!("virtio: bad used ring: {e}");
-                    return;
-                }
-                while let Some(chain) = q.pop_descriptor_chain(m.clone()) {
-                    // The pool threads outlive this thread, so the channel stays open.
-                    let _ = tx.send(chain);
-                }
-                match q.enable_notification(&*m) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        log::warn!("virtio: bad avail ring: {e}");
-                        break;
-                    }
-                }
+            // The pool threads outlive this thread, so the channel stays open.
+            let served = queue::for_each_chain(&mut q, m.clone(), |_, chain| {
+                let _ = tx.send(chain);
+            });
+            if let Err(e) = served {
+                broken_queue(&mut q, irq.as_ref(), &e);
             }
         })
         .map_err(ActivateError::Thread)?;

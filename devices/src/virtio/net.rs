@@ -22,6 +22,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::queue;
 use super::worker::Worker;
 use super::{
     ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_NET,
@@ -378,7 +379,7 @@ impl VirtioDevice for Net {
                 path.process_tx();
             }
             if ready[2] & (libc::POLLERR | libc::POLLHUP) != 0 {
-                log::error!("virtio-net {}: the TAP is gone", path.tap.name());
+                log::error!("virtio-net {}: the TAP is gone", path.wire.tap.name());
                 interest[2] = -1;
                 return;
             }
@@ -419,17 +420,17 @@ enum Rx {
     Delivered,
     NoBuffers,
     Dropped,
+    /// The receive queue is broken: it is not served again until a reset.
+    Broken(queue::QueueError),
 }
 
 /// The queues and the TAP, owned by the worker thread.
 struct DataPath {
-    tap: Arc<Tap>,
+    wire: Wire,
     mem: Memory,
     irq: Arc<dyn Interrupt>,
     rxq: Queue,
     txq: Queue,
-    acked: u64,
-    stats: Arc<Stats>,
     /// One frame read from the TAP (header included) and its length; a frame that found no
     /// buffers waits here until the guest adds some.
     frame: Vec<u8>,
@@ -449,52 +450,213 @@ impl DataPath {
         stats: Arc<Stats>,
     ) -> DataPath {
         DataPath {
-            tap,
+            wire: Wire { tap, stats, acked },
             mem,
             irq,
             rxq,
             txq,
-            acked,
-            stats,
             frame: vec![0; HDR_LEN + MAX_FRAME],
             pending: 0,
             rx_blocked: false,
         }
     }
 
-    fn has(&self, f: u32) -> bool {
-        self.acked & bit(f) != 0
-    }
-
     /// Sends every frame the guest queued to the TAP.
     fn process_tx(&mut self) {
         let mem = self.mem.memory();
+        let wire = &self.wire;
+        let served = queue::for_each_chain(&mut self.txq, &*mem, |q, chain| {
+            let head = chain.head_index();
+            wire.send(chain, &mem);
+            if let Err(e) = q.add_used(&*mem, head, 0) {
+                log::warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
+            }
+        });
+        match served {
+            Ok(true) if self.txq.needs_notification(&*mem).unwrap_or(true) => {
+                self.irq.trigger(VIRTIO_MMIO_INT_VRING);
+            }
+            Ok(_) => {}
+            Err(e) => super::broken_queue(&mut self.txq, self.irq.as_ref(), &e),
+        }
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers until one side runs dry.
+    fn process_rx(&mut self) {
+        let mem = self.mem.memory();
+        if !self.rxq.ready() {
+            // Never set up, or stopped as broken: frames wait in the TAP until a reset.
+            self.rx_blocked = true;
+            return;
+        }
+        self.rx_blocked = false;
         let mut used_any = false;
+        if let Err(e) = self.rxq.disable_notification(&*mem) {
+            log::warn!("virtio-net: bad rx used ring: {e}");
+            return;
+        }
         loop {
-            if let Err(e) = self.txq.disable_notification(&*mem) {
-                log::warn!("virtio-net: bad tx used ring: {e}");
-                return;
-            }
-            while let Some(chain) = self.txq.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                self.send(chain, &mem);
-                if let Err(e) = self.txq.add_used(&*mem, head, 0) {
-                    log::warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
+            if self.pending == 0 {
+                // SAFETY: reading into our own buffer of that length.
+                let n = unsafe {
+                    libc::read(
+                        self.wire.tap.file.as_raw_fd(),
+                        self.frame.as_mut_ptr().cast(),
+                        self.frame.len(),
+                    )
+                };
+                match usize::try_from(n) {
+                    Ok(n) if n < HDR_LEN + ETH_HLEN => {
+                        self.wire.stats.drop_frame(true, "runt frame from the TAP");
+                        continue;
+                    }
+                    Ok(n) => self.pending = n,
+                    Err(_) => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-net {}: TAP read: {e}", self.wire.tap.name());
+                        }
+                        break;
+                    }
                 }
-                used_any = true;
             }
-            match self.txq.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-net: bad tx avail ring: {e}");
+            match self.deliver(&mem) {
+                Rx::Delivered => {
+                    self.pending = 0;
+                    used_any = true;
+                    self.wire.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                Rx::Dropped => {
+                    self.pending = 0;
+                    used_any = true;
+                }
+                Rx::NoBuffers => {
+                    self.rx_blocked = true;
                     break;
                 }
+                Rx::Broken(e) => {
+                    super::broken_queue(&mut self.rxq, self.irq.as_ref(), &e);
+                    self.rx_blocked = true;
+                    return;
+                }
             }
         }
-        if used_any && self.txq.needs_notification(&*mem).unwrap_or(true) {
+        if used_any && self.rxq.needs_notification(&*mem).unwrap_or(true) {
             self.irq.trigger(VIRTIO_MMIO_INT_VRING);
         }
+    }
+
+    /// Puts the pending frame into receive buffers: as many chains as it needs with mergeable
+    /// buffers, else one chain that must hold it whole.
+    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Rx {
+        let len = self.pending;
+        let mergeable = self.wire.has(VIRTIO_NET_F_MRG_RXBUF);
+        let start = self.rxq.next_avail();
+        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
+        let mut room = 0usize;
+        let mut malformed = Vec::new();
+        // One frame never takes more chains than the ring holds (zero-length buffers would).
+        let limit = usize::from(self.rxq.size());
+        let mut rechecked = false;
+        while room < len
+            && (mergeable || chains.is_empty())
+            && chains.len() + malformed.len() < limit
+        {
+            let chain = match queue::pop(&mut self.rxq, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    match self.rxq.enable_notification(mem) {
+                        // Buffers arrived meanwhile: look once more.
+                        Ok(true) if !rechecked => {
+                            rechecked = true;
+                            continue;
+                        }
+                        Ok(true) => return Rx::Broken(queue::QueueError::Stuck),
+                        Ok(false) => {}
+                        Err(e) => return Rx::Broken(e.into()),
+                    }
+                    // Put back what was taken; the guest's next buffers wake us.
+                    self.rxq.set_next_avail(start);
+                    return Rx::NoBuffers;
+                }
+                Err(e) => return Rx::Broken(e),
+            };
+            rechecked = false;
+            let head = chain.head_index();
+            let mut segs = Vec::new();
+            let mut bad = false;
+            for d in chain {
+                bad |= !d.is_write_only();
+                segs.push((d.addr(), d.len() as usize));
+            }
+            if bad {
+                // Handed back empty with this frame (not before: a rollback re-reads it).
+                malformed.push(head);
+                continue;
+            }
+            room += segs.iter().map(|s| s.1).sum::<usize>();
+            chains.push((head, segs));
+        }
+        for head in malformed {
+            log::warn!("virtio-net: rx chain {head} has device-readable buffers; returned empty");
+            let _ = self.rxq.add_used(mem, head, 0);
+        }
+        if room < len {
+            // Without mergeable buffers a frame larger than the guest's buffer cannot go in.
+            for (head, _) in chains {
+                let _ = self.rxq.add_used(mem, head, 0);
+            }
+            self.wire
+                .stats
+                .drop_frame(true, "larger than the guest's receive buffer");
+            return Rx::Dropped;
+        }
+        // At most the queue size (a u16), as `limit` keeps it.
+        let num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        self.frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        let mut done = 0;
+        for (head, segs) in chains {
+            let mut in_chain = 0;
+            for (addr, l) in segs {
+                let n = l.min(len - done);
+                if n == 0 {
+                    break;
+                }
+                if mem.write_slice(&self.frame[done..done + n], addr).is_err() {
+                    log::warn!("virtio-net: rx buffer outside guest memory");
+                    break;
+                }
+                done += n;
+                in_chain += n;
+            }
+            let written = u32::try_from(in_chain).expect("at most 64 KiB");
+            if let Err(e) = self.rxq.add_used(mem, head, written) {
+                log::warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
+            }
+        }
+        if done < len {
+            self.wire
+                .stats
+                .drop_frame(true, "receive buffer outside guest memory");
+            return Rx::Dropped;
+        }
+        Rx::Delivered
+    }
+}
+
+/// The TAP side of a device: the TAP, the frame counters and the negotiated features.
+struct Wire {
+    tap: Arc<Tap>,
+    stats: Arc<Stats>,
+    acked: u64,
+}
+
+impl Wire {
+    fn has(&self, f: u32) -> bool {
+        self.acked & bit(f) != 0
     }
 
     /// Writes one guest frame (header + data) to the TAP, or drops it.
@@ -594,142 +756,6 @@ impl DataPath {
             return Err("segmentation without a segment size or checksum offload");
         }
         Ok(())
-    }
-
-    /// Moves frames from the TAP into the guest's receive buffers until one side runs dry.
-    fn process_rx(&mut self) {
-        let mem = self.mem.memory();
-        self.rx_blocked = false;
-        let mut used_any = false;
-        if let Err(e) = self.rxq.disable_notification(&*mem) {
-            log::warn!("virtio-net: bad rx used ring: {e}");
-            return;
-        }
-        loop {
-            if self.pending == 0 {
-                // SAFETY: reading into our own buffer of that length.
-                let n = unsafe {
-                    libc::read(
-                        self.tap.file.as_raw_fd(),
-                        self.frame.as_mut_ptr().cast(),
-                        self.frame.len(),
-                    )
-                };
-                match usize::try_from(n) {
-                    Ok(n) if n < HDR_LEN + ETH_HLEN => {
-                        self.stats.drop_frame(true, "runt frame from the TAP");
-                        continue;
-                    }
-                    Ok(n) => self.pending = n,
-                    Err(_) => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() == io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            log::warn!("virtio-net {}: TAP read: {e}", self.tap.name());
-                        }
-                        break;
-                    }
-                }
-            }
-            match self.deliver(&mem) {
-                Rx::Delivered => {
-                    self.pending = 0;
-                    used_any = true;
-                    self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                }
-                Rx::Dropped => {
-                    self.pending = 0;
-                    used_any = true;
-                }
-                Rx::NoBuffers => {
-                    self.rx_blocked = true;
-                    break;
-                }
-            }
-        }
-        if used_any && self.rxq.needs_notification(&*mem).unwrap_or(true) {
-            self.irq.trigger(VIRTIO_MMIO_INT_VRING);
-        }
-    }
-
-    /// Puts the pending frame into receive buffers: as many chains as it needs with mergeable
-    /// buffers, else one chain that must hold it whole.
-    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Rx {
-        let len = self.pending;
-        let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
-        let start = self.rxq.next_avail();
-        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
-        let mut room = 0usize;
-        let mut malformed = Vec::new();
-        while room < len && (mergeable || chains.is_empty()) {
-            let Some(chain) = self.rxq.pop_descriptor_chain(mem) else {
-                match self.rxq.enable_notification(mem) {
-                    Ok(true) => continue, // buffers arrived meanwhile
-                    Ok(false) => {}
-                    Err(e) => log::warn!("virtio-net: bad rx avail ring: {e}"),
-                }
-                // Put back what was taken; the guest's next buffers wake us.
-                self.rxq.set_next_avail(start);
-                return Rx::NoBuffers;
-            };
-            let head = chain.head_index();
-            let mut segs = Vec::new();
-            let mut bad = false;
-            for d in chain {
-                bad |= !d.is_write_only();
-                segs.push((d.addr(), d.len() as usize));
-            }
-            if bad {
-                // Handed back empty with this frame (not before: a rollback re-reads it).
-                malformed.push(head);
-                continue;
-            }
-            room += segs.iter().map(|s| s.1).sum::<usize>();
-            chains.push((head, segs));
-        }
-        for head in malformed {
-            log::warn!("virtio-net: rx chain {head} has device-readable buffers; returned empty");
-            let _ = self.rxq.add_used(mem, head, 0);
-        }
-        if room < len {
-            // Without mergeable buffers a frame larger than the guest's buffer cannot go in.
-            for (head, _) in chains {
-                let _ = self.rxq.add_used(mem, head, 0);
-            }
-            self.stats
-                .drop_frame(true, "larger than the guest's receive buffer");
-            return Rx::Dropped;
-        }
-        let num_buffers = u16::try_from(chains.len()).expect("at most the queue size");
-        self.frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
-        let mut done = 0;
-        for (head, segs) in chains {
-            let mut in_chain = 0;
-            for (addr, l) in segs {
-                let n = l.min(len - done);
-                if n == 0 {
-                    break;
-                }
-                if mem.write_slice(&self.frame[done..done + n], addr).is_err() {
-                    log::warn!("virtio-net: rx buffer outside guest memory");
-                    break;
-                }
-                done += n;
-                in_chain += n;
-            }
-            let written = u32::try_from(in_chain).expect("at most 64 KiB");
-            if let Err(e) = self.rxq.add_used(mem, head, written) {
-                log::warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
-            }
-        }
-        if done < len {
-            self.stats
-                .drop_frame(true, "receive buffer outside guest memory");
-            return Rx::Dropped;
-        }
-        Rx::Delivered
     }
 }
 
@@ -861,8 +887,8 @@ mod tests {
         assert_eq!(recv(&other).unwrap(), good);
         assert!(recv(&other).is_none(), "only the good frame went out");
         assert_eq!(tx.used().idx().load(), 6, "every chain completed");
-        assert_eq!(p.stats.tx_frames.load(Ordering::Relaxed), 1);
-        assert_eq!(p.stats.tx_dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(p.wire.stats.tx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(p.wire.stats.tx_dropped.load(Ordering::Relaxed), 5);
         assert_eq!(irq.0.lock().unwrap().len(), 1);
     }
 
@@ -883,28 +909,42 @@ mod tests {
             b
         };
         let csum = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        assert!(p.check_tx_header(&h(0, 0, 0, 0, 0), 60).is_ok());
+        assert!(p.wire.check_tx_header(&h(0, 0, 0, 0, 0), 60).is_ok());
         assert!(
-            p.check_tx_header(&h(csum, 0, 0, 34, 16), 60).is_err(),
+            p.wire.check_tx_header(&h(csum, 0, 0, 34, 16), 60).is_err(),
             "no CSUM"
         );
-        p.acked = all_features();
-        assert!(p.check_tx_header(&h(csum, 0, 0, 34, 16), 60).is_ok());
+        p.wire.acked = all_features();
+        assert!(p.wire.check_tx_header(&h(csum, 0, 0, 34, 16), 60).is_ok());
         assert!(
-            p.check_tx_header(&h(csum, 0, 0, 50, 16), 60).is_err(),
+            p.wire.check_tx_header(&h(csum, 0, 0, 50, 16), 60).is_err(),
             "past the end"
         );
         let tcp4 = VIRTIO_NET_HDR_GSO_TCPV4;
         assert!(
-            p.check_tx_header(&h(csum, tcp4, 1448, 34, 16), 9000)
+            p.wire
+                .check_tx_header(&h(csum, tcp4, 1448, 34, 16), 9000)
                 .is_ok()
         );
-        assert!(p.check_tx_header(&h(csum, tcp4, 0, 34, 16), 9000).is_err());
-        assert!(p.check_tx_header(&h(0, tcp4, 1448, 0, 0), 9000).is_err());
-        let udp = VIRTIO_NET_HDR_GSO_UDP;
-        assert!(p.check_tx_header(&h(csum, udp, 1448, 34, 6), 9000).is_err());
         assert!(
-            p.check_tx_header(&h(0, VIRTIO_NET_HDR_GSO_ECN, 0, 0, 0), 60)
+            p.wire
+                .check_tx_header(&h(csum, tcp4, 0, 34, 16), 9000)
+                .is_err()
+        );
+        assert!(
+            p.wire
+                .check_tx_header(&h(0, tcp4, 1448, 0, 0), 9000)
+                .is_err()
+        );
+        let udp = VIRTIO_NET_HDR_GSO_UDP;
+        assert!(
+            p.wire
+                .check_tx_header(&h(csum, udp, 1448, 34, 6), 9000)
+                .is_err()
+        );
+        assert!(
+            p.wire
+                .check_tx_header(&h(0, VIRTIO_NET_HDR_GSO_ECN, 0, 0, 0), 60)
                 .is_err()
         );
     }
@@ -946,7 +986,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
         assert_eq!(got[HDR_LEN..], big[HDR_LEN..]);
         assert_eq!(irq.0.lock().unwrap().len(), 1);
-        assert_eq!(p.stats.rx_frames.load(Ordering::Relaxed), 1);
+        assert_eq!(p.wire.stats.rx_frames.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -981,7 +1021,47 @@ mod tests {
         m.read_slice(&mut got, GuestAddress(0x30_0000)).unwrap();
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
         assert_eq!(got[HDR_LEN..], small[HDR_LEN..]);
-        assert_eq!(p.stats.rx_dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(p.wire.stats.rx_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn rx_zero_length_buffers_drop_the_frame_not_nixvm() {
+        let mem = Memory::new(memory(4 << 20));
+        let m = mem.memory();
+        let (rx, tx) = (
+            MockSplitQueue::create(&*m, GuestAddress(0), 16),
+            MockSplitQueue::create(&*m, GuestAddress(0x1_0000), 16),
+        );
+        let (mut p, other, _) = path(&mem, &rx, &tx, all_features());
+        // A full ring of zero-length buffers: the frame cannot go in, and no more than the
+        // ring's 16 chains are taken for it.
+        let d = |i: u64| RawDescriptor::from(Descriptor::new(0x10_0000 + i * 16, 0, WRITE, 0));
+        let descs: Vec<RawDescriptor> = (0..16).map(d).collect();
+        rx.add_desc_chains(&descs, 0).unwrap();
+        send(&other, &[vec![0u8; HDR_LEN], frame(60, 1)].concat());
+        p.process_rx();
+        assert_eq!(rx.used().idx().load(), 16, "every chain returned empty");
+        assert_eq!(p.wire.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_tx_index_too_far_ahead_needs_a_reset_not_a_spin() {
+        let mem = Memory::new(memory(4 << 20));
+        let m = mem.memory();
+        let (rx, tx) = (
+            MockSplitQueue::create(&*m, GuestAddress(0), 16),
+            MockSplitQueue::create(&*m, GuestAddress(0x1_0000), 16),
+        );
+        let (mut p, _other, irq) = path(&mem, &rx, &tx, all_features());
+        tx.avail().idx().store(u16::to_le(40));
+        p.process_tx();
+        assert!(!p.txq.ready(), "the queue is no longer served");
+        assert_eq!(
+            *irq.0.lock().unwrap(),
+            [crate::virtio::VIRTIO_MMIO_INT_CONFIG]
+        );
+        p.process_tx();
+        assert_eq!(irq.0.lock().unwrap().len(), 1, "said once");
     }
 
     #[test]

@@ -1,0 +1,137 @@
+//! The one way nixvm takes chains off a virtqueue: every device, the blk pool and the storefs
+//! back end use [`for_each_chain`] (or [`pop`] where a consumer takes chains one at a time,
+//! as virtio-net's receive path does).
+//!
+//! A queue in a state no correct driver produces (its available index more than the queue
+//! size ahead, an available ring that cannot be read, a queue served before it was made
+//! ready) ends the loop with a [`QueueError`] instead of spinning: the caller stops serving
+//! that queue and asks the driver for a reset ([`super::Interrupt::needs_reset`]).
+use std::ops::Deref;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue's rings are inconsistent")]
+    Ring(#[from] virtio_queue::Error),
+    #[error("the available index moved but no descriptor chain could be read")]
+    Stuck,
+}
+
+/// Takes the next available chain, if there is one. An error means the queue is broken.
+pub fn pop<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, QueueError>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory + Sized,
+{
+    Ok(queue.iter(mem)?.next())
+}
+
+/// Hands every available chain to `f` (with the queue, so that it can complete the chain),
+/// keeping notifications off while there is work, as the spec describes for EVENT_IDX: the
+/// loop ends when the driver has nothing more and notifications are on again. Returns
+/// whether any chain was taken. A queue that was never made ready has nothing to serve.
+pub fn for_each_chain<M, F>(queue: &mut Queue, mem: M, mut f: F) -> Result<bool, QueueError>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory + Sized,
+    F: FnMut(&mut Queue, DescriptorChain<M>),
+{
+    if !queue.ready() {
+        return Ok(false);
+    }
+    let mut took_any = false;
+    // The driver published more after the last pass: this pass must find it.
+    let mut more = false;
+    loop {
+        queue.disable_notification(&*mem)?;
+        let mut took = false;
+        while let Some(chain) = pop(queue, mem.clone())? {
+            took = true;
+            f(queue, chain);
+        }
+        if more && !took {
+            return Err(QueueError::Stuck);
+        }
+        took_any |= took;
+        if !queue.enable_notification(&*mem)? {
+            return Ok(took_any);
+        }
+        more = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::memory;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    fn queue_with(
+        mem: &crate::virtio::GuestMemoryMmap,
+        chains: u16,
+    ) -> (MockSplitQueue<'_, crate::virtio::GuestMemoryMmap>, Queue) {
+        let mock = MockSplitQueue::new(mem, 16);
+        let descs: Vec<RawDescriptor> = (0..chains)
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(0x10_000 + u64::from(i) * 0x100, 16, 0, 0))
+            })
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let q: Queue = mock.create_queue().unwrap();
+        (mock, q)
+    }
+
+    #[test]
+    fn serves_every_chain_once() {
+        let mem = memory(1 << 20);
+        let (_mock, mut q) = queue_with(&mem, 3);
+        let mut heads = Vec::new();
+        let took = for_each_chain(&mut q, &mem, |q, c| {
+            heads.push(c.head_index());
+            q.add_used(&mem, c.head_index(), 0).unwrap();
+        })
+        .unwrap();
+        assert!(took);
+        assert_eq!(heads, [0, 1, 2]);
+        assert!(!for_each_chain(&mut q, &mem, |_, _| panic!("nothing left")).unwrap());
+    }
+
+    #[test]
+    fn an_index_too_far_ahead_is_an_error_not_a_spin() {
+        let mem = memory(1 << 20);
+        let (mock, mut q) = queue_with(&mem, 1);
+        // The driver claims 17 chains on a 16-entry ring.
+        mem.write_obj(17u16, mock.avail_addr().unchecked_add(2))
+            .unwrap();
+        let r = for_each_chain(&mut q, &mem, |_, _| {});
+        assert!(matches!(r, Err(QueueError::Ring(_))), "{r:?}");
+    }
+
+    #[test]
+    fn an_unready_queue_has_nothing_to_serve() {
+        let mem = memory(1 << 20);
+        let (_mock, mut q) = queue_with(&mem, 2);
+        q.set_ready(false);
+        assert!(!for_each_chain(&mut q, &mem, |_, _| panic!("not ready")).unwrap());
+        // Even with an available ring at 0 whose index is not zero.
+        let mut fresh = Queue::new(16).unwrap();
+        mem.write_obj(5u16, GuestAddress(2)).unwrap();
+        assert!(!for_each_chain(&mut fresh, &mem, |_, _| {}).unwrap());
+    }
+
+    #[test]
+    fn an_unreadable_available_ring_is_an_error() {
+        let mem = memory(1 << 20);
+        let (_mock, mut q) = queue_with(&mem, 1);
+        // The available ring's entries lie beyond guest memory; its index does not.
+        let near_end = (1u64 << 20) - 4;
+        mem.write_obj(1u16, GuestAddress(near_end + 2)).unwrap();
+        q.set_avail_ring_address(Some(near_end as u32), Some(0));
+        let r = for_each_chain(&mut q, &mem, |_, _| {});
+        assert!(matches!(r, Err(QueueError::Stuck)), "{r:?}");
+    }
+}
