@@ -14,15 +14,13 @@ use std::sync::Arc;
 
 use nixvm_devices::storefs::StoreFs;
 use nixvm_devices::storefs::fuse::OutHeader;
-use nixvm_devices::virtio::iovecs::GuestIovecs;
+use nixvm_devices::virtio::buffers::{self, ChainBuffers, GuestIovecs, total};
 use nixvm_devices::virtio::queue;
 use nixvm_devices::virtio::{F_EVENT_IDX, F_VERSION_1};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -129,22 +127,15 @@ impl Backend {
     where
         M: std::ops::Deref<Target = GuestMemoryMmap>,
     {
-        let (mut request, mut out) = (Vec::new(), Vec::new());
-        for d in chain {
-            if d.is_write_only() {
-                out.push((d.addr(), d.len() as usize));
-            } else {
-                // Requests are small (a header and a name or two): a guest's length beyond
-                // MAX_REQUEST is not read, and the server sees a malformed request.
-                let start = request.len();
-                let n = (d.len() as usize).min(MAX_REQUEST - start);
-                request.resize(start + n, 0);
-                if mem.read_slice(&mut request[start..], d.addr()).is_err() {
-                    return 0;
-                }
-            }
+        let bufs = ChainBuffers::of(chain);
+        let out = bufs.writable;
+        // Requests are small (a header and a name or two): a guest's length beyond
+        // MAX_REQUEST is not read, and the server sees a malformed request.
+        let mut request = vec![0u8; total(&bufs.readable).min(MAX_REQUEST)];
+        if !buffers::gather(mem, &bufs.readable, &mut request) {
+            return 0;
         }
-        let room: usize = out.iter().map(|o| o.1).sum();
+        let room = total(&out);
         // File data goes from the file straight into the guest's buffers.
         let mut read_into = |file: &std::fs::File, offset: u64, len: usize| {
             read_into_guest(mem, &out, OUT_HEADER, file, offset, len)
@@ -152,16 +143,8 @@ impl Backend {
         let Some(reply) = self.fs.handle_into(&request, room, &mut read_into) else {
             return 0;
         };
-        let mut done = 0;
-        for &(addr, len) in &out {
-            let n = len.min(reply.len() - done);
-            if n == 0 {
-                break;
-            }
-            if mem.write_slice(&reply[done..done + n], addr).is_err() {
-                return 0;
-            }
-            done += n;
+        if !buffers::scatter(mem, &out, &reply) {
+            return 0;
         }
         // The header's `len` is what the guest gets: the reply's bytes, and for a READ also
         // the data already placed after the header.
@@ -179,30 +162,17 @@ const OUT_HEADER: usize = size_of::<OutHeader>();
 /// first `skip` bytes; returns how many it read (fewer at the end of the file).
 fn read_into_guest(
     mem: &GuestMemoryMmap,
-    out: &[(vm_memory::GuestAddress, usize)],
-    mut skip: usize,
+    out: &[buffers::Segment],
+    skip: usize,
     file: &std::fs::File,
     offset: u64,
     len: usize,
 ) -> std::io::Result<usize> {
-    let mut segs = Vec::with_capacity(out.len());
-    let mut want = len;
-    for &(addr, l) in out {
-        if skip >= l {
-            skip -= l;
-            continue;
-        }
-        let n = (l - skip).min(want);
-        if n == 0 {
-            break;
-        }
-        let at = addr
-            .checked_add(skip as u64)
-            .ok_or(std::io::ErrorKind::InvalidInput)?;
-        skip = 0;
-        segs.push((at, n));
-        want -= n;
-    }
+    let outside = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let (_, after) = buffers::split(out, skip).ok_or_else(outside)?;
+    let segs = buffers::split(&after, len.min(total(&after)))
+        .ok_or_else(outside)?
+        .0;
     GuestIovecs::new(mem, &segs)?.transfer(file, offset, false)
 }
 

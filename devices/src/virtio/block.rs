@@ -15,10 +15,9 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::iovecs::GuestIovecs;
+use super::buffers::{ChainBuffers, GuestIovecs, Segment, gather, scatter, split, total};
 use super::{
     ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, QueuePool, VIRTIO_ID_BLOCK,
     VirtioDevice, read_config_bytes,
@@ -156,7 +155,7 @@ impl Disk {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
-        let bufs = Buffers::of(chain);
+        let bufs = ChainBuffers::of(chain);
         let Some(data_len) = total(&bufs.writable).checked_sub(1) else {
             log::warn!("virtio-blk: request without a status byte dropped");
             return 0;
@@ -234,9 +233,13 @@ impl Disk {
                 }
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if !self.readonly => {
+                // The guest's length is checked before anything is allocated for it.
                 let len = total(&data_r);
+                if len > MAX_DISCARD_SEG as usize * 16 {
+                    return (S_IOERR, 0);
+                }
                 let mut segments = vec![0u8; len];
-                if len > MAX_DISCARD_SEG as usize * 16 || !gather(mem, &data_r, &mut segments) {
+                if !gather(mem, &data_r, &mut segments) {
                     return (S_IOERR, 0);
                 }
                 let zero = ty == VIRTIO_BLK_T_WRITE_ZEROES;
@@ -356,85 +359,6 @@ impl Disk {
         }
         true
     }
-}
-
-/// A guest buffer: address and length.
-type Segment = (GuestAddress, usize);
-
-/// A request's buffers in chain order: those the device reads (header, data of a write) and
-/// those it writes (data of a read, then the status byte).
-#[derive(Default)]
-struct Buffers {
-    readable: Vec<Segment>,
-    writable: Vec<Segment>,
-    /// A readable buffer came after a writable one, which the spec forbids.
-    misordered: bool,
-}
-
-impl Buffers {
-    fn of<M>(chain: DescriptorChain<M>) -> Buffers
-    where
-        M: Deref<Target = GuestMemoryMmap>,
-    {
-        let mut b = Buffers::default();
-        for d in chain {
-            let seg = (d.addr(), d.len() as usize);
-            if d.is_write_only() {
-                b.writable.push(seg);
-            } else {
-                b.misordered |= !b.writable.is_empty();
-                b.readable.push(seg);
-            }
-        }
-        b
-    }
-}
-
-fn total(segs: &[Segment]) -> usize {
-    segs.iter().map(|s| s.1).sum()
-}
-
-/// The first `n` bytes of `segs` and the rest; None if `segs` are shorter.
-fn split(segs: &[Segment], n: usize) -> Option<(Vec<Segment>, Vec<Segment>)> {
-    let (mut head, mut tail) = (Vec::new(), Vec::new());
-    let mut left = n;
-    for &(addr, len) in segs {
-        let take = len.min(left);
-        if take > 0 {
-            head.push((addr, take));
-        }
-        if len > take {
-            tail.push((addr.unchecked_add(take as u64), len - take));
-        }
-        left -= take;
-    }
-    (left == 0).then_some((head, tail))
-}
-
-/// Copies guest buffers into `out` (as long as `out`); false if one is outside guest memory.
-fn gather(mem: &GuestMemoryMmap, segs: &[Segment], out: &mut [u8]) -> bool {
-    let mut done = 0;
-    for &(addr, len) in segs {
-        let n = len.min(out.len() - done);
-        if mem.read_slice(&mut out[done..done + n], addr).is_err() {
-            return false;
-        }
-        done += n;
-    }
-    done == out.len()
-}
-
-/// Copies `data` into guest buffers; false if one is outside guest memory or too short.
-fn scatter(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> bool {
-    let mut done = 0;
-    for &(addr, len) in segs {
-        let n = len.min(data.len() - done);
-        if mem.write_slice(&data[done..done + n], addr).is_err() {
-            return false;
-        }
-        done += n;
-    }
-    done == data.len()
 }
 
 /// A byte buffer aligned for O_DIRECT (the bounce buffer between guest memory and the file).

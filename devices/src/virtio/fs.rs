@@ -27,6 +27,7 @@ use super::{
     ActivateError, F_VERSION_1, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_FS, VirtioDevice,
     read_config_bytes,
 };
+use crate::storefs::fuse;
 
 /// The tag is at most this long (the config space field).
 pub const TAG_MAX: usize = 36;
@@ -312,9 +313,6 @@ struct Fallback {
     failed: bool,
 }
 
-const FUSE_FORGET: u32 = 2;
-const FUSE_BATCH_FORGET: u32 = 42;
-
 impl Fallback {
     /// Picks the rings up where the backend left them: after the last request it completed
     /// (requests it had taken but not answered are answered again, now with EIO).
@@ -342,37 +340,27 @@ impl Fallback {
 /// Answers one FUSE request with EIO (FORGETs get no answer); returns the bytes written.
 fn answer_eio<M>(chain: virtio_queue::DescriptorChain<M>, mem: &GuestMemoryMmap) -> u32
 where
-    M: std::ops::Deref<Target = GuestMemoryMmap>,
+    M: Clone + std::ops::Deref<Target = GuestMemoryMmap>,
 {
-    let mut header = [0u8; 40];
-    let mut got = 0;
-    let mut out = None;
-    for d in chain {
-        if d.is_write_only() {
-            out.get_or_insert((d.addr(), d.len()));
-        } else if got < header.len() {
-            let n = (header.len() - got).min(d.len() as usize);
-            if mem.read_slice(&mut header[got..got + n], d.addr()).is_err() {
-                return 0;
-            }
-            got += n;
-        }
-    }
-    let opcode = u32::from_le_bytes(header[4..8].try_into().expect("4"));
-    let (Some((addr, len)), true) = (out, got == header.len()) else {
+    let (Ok(mut request), Ok(mut reply)) = (chain.clone().reader(mem), chain.writer(mem)) else {
         return 0;
     };
-    if opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET || len < 16 {
+    let Ok(header) = request.read_obj::<fuse::InHeader>() else {
+        return 0;
+    };
+    if matches!(header.opcode, fuse::FORGET | fuse::BATCH_FORGET) {
         return 0;
     }
-    let mut reply = [0u8; 16];
-    reply[0..4].copy_from_slice(&16u32.to_le_bytes());
-    reply[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
-    reply[8..16].copy_from_slice(&header[8..16]); // unique
-    if mem.write_slice(&reply, addr).is_err() {
-        return 0;
+    let len = u32::try_from(size_of::<fuse::OutHeader>()).unwrap_or(0);
+    let out = fuse::OutHeader {
+        len,
+        error: -libc::EIO,
+        unique: header.unique,
+    };
+    match reply.write_obj(out) {
+        Ok(()) => len,
+        Err(_) => 0,
     }
-    16
 }
 
 impl Drop for VhostUserFs {
@@ -443,7 +431,7 @@ mod tests {
         lookup[8..16].copy_from_slice(&77u64.to_le_bytes());
         m.write_slice(&lookup, GuestAddress(0x1_0000)).unwrap();
         let mut forget = [0u8; 40];
-        forget[4..8].copy_from_slice(&FUSE_FORGET.to_le_bytes());
+        forget[4..8].copy_from_slice(&fuse::FORGET.to_le_bytes());
         m.write_slice(&forget, GuestAddress(0x1_1000)).unwrap();
         let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(Descriptor::new(a, l, f, n));
         vq.add_desc_chains(

@@ -15,8 +15,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
+pub mod buffers;
 pub mod fs;
-pub mod iovecs;
 pub mod mmio;
 pub mod net;
 pub mod queue;

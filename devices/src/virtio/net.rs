@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, total};
 use super::queue;
 use super::worker::Worker;
 use super::{
@@ -586,19 +587,14 @@ impl DataPath {
             };
             rechecked = false;
             let head = chain.head_index();
-            let mut segs = Vec::new();
-            let mut bad = false;
-            for d in chain {
-                bad |= !d.is_write_only();
-                segs.push((d.addr(), d.len() as usize));
-            }
-            if bad {
+            let bufs = ChainBuffers::of(chain);
+            if !bufs.readable.is_empty() {
                 // Handed back empty with this frame (not before: a rollback re-reads it).
                 malformed.push(head);
                 continue;
             }
-            room += segs.iter().map(|s| s.1).sum::<usize>();
-            chains.push((head, segs));
+            room += total(&bufs.writable);
+            chains.push((head, bufs.writable));
         }
         for head in malformed {
             log::warn!("virtio-net: rx chain {head} has device-readable buffers; returned empty");
@@ -619,25 +615,22 @@ impl DataPath {
         self.frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
         let mut done = 0;
         for (head, segs) in chains {
-            let mut in_chain = 0;
-            for (addr, l) in segs {
-                let n = l.min(len - done);
-                if n == 0 {
-                    break;
-                }
-                if mem.write_slice(&self.frame[done..done + n], addr).is_err() {
+            let n = total(&segs).min(len - done);
+            let mut written = 0;
+            if done < len {
+                if scatter(mem, &segs, &self.frame[done..done + n]) {
+                    done += n;
+                    written = u32::try_from(n).unwrap_or(0); // at most 64 KiB
+                } else {
                     log::warn!("virtio-net: rx buffer outside guest memory");
-                    break;
+                    done = len + 1; // the frame is lost; the rest go back empty
                 }
-                done += n;
-                in_chain += n;
             }
-            let written = u32::try_from(in_chain).expect("at most 64 KiB");
             if let Err(e) = self.rxq.add_used(mem, head, written) {
                 log::warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
             }
         }
-        if done < len {
+        if done != len {
             self.wire
                 .stats
                 .drop_frame(true, "receive buffer outside guest memory");
@@ -664,17 +657,14 @@ impl Wire {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
-        let mut segs = Vec::new();
-        let mut len = 0usize;
-        for d in chain {
-            if d.is_write_only() {
-                return self
-                    .stats
-                    .drop_frame(false, "device-writable buffer in a tx chain");
-            }
-            len += d.len() as usize;
-            segs.push((d.addr(), d.len() as usize));
+        let bufs = ChainBuffers::of(chain);
+        if !bufs.writable.is_empty() {
+            return self
+                .stats
+                .drop_frame(false, "device-writable buffer in a tx chain");
         }
+        let segs = bufs.readable;
+        let len = total(&segs);
         if len < HDR_LEN + ETH_HLEN {
             return self
                 .stats
@@ -684,36 +674,16 @@ impl Wire {
             return self.stats.drop_frame(false, "larger than 64 KiB");
         }
         let mut hdr = [0u8; HDR_LEN];
-        let mut got = 0;
-        for &(addr, l) in &segs {
-            let n = l.min(HDR_LEN - got);
-            if mem.read_slice(&mut hdr[got..got + n], addr).is_err() {
-                return self.stats.drop_frame(false, "buffer outside guest memory");
-            }
-            got += n;
-            if got == HDR_LEN {
-                break;
-            }
+        if !gather(mem, &segs, &mut hdr) {
+            return self.stats.drop_frame(false, "buffer outside guest memory");
         }
         if let Err(why) = self.check_tx_header(&hdr, len - HDR_LEN) {
             return self.stats.drop_frame(false, why);
         }
-        let mut iovs = Vec::with_capacity(segs.len());
-        for (addr, l) in segs {
-            let Ok(slice) = mem.get_slice(addr, l) else {
-                return self.stats.drop_frame(false, "buffer outside guest memory");
-            };
-            iovs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: l,
-            });
-        }
-        let count = libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the iovecs point into guest memory that `mem` keeps mapped, with lengths
-        // get_slice checked; writev only reads them.
-        let n = unsafe { libc::writev(self.tap.file.as_raw_fd(), iovs.as_ptr(), count) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
+        let Ok(iovs) = GuestIovecs::new(mem, &segs) else {
+            return self.stats.drop_frame(false, "buffer outside guest memory");
+        };
+        if let Err(e) = iovs.writev(self.tap.file.as_raw_fd()) {
             let why = if e.kind() == io::ErrorKind::WouldBlock {
                 "the TAP's queue is full".to_owned()
             } else {
@@ -765,6 +735,7 @@ mod tests {
     use crate::virtio::test_utils::{CountingIrq, memory};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::Bytes;
 
     const WRITE: u16 = 2;
     const NEXT: u16 = 1;
