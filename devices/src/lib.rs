@@ -8,7 +8,6 @@ pub mod cmos;
 pub mod i8042;
 pub mod pm;
 pub mod serial;
-pub mod storefs;
 pub mod virtio;
 
 /// Locks a mutex, carrying on if another thread panicked while holding it: what nixvm keeps

@@ -8,8 +8,6 @@ mod console;
 mod control;
 mod cpuid;
 mod lifecycle;
-mod sandbox;
-mod storefs;
 mod terminal;
 mod unix;
 mod vcpu;
@@ -312,16 +310,16 @@ fn main() -> ExitCode {
             path,
             queues,
         }) => {
-            let opts = storefs::Options {
+            let opts = nixvm_storefs::daemon::Options {
                 listen: match (socket, listen_fd) {
-                    (Some(s), _) => storefs::Listen::Socket(s.clone()),
-                    (None, Some(fd)) => storefs::Listen::Fd(*fd),
+                    (Some(s), _) => nixvm_storefs::daemon::Listen::Socket(s.clone()),
+                    (None, Some(fd)) => nixvm_storefs::daemon::Listen::Fd(*fd),
                     (None, None) => unreachable!("clap requires one"),
                 },
                 dir: path.clone(),
                 request_queues: *queues,
             };
-            return match storefs::run(&opts) {
+            return match nixvm_storefs::daemon::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let mut msg = format!("nixvm storefs: {e}");

@@ -39,7 +39,8 @@ use crate::control::{Control, VmInfo};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::unix::Listener;
 use crate::vcpu::Buses;
-use crate::{cpuid, storefs, terminal, unix, vcpu};
+use crate::{cpuid, terminal, unix, vcpu};
+use nixvm_storefs::daemon as storefs;
 
 /// Where nixvm looks for KVM; `NIXVM_KVM_DEVICE` overrides it (tests use this).
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";

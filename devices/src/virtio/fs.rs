@@ -22,12 +22,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fuse;
 use super::worker::Worker;
 use super::{
     ActivateError, F_VERSION_1, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_FS, VirtioDevice,
     read_config_bytes,
 };
-use crate::storefs::fuse;
 
 /// The tag is at most this long (the config space field).
 pub const TAG_MAX: usize = 36;

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod buffers;
 pub mod fs;
+pub mod fuse;
 pub mod mmio;
 pub mod net;
 pub mod queue;

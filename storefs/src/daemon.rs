@@ -1,6 +1,6 @@
 //! `nixvm storefs --socket PATH --path DIR`: nixvm's own read-only virtio-fs back end, a
 //! vhost-user daemon (the `vhost-user-backend` crate) serving DIR with
-//! `nixvm_devices::storefs::StoreFs`. It runs as its own process, so that a bug in file
+//! [`StoreFs`]. It runs as its own process, so that a bug in file
 //! serving cannot take a VMM with it; `nixvm --fs tag=T,socket=PATH` connects to it as it
 //! does to virtiofsd, and `nixvm --fs tag=T,path=DIR,readonly=on` starts one itself
 //! ([`spawn`]) on a listening socket it hands over (`--listen-fd`), so no socket is left
@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use nixvm_devices::storefs::StoreFs;
-use nixvm_devices::storefs::fuse::OutHeader;
 use nixvm_devices::virtio::buffers::{self, ChainBuffers, GuestIovecs, total};
+use nixvm_devices::virtio::fuse::OutHeader;
 use nixvm_devices::virtio::queue;
+
+use crate::StoreFs;
 use nixvm_devices::virtio::{F_EVENT_IDX, F_VERSION_1};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -38,7 +39,7 @@ pub enum Error {
     Dir {
         path: PathBuf,
         #[source]
-        source: nixvm_devices::storefs::Error,
+        source: crate::Error,
     },
     #[error("vhost-user daemon on {socket}: {message}")]
     Daemon { socket: PathBuf, message: String },
@@ -243,7 +244,7 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     let num_queues = 1 + usize::from(opts.request_queues);
     let limit = raise_fd_limit();
     // Half the descriptors for cached nodes, the rest for the guest's open files.
-    let cached = nixvm_devices::storefs::DEFAULT_MAX_CACHED_FDS.min(limit / 2);
+    let cached = crate::DEFAULT_MAX_CACHED_FDS.min(limit / 2);
     let dir = &opts.dir;
     let fs = StoreFs::with_max_cached_fds(dir, cached).map_err(|source| Error::Dir {
         path: dir.to_owned(),

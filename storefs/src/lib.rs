@@ -1,8 +1,14 @@
-//! A built-in, read-only virtio-fs server for the Nix store: the FUSE request handling core.
+//! nixvm's built-in, read-only virtio-fs back end for the Nix store: `nixvm storefs`, a
+//! vhost-user daemon in its own process and sandbox.
 //!
-//! [`StoreFs`] turns one FUSE request (the device-readable bytes of a virtio-fs descriptor
-//! chain) into one reply; it does no virtqueue work itself, the vhost-user backend does. It
-//! is pure request/reply logic over a host directory, so it is unit-tested byte for byte.
+//! - [`daemon`]: the vhost-user back end (one thread per queue), the process's set-up, and
+//!   [`daemon::spawn`], with which nixvm starts one for `--fs path=`.
+//! - [`sandbox`]: the mount namespace, Landlock and seccomp it enters before serving.
+//! - [`StoreFs`] (`server`): turns one FUSE request (the device-readable bytes of a
+//!   virtio-fs descriptor chain) into one reply; it does no virtqueue work itself. It is pure
+//!   request/reply logic over a host directory, so it is unit-tested byte for byte. Its node
+//!   and handle tables are in `inodes`, the host system calls it makes in `host`. The FUSE
+//!   wire format is the virtio-fs device's: `nixvm_devices::virtio::fuse`.
 //!
 //! What it serves, and how:
 //! - Only the read-only subset: INIT, LOOKUP, FORGET, BATCH_FORGET, GETATTR, READLINK,
@@ -34,10 +40,16 @@
 //! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`] and
 //!   files are opened with FOPEN_KEEP_CACHE. Failed lookups are plain ENOENT errors (no
 //!   negative entry is cached), so files that appear on the host later are found.
+// Tests build fixtures with plain casts; the library code is checked without this.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
+
 use std::io;
 use std::path::PathBuf;
 
-pub mod fuse;
+pub mod daemon;
+mod host;
+mod inodes;
+pub mod sandbox;
 mod server;
 
 pub use server::{DEFAULT_MAX_CACHED_FDS, MAX_HANDLES, MAX_TRANSFER, StoreFs, TIMEOUT_SECS};
