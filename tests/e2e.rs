@@ -286,6 +286,20 @@ fn usage_tests(t: &mut Runner, kernel: Option<&Path>) {
         std::fs::write(&f, r#"{"kernal": "/boot/vmlinuz"}"#).unwrap();
         one_line_usage_error(&["--config", f.to_str().unwrap()], &[], "kernal")
     });
+    t.run("usage_storefs_missing_dir", || {
+        let sock = tmp.join("storefs-usage.sock");
+        one_line_usage_error(
+            &[
+                "storefs",
+                "--socket",
+                sock.to_str().unwrap(),
+                "--path",
+                "/nonexistent/store",
+            ],
+            &[],
+            "/nonexistent/store",
+        )
+    });
     let Some(kernel) = kernel else {
         for name in [
             "usage_memory_too_small",

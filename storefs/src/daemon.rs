@@ -63,6 +63,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether the error is the caller's (exit status 2: nothing was served) rather than
+    /// one met while serving.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Dir { .. } | Error::Listen { .. } | Error::ListenFd(_) | Error::Queues(_)
+        )
+    }
+}
+
 /// Where the daemon takes its one connection from.
 #[derive(Debug)]
 pub enum Listen {

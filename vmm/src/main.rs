@@ -13,7 +13,6 @@ mod unix;
 mod vcpu;
 mod vm;
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -175,11 +174,7 @@ fn ctl(socket: &std::path::Path, cmd: &CtlCmd) -> u8 {
             api::CTL_OK
         }
         Err(e) => {
-            let mut msg = format!("nixvm ctl: {e}");
-            if let Some(s) = e.source() {
-                msg.push_str(&format!(": {s}"));
-            }
-            eprintln!("{msg}");
+            report("nixvm ctl", &e);
             e.status()
         }
     }
@@ -322,12 +317,12 @@ fn main() -> ExitCode {
             return match nixvm_storefs::daemon::run(&opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    let mut msg = format!("nixvm storefs: {e}");
-                    if let Some(s) = e.source() {
-                        msg.push_str(&format!(": {s}"));
-                    }
-                    eprintln!("{msg}");
-                    ExitCode::from(EXIT_USAGE)
+                    report("nixvm storefs", &e);
+                    ExitCode::from(if e.is_usage() {
+                        EXIT_USAGE
+                    } else {
+                        EXIT_FAILED
+                    })
                 }
             };
         }
@@ -336,19 +331,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            let mut msg = format!("nixvm: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                // Transparent wrappers repeat their source's text: say each thing once.
-                let text = s.to_string();
-                if !msg.ends_with(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            report("nixvm", &e);
             ExitCode::from(e.status())
         }
     }
+}
+
+/// The one error printer: `PROGRAM: error: its source: …` on one line, each cause once
+/// (transparent wrappers repeat their source's text).
+fn report(program: &str, e: &dyn std::error::Error) {
+    let mut msg = format!("{program}: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    eprintln!("{msg}");
 }
