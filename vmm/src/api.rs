@@ -33,9 +33,80 @@ pub enum Request {
     },
 }
 
-/// One answer line for a request that failed.
-pub fn error_line(message: &str) -> String {
-    serde_json::json!({ "ok": false, "error": message }).to_string()
+/// One answer, as nixvm sends it: `ok` and whichever fields the request has.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `ping`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `info`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Info>,
+    /// `pause`, `resume`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<State>,
+    /// `shutdown`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ShutdownResult>,
+}
+
+/// What `info` tells about the VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Info {
+    pub state: State,
+    pub vcpus: u8,
+    pub memory: String,
+    pub uptime_s: f64,
+    pub pid: u32,
+    /// The resolved configuration, as `--dry-run` prints it.
+    pub config: serde_json::Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+/// How the VM ended, for the `shutdown` request that waited for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownResult {
+    PoweredOff,
+    Forced,
+    Rebooted,
+    Failed,
+}
+
+impl Answer {
+    /// A successful answer; the caller fills in the request's fields.
+    pub fn ok() -> Answer {
+        Answer {
+            ok: true,
+            ..Answer::default()
+        }
+    }
+
+    /// The answer to a request that failed.
+    pub fn error(message: &str) -> Answer {
+        Answer {
+            ok: false,
+            error: Some(message.to_owned()),
+            ..Answer::default()
+        }
+    }
+
+    /// The answer as one line (without its newline).
+    pub fn line(&self) -> String {
+        serde_json::to_string(self).expect("answers serialize")
+    }
 }
 
 /// Parses one request line.
@@ -84,7 +155,7 @@ impl Error {
 
 /// Sends `req` to the nixvm on `path` and returns its answer. A `shutdown` answer comes when
 /// the VM is gone; the client then waits for nixvm to close the connection (its exit).
-pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, Error> {
+pub fn call(path: &Path, req: &Request) -> Result<Answer, Error> {
     let io = |source| Error::Io {
         path: path.to_owned(),
         source,
@@ -108,14 +179,13 @@ pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, Error> {
             path: path.to_owned(),
         });
     }
-    let v: serde_json::Value =
-        serde_json::from_str(answer.trim()).map_err(|_| Error::BadAnswer {
-            path: path.to_owned(),
-            line: answer.trim().to_owned(),
-        })?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        let why = v["error"].as_str().unwrap_or("no reason given");
-        return Err(Error::Refused(why.to_owned()));
+    let v: Answer = serde_json::from_str(answer.trim()).map_err(|_| Error::BadAnswer {
+        path: path.to_owned(),
+        line: answer.trim().to_owned(),
+    })?;
+    if !v.ok {
+        let why = v.error.unwrap_or_else(|| "no reason given".to_owned());
+        return Err(Error::Refused(why));
     }
     if matches!(req, Request::Shutdown { .. }) {
         // nixvm answers just before it exits: wait for the connection to close.
@@ -153,10 +223,13 @@ mod tests {
             serde_json::to_string(&Request::Shutdown { timeout: Some(3) }).unwrap(),
             r#"{"cmd":"shutdown","timeout":3}"#
         );
-        let e: serde_json::Value = serde_json::from_str(&error_line("no")).unwrap();
-        assert_eq!(
-            (e["ok"].as_bool(), e["error"].as_str()),
-            (Some(false), Some("no"))
-        );
+        assert_eq!(Answer::error("no").line(), r#"{"ok":false,"error":"no"}"#);
+        let mut a = Answer::ok();
+        a.result = Some(ShutdownResult::PoweredOff);
+        assert_eq!(a.line(), r#"{"ok":true,"result":"powered-off"}"#);
+        a.result = None;
+        a.state = Some(State::ShuttingDown);
+        let back: Answer = serde_json::from_str(&a.line()).unwrap();
+        assert_eq!(back, a);
     }
 }

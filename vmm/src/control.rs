@@ -55,30 +55,35 @@ pub struct Control {
     waiters: Vec<UnixStream>,
 }
 
+/// What the control side of a VM is made of (the VM builds it).
+pub struct ControlParts {
+    pub exit: Arc<ExitState>,
+    /// Written by the signal handler thread: SIGTERM, SIGINT, SIGHUP.
+    pub signal_evt: EventFd,
+    /// Presses the ACPI power button.
+    pub power_button: EventFd,
+    pub gate: Arc<PauseGate>,
+    /// The signal that kicks vCPUs out of KVM_RUN.
+    pub kick: i32,
+    pub shutdown_timeout: Duration,
+    pub interactive: bool,
+    pub info: VmInfo,
+    pub listener: Option<Listener>,
+}
+
 impl Control {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        exit: Arc<ExitState>,
-        signal_evt: EventFd,
-        power_button: EventFd,
-        gate: Arc<PauseGate>,
-        kick: i32,
-        shutdown_timeout: Duration,
-        interactive: bool,
-        info: VmInfo,
-        listener: Option<Listener>,
-    ) -> Control {
+    pub fn new(p: ControlParts) -> Control {
         Control {
-            exit,
-            signal_evt,
-            power_button,
-            gate,
-            kick,
-            shutdown_timeout,
-            interactive,
-            info,
+            exit: p.exit,
+            signal_evt: p.signal_evt,
+            power_button: p.power_button,
+            gate: p.gate,
+            kick: p.kick,
+            shutdown_timeout: p.shutdown_timeout,
+            interactive: p.interactive,
+            info: p.info,
             shutdown: None,
-            listener,
+            listener: p.listener,
             clients: HashMap::new(),
             waiters: Vec::new(),
         }
@@ -192,7 +197,9 @@ impl Control {
                 lines.push(String::from_utf8_lossy(&line).into_owned());
             }
             if pending.len() > MAX_LINE {
-                let _ = s.write_all(api::error_line("request line too long").as_bytes());
+                let _ = s.write_all(
+                    format!("{}\n", api::Answer::error("request line too long").line()).as_bytes(),
+                );
                 closed = true;
             }
         }
@@ -214,7 +221,7 @@ impl Control {
                     let answer = self.answer(&req);
                     self.reply(fd, &answer);
                 }
-                Err(e) => self.reply(fd, &api::error_line(&e)),
+                Err(e) => self.reply(fd, &api::Answer::error(&e).line()),
             }
         }
         if closed {
@@ -231,54 +238,50 @@ impl Control {
         }
     }
 
-    fn state(&self) -> &'static str {
+    fn state(&self) -> api::State {
         if self.shutdown.is_some() {
-            "shutting-down"
+            api::State::ShuttingDown
         } else if self.gate.is_paused() {
-            "paused"
+            api::State::Paused
         } else {
-            "running"
+            api::State::Running
         }
     }
 
     fn answer(&mut self, req: &Request) -> String {
-        use serde_json::json;
+        let mut a = api::Answer::ok();
         match req {
-            Request::Ping => json!({
-                "ok": true,
-                "protocol": api::PROTOCOL,
-                "version": env!("CARGO_PKG_VERSION"),
-            })
-            .to_string(),
-            Request::Info => json!({
-                "ok": true,
-                "info": {
-                    "state": self.state(),
-                    "vcpus": self.info.vcpus,
-                    "memory": self.info.memory,
-                    "uptime_s": crate::started().elapsed().as_secs_f64(),
-                    "pid": std::process::id(),
-                    "config": self.info.config,
-                },
-            })
-            .to_string(),
+            Request::Ping => {
+                a.protocol = Some(api::PROTOCOL);
+                a.version = Some(env!("CARGO_PKG_VERSION").to_owned());
+            }
+            Request::Info => {
+                a.info = Some(api::Info {
+                    state: self.state(),
+                    vcpus: self.info.vcpus,
+                    memory: self.info.memory.clone(),
+                    uptime_s: lifecycle::started().elapsed().as_secs_f64(),
+                    pid: std::process::id(),
+                    config: self.info.config.clone(),
+                });
+            }
             Request::Pause => {
                 if self.shutdown.is_some() {
-                    return api::error_line("the VM is shutting down");
+                    return api::Answer::error("the VM is shutting down").line();
                 }
-                if self.gate.pause(self.kick, Duration::from_secs(5)) {
-                    json!({ "ok": true, "state": "paused" }).to_string()
-                } else {
+                if !self.gate.pause(self.kick, Duration::from_secs(5)) {
                     self.gate.resume();
-                    api::error_line("the vCPUs did not stop within 5 s")
+                    return api::Answer::error("the vCPUs did not stop within 5 s").line();
                 }
+                a.state = Some(api::State::Paused);
             }
             Request::Resume => {
                 self.gate.resume();
-                json!({ "ok": true, "state": "running" }).to_string()
+                a.state = Some(api::State::Running);
             }
             Request::Shutdown { .. } => unreachable!("handled by read_client"),
         }
+        a.line()
     }
 }
 
@@ -292,13 +295,14 @@ fn forced(origin: Origin) -> Exit {
 
 /// The answer for a `shutdown` request, given how the VM ended.
 pub fn shutdown_answer(exit: &Exit) -> String {
-    let result = match exit {
-        Exit::PowerOff => "powered-off",
-        Exit::Forced | Exit::Signal(_) => "forced",
-        Exit::Reset => "rebooted",
-        Exit::Failed(_) => "failed",
-    };
-    serde_json::json!({ "ok": true, "result": result }).to_string()
+    let mut a = api::Answer::ok();
+    a.result = Some(match exit {
+        Exit::PowerOff => api::ShutdownResult::PoweredOff,
+        Exit::Forced | Exit::Signal(_) => api::ShutdownResult::Forced,
+        Exit::Reset => api::ShutdownResult::Rebooted,
+        Exit::Failed(_) => api::ShutdownResult::Failed,
+    });
+    a.line()
 }
 
 impl MutEventSubscriber for Control {

@@ -222,6 +222,14 @@ pub fn caught_signal() -> i32 {
     SIGNAL_NUM.load(Ordering::SeqCst)
 }
 
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// When nixvm started (for the setup-time log line and `info`'s uptime); the first call,
+/// early in `main`, sets it.
+pub fn started() -> std::time::Instant {
+    *STARTED.get_or_init(std::time::Instant::now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

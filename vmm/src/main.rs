@@ -157,19 +157,22 @@ fn ctl(socket: &std::path::Path, cmd: &CtlCmd) -> u8 {
             match cmd {
                 CtlCmd::Info => println!(
                     "{}",
-                    serde_json::to_string_pretty(&v["info"]).unwrap_or_default()
+                    serde_json::to_string_pretty(&v.info).unwrap_or_default()
                 ),
                 CtlCmd::Shutdown { .. } => {
-                    let result = v["result"].as_str().unwrap_or("");
-                    if result != "powered-off" {
+                    if v.result != Some(api::ShutdownResult::PoweredOff) {
+                        let result = v.result.map_or("no result".to_owned(), |r| {
+                            serde_json::to_string(&r).unwrap_or_default()
+                        });
                         eprintln!(
-                            "nixvm ctl: the guest did not power off in time; nixvm stopped it ({result})"
+                            "nixvm ctl: the guest did not power off in time; nixvm stopped it ({})",
+                            result.trim_matches('"')
                         );
                         return api::CTL_FORCED;
                     }
                     println!("powered off");
                 }
-                _ => println!("{v}"),
+                _ => println!("{}", v.line()),
             }
             api::CTL_OK
         }
@@ -286,15 +289,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
     Ok(exit.status())
 }
 
-static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-
-/// When nixvm started (for the setup-time log line).
-pub fn started() -> std::time::Instant {
-    *STARTED.get_or_init(std::time::Instant::now)
-}
-
 fn main() -> ExitCode {
-    started();
+    lifecycle::started();
     init_logger();
     let cli = Cli::parse();
     match &cli.command {

@@ -247,7 +247,7 @@ pub fn run(
         // benches/boot.rs reads this line: nixvm's own setup time.
         log::info!(
             "vcpu0: first KVM_RUN {} ms after start",
-            crate::started().elapsed().as_millis()
+            crate::lifecycle::started().elapsed().as_millis()
         );
     }
     while !stop.load(Ordering::Acquire) {

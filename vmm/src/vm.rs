@@ -35,7 +35,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::{OnReboot, SerialConfig, VmConfig};
 use crate::console::{Controller, Input};
-use crate::control::{Control, VmInfo};
+use crate::control::{Control, ControlParts, VmInfo};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::unix::Listener;
 use crate::vcpu::Buses;
@@ -427,21 +427,21 @@ impl Vm {
         let interactive = config.serial == SerialConfig::Stdio
             // SAFETY: isatty only inspects the descriptor.
             && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
-        let control = Arc::new(Mutex::new(Control::new(
-            exit.clone(),
+        let control = Arc::new(Mutex::new(Control::new(ControlParts {
+            exit: exit.clone(),
             signal_evt,
             power_button,
-            gate.clone(),
-            kick_signal(),
-            Duration::from_secs(config.shutdown_timeout),
+            gate: gate.clone(),
+            kick: kick_signal(),
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
             interactive,
-            VmInfo {
+            info: VmInfo {
                 vcpus: config.cpus,
                 memory: config.memory.to_string(),
                 config: serde_json::to_value(config).unwrap_or_default(),
             },
-            api_listener,
-        )));
+            listener: api_listener,
+        })));
         Ok(Vm {
             vcpus,
             reset,
