@@ -16,6 +16,14 @@ pub const DEFAULT_CPUS: u32 = 1;
 pub const DEFAULT_MEMORY: Size = Size(512 << 20);
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
+/// virtio devices a VM can have: one interrupt line each.
+pub const MAX_DEVICES: usize = nixvm_boot::layout::DEVICE_GSIS.len();
+use block::SERIAL_MAX;
+/// An interface name without its NUL.
+const IFNAME_MAX: usize = libc::IFNAMSIZ - 1;
+const FS_QUEUE_SIZE_MIN: u16 = 16;
+const FS_QUEUE_SIZE_MAX: u16 = 32768;
+use nixvm_devices::virtio::fs::MAX_REQUEST_QUEUES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,13 +65,13 @@ pub enum Error {
     Cmdline(#[from] nixvm_boot::params::Error),
     #[error(transparent)]
     Disk(#[from] block::Error),
-    #[error("disk serial {0:?} is longer than 20 bytes")]
+    #[error("disk serial {0:?} is longer than {SERIAL_MAX} bytes")]
     DiskSerial(String),
     #[error(
-        "{0} virtio devices (disks, network interfaces, rng) are more than nixvm can attach (at most 15)"
+        "{0} virtio devices (disks, network interfaces, shares, rng) are more than nixvm can attach (at most {MAX_DEVICES})"
     )]
     TooManyDevices(usize),
-    #[error("TAP name {0:?} is not a valid interface name (1 to 15 bytes, no '/')")]
+    #[error("TAP name {0:?} is not a valid interface name (1 to {IFNAME_MAX} bytes, no '/')")]
     TapName(String),
     #[error("fd {0} of a network interface is not a file descriptor number")]
     NetFd(i32),
@@ -75,9 +83,11 @@ pub enum Error {
     FsTag(String),
     #[error("two virtio-fs shares have the tag {0:?}")]
     FsDuplicateTag(String),
-    #[error("virtio-fs queue_size {0} must be a power of two from 16 to 32768")]
+    #[error(
+        "virtio-fs queue_size {0} must be a power of two from {FS_QUEUE_SIZE_MIN} to {FS_QUEUE_SIZE_MAX}"
+    )]
     FsQueueSize(u16),
-    #[error("virtio-fs queues={0} must be from 1 to 16")]
+    #[error("virtio-fs queues={0} must be from 1 to {MAX_REQUEST_QUEUES}")]
     FsQueues(u16),
     #[error(
         "virtio-fs share {0:?} needs exactly one of socket=PATH (an external back end such as virtiofsd) and path=DIR (served by nixvm)"
@@ -259,13 +269,27 @@ pub fn parse_switch(v: &str) -> Option<bool> {
     }
 }
 
+/// The one parser of option strings, `key=value,key=value` (--disk, --net, --fs and
+/// --memory's tail): the pairs in order, or None if a part has no `=`, a key is empty or
+/// given twice. Values are checked by the option that knows them.
+pub fn key_values(s: &str) -> Option<Vec<(&str, &str)>> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for part in s.split(',') {
+        let (k, v) = part.split_once('=')?;
+        if k.is_empty() || pairs.iter().any(|&(seen, _)| seen == k) {
+            return None;
+        }
+        pairs.push((k, v));
+    }
+    Some(pairs)
+}
+
 impl FromStr for DiskConfig {
     type Err = DiskError;
     fn from_str(s: &str) -> std::result::Result<Self, DiskError> {
         let err = || DiskError(s.to_owned());
         let mut disk = DiskConfig::default();
-        for part in s.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(err)?;
+        for (k, v) in key_values(s).ok_or_else(err)? {
             match k {
                 "path" if !v.is_empty() => disk.path = v.into(),
                 "readonly" => disk.readonly = parse_switch(v).ok_or_else(err)?,
@@ -355,11 +379,10 @@ impl FromStr for NetConfig {
     fn from_str(s: &str) -> std::result::Result<Self, NetError> {
         let err = || NetError(s.to_owned());
         let mut net = NetConfig::default();
-        for part in s.split(',') {
-            let (k, v) = part.split_once('=').ok_or_else(err)?;
+        for (k, v) in key_values(s).ok_or_else(err)? {
             match k {
-                "tap" if !v.is_empty() && net.tap.is_none() => net.tap = Some(v.to_owned()),
-                "fd" if net.fd.is_none() => net.fd = Some(v.parse().map_err(|_| err())?),
+                "tap" if !v.is_empty() => net.tap = Some(v.to_owned()),
+                "fd" => net.fd = Some(v.parse().map_err(|_| err())?),
                 "mac" => net.mac = Some(v.parse().map_err(|()| err())?),
                 _ => return Err(err()),
             }
@@ -380,7 +403,7 @@ pub enum OnReboot {
     Restart,
 }
 
-/// `--memory SIZE[,shared=on]`.
+/// `--memory SIZE[,shared=on]`; in JSON the same string, or a number of MiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryArg {
     pub size: Size,
@@ -395,16 +418,52 @@ impl FromStr for MemoryArg {
     type Err = MemoryArgError;
     fn from_str(s: &str) -> std::result::Result<Self, MemoryArgError> {
         let err = || MemoryArgError(s.to_owned());
-        let mut parts = s.split(',');
-        let size = parts.next().unwrap_or("").parse().map_err(|_| err())?;
+        let (size, rest) = s.split_once(',').map_or((s, None), |(a, b)| (a, Some(b)));
+        let size = size.parse().map_err(|_| err())?;
         let mut shared = None;
-        for part in parts {
-            match part.split_once('=') {
-                Some(("shared", v)) => shared = Some(parse_switch(v).ok_or_else(err)?),
+        for (k, v) in rest.map_or(Some(Vec::new()), key_values).ok_or_else(err)? {
+            match k {
+                "shared" => shared = Some(parse_switch(v).ok_or_else(err)?),
                 _ => return Err(err()),
             }
         }
         Ok(MemoryArg { size, shared })
+    }
+}
+
+impl From<Size> for MemoryArg {
+    fn from(size: Size) -> MemoryArg {
+        MemoryArg { size, shared: None }
+    }
+}
+
+impl fmt::Display for MemoryArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.shared {
+            Some(on) => write!(f, "{},shared={}", self.size, if on { "on" } else { "off" }),
+            None => write!(f, "{}", self.size),
+        }
+    }
+}
+
+impl Serialize for MemoryArg {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Size(Size),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Size(size) => Ok(MemoryArg { size, shared: None }),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -475,13 +534,12 @@ impl FromStr for FsConfig {
             queue_size: default_fs_queue_size(),
             queues: None,
         };
-        for part in s.split(',') {
-            match part.split_once('=').ok_or_else(err)? {
+        for (k, v) in key_values(s).ok_or_else(err)? {
+            match (k, v) {
                 ("tag", v) if !v.is_empty() => tag = Some(v.to_owned()),
                 ("socket", v) if !v.is_empty() => f.socket = Some(PathBuf::from(v)),
                 ("path", v) if !v.is_empty() => f.path = Some(PathBuf::from(v)),
-                ("readonly", "on") => f.readonly = true,
-                ("readonly", "off") => f.readonly = false,
+                ("readonly", v) => f.readonly = parse_switch(v).ok_or_else(err)?,
                 ("queue_size", v) => f.queue_size = v.parse().map_err(|_| err())?,
                 ("queues", v) => f.queues = Some(v.parse().map_err(|_| err())?),
                 _ => return Err(err()),
@@ -492,27 +550,71 @@ impl FromStr for FsConfig {
     }
 }
 
-/// What the config file holds: every field optional, as flags may supply it.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Every setting of a VM, as the command line and the JSON config file both give them: each
+/// field is a flag (clap) and a JSON field (serde) at once, every one optional; flags
+/// override the file ([`Settings::merge`]), and [`VmConfig::validate`] resolves defaults and
+/// checks the result.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+pub struct Settings {
+    /// Kernel: a bzImage or an uncompressed ELF vmlinux with a PVH note (detected from the file).
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line, passed verbatim [default: console=ttyS0].
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
-    pub memory: Option<Size>,
-    pub serial: Option<SerialConfig>,
-    pub disks: Option<Vec<DiskConfig>>,
-    pub nets: Option<Vec<NetConfig>>,
-    pub fs: Option<Vec<FsConfig>>,
+    /// Guest memory: 512M, 2G; a bare number is MiB [default: 512M]. `,shared=on` maps it
+    /// shared (from a memfd), as vhost-user back ends need; on by itself with --fs.
+    #[arg(long, value_name = "SIZE[,shared=on]")]
+    pub memory: Option<MemoryArg>,
+    /// In JSON, the same as `memory`'s `shared=on`.
+    #[arg(skip)]
     pub shared_memory: Option<bool>,
+    /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
+    #[arg(long, value_name = "WHERE")]
+    pub serial: Option<SerialConfig>,
+    /// A virtio-blk disk, path=PATH[,readonly=on][,serial=STR][,direct=on]; repeatable: the
+    /// first is the guest's /dev/vda, the next /dev/vdb, ...
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Option<Vec<DiskConfig>>,
+    /// A virtio-net interface on an existing TAP, tap=NAME[,mac=MAC], or on an inherited
+    /// TAP/macvtap fd, fd=N[,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is
+    /// 02: and five bytes of a hash of the interface's name (stable across starts).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Option<Vec<NetConfig>>,
+    /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
+    /// back end (the Nix store); tag=TAG,socket=PATH uses the vhost-user back end (virtiofsd)
+    /// listening on PATH. Both take [,queue_size=N][,queues=N]. The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub fs: Option<Vec<FsConfig>>,
+    /// The virtio-rng entropy device: on or off [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
     pub rng: Option<bool>,
+    /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
+    #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
+    /// before nixvm stops it [default: 30].
+    #[arg(long, value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
+    /// What a guest reboot does: exit (status 3, for a supervisor to start nixvm again) or
+    /// restart (boot the VM again in place: fresh memory, devices reset) [default: exit].
+    #[arg(long, value_name = "exit|restart", value_enum)]
     pub on_reboot: Option<OnReboot>,
 }
 
-impl ConfigFile {
+fn parse_switch_arg(v: &str) -> std::result::Result<bool, String> {
+    parse_switch(v).ok_or_else(|| format!("{v:?} is neither on nor off"))
+}
+
+impl Settings {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
             path: path.to_owned(),
@@ -524,24 +626,20 @@ impl ConfigFile {
         })
     }
 
-    /// `self` overridden by whatever `over` sets.
-    pub fn merge(self, over: ConfigFile) -> ConfigFile {
-        ConfigFile {
-            kernel: over.kernel.or(self.kernel),
-            initrd: over.initrd.or(self.initrd),
-            cmdline: over.cmdline.or(self.cmdline),
-            cpus: over.cpus.or(self.cpus),
-            memory: over.memory.or(self.memory),
-            serial: over.serial.or(self.serial),
-            disks: over.disks.or(self.disks),
-            nets: over.nets.or(self.nets),
-            fs: over.fs.or(self.fs),
-            shared_memory: over.shared_memory.or(self.shared_memory),
-            api_socket: over.api_socket.or(self.api_socket),
-            shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
-            on_reboot: over.on_reboot.or(self.on_reboot),
-            rng: over.rng.or(self.rng),
+    /// `self` overridden by whatever `over` sets, field by field (through their JSON form,
+    /// so that no list of fields is kept here).
+    pub fn merge(self, over: Settings) -> Settings {
+        let (Ok(serde_json::Value::Object(mut base)), Ok(serde_json::Value::Object(over))) =
+            (serde_json::to_value(self), serde_json::to_value(over))
+        else {
+            unreachable!("settings serialize as objects");
+        };
+        for (k, v) in over {
+            if !v.is_null() {
+                base.insert(k, v);
+            }
         }
+        serde_json::from_value(serde_json::Value::Object(base)).expect("merged settings parse")
     }
 }
 
@@ -572,7 +670,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// Resolves defaults and checks everything that can be checked before the VM starts:
     /// files exist and are readable, the kernel format, sizes. `host_memory` is RAM plus swap.
-    pub fn validate(file: ConfigFile, host_memory: u64) -> Result<VmConfig> {
+    pub fn validate(file: Settings, host_memory: u64) -> Result<VmConfig> {
         let cpus = file.cpus.unwrap_or(DEFAULT_CPUS);
         if cpus == 0 {
             return Err(Error::NoCpus);
@@ -580,7 +678,7 @@ impl VmConfig {
         if cpus > MAX_CPUS {
             return Err(Error::TooManyCpus(cpus));
         }
-        let memory = file.memory.unwrap_or(DEFAULT_MEMORY);
+        let memory = file.memory.map_or(DEFAULT_MEMORY, |m| m.size);
         if memory.0 < MIN_MEMORY {
             return Err(Error::MemoryTooSmall(memory));
         }
@@ -647,14 +745,16 @@ impl VmConfig {
             if f.tag.is_empty() || f.tag.len() > nixvm_devices::virtio::fs::TAG_MAX {
                 return Err(Error::FsTag(f.tag.clone()));
             }
-            if !f.queue_size.is_power_of_two() || !(16..=32768).contains(&f.queue_size) {
+            if !f.queue_size.is_power_of_two()
+                || !(FS_QUEUE_SIZE_MIN..=FS_QUEUE_SIZE_MAX).contains(&f.queue_size)
+            {
                 return Err(Error::FsQueueSize(f.queue_size));
             }
             if fs[..i].iter().any(|g| g.tag == f.tag) {
                 return Err(Error::FsDuplicateTag(f.tag.clone()));
             }
             if f.queues
-                .is_some_and(|q| !(1..=nixvm_devices::virtio::fs::MAX_REQUEST_QUEUES).contains(&q))
+                .is_some_and(|q| !(1..=MAX_REQUEST_QUEUES).contains(&q))
             {
                 return Err(Error::FsQueues(f.queues.unwrap_or(0)));
             }
@@ -671,10 +771,11 @@ impl VmConfig {
                 _ => return Err(Error::FsSource(f.tag.clone())),
             }
         }
-        let shared_memory = file.shared_memory.unwrap_or(false) || !fs.is_empty();
+        let shared = file.memory.and_then(|m| m.shared).or(file.shared_memory);
+        let shared_memory = shared.unwrap_or(false) || !fs.is_empty();
         let rng = file.rng.unwrap_or(true);
         let devices = disks.len() + nets.len() + fs.len() + usize::from(rng);
-        if devices > nixvm_boot::layout::DEVICE_GSIS.len() {
+        if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
         Ok(VmConfig {
@@ -700,7 +801,7 @@ impl VmConfig {
 /// A disk image exists, opens with the access it needs, and holds whole sectors. Its lock is
 /// taken when the VM starts (another VM may still be running on it now).
 fn check_disk(d: &DiskConfig) -> Result<()> {
-    if d.serial.as_ref().is_some_and(|s| s.len() > 20) {
+    if d.serial.as_ref().is_some_and(|s| s.len() > SERIAL_MAX) {
         return Err(Error::DiskSerial(d.serial.clone().unwrap_or_default()));
     }
     block::open_image(&d.options())?;
@@ -720,7 +821,7 @@ fn parent_dir_exists(p: &Path) -> bool {
 fn check_net(n: &NetConfig) -> Result<()> {
     match (&n.tap, n.fd) {
         (Some(t), None) => {
-            if t.is_empty() || t.len() >= libc::IFNAMSIZ || t.contains(['/', '\0']) {
+            if t.is_empty() || t.len() > IFNAME_MAX || t.contains(['/', '\0']) {
                 return Err(Error::TapName(t.clone()));
             }
         }
@@ -824,6 +925,9 @@ mod tests {
         );
         let f: FsConfig = "tag=store,path=/nix/store,readonly=on".parse().unwrap();
         assert_eq!((f.request_queues(1), f.request_queues(2)), (1, 2));
+        // Switches read the same in every option (key_values + parse_switch).
+        let yes: FsConfig = "tag=store,path=/nix/store,readonly=yes".parse().unwrap();
+        assert_eq!(yes, f);
         assert_eq!(f.request_queues(64), 4);
         for bad in [
             "",
@@ -831,7 +935,8 @@ mod tests {
             "tag=,socket=s",
             "tag=t,socket=s,queue_size=x",
             "tag=t,socket=s,cache=auto",
-            "tag=t,path=/d,readonly=yes",
+            "tag=t,path=/d,readonly=maybe",
+            "tag=t,socket=s,tag=u",
             "tag=t,path=",
             "tag=t,socket=s,queues=-1",
         ] {
@@ -948,36 +1053,61 @@ mod tests {
     }
 
     #[test]
+    fn key_values_is_the_one_option_parser() {
+        assert_eq!(
+            key_values("a=1,b=,c=x=y"),
+            Some(vec![("a", "1"), ("b", ""), ("c", "x=y")])
+        );
+        for bad in ["", "a", "a=1,", "=1", "a=1,a=2"] {
+            assert_eq!(key_values(bad), None, "{bad:?}");
+        }
+        assert!("path=/a,path=/b".parse::<DiskConfig>().is_err());
+        assert!(
+            "tap=a,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"
+                .parse::<NetConfig>()
+                .is_err()
+        );
+        assert!("1G,shared=on,shared=off".parse::<MemoryArg>().is_err());
+    }
+
+    #[test]
     fn config_file_parses_and_rejects_unknown_fields() {
-        let f: ConfigFile = serde_json::from_str(
+        let f: Settings = serde_json::from_str(
             r#"{"kernel":"/k","memory":"1G","cpus":2,"serial":"socket=/s","cmdline":"a b"}"#,
         )
         .unwrap();
-        assert_eq!(f.memory, Some(Size(1 << 30)));
+        assert_eq!(f.memory.map(|m| m.size), Some(Size(1 << 30)));
         assert_eq!(f.serial, Some(SerialConfig::Socket("/s".into())));
-        let f: ConfigFile = serde_json::from_str(r#"{"memory":384}"#).unwrap();
-        assert_eq!(f.memory, Some(Size(384 << 20)));
-        assert!(serde_json::from_str::<ConfigFile>(r#"{"kernal":"/k"}"#).is_err());
-        assert!(serde_json::from_str::<ConfigFile>(r#"{"memory":"lots"}"#).is_err());
-        assert!(serde_json::from_str::<ConfigFile>(r#"{"serial":"tcp"}"#).is_err());
+        let f: Settings = serde_json::from_str(r#"{"memory":384}"#).unwrap();
+        assert_eq!(f.memory.map(|m| m.size), Some(Size(384 << 20)));
+        assert!(serde_json::from_str::<Settings>(r#"{"kernal":"/k"}"#).is_err());
+        assert!(serde_json::from_str::<Settings>(r#"{"memory":"lots"}"#).is_err());
+        assert!(serde_json::from_str::<Settings>(r#"{"serial":"tcp"}"#).is_err());
     }
 
     #[test]
     fn flags_override_the_file() {
-        let file = ConfigFile {
+        let file = Settings {
             kernel: Some("/a".into()),
             cpus: Some(2),
             ..Default::default()
         };
-        let flags = ConfigFile {
+        let flags = Settings {
             cpus: Some(4),
-            memory: Some(Size(1 << 30)),
+            memory: Some("1G,shared=on".parse().unwrap()),
             ..Default::default()
         };
         let m = file.merge(flags);
         assert_eq!(
             (m.kernel, m.cpus, m.memory),
-            (Some("/a".into()), Some(4), Some(Size(1 << 30)))
+            (
+                Some("/a".into()),
+                Some(4),
+                Some(MemoryArg {
+                    size: Size(1 << 30),
+                    shared: Some(true)
+                })
+            )
         );
     }
 
@@ -995,7 +1125,7 @@ mod tests {
     #[test]
     fn validation() {
         let k = fake_bzimage();
-        let base = || ConfigFile {
+        let base = || Settings {
             kernel: Some(k.clone()),
             ..Default::default()
         };
@@ -1005,7 +1135,7 @@ mod tests {
             (1, DEFAULT_MEMORY, SerialConfig::Stdio, "bzImage")
         );
         assert_eq!(v.cmdline, DEFAULT_CMDLINE);
-        let with = |f: fn(&mut ConfigFile)| {
+        let with = |f: fn(&mut Settings)| {
             let mut c = base();
             f(&mut c);
             VmConfig::validate(c, 1 << 40)
@@ -1078,11 +1208,11 @@ mod tests {
             Err(Error::TooManyCpus(255))
         ));
         assert!(matches!(
-            with(|c| c.memory = Some(Size(63 << 20))),
+            with(|c| c.memory = Some(Size(63 << 20).into())),
             Err(Error::MemoryTooSmall(_))
         ));
         assert!(matches!(
-            with(|c| c.memory = Some(Size(2 << 40))),
+            with(|c| c.memory = Some(Size(2 << 40).into())),
             Err(Error::MemoryTooLarge { .. })
         ));
         assert!(matches!(with(|c| c.kernel = None), Err(Error::NoKernel)));
@@ -1111,7 +1241,7 @@ mod tests {
         File::create(&big).unwrap().set_len(100 << 20).unwrap();
         let mut c = base();
         c.initrd = Some(big.clone());
-        c.memory = Some(Size(64 << 20));
+        c.memory = Some(Size(64 << 20).into());
         assert!(matches!(
             VmConfig::validate(c, 1 << 40),
             Err(Error::InitrdTooLarge { .. })

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use config::{ConfigFile, DiskConfig, FsConfig, MemoryArg, NetConfig, SerialConfig, VmConfig};
+use config::{SerialConfig, Settings, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
@@ -40,54 +40,8 @@ use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Kernel: a bzImage or an uncompressed ELF vmlinux with a PVH note (detected from the file).
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Kernel command line, passed verbatim [default: console=ttyS0].
-    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
-    cmdline: Option<String>,
-    /// Number of vCPUs [default: 1].
-    #[arg(long, value_name = "N")]
-    cpus: Option<u32>,
-    /// Guest memory: 512M, 2G; a bare number is MiB [default: 512M]. `,shared=on` maps it
-    /// shared (from a memfd), as vhost-user back ends need; on by itself with --fs.
-    #[arg(long, value_name = "SIZE[,shared=on]")]
-    memory: Option<MemoryArg>,
-    /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
-    #[arg(long, value_name = "WHERE")]
-    serial: Option<SerialConfig>,
-    /// A virtio-blk disk, path=PATH[,readonly=on][,serial=STR][,direct=on]; repeatable: the
-    /// first is the guest's /dev/vda, the next /dev/vdb, ...
-    #[arg(long, value_name = "SPEC")]
-    disk: Vec<DiskConfig>,
-    /// A virtio-net interface on an existing TAP, tap=NAME[,mac=MAC], or on an inherited
-    /// TAP/macvtap fd, fd=N[,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is
-    /// 02: and five bytes of a hash of the interface's name (stable across starts).
-    #[arg(long, value_name = "SPEC")]
-    net: Vec<NetConfig>,
-    /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
-    /// back end (the Nix store); tag=TAG,socket=PATH uses the vhost-user back end (virtiofsd)
-    /// listening on PATH. Both take [,queue_size=N][,queues=N]. The guest mounts it with
-    /// `mount -t virtiofs TAG DIR`. Repeatable.
-    #[arg(long, value_name = "SPEC")]
-    fs: Vec<FsConfig>,
-    /// The virtio-rng entropy device: on or off [default: on].
-    #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
-    rng: Option<bool>,
-    /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
-    /// What a guest reboot does: exit (status 3, for a supervisor to start nixvm again) or
-    /// restart (boot the VM again in place: fresh memory, devices reset) [default: exit].
-    #[arg(long, value_name = "exit|restart", value_enum)]
-    on_reboot: Option<config::OnReboot>,
-    /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
-    /// before nixvm stops it [default: 30].
-    #[arg(long, value_name = "SECS")]
-    shutdown_timeout: Option<u64>,
+    #[command(flatten)]
+    settings: Settings,
     /// Settings as JSON (same names as these flags); flags override it.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
@@ -183,10 +137,6 @@ fn ctl(socket: &std::path::Path, cmd: &CtlCmd) -> u8 {
     }
 }
 
-fn parse_switch_arg(v: &str) -> Result<bool, String> {
-    config::parse_switch(v).ok_or_else(|| format!("{v:?} is neither on nor off"))
-}
-
 #[derive(Debug, thiserror::Error)]
 enum Error {
     #[error(transparent)]
@@ -238,27 +188,11 @@ fn init_logger() {
 
 fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
     let file = match &cli.config {
-        Some(path) => ConfigFile::load(path)?,
-        None => ConfigFile::default(),
-    };
-    let flags = ConfigFile {
-        kernel: cli.kernel.clone(),
-        initrd: cli.initrd.clone(),
-        cmdline: cli.cmdline.clone(),
-        cpus: cli.cpus,
-        memory: cli.memory.map(|m| m.size),
-        shared_memory: cli.memory.and_then(|m| m.shared),
-        serial: cli.serial.clone(),
-        disks: (!cli.disk.is_empty()).then(|| cli.disk.clone()),
-        nets: (!cli.net.is_empty()).then(|| cli.net.clone()),
-        fs: (!cli.fs.is_empty()).then(|| cli.fs.clone()),
-        rng: cli.rng,
-        api_socket: cli.api_socket.clone(),
-        shutdown_timeout: cli.shutdown_timeout,
-        on_reboot: cli.on_reboot,
+        Some(path) => Settings::load(path)?,
+        None => Settings::default(),
     };
     Ok(VmConfig::validate(
-        file.merge(flags),
+        file.merge(cli.settings.clone()),
         config::host_memory(),
     )?)
 }

@@ -24,6 +24,8 @@ use super::{
 };
 
 pub const SECTOR_SIZE: u64 = 512;
+/// The longest disk serial: the device's id field.
+pub const SERIAL_MAX: usize = VIRTIO_BLK_ID_BYTES as usize;
 const QUEUE_SIZE: u16 = 256;
 /// Largest data segment and number of segments the guest may put in one request.
 const SIZE_MAX: u32 = 1 << 20;
@@ -99,7 +101,7 @@ pub struct Disk {
     readonly: bool,
     direct: bool,
     sectors: u64,
-    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    id: [u8; SERIAL_MAX],
 }
 
 impl Disk {
