@@ -1,0 +1,226 @@
+//! Which tests run in which boot (the schedule), the basic boots, and the Nix runner.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{console::*, disks::*, fs::*, harness::*, lifecycle::*, net::*, storefs::*};
+
+pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
+    // One boot, several checks: a bzImage with 2 vCPUs, 384M and a NixOS command line.
+    let bz_names = [
+        "boot_bzimage",
+        "cpus_2_online",
+        "memory_384m",
+        "cmdline_verbatim",
+        "poweroff_exits_0",
+    ];
+    if bz_names.iter().any(|n| t.wants(n)) {
+        let cl = cmdline("poweroff");
+        let mut args = g.args(&g.vmlinuz, &cl);
+        args.extend(["--cpus", "2", "--memory", "384M"]);
+        let r = boot(&args);
+        t.run("boot_bzimage", || expect_markers(&r, &["init"]));
+        t.run("cpus_2_online", || {
+            check!(
+                r.marker("cpus") == Some("2"),
+                "guest saw cpus={:?}\n{}",
+                r.marker("cpus"),
+                r.describe()
+            );
+            Ok(())
+        });
+        t.run("memory_384m", || {
+            let kb: u64 = r
+                .marker("memtotal_kb")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| r.describe())?;
+            // MemTotal is RAM less what the kernel keeps for itself.
+            check!(
+                (300_000..=393_216).contains(&kb),
+                "MemTotal {kb} kB for --memory 384M"
+            );
+            Ok(())
+        });
+        t.run("cmdline_verbatim", || {
+            check!(
+                r.marker("cmdline") == Some(cl.as_str()),
+                "guest saw {:?}, we passed {cl:?}",
+                r.marker("cmdline")
+            );
+            Ok(())
+        });
+        t.run("poweroff_exits_0", || {
+            expect_markers(&r, &["poweroff"])?;
+            check!(r.code() == Some(0), "poweroff: {}", r.describe());
+            Ok(())
+        });
+    }
+
+    // ELF vmlinux through its PVH entry, 4 vCPUs, reboot, console into a file.
+    let pvh_names = [
+        "boot_elf_pvh",
+        "cpus_4_online",
+        "reboot_exits_3",
+        "serial_file",
+    ];
+    if pvh_names.iter().any(|n| t.wants(n)) {
+        let log = temp_dir().join("console.log");
+        let serial = format!("file={}", log.display());
+        let cl = cmdline("reboot");
+        let mut args = g.args(&g.vmlinux, &cl);
+        args.extend(["--cpus", "4", "--serial", &serial]);
+        let r = boot(&args);
+        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        let r = Run {
+            stdout: console,
+            ..r
+        };
+        t.run("boot_elf_pvh", || expect_markers(&r, &["init"]));
+        t.run("serial_file", || expect_markers(&r, &["init", "reboot"]));
+        t.run("cpus_4_online", || {
+            check!(
+                r.marker("cpus") == Some("4"),
+                "guest saw cpus={:?}\n{}",
+                r.marker("cpus"),
+                r.describe()
+            );
+            Ok(())
+        });
+        t.run("reboot_exits_3", || {
+            check!(r.code() == Some(3), "reboot: {}", r.describe());
+            Ok(())
+        });
+    }
+
+    // A kernel panic with panic=-1 reboots; settings from a JSON config file.
+    t.run("panic_reboots_exits_3_config_file", || {
+        let cfg = temp_dir().join("panic.json");
+        let json = serde_json::json!({
+            "kernel": g.vmlinuz, "initrd": g.initrd, "cmdline": cmdline("panic"), "memory": 256
+        });
+        std::fs::write(&cfg, json.to_string()).unwrap();
+        let r = boot(&["--config", cfg.to_str().unwrap()]);
+        expect_markers(&r, &["init", "panic"])?;
+        check!(
+            r.stdout.contains("Kernel panic"),
+            "no panic seen\n{}",
+            r.describe()
+        );
+        check!(r.code() == Some(3), "panic=-1: {}", r.describe());
+        Ok(())
+    });
+
+    t.run_retry("serial_socket_attach", || serial_socket(g));
+
+    // Every way a guest reboots ends nixvm with status 3: the i8042 reset line, the ACPI
+    // reset register, a triple fault (Linux's default path ends at the BIOS reset vector).
+    for (method, cause) in [
+        ("k", "the guest pulsed the reset line"),
+        ("a", "the guest wrote the reset register"),
+        ("t", "triple fault"),
+    ] {
+        t.run(&format!("reboot_method_{method}_exits_3"), || {
+            let cl = format!("{} reboot={method}", cmdline("reboot"));
+            let r = boot_env(&g.args(&g.vmlinuz, &cl), &[("NIXVM_LOG", "info")]);
+            expect_markers(&r, &["reboot"])?;
+            check!(r.code() == Some(3), "reboot={method}: {}", r.describe());
+            check!(
+                r.stderr.contains(cause),
+                "reboot={method} did not reset by {cause:?}: {}",
+                r.stderr
+            );
+            Ok(())
+        });
+    }
+
+    t.run_retry("stdio_terminal_raw_input_and_restored", || {
+        stdio_terminal(g)
+    });
+
+    let blk_names = [
+        "blk_sha256_matches_host",
+        "blk_order_and_serials",
+        "blk_readonly_refuses_writes",
+        "blk_flushed_write_survives_kill_9",
+        "blk_second_vm_on_locked_image_fails",
+        "blk_driver_reload",
+        "blk_parallel_requests",
+        "rng_hwrng_gives_bytes",
+    ];
+    group(t, &blk_names, "the disks boot", || disks_boot(g));
+    lifecycle_tests(t, g);
+    nix_runner_test(t);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        for name in NET_NAMES {
+            t.skip(name, "creating a network namespace and TAPs needs root");
+        }
+    } else {
+        group(t, &NET_NAMES, "the network boot", || net_boot(g));
+    }
+    group(t, &STOREFS_NAMES, "the storefs boot", || storefs_boot(g));
+    match virtiofsd() {
+        Some(bin) => group(t, &FS_NAMES, "the virtio-fs boot", || fs_boot(g, &bin)),
+        None => {
+            for name in FS_NAMES {
+                t.skip(name, "no virtiofsd (cargo install virtiofsd --locked)");
+            }
+        }
+    }
+
+    t.run_retry("sigterm_ignored_button_stops_after_timeout_143", || {
+        // The guest waits for a console line that never comes and ignores the power button.
+        let (mut child, sock) = socket_guest(g, "term", &["--shutdown-timeout", "2"])?;
+        let ready = connect_console(&sock)
+            .and_then(|mut c| read_until(&mut c, "NIXVM-TEST: ready", BOOT_TIMEOUT).map(drop));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        ready?;
+        check!(
+            status.and_then(|s| s.code()) == Some(143),
+            "after SIGTERM: {status:?}"
+        );
+        check!(!sock.exists(), "socket file left behind");
+        Ok(())
+    });
+}
+
+/// The runner script that nix/lib/runner.nix generates boots a fake NixOS toplevel made of
+/// the test guest (resources/nix-runner-boot.sh checks exit 0, the poweroff marker and the
+/// NixOS command line).
+pub(crate) fn nix_runner_test(t: &mut Runner) {
+    const NAME: &str = "nix_runner_boots_fake_toplevel";
+    if !t.wants(NAME) {
+        return;
+    }
+    let once = || -> Result<Option<String>, String> {
+        let dir = temp_dir().join("nix-runner-boot");
+        let log = temp_dir().join("nix-runner-boot.log");
+        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(root().join("resources/nix-runner-boot.sh"))
+            .arg(&dir)
+            .env("NIXVM", NIXVM)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("resources/nix-runner-boot.sh: {e}"))?;
+        let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        match status.and_then(|s| s.code()) {
+            Some(0) => Ok(None),
+            Some(77) => Ok(Some(tail)),
+            None => Err(format!("no exit within the timeout {STALLED}:\n{tail}")),
+            Some(c) => Err(format!("exit {c}:\n{tail}")),
+        }
+    };
+    let stalled = |r: &Result<_, String>| r.as_ref().is_err_and(|e| e.contains(STALLED));
+    match retry_stalled(NAME, once, stalled) {
+        Ok(Some(why)) => t.skip(NAME, why.trim()),
+        r => t.run(NAME, || r.map(drop)),
+    }
+}

@@ -1,0 +1,172 @@
+//! The serial console: a terminal on stdio, and a socket to attach to.
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Opens a pseudo-terminal; returns (master, slave) as files.
+pub(crate) fn open_pty() -> Result<(std::fs::File, std::fs::File), String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc pty calls; every returned descriptor is checked, ptsname's buffer is
+    // copied before the next call.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        if master < 0 || libc::grantpt(master) != 0 || libc::unlockpt(master) != 0 {
+            return Err(format!("no pty: {}", std::io::Error::last_os_error()));
+        }
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
+        let slave = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        if slave < 0 {
+            return Err(format!(
+                "cannot open {name:?}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok((
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        ))
+    }
+}
+
+pub(crate) fn lflag(f: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcgetattr writes into a zeroed termios we own.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(f.as_raw_fd(), &mut t);
+        t.c_lflag
+    }
+}
+
+/// `--serial stdio` on a terminal: raw while the VM runs (keys reach the guest unedited),
+/// the terminal's own settings back when nixvm exits.
+pub(crate) fn stdio_terminal(g: &Guest) -> TestResult {
+    let (mut master, slave) = open_pty()?;
+    let cooked = lflag(&slave);
+    check!(
+        cooked & libc::ICANON != 0,
+        "a new pty starts in canonical mode"
+    );
+    let cl = cmdline("echo");
+    let tty = slave.try_clone().map_err(|e| e.to_string())?;
+    let mut vm = Streaming::spawn_with_stdin(&g.args(&g.vmlinuz, &cl), tty.into())?;
+    let result = (|| {
+        vm.wait_for("NIXVM-TEST: ready")?;
+        let raw = lflag(&slave);
+        check!(
+            raw & (libc::ICANON | libc::ECHO | libc::ISIG) == 0,
+            "not raw while running: {raw:#o}"
+        );
+        master
+            .write_all(b"typed-on-a-tty\r")
+            .map_err(|e| e.to_string())?;
+        vm.wait_for("NIXVM-TEST: got=typed-on-a-tty")?;
+        Ok(())
+    })();
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+    result?;
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm ended with {status:?}"
+    );
+    check!(
+        lflag(&slave) == cooked,
+        "terminal not restored: {:#o} != {cooked:#o}",
+        lflag(&slave)
+    );
+    Ok(())
+}
+
+/// Starts nixvm on the test guest waiting for a console line (`nixvm.action=echo`), its
+/// console on a socket named after `name`; stderr is piped.
+pub(crate) fn socket_guest(
+    g: &Guest,
+    name: &str,
+    extra: &[&str],
+) -> Result<(std::process::Child, PathBuf), String> {
+    let sock = temp_dir().join(format!("{name}.sock"));
+    let serial = format!("socket={}", sock.display());
+    let cl = cmdline("echo");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend(["--serial", &serial]);
+    args.extend(extra);
+    let child = Command::new(NIXVM)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    Ok((child, sock))
+}
+
+/// Connects to a console socket, waiting up to 30 s for nixvm to create it.
+pub(crate) fn connect_console(sock: &Path) -> Result<BufReader<UnixStream>, String> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => {
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .map_err(|e| e.to_string())?;
+                return Ok(BufReader::new(s));
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                return Err(format!("connect: {e}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// `--serial socket=`: a first client sees the guest come up and leaves; a second client gets
+/// the kept output replayed, types a line, and the guest echoes it.
+pub(crate) fn serial_socket(g: &Guest) -> TestResult {
+    let (mut child, sock) = socket_guest(g, "console", &[])?;
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut err_pipe = child.stderr.take().unwrap();
+    let err_copy = stderr.clone();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        *err_copy.lock().unwrap() = s;
+    });
+    let result = (|| {
+        let mut first = connect_console(&sock)?;
+        read_until(&mut first, "NIXVM-TEST: ready", BOOT_TIMEOUT)?;
+        drop(first);
+        std::thread::sleep(Duration::from_millis(200));
+        let mut second = connect_console(&sock)?;
+        // Replayed from the ring: the guest printed these before this client attached.
+        let replay = read_until(&mut second, "NIXVM-TEST: ready", Duration::from_secs(30))?;
+        check!(
+            replay.contains("NIXVM-TEST: init"),
+            "no replay of earlier output:\n{replay}"
+        );
+        second
+            .get_mut()
+            .write_all(b"hello-nixvm\n")
+            .map_err(|e| e.to_string())?;
+        read_until(
+            &mut second,
+            "NIXVM-TEST: got=hello-nixvm",
+            Duration::from_secs(60),
+        )?;
+        Ok(())
+    })();
+    let status = wait_timeout(&mut child, BOOT_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(100));
+    result.map_err(|e| format!("{e}\nnixvm stderr: {}", stderr.lock().unwrap()))?;
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm ended with {status:?}"
+    );
+    check!(!sock.exists(), "socket file left behind");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- driver

@@ -1,0 +1,124 @@
+//! virtio-blk and virtio-rng.
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// One boot with three disks (data, read-only, scratch) plus the script disk and virtio-rng;
+/// returns the result of each check, in the order of `blk_names`.
+pub(crate) fn disks_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+    let data = disk_image("data.img", 8 << 20, |i| {
+        u8::try_from((i * 7 + i / 4096) % 251).unwrap()
+    });
+    let ro = disk_image("ro.img", 1 << 20, |_| 0x5a);
+    let scratch = disk_image("scratch.img", 4 << 20, |_| 0);
+    let script = script_disk(
+        "script.img",
+        r#"
+for d in vda vdb vdc; do
+  echo "NIXVM-TEST: disk_$d=size:$(cat /sys/block/$d/size),ro:$(cat /sys/block/$d/ro),serial:$(cat /sys/block/$d/serial)"
+done
+echo "NIXVM-TEST: sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
+if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then r=accepted; else r=refused; fi
+echo "NIXVM-TEST: ro_write=$r"
+echo "NIXVM-TEST: hwrng=$(head -c 4096 /dev/hwrng | wc -c),$(cat /sys/class/misc/hw_random/rng_current)"
+for i in 0 1 2 3; do
+  dd if=/dev/vda of=/tmp/part$i bs=4096 skip=$((i * 512)) count=512 iflag=direct 2>/dev/null &
+done
+wait
+echo "NIXVM-TEST: parallel_sha256_vda=$(cat /tmp/part0 /tmp/part1 /tmp/part2 /tmp/part3 | sha256sum | cut -d' ' -f1)"
+for i in 0 1 2 3; do
+  dd if=/tmp/part$i of=/dev/vdc bs=4096 seek=$((256 + i * 128)) count=128 oflag=direct 2>/dev/null &
+done
+wait
+rm /tmp/part*
+rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && sleep 1
+echo "NIXVM-TEST: reload_sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
+printf 'flushed-by-nixvm-guest' | dd of=/dev/vdc bs=512 seek=10 conv=sync,fsync 2>/dev/null
+echo "NIXVM-TEST: wrote"
+sleep 1000
+"#,
+    );
+    let disk = |p: &Path, extra: &str| format!("path={}{extra}", p.display());
+    let (d1, d2, d3, d4) = (
+        disk(&data, ",serial=first-disk"),
+        disk(&ro, ",readonly=on,serial=second-disk"),
+        disk(&scratch, ""),
+        disk(&script, ",readonly=on"),
+    );
+    let cl = cmdline("script");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend([
+        "--cpus", "2", "--disk", &d1, "--disk", &d2, "--disk", &d3, "--disk", &d4,
+    ]);
+    let mut vm = Streaming::spawn(&args)?;
+    vm.wait_for("NIXVM-TEST: wrote")?;
+
+    // While it runs: a second VM on the scratch image must not start.
+    let k = g.vmlinuz.as_str();
+    let second = nixvm(
+        &["--kernel", k, "--disk", &d3, "--serial", "off"],
+        &[],
+        Duration::from_secs(60),
+    );
+    // kill -9 right after the guest's fsync: the bytes must already be in the file.
+    wait_timeout(&mut vm.child, Duration::ZERO);
+    let on_host = std::fs::read(&scratch).map_err(|e| e.to_string())?;
+
+    let host_sha = sha256_hex(&data);
+    // The guest's marker `key` has exactly the value `want`.
+    let is = |key: &str, want: &str| vm.expect(key, want);
+    let sha = is("sha256_vda", &host_sha);
+    let order = is("disk_vda", "size:16384,ro:0,serial:first-disk")
+        .and(is("disk_vdb", "size:2048,ro:1,serial:second-disk"))
+        .and(is("disk_vdc", "size:8192,ro:0,serial:"));
+    let readonly = is("ro_write", "refused").and_then(|()| {
+        check!(
+            std::fs::read(&ro).unwrap().iter().all(|&b| b == 0x5a),
+            "read-only image changed"
+        );
+        Ok(())
+    });
+    let flushed = || -> TestResult {
+        let want = b"flushed-by-nixvm-guest";
+        check!(
+            &on_host[5120..5120 + want.len()] == want,
+            "the flushed write is not in the image after kill -9"
+        );
+        Ok(())
+    };
+    let locked = || -> TestResult {
+        check!(second.code() == Some(2), "second VM: {}", second.describe());
+        check!(
+            second.stderr.contains("in use by another process"),
+            "unclear: {}",
+            second.stderr
+        );
+        Ok(())
+    };
+    let reload = is("reload_sha256_vda", &host_sha);
+    // Four readers, then four writers at once: each 512 KiB the writers put at 1 MiB + i *
+    // 512 KiB of the scratch disk is the start of reader i's 2 MiB of the data disk.
+    let parallel = is("parallel_sha256_vda", &host_sha).and_then(|()| {
+        let src = std::fs::read(&data).map_err(|e| e.to_string())?;
+        for i in 0..4 {
+            let (to, from) = ((1 << 20) + i * (512 << 10), i * (2 << 20));
+            check!(
+                on_host[to..to + (512 << 10)] == src[from..from + (512 << 10)],
+                "parallel write {i} is not in the scratch image"
+            );
+        }
+        Ok(())
+    });
+    let rng = is("hwrng", "4096,virtio_rng.0");
+    Ok(vec![
+        sha,
+        order,
+        readonly,
+        flushed(),
+        locked(),
+        reload,
+        parallel,
+        rng,
+    ])
+}

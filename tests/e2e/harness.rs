@@ -1,0 +1,526 @@
+//! The harness: running nixvm, reading its console, the test runner and its helpers.
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub(crate) const NIXVM: &str = env!("CARGO_BIN_EXE_nixvm");
+pub(crate) const INSIDE: &str = "NIXVM_E2E_INSIDE";
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+/// Marks a failure where nothing happened before a timeout. The L1 route (nested KVM under
+/// TCG) now and then freezes a guest, whichever VMM runs it: such a test runs once more.
+pub(crate) const STALLED: &str = "(stalled: no progress before the timeout)";
+/// A NixOS-style command line; it must reach /proc/cmdline byte for byte.
+pub(crate) const NIXOS_ARGS: &str = "init=/nix/store/3m6ai0zm3rg7a2z1s2ad1xfzdc0wz6kn-nixos-system-x-24.11/init regInfo=/nix/store/ijgclfphrd1vzk6qvbwzy0mbcgqnfzgf-closure-info/registration";
+
+pub(crate) fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+pub(crate) fn assets() -> PathBuf {
+    root().join("target/e2e-assets")
+}
+
+pub(crate) fn temp_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nixvm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+pub(crate) type TestResult = Result<(), String>;
+
+/// Runs tests, prints `test NAME ... ok|FAILED|skipped`, and counts.
+#[derive(Default)]
+pub(crate) struct Runner {
+    pub(crate) filter: Option<String>,
+    pub(crate) passed: usize,
+    pub(crate) failed: Vec<String>,
+    pub(crate) skipped: usize,
+}
+
+impl Runner {
+    pub(crate) fn wants(&self, name: &str) -> bool {
+        // A filter is one or more comma-separated parts of test names.
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.split(',').any(|p| name.contains(p)))
+    }
+
+    pub(crate) fn record(&mut self, name: &str, result: TestResult) {
+        match result {
+            Ok(()) => {
+                println!("test {name} ... ok");
+                self.passed += 1;
+            }
+            Err(why) => {
+                println!(
+                    "test {name} ... FAILED\n    {}",
+                    why.replace('\n', "\n    ")
+                );
+                self.failed.push(name.to_owned());
+            }
+        }
+    }
+
+    pub(crate) fn run(&mut self, name: &str, f: impl FnOnce() -> TestResult) {
+        if self.wants(name) {
+            let r = f();
+            self.record(name, r);
+        }
+    }
+
+    /// Like `run`, but a test that stalled runs once more (and says so).
+    pub(crate) fn run_retry(&mut self, name: &str, mut f: impl FnMut() -> TestResult) {
+        if self.wants(name) {
+            let r = retry_stalled(name, &mut f, |r| {
+                r.as_ref().is_err_and(|e| e.contains(STALLED))
+            });
+            self.record(name, r);
+        }
+    }
+
+    pub(crate) fn skip(&mut self, name: &str, why: &str) {
+        if self.wants(name) {
+            println!("test {name} ... skipped: {why}");
+            self.skipped += 1;
+        }
+    }
+}
+
+/// What a finished nixvm run left behind.
+pub(crate) struct Run {
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Run {
+    pub(crate) fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    pub(crate) fn markers(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("NIXVM-TEST: "))
+            .collect()
+    }
+
+    pub(crate) fn marker(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key}=");
+        self.markers()
+            .into_iter()
+            .find_map(|m| m.strip_prefix(prefix.as_str()))
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let tail = |s: &str| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        format!(
+            "exit {:?}{}\n--- stdout (tail) ---\n{}\n--- stderr (tail) ---\n{}",
+            self.status,
+            if self.status.is_none() { STALLED } else { "" },
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+}
+
+/// Runs nixvm to completion (killing it after `timeout`), stdin from /dev/null.
+pub(crate) fn nixvm(args: &[&str], envs: &[(&str, &str)], timeout: Duration) -> Run {
+    let mut cmd = Command::new(NIXVM);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn nixvm");
+    // Collected as it comes, so that a process that cannot be reaped cannot hang the tests.
+    let collect = |mut r: Box<dyn Read + Send>| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let done = std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = r.read(&mut chunk) {
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, done)
+    };
+    let (out, out_done) = collect(Box::new(child.stdout.take().expect("stdout")));
+    let (err, err_done) = collect(Box::new(child.stderr.take().expect("stderr")));
+    let status = wait_timeout(&mut child, timeout);
+    for done in [out_done, err_done] {
+        let start = Instant::now();
+        while !done.is_finished() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+    Run {
+        status,
+        stdout: text(&out),
+        stderr: text(&err),
+    }
+}
+
+/// Waits for the child, killing it after `timeout`. Never waits forever: a process stuck in
+/// the kernel (seen with nested KVM) is left behind and reported as `None`.
+pub(crate) fn wait_timeout(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<ExitStatus> {
+    let start = Instant::now();
+    let mut killed = false;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return (!killed).then_some(s);
+        }
+        if !killed && start.elapsed() > timeout {
+            let _ = child.kill();
+            killed = true;
+        }
+        if killed && start.elapsed() > timeout + Duration::from_secs(30) {
+            eprintln!(
+                "e2e: nixvm (pid {}) did not die after SIGKILL; leaving it",
+                child.id()
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------- usage errors (host)
+
+/// A usage error: exit status 2 and one line on stderr that names `needle`.
+pub(crate) fn usage_error(args: &[&str], envs: &[(&str, &str)], needle: &str) -> TestResult {
+    let r = nixvm(args, envs, Duration::from_secs(30));
+    check!(
+        r.code() == Some(2),
+        "wanted exit status 2, got {:?}; stderr: {}",
+        r.code(),
+        r.stderr
+    );
+    let first = r.stderr.lines().next().unwrap_or("");
+    check!(
+        first.contains(needle),
+        "stderr does not name {needle:?}: {}",
+        r.stderr
+    );
+    check!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("backtrace"),
+        "not a clean error: {}",
+        r.stderr
+    );
+    Ok(())
+}
+
+/// Like `usage_error`, for nixvm's own errors (not clap's): exactly one line.
+pub(crate) fn one_line_usage_error(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    needle: &str,
+) -> TestResult {
+    usage_error(args, envs, needle)?;
+    let r = nixvm(args, envs, Duration::from_secs(30));
+    check!(
+        r.stderr.trim_end().lines().count() == 1,
+        "more than one line: {}",
+        r.stderr
+    );
+    Ok(())
+}
+
+pub(crate) struct Guest {
+    pub(crate) vmlinuz: String,
+    pub(crate) vmlinux: String,
+    pub(crate) initrd: String,
+}
+
+impl Guest {
+    pub(crate) fn args<'a>(&'a self, kernel: &'a str, cmdline: &'a str) -> Vec<&'a str> {
+        vec![
+            "--kernel",
+            kernel,
+            "--initrd",
+            &self.initrd,
+            "--cmdline",
+            cmdline,
+        ]
+    }
+}
+
+pub(crate) fn cmdline(action: &str) -> String {
+    format!("console=ttyS0 quiet panic=-1 {NIXOS_ARGS} nixvm.action={action}")
+}
+
+pub(crate) fn boot(args: &[&str]) -> Run {
+    boot_env(args, &[])
+}
+
+pub(crate) fn boot_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
+    retry_stalled(
+        "boot",
+        || nixvm(args, envs, BOOT_TIMEOUT),
+        |r| r.status.is_none(),
+    )
+}
+
+/// Runs `f`, and once more if `stalled` says its result is a stall.
+pub(crate) fn retry_stalled<T>(
+    what: &str,
+    mut f: impl FnMut() -> T,
+    stalled: impl Fn(&T) -> bool,
+) -> T {
+    let first = f();
+    if !stalled(&first) {
+        return first;
+    }
+    println!("e2e: {what} stalled (a known freeze of the nested-KVM route); once more");
+    f()
+}
+
+pub(crate) fn expect_markers(r: &Run, want: &[&str]) -> TestResult {
+    let got = r.markers();
+    for w in want {
+        check!(
+            got.iter().any(|g| g.starts_with(w)),
+            "no marker {w:?} on the console\n{}",
+            r.describe()
+        );
+    }
+    Ok(())
+}
+
+/// Runs one boot that checks several things (once more if it stalled) and reports each
+/// check under its name; `boot` returns the checks' results in the order of `names`.
+pub(crate) fn group(
+    t: &mut Runner,
+    names: &[&str],
+    what: &str,
+    boot: impl FnMut() -> Result<Vec<TestResult>, String>,
+) {
+    if !names.iter().any(|n| t.wants(n)) {
+        return;
+    }
+    let stalled = |r: &Result<_, String>| r.as_ref().is_err_and(|e| e.contains(STALLED));
+    let mut boot = boot;
+    let attempt = || {
+        let r = boot();
+        if let Some(e) = r.as_ref().err().filter(|e| e.contains(STALLED)) {
+            // What the guest had printed: tells a freeze of the route from a hang of ours.
+            let lines: Vec<&str> = e.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            println!("e2e: {what} stalled; its console ended with:\n{tail}");
+        }
+        r
+    };
+    match retry_stalled(what, attempt, stalled) {
+        Ok(results) => {
+            for (name, result) in names.iter().zip(results) {
+                t.run(name, || result);
+            }
+        }
+        Err(e) => {
+            for name in names {
+                t.run(name, || Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Reads from the console socket until `want` appears; returns everything read.
+pub(crate) fn read_until(
+    s: &mut BufReader<UnixStream>,
+    want: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < timeout {
+        let mut line = Vec::new();
+        match s.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => {
+                seen.push_str(&String::from_utf8_lossy(&line));
+                if seen.contains(want) {
+                    return Ok(seen);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("console socket: {e}; read so far:\n{seen}")),
+        }
+    }
+    Err(format!(
+        "{want:?} did not appear on the console socket {STALLED}; read:\n{seen}"
+    ))
+}
+
+/// nixvm running with stdout read line by line in the background.
+pub(crate) struct Streaming {
+    pub(crate) child: std::process::Child,
+    pub(crate) lines: std::sync::mpsc::Receiver<String>,
+    pub(crate) seen: String,
+}
+
+impl Streaming {
+    pub(crate) fn spawn(args: &[&str]) -> Result<Streaming, String> {
+        Self::spawn_with_stdin(args, Stdio::null())
+    }
+
+    pub(crate) fn spawn_with_stdin(args: &[&str], stdin: Stdio) -> Result<Streaming, String> {
+        let mut cmd = Command::new(NIXVM);
+        cmd.args(args).stdin(stdin);
+        Self::spawn_command(cmd)
+    }
+
+    pub(crate) fn spawn_command(mut cmd: Command) -> Result<Streaming, String> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Streaming {
+            child,
+            lines,
+            seen: String::new(),
+        })
+    }
+
+    /// Waits for a line containing `want`; returns it.
+    pub(crate) fn wait_for(&mut self, want: &str) -> Result<String, String> {
+        self.wait_for_within(want, BOOT_TIMEOUT)
+    }
+
+    /// Like `wait_for`, with its own timeout. Says now and then that it still waits, so that
+    /// a long wait inside L1 is not taken for a frozen L1.
+    pub(crate) fn wait_for_within(
+        &mut self,
+        want: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let mut say = Instant::now() + Duration::from_secs(120);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if Instant::now() >= say {
+                println!("e2e: still waiting for {want:?}");
+                say += Duration::from_secs(120);
+            }
+            match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                    if l.contains(want) {
+                        return Ok(l);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Err(format!(
+            "{want:?} never appeared {STALLED}; console:\n{}",
+            self.seen
+        ))
+    }
+
+    /// The marker `key` has the value `want`; the console in the failure.
+    pub(crate) fn expect(&self, key: &str, want: &str) -> TestResult {
+        let got = self.marker(key).unwrap_or_default();
+        check!(
+            got == want,
+            "{key}: {got:?}, wanted {want:?}\nconsole:\n{}",
+            self.seen
+        );
+        Ok(())
+    }
+
+    pub(crate) fn marker(&self, key: &str) -> Option<String> {
+        let prefix = format!("NIXVM-TEST: {key}=");
+        self.seen.lines().find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix(prefix.as_str())
+                .map(str::to_owned)
+        })
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        wait_timeout(&mut self.child, Duration::ZERO);
+    }
+}
+
+/// A raw disk image of `len` bytes: `fill(i)` gives byte i.
+pub(crate) fn disk_image(name: &str, len: usize, fill: impl Fn(usize) -> u8) -> PathBuf {
+    let p = temp_dir().join(name);
+    std::fs::write(&p, (0..len).map(fill).collect::<Vec<u8>>()).unwrap();
+    p
+}
+
+/// A disk holding a guest script, padded with newlines to whole sectors.
+pub(crate) fn script_disk(name: &str, script: &str) -> PathBuf {
+    let mut b = script.as_bytes().to_vec();
+    b.resize(b.len().div_ceil(512) * 512 + 512, b'\n');
+    let p = temp_dir().join(name);
+    std::fs::write(&p, b).unwrap();
+    p
+}
+
+pub(crate) fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+pub(crate) fn sh(script: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(root().join("resources").join(script))
+        .args(args)
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run resources/{script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("resources/{script} failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+pub(crate) fn guest() -> Guest {
+    let a = assets();
+    let s = |f: &str| a.join(f).to_str().expect("utf-8 path").to_owned();
+    Guest {
+        vmlinuz: s("vmlinuz"),
+        vmlinux: s("vmlinux"),
+        initrd: s("initramfs.cpio.gz"),
+    }
+}

@@ -1,0 +1,193 @@
+//! The control socket, the power button, signals and --on-reboot.
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Guest script lines: busybox acpid powers the guest off on the ACPI power button.
+pub(crate) const ACPID: &str = r#"
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "NIXVM-TEST: button" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /tmp/acpid.log
+# acpid forks, then opens the input devices: a button pressed before that is lost.
+sleep 2
+"#;
+
+/// Guest script lines: a line every 0.3 s, forever.
+pub(crate) const TICKS: &str = r#"
+echo "NIXVM-TEST: ready"
+i=0
+while :; do i=$((i + 1)); echo "tick $i"; sleep 0.3; done
+"#;
+
+/// Runs `nixvm ctl --api-socket SOCK ARGS`.
+pub(crate) fn ctl(sock: &Path, args: &[&str]) -> Run {
+    let s = sock.to_str().expect("utf-8 path");
+    let mut all = vec!["ctl", "--api-socket", s];
+    all.extend(args);
+    nixvm(&all, &[], BOOT_TIMEOUT)
+}
+
+/// A guest that runs `script` with a control socket; returns it streaming its console.
+pub(crate) fn api_guest(
+    g: &Guest,
+    name: &str,
+    script: &str,
+    extra: &[&str],
+) -> Result<(Streaming, PathBuf), String> {
+    let sock = temp_dir().join(format!("{name}-api.sock"));
+    let disk = script_disk(&format!("{name}-script.img"), script);
+    let d = format!("path={},readonly=on", disk.display());
+    let cl = cmdline("script");
+    let s = sock.to_str().expect("utf-8 path");
+    let mut args = g.args(&g.vmlinuz, &cl);
+    // The script disk last: the guest runs the script of its last disk.
+    args.extend(extra);
+    args.extend(["--api-socket", s, "--disk", &d]);
+    let mut cmd = Command::new(NIXVM);
+    cmd.args(&args).stdin(Stdio::null());
+    Ok((Streaming::spawn_command(cmd)?, sock))
+}
+
+pub(crate) fn lifecycle_tests(t: &mut Runner, g: &Guest) {
+    t.run_retry("api_ping_info_pause_resume", || {
+        // A socket file a crashed nixvm left behind does not stop the next one.
+        let stale = temp_dir().join("pause-api.sock");
+        drop(UnixListener::bind(&stale).map_err(|e| e.to_string())?);
+        let (mut vm, sock) = api_guest(g, "pause", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("tick 2")?;
+        let ping = ctl(&sock, &["ping"]);
+        check!(
+            ping.code() == Some(0) && ping.stdout.contains("\"protocol\":1"),
+            "ping: {}",
+            ping.describe()
+        );
+        let info = ctl(&sock, &["info"]);
+        check!(
+            info.code() == Some(0)
+                && info.stdout.contains("\"state\": \"running\"")
+                && info.stdout.contains("\"vcpus\": 1"),
+            "info: {}",
+            info.describe()
+        );
+        let pause = ctl(&sock, &["pause"]);
+        check!(pause.code() == Some(0), "pause: {}", pause.describe());
+        // Lines already on their way may still come; then nothing for 3 s.
+        std::thread::sleep(Duration::from_millis(500));
+        while vm.lines.try_recv().is_ok() {}
+        std::thread::sleep(Duration::from_secs(3));
+        let during: Vec<String> = vm.lines.try_iter().collect();
+        check!(
+            during.is_empty(),
+            "the console advanced while paused: {during:?}"
+        );
+        let info = ctl(&sock, &["info"]);
+        check!(
+            info.stdout.contains("\"state\": \"paused\""),
+            "info while paused: {}",
+            info.describe()
+        );
+        let resume = ctl(&sock, &["resume"]);
+        check!(resume.code() == Some(0), "resume: {}", resume.describe());
+        vm.wait_for("tick ")?;
+        let down = ctl(&sock, &["shutdown", "--timeout", "120"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        check!(
+            down.code() == Some(0),
+            "shutdown of a guest with acpid: {}",
+            down.describe()
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the guest powered off: {status:?}"
+        );
+        check!(!sock.exists(), "control socket left behind");
+        Ok(())
+    });
+    t.run_retry("api_shutdown_powers_off_exit_0", || {
+        let (mut vm, sock) = api_guest(g, "down", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        let down = ctl(&sock, &["shutdown"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        let _ = vm.wait_for("NIXVM-TEST: button");
+        check!(
+            down.code() == Some(0) && down.stdout.contains("powered off"),
+            "ctl shutdown: {}",
+            down.describe()
+        );
+        check!(
+            vm.seen.contains("NIXVM-TEST: button"),
+            "acpid never saw the button:\n{}",
+            vm.seen
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("sigterm_powers_off_through_acpid_exit_0", || {
+        let (mut vm, _sock) = api_guest(g, "term0", &format!("{ACPID}{TICKS}"), &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "after SIGTERM, with acpid: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("on_reboot_restart_boots_again", || {
+        // A counter on the first disk: the guest reboots twice, then powers off.
+        let counter = disk_image("reboot-counter.img", 4096, |_| 0);
+        let c = format!("path={}", counter.display());
+        let script = r#"
+n=$(head -c 8 /dev/vda | tr -dc 0-9)
+n=$(( ${n:-0} + 1 ))
+printf '%08d' $n > /tmp/c
+dd if=/tmp/c of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+echo "NIXVM-TEST: boot_count=$n"
+if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
+"#;
+        let (mut vm, _sock) = api_guest(
+            g,
+            "restart",
+            script,
+            &["--on-reboot", "restart", "--disk", &c],
+        )?;
+        vm.wait_for("NIXVM-TEST: boot_count=3")?;
+        let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        let boots = vm.seen.matches("NIXVM-TEST: init").count();
+        check!(
+            boots == 3 && vm.seen.contains("boot_count=1") && vm.seen.contains("boot_count=2"),
+            "{boots} boots:\n{}",
+            vm.seen
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the third boot powered off: {status:?}"
+        );
+        Ok(())
+    });
+    t.run_retry("api_shutdown_forced_after_timeout", || {
+        // No acpid: the button means nothing to this guest.
+        let (mut vm, sock) = api_guest(g, "forced", TICKS, &[])?;
+        vm.wait_for("NIXVM-TEST: ready")?;
+        let down = ctl(&sock, &["shutdown", "--timeout", "3"]);
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        check!(
+            down.code() == Some(1) && down.stderr.contains("did not power off"),
+            "ctl shutdown of a guest that ignores the button: {}",
+            down.describe()
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(4),
+            "nixvm after a forced stop: {status:?}"
+        );
+        Ok(())
+    });
+}
