@@ -9,23 +9,15 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout;
+use crate::layout::{self, COM1_IRQ, COM1_PORT, GED_GSI, RESET_PORT, SLEEP_CONTROL_PORT};
 use vm_memory::GuestMemoryBackend;
 
 const OEM_ID: [u8; 6] = *b"NIXVM ";
 const OEM_TABLE_ID: [u8; 8] = *b"NIXVMTBL";
 const OEM_REVISION: u32 = 1;
 
-/// The first serial port, always present.
-pub const COM1_PORT: u16 = 0x3f8;
-pub const COM1_IRQ: u32 = 4;
-/// I/O port of the FADT sleep control and status registers (8 bits).
-pub const SLEEP_CONTROL_PORT: u16 = 0x600;
-/// I/O port of the FADT reset register; writing [`RESET_VALUE`] resets the machine.
-pub const RESET_PORT: u16 = 0x601;
+/// Writing this to the FADT reset register (`layout::RESET_PORT`) resets the machine.
 pub const RESET_VALUE: u8 = 1;
-/// The interrupt of the Generic Event Device: it only ever means "power button pressed".
-pub const GED_GSI: u32 = 9;
 /// The S5 (soft-off) sleep type that `\_S5_` announces.
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// Sleep control register: SLP_TYP in bits 2..4, SLP_EN is bit 5.

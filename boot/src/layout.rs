@@ -41,6 +41,25 @@ pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
+
+// The machine's I/O ports and interrupt lines (the ACPI tables describe them, the vmm wires
+// devices to them).
+/// The first serial port (8 ports), always present, and its interrupt.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+/// The i8042 controller: data port 0x60 and command port 0x64, one 5-port range.
+pub const I8042_PORT: u16 = 0x60;
+pub const I8042_PORTS: u64 = 5;
+/// The CMOS RTC: index and data ports.
+pub const CMOS_PORT: u16 = 0x70;
+pub const CMOS_PORTS: u64 = 2;
+/// The FADT sleep control/status register and, next to it, the reset register.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+pub const RESET_PORT: u16 = 0x601;
+pub const PM_PORTS: u64 = 2;
+/// The interrupt of the Generic Event Device: it only ever means "power button pressed".
+pub const GED_GSI: u32 = 9;
+
 /// Smallest guest memory nixvm accepts.
 pub const MIN_MEMORY: u64 = 64 << 20;
 

@@ -6,7 +6,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bus::BusDevice;
 
-pub const PORT: u16 = 0x70;
 const REG_A: usize = 0x0a;
 const REG_B: usize = 0x0b;
 const REG_C: usize = 0x0c;

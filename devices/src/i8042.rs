@@ -5,8 +5,8 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 use crate::{ExitRequest, GuestExit};
 
-pub const DATA_PORT: u16 = 0x60;
-pub const COMMAND_PORT: u16 = 0x64;
+/// The command port's offset from the data port (0x64 - 0x60).
+const COMMAND_OFFSET: u64 = 4;
 const CMD_PULSE_RESET: u8 = 0xfe;
 
 pub struct I8042 {
@@ -19,7 +19,7 @@ impl I8042 {
     }
 }
 
-/// Registered at [`DATA_PORT`] with a length of 5, covering the command port at offset 4.
+/// Registered at the data port (0x60) with a length of 5, covering the command port at offset 4.
 impl BusDevice for I8042 {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty. Data: nothing.
@@ -27,7 +27,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == u64::from(COMMAND_PORT - DATA_PORT) && data.first() == Some(&CMD_PULSE_RESET) {
+        if offset == COMMAND_OFFSET && data.first() == Some(&CMD_PULSE_RESET) {
             log::info!("i8042: the guest pulsed the reset line");
             self.exit.request(GuestExit::Reset);
         }

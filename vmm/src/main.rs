@@ -7,6 +7,7 @@ mod config;
 mod console;
 mod control;
 mod cpuid;
+mod device_manager;
 mod lifecycle;
 mod terminal;
 mod unix;

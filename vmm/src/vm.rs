@@ -15,19 +15,10 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use nixvm_boot::{acpi, cpu, kernel, layout, params};
-use nixvm_devices::bus::BusDevice;
-use nixvm_devices::serial::{ConsoleOut, InputDrained, SerialDevice, SerialIrq, SocketConsole};
+use nixvm_devices::serial::{ConsoleOut, SocketConsole};
 use nixvm_devices::virtio::GuestMemoryMmap;
-use nixvm_devices::virtio::block::{self, Block, Disk};
-use nixvm_devices::virtio::{
-    VirtioDevice,
-    mmio::{self, MmioTransport},
-    rng::Rng,
-};
-use nixvm_devices::virtio::{fs, net};
-use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
@@ -36,6 +27,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::config::{OnReboot, SerialConfig, VmConfig};
 use crate::console::{Controller, Input};
 use crate::control::{Control, ControlParts, VmInfo};
+use crate::device_manager::{self, Devices, Transport};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::unix::Listener;
 use crate::vcpu::Buses;
@@ -98,13 +90,7 @@ pub enum Error {
     #[error("control socket")]
     ApiSocket(#[source] unix::Error),
     #[error(transparent)]
-    Disk(#[from] block::Error),
-    #[error(transparent)]
-    Net(#[from] net::Error),
-    #[error(transparent)]
-    Fs(#[from] fs::Error),
-    #[error(transparent)]
-    Storefs(#[from] storefs::Error),
+    Devices(#[from] device_manager::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error("event loop")]
@@ -124,10 +110,8 @@ impl Error {
             | Error::KvmCap(_)
             | Error::TooManyVcpus { .. }
             | Error::Kernel(_)
-            | Error::Disk(_)
             | Error::SerialFile { .. } => true,
-            Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
-            Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
+            Error::Devices(e) => e.is_usage(),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
             Error::SerialSocket(e) | Error::ApiSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
@@ -246,8 +230,6 @@ pub struct Vm {
     _backends: Vec<storefs::Process>,
 }
 
-type Transport = Arc<Mutex<MmioTransport>>;
-
 /// The machine as it was before the guest first ran.
 struct ResetState {
     config: VmConfig,
@@ -364,14 +346,17 @@ impl Vm {
 
         // Devices first: the ACPI tables (or, with acpi=off, the command line) describe them.
         let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
-        let (serial, drained) = create_serial(&vm, console_out)?;
-        let mut buses = Buses::default();
-        add_legacy_devices(&mut buses, &exit, serial.clone());
-        let mut backends = Vec::new();
-        let (device_aml, cmdline, transports) =
-            add_virtio_devices(&vm, &mut buses, &mem, config, &mut backends)?;
+        let Devices {
+            buses,
+            serial,
+            serial_drained: drained,
+            transports,
+            aml: device_aml,
+            cmdline,
+            backends,
+        } = Devices::create(&vm, &mem, config, &exit, console_out)?;
         let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&power_button, acpi::GED_GSI)
+        vm.register_irqfd(&power_button, layout::GED_GSI)
             .map_err(kvm_err("connect the power button"))?;
 
         let entry = load_guest(&mem.memory(), config, &device_aml, &cmdline)?;
@@ -582,127 +567,6 @@ fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// The fixed PC devices on the port-I/O bus.
-fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mutex<SerialDevice>>) {
-    let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
-    type Device = Arc<Mutex<dyn BusDevice>>;
-    let devices: [(u16, u64, Device); 4] = [
-        (acpi::COM1_PORT, 8, serial),
-        (
-            nixvm_devices::i8042::DATA_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        ),
-        (
-            nixvm_devices::cmos::PORT,
-            2,
-            Arc::new(Mutex::new(Cmos::default())),
-        ),
-        (acpi::SLEEP_CONTROL_PORT, 2, Arc::new(Mutex::new(pm))),
-    ];
-    for (port, len, dev) in devices {
-        buses
-            .pio
-            .insert(u64::from(port), len, dev)
-            .expect("fixed, disjoint ports");
-    }
-}
-
-/// How long to wait for a vhost-user backend's socket: NIXVM_VHOST_USER_WAIT seconds, else 30.
-fn vhost_user_wait() -> std::time::Duration {
-    let secs = std::env::var("NIXVM_VHOST_USER_WAIT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .unwrap_or(30.0);
-    std::time::Duration::from_secs_f64(secs)
-}
-
-/// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...),
-/// virtio-fs shares, then the entropy device, each in its own
-/// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
-/// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
-/// The back-end processes started for `path=` shares go into `backends`.
-fn add_virtio_devices(
-    vm: &VmFd,
-    buses: &mut Buses,
-    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    config: &VmConfig,
-    backends: &mut Vec<storefs::Process>,
-) -> Result<(Vec<u8>, String, Vec<Transport>)> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let mut transports = Vec::new();
-    for d in &config.disks {
-        devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
-    }
-    for n in &config.nets {
-        let tap = match (&n.tap, n.fd) {
-            (Some(name), _) => net::Tap::open(name)?,
-            (None, Some(fd)) => net::Tap::from_fd(fd)?,
-            (None, None) => unreachable!("validated: tap or fd"),
-        };
-        devices.push(Box::new(net::Net::new(tap, n.mac.map(|m| m.0))));
-    }
-    let wait = vhost_user_wait();
-    for f in &config.fs {
-        let device = match (&f.socket, &f.path) {
-            (Some(socket), _) => fs::VhostUserFs::connect(&f.options(socket, config.cpus), wait)?,
-            (None, Some(dir)) => {
-                let queues = f.request_queues(config.cpus);
-                let (process, socket) = storefs::spawn(dir, queues)?;
-                backends.push(process);
-                // It listens already: connecting does not wait.
-                fs::VhostUserFs::connect(&f.options(&socket.path, config.cpus), wait)?
-            }
-            (None, None) => unreachable!("validated: socket or path"),
-        };
-        devices.push(Box::new(device));
-    }
-    if config.rng {
-        devices.push(Box::new(Rng::default()));
-    }
-    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
-    let mut aml = Vec::new();
-    let mut cmdline = config.cmdline.clone();
-    for (i, dev) in devices.into_iter().enumerate() {
-        let index = u8::try_from(i).expect("validated device count");
-        let base = layout::VIRTIO_MMIO_START + u64::from(index) * layout::VIRTIO_MMIO_SIZE;
-        let gsi = layout::DEVICE_GSIS[i];
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        vm.register_irqfd(&irq, gsi)
-            .map_err(kvm_err("connect a virtio interrupt"))?;
-        let transport = MmioTransport::new(dev, mem.clone(), irq).map_err(Error::EventFd)?;
-        for (q, evt) in (0u32..).zip(transport.queue_evts()) {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY), q)
-                .map_err(kvm_err("register a virtio queue notifier"))?;
-        }
-        buses
-            .mmio
-            .insert(base, layout::VIRTIO_MMIO_SIZE, {
-                let t = Arc::new(Mutex::new(transport));
-                transports.push(t.clone());
-                t
-            })
-            .expect("disjoint windows");
-        if acpi_off {
-            cmdline.push(' ');
-            cmdline.push_str(&acpi::virtio_mmio_cmdline(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                gsi,
-            ));
-        } else {
-            aml.extend(acpi::virtio_mmio_aml(
-                index,
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                gsi,
-            ));
-        }
-    }
-    Ok((aml, cmdline, transports))
-}
-
 /// Binds the control socket so that only this user can connect (mode 0600).
 fn bind_private(path: &std::path::Path) -> std::result::Result<Listener, unix::Error> {
     // SAFETY: umask only changes this process's file mode mask; nixvm is single-threaded
@@ -739,18 +603,4 @@ fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {
             )
         }
     })
-}
-
-/// COM1 with its interrupt wired to GSI 4; returns it and the "input drained" eventfd.
-fn create_serial(vm: &VmFd, out: ConsoleOut) -> Result<(Arc<Mutex<SerialDevice>>, EventFd)> {
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-    vm.register_irqfd(&irq, acpi::COM1_IRQ)
-        .map_err(kvm_err("connect the serial interrupt"))?;
-    let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-    let dev = SerialDevice::new(
-        SerialIrq(irq),
-        InputDrained(drained.try_clone().map_err(Error::EventFd)?),
-        out,
-    );
-    Ok((Arc::new(Mutex::new(dev)), drained))
 }

@@ -1,0 +1,243 @@
+//! The VM's devices: creating them, wiring them to KVM (port and MMIO buses, irqfds,
+//! ioeventfds) and describing them to the guest (DSDT AML, or `virtio_mmio.device=` on the
+//! command line of an `acpi=off` guest). The I/O-port, IRQ and MMIO map itself is
+//! `nixvm_boot::layout`'s. `vm.rs` builds, runs and reboots the VM around these.
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use nixvm_boot::{acpi, layout};
+use nixvm_devices::bus::BusDevice;
+use nixvm_devices::serial::{ConsoleOut, InputDrained, SerialDevice, SerialIrq};
+use nixvm_devices::virtio::block::{self, Block, Disk};
+use nixvm_devices::virtio::mmio::MmioTransport;
+use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng};
+use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
+use nixvm_storefs::daemon as storefs;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::config::VmConfig;
+use crate::lifecycle::ExitState;
+use crate::vcpu::Buses;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Disk(#[from] block::Error),
+    #[error(transparent)]
+    Net(#[from] net::Error),
+    #[error(transparent)]
+    Fs(#[from] fs::Error),
+    #[error(transparent)]
+    Storefs(#[from] storefs::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("KVM failed to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl Error {
+    /// Errors that are the user's to fix (exit status 2), as opposed to failures.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            Error::Disk(_) => true,
+            Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
+            Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// A virtio device's transport, shared by the MMIO bus and the reset path.
+pub type Transport = Arc<Mutex<MmioTransport>>;
+
+/// Everything the devices add to a VM.
+pub struct Devices {
+    pub buses: Buses,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Written when the guest has drained the serial input buffer.
+    pub serial_drained: EventFd,
+    pub transports: Vec<Transport>,
+    /// The devices' DSDT AML, and the command line (with their `virtio_mmio.device=`
+    /// entries when the guest has acpi=off).
+    pub aml: Vec<u8>,
+    pub cmdline: String,
+    /// `nixvm storefs` processes serving `path=` shares: the VM stops them after everything
+    /// else.
+    pub backends: Vec<storefs::Process>,
+}
+
+impl Devices {
+    pub fn create(
+        vm: &VmFd,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        config: &VmConfig,
+        exit: &Arc<ExitState>,
+        console_out: ConsoleOut,
+    ) -> Result<Devices> {
+        let (serial, serial_drained) = create_serial(vm, console_out)?;
+        let mut buses = Buses::default();
+        add_legacy_devices(&mut buses, exit, serial.clone());
+        let mut backends = Vec::new();
+        let (aml, cmdline, transports) =
+            add_virtio_devices(vm, &mut buses, mem, config, &mut backends)?;
+        Ok(Devices {
+            buses,
+            serial,
+            serial_drained,
+            transports,
+            aml,
+            cmdline,
+            backends,
+        })
+    }
+}
+
+/// The fixed PC devices on the port-I/O bus.
+fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mutex<SerialDevice>>) {
+    let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
+    type Device = Arc<Mutex<dyn BusDevice>>;
+    let devices: [(u16, u64, Device); 4] = [
+        (layout::COM1_PORT, 8, serial),
+        (
+            layout::I8042_PORT,
+            layout::I8042_PORTS,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ),
+        (
+            layout::CMOS_PORT,
+            layout::CMOS_PORTS,
+            Arc::new(Mutex::new(Cmos::default())),
+        ),
+        (
+            layout::SLEEP_CONTROL_PORT,
+            layout::PM_PORTS,
+            Arc::new(Mutex::new(pm)),
+        ),
+    ];
+    for (port, len, dev) in devices {
+        buses
+            .pio
+            .insert(u64::from(port), len, dev)
+            .expect("fixed, disjoint ports");
+    }
+}
+
+/// How long to wait for a vhost-user backend's socket: NIXVM_VHOST_USER_WAIT seconds, else 30.
+fn vhost_user_wait() -> std::time::Duration {
+    let secs = std::env::var("NIXVM_VHOST_USER_WAIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(30.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
+/// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...),
+/// virtio-fs shares, then the entropy device, each in its own
+/// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
+/// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
+/// The back-end processes started for `path=` shares go into `backends`.
+fn add_virtio_devices(
+    vm: &VmFd,
+    buses: &mut Buses,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    config: &VmConfig,
+    backends: &mut Vec<storefs::Process>,
+) -> Result<(Vec<u8>, String, Vec<Transport>)> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut transports = Vec::new();
+    for d in &config.disks {
+        devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
+    }
+    for n in &config.nets {
+        let tap = match (&n.tap, n.fd) {
+            (Some(name), _) => net::Tap::open(name)?,
+            (None, Some(fd)) => net::Tap::from_fd(fd)?,
+            (None, None) => unreachable!("validated: tap or fd"),
+        };
+        devices.push(Box::new(net::Net::new(tap, n.mac.map(|m| m.0))));
+    }
+    let wait = vhost_user_wait();
+    for f in &config.fs {
+        let device = match (&f.socket, &f.path) {
+            (Some(socket), _) => fs::VhostUserFs::connect(&f.options(socket, config.cpus), wait)?,
+            (None, Some(dir)) => {
+                let queues = f.request_queues(config.cpus);
+                let (process, socket) = storefs::spawn(dir, queues)?;
+                backends.push(process);
+                // It listens already: connecting does not wait.
+                fs::VhostUserFs::connect(&f.options(&socket.path, config.cpus), wait)?
+            }
+            (None, None) => unreachable!("validated: socket or path"),
+        };
+        devices.push(Box::new(device));
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::default()));
+    }
+    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
+    let mut aml = Vec::new();
+    let mut cmdline = config.cmdline.clone();
+    for (i, dev) in devices.into_iter().enumerate() {
+        let index = u8::try_from(i).expect("validated device count");
+        let base = layout::VIRTIO_MMIO_START + u64::from(index) * layout::VIRTIO_MMIO_SIZE;
+        let gsi = layout::DEVICE_GSIS[i];
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(kvm_err("connect a virtio interrupt"))?;
+        let transport = MmioTransport::new(dev, mem.clone(), irq).map_err(Error::EventFd)?;
+        for (q, evt) in (0u32..).zip(transport.queue_evts()) {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY), q)
+                .map_err(kvm_err("register a virtio queue notifier"))?;
+        }
+        buses
+            .mmio
+            .insert(base, layout::VIRTIO_MMIO_SIZE, {
+                let t = Arc::new(Mutex::new(transport));
+                transports.push(t.clone());
+                t
+            })
+            .expect("disjoint windows");
+        if acpi_off {
+            cmdline.push(' ');
+            cmdline.push_str(&acpi::virtio_mmio_cmdline(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            ));
+        } else {
+            aml.extend(acpi::virtio_mmio_aml(
+                index,
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            ));
+        }
+    }
+    Ok((aml, cmdline, transports))
+}
+
+/// COM1 with its interrupt wired to its IRQ; returns it and the "input drained" eventfd.
+fn create_serial(vm: &VmFd, out: ConsoleOut) -> Result<(Arc<Mutex<SerialDevice>>, EventFd)> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&irq, layout::COM1_IRQ)
+        .map_err(kvm_err("connect the serial interrupt"))?;
+    let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    let dev = SerialDevice::new(
+        SerialIrq(irq),
+        InputDrained(drained.try_clone().map_err(Error::EventFd)?),
+        out,
+    );
+    Ok((Arc::new(Mutex::new(dev)), drained))
+}
