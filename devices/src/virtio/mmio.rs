@@ -3,13 +3,16 @@
 //! The driver's register accesses arrive here from vCPU exits (except QueueNotify, which the
 //! vmm turns into a KVM ioeventfd per queue). Anything a driver writes out of order or out
 //! of range is ignored with a warning; nothing here panics on guest input.
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use virtio_bindings::{virtio_config, virtio_mmio as mmio};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::lock;
 
 use super::{
     F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG,
@@ -68,7 +71,16 @@ const CONFIG_GENERATION: u64 = reg(mmio::VIRTIO_MMIO_CONFIG_GENERATION);
 const CONFIG: u64 = reg(mmio::VIRTIO_MMIO_CONFIG);
 
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    /// Locked by the transport for config space and feature negotiation, and by the
+    /// activation thread while the device starts: a vCPU never waits for an activation (a
+    /// vhost-user handshake) unless it touches that device's config space meanwhile.
+    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
+    /// What the transport needs of the device at any time, read once.
+    device_type: u32,
+    queue_max_sizes: Vec<u16>,
+    signals_directly: bool,
+    /// The thread activating the device, while it runs (joined at reset).
+    activation: Option<JoinHandle<()>>,
     mem: Memory,
     irq: Arc<MmioInterrupt>,
     queues: Vec<Queue>,
@@ -93,9 +105,14 @@ impl MmioTransport {
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()?;
-        let queues = fresh_queues(device.as_ref());
+        let queue_max_sizes = device.queue_max_sizes().to_vec();
+        let queues = fresh_queues(&queue_max_sizes);
         Ok(MmioTransport {
-            device,
+            device_type: device.device_type(),
+            signals_directly: device.signals_directly(),
+            queue_max_sizes,
+            activation: None,
+            device: Arc::new(Mutex::new(device)),
             mem,
             irq: Arc::new(MmioInterrupt::new(irq_evt)),
             queues,
@@ -115,7 +132,7 @@ impl MmioTransport {
     }
 
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        self.device_type
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -127,14 +144,14 @@ impl MmioTransport {
     }
 
     fn device_features(&self) -> u64 {
-        self.device.avail_features() | F_VERSION_1
+        lock(&self.device).avail_features() | F_VERSION_1
     }
 }
 
 impl crate::bus::BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            self.device.read_config(offset - CONFIG, data);
+            lock(&self.device).read_config(offset - CONFIG, data);
             return;
         }
         if data.len() != 4 {
@@ -148,7 +165,7 @@ impl crate::bus::BusDevice for MmioTransport {
         let v = match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
-            DEVICE_ID => self.device.device_type(),
+            DEVICE_ID => self.device_type,
             VENDOR_ID => VENDOR,
             DEVICE_FEATURES => match self.device_features_sel {
                 0 => low_half(self.device_features()),
@@ -164,7 +181,7 @@ impl crate::bus::BusDevice for MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             INTERRUPT_STATUS => {
-                let direct = self.active && self.device.signals_directly();
+                let direct = self.active && self.signals_directly;
                 self.irq.status.load(Ordering::SeqCst)
                     | if direct { VIRTIO_MMIO_INT_VRING } else { 0 }
             }
@@ -186,7 +203,7 @@ impl crate::bus::BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            self.device.write_config(offset - CONFIG, data);
+            lock(&self.device).write_config(offset - CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -278,7 +295,7 @@ impl MmioTransport {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
-            self.device.set_acked_features(self.acked_features);
+            lock(&self.device).set_acked_features(self.acked_features);
         }
         self.status = v;
         if new & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 && !self.active {
@@ -287,22 +304,26 @@ impl MmioTransport {
         if new & STATUS_FAILED != 0 {
             log::warn!(
                 "virtio-mmio: the driver gave up on device type {}",
-                self.device.device_type()
+                self.device_type
             );
         }
     }
 
+    /// Hands the queues to the device. The device starts on a thread of its own (a
+    /// vhost-user device's handshake with its back end may take a while, or never end), so
+    /// the vCPU that wrote DRIVER_OK goes on at once; a device that fails to start reports
+    /// NEEDS_RESET.
     fn activate(&mut self) {
         let mem = self.mem.memory();
         let event_idx = self.acked_features & F_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.queues.len());
         // The queues move into the device; the transport keeps fresh ones until a reset.
-        let configured = std::mem::replace(&mut self.queues, fresh_queues(self.device.as_ref()));
+        let configured = std::mem::replace(&mut self.queues, fresh_queues(&self.queue_max_sizes));
         for (i, mut q) in configured.into_iter().enumerate() {
             if q.ready() && !q.is_valid(&*mem) {
                 log::warn!(
                     "virtio-mmio: queue {i} of device type {} is not valid",
-                    self.device.device_type()
+                    self.device_type
                 );
                 self.status |= STATUS_NEEDS_RESET;
                 self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
@@ -319,33 +340,55 @@ impl MmioTransport {
             };
             queues.push((q, evt));
         }
-        let irq: Arc<dyn Interrupt> = self.irq.clone();
-        match self.device.activate(self.mem.clone(), irq, queues) {
-            Ok(()) => self.active = true,
+        let (device, mem, irq, device_type) = (
+            self.device.clone(),
+            self.mem.clone(),
+            self.irq.clone(),
+            self.device_type,
+        );
+        let started = std::thread::Builder::new()
+            .name(format!("virtio-{device_type}-activate"))
+            .spawn(move || {
+                let irq_dyn: Arc<dyn Interrupt> = irq.clone();
+                if let Err(e) = lock(&device).activate(mem, irq_dyn, queues) {
+                    log::warn!("virtio-mmio: cannot activate device type {device_type}: {e}");
+                    irq.needs_reset();
+                }
+            });
+        match started {
+            Ok(h) => {
+                self.active = true;
+                self.activation = Some(h);
+            }
             Err(e) => {
-                log::warn!(
-                    "virtio-mmio: cannot activate device type {}: {e}",
-                    self.device.device_type()
-                );
+                log::error!("virtio-mmio: cannot start device type {device_type}: {e}");
                 self.status |= STATUS_NEEDS_RESET;
                 self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
             }
         }
     }
 
+    /// Waits until a device being activated has started (or failed to).
+    pub fn settle(&mut self) {
+        if let Some(h) = self.activation.take() {
+            let _ = h.join();
+        }
+    }
+
     /// Resets the device as a driver writing 0 to Status does (also used for a machine
     /// reset).
     pub fn reset(&mut self) {
-        if self.active && !self.device.reset() {
+        self.settle();
+        if self.active && !lock(&self.device).reset() {
             log::warn!(
                 "virtio-mmio: device type {} cannot be reset",
-                self.device.device_type()
+                self.device_type
             );
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
         self.active = false;
-        self.queues = fresh_queues(self.device.as_ref());
+        self.queues = fresh_queues(&self.queue_max_sizes);
         for e in &self.queue_evts {
             let _ = e.read();
         }
@@ -363,9 +406,8 @@ fn low_half(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).expect("masked")
 }
 
-fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
-    device
-        .queue_max_sizes()
+fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
+    max_sizes
         .iter()
         .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
         .collect()
@@ -462,6 +504,7 @@ mod tests {
             0x70,
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
+        t.settle();
     }
 
     #[test]
@@ -561,6 +604,66 @@ mod tests {
         w(&mut t, QUEUE_NOTIFY, 7);
         w(&mut t, QUEUE_NOTIFY, 1);
         assert_eq!(t.queue_evts()[1].read().unwrap(), 1);
+    }
+
+    /// A device whose activation blocks (a vhost-user back end that never answers).
+    struct Stuck(Arc<Mutex<()>>);
+
+    impl VirtioDevice for Stuck {
+        fn device_type(&self) -> u32 {
+            26
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[8]
+        }
+        fn avail_features(&self) -> u64 {
+            0
+        }
+        fn activate(
+            &mut self,
+            _: Memory,
+            _: Arc<dyn Interrupt>,
+            _: Vec<(Queue, EventFd)>,
+        ) -> Result<(), super::super::ActivateError> {
+            drop(self.0.lock().unwrap());
+            Err(super::super::ActivateError::Backend("gone".into()))
+        }
+        fn reset(&mut self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_slow_activation_does_not_hold_the_vcpu() {
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(Stuck(gate.clone())),
+            Memory::new(memory(1 << 20)),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, 0x24, 1);
+        w(&mut t, 0x20, 1);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        let all = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        // DRIVER_OK returns while the device is still starting; the registers answer.
+        w(&mut t, 0x70, all);
+        assert_eq!(r(&mut t, 0x70), all);
+        assert_eq!(r(&mut t, 0x8), 26);
+        r(&mut t, 0x60);
+        drop(held);
+        t.settle();
+        // The activation failed: the device needs a reset, and a reset clears that.
+        assert_ne!(r(&mut t, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(r(&mut t, 0x60) & VIRTIO_MMIO_INT_CONFIG, 0);
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x70), 0);
     }
 
     #[test]
