@@ -5,12 +5,9 @@
 //! nixvm's own setup time (its `first KVM_RUN` log line) and the child's peak RSS.
 //! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 #[path = "common.rs"]
 mod common;
@@ -118,96 +115,27 @@ fn measure(root: &Path, assets: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Spawns `cmd`, times it to the init marker and to its exit, and reaps it with wait4.
+/// Runs `cmd` ([`common::run_vm`]): the time to the init marker and to its exit, nixvm's
+/// set-up time and the peak RSS.
 fn boot(cmd: &mut Command) -> Result<Run> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let id = child.id();
-    let pid = libc::pid_t::try_from(id)?;
-    let (tx, rx) = mpsc::channel();
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    let out = thread::spawn(move || {
-        let mut line = Vec::new();
-        while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-            if String::from_utf8_lossy(&line).contains(MARKER) {
-                let _ = tx.send(start.elapsed());
-            }
-            line.clear();
-        }
-    });
-    let mut stderr = child.stderr.take().ok_or("no stderr")?;
-    let err = thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text);
-        String::from_utf8_lossy(&text).into_owned()
-    });
-
-    // Kills the child at TIMEOUT; gives up on it 10 s later. Stopped by dropping `done`.
-    let (done, wait) = mpsc::channel::<()>();
-    let watchdog = thread::spawn(move || {
-        let timeout = mpsc::RecvTimeoutError::Timeout;
-        if wait.recv_timeout(TIMEOUT) != Err(timeout) {
-            return false;
-        }
-        eprintln!("pid {pid}: timed out after {TIMEOUT:?}, killing it");
-        // SAFETY: sending a signal; the child is not reaped before `done` is dropped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        if wait.recv_timeout(Duration::from_secs(10)) == Err(timeout) {
-            eprintln!("boot bench: pid {pid} survived SIGKILL for 10 s");
-            std::process::exit(1);
-        }
-        true
-    });
-    // Waits for the exit without reaping: the pid stays ours while the watchdog runs.
-    // SAFETY: all-zero bytes are a valid `siginfo_t`, which waitid only writes.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child; `info` is valid for writes.
-    if unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    let total = start.elapsed();
-    drop(done);
-    let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
-    let mut status = 0;
-    // SAFETY: all-zero bytes are a valid `rusage` (plain integers and timevals).
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our exited, unreaped child; `status` and `usage` are valid for writes.
-    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    out.join().map_err(|_| "stdout reader panicked")?;
-    let stderr = err.join().map_err(|_| "stderr reader panicked")?;
-    let boot = rx.try_iter().next();
-    let seen = if boot.is_some() { "after" } else { "before" };
-    let mut failure = if timed_out {
-        Some(format!("timed out {seen} the init line, killed"))
-    } else if libc::WIFSIGNALED(status) {
-        Some(format!("killed by signal {}", libc::WTERMSIG(status)))
-    } else if libc::WEXITSTATUS(status) != 0 {
-        Some(format!("exit status {}", libc::WEXITSTATUS(status)))
-    } else if boot.is_none() {
-        Some(format!("no `{MARKER}` line"))
-    } else {
-        None
-    };
-    if let Some(why) = &mut failure {
-        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        why.extend(tail.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
+    let mut c = common::run_vm(cmd, TIMEOUT, &[MARKER], common::Done::Exit)?;
+    let boot = c.seen[0];
+    if boot.is_none() {
+        c.fail(format!("no `{MARKER}` line"));
     }
     // nixvm logs "vcpu0: first KVM_RUN <N> ms after start".
-    let setup_ms = stderr.lines().find_map(|l| {
+    let setup_ms = c.stderr.lines().find_map(|l| {
         let rest = l.split("first KVM_RUN ").nth(1)?;
         rest.split_whitespace().next()?.parse().ok()
     });
     // ru_maxrss is in KiB on Linux.
-    let rss_mib = usage.ru_maxrss as f64 / 1024.0;
+    let rss_mib = c.max_rss_kib as f64 / 1024.0;
     let secs = |d: Duration| d.as_secs_f64();
-    let values = [boot.map(secs), Some(secs(total)), setup_ms, Some(rss_mib)];
-    Ok(Run { values, failure })
+    let values = [boot.map(secs), Some(secs(c.total)), setup_ms, Some(rss_mib)];
+    Ok(Run {
+        values,
+        failure: c.failure,
+    })
 }
 
 /// The facts around the table: when, where, what.

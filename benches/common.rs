@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -66,10 +67,16 @@ pub fn route() -> Result<Route> {
     Ok(Route::RanInL1(l1.status()?.code().unwrap_or(125)))
 }
 
-/// One run of a VMM: its `NIXVM-BENCH: ...` lines with when each arrived (from the spawn),
-/// and why it failed.
+/// One run of a VMM: its `NIXVM-BENCH: ...` lines and the console lines it was asked to
+/// watch for, each with when it arrived (from the spawn), how long the process lived, its
+/// peak RSS and stderr, and why it failed.
 pub struct Console {
     pub marks: Vec<(Duration, String)>,
+    /// When the first line containing each watched string arrived.
+    pub seen: Vec<Option<Duration>>,
+    pub total: Duration,
+    pub max_rss_kib: i64,
+    pub stderr: String,
     pub failure: Option<String>,
 }
 
@@ -87,32 +94,67 @@ impl Console {
             .parse()
             .ok()
     }
+
+    /// The `error=` marks a guest program printed.
+    pub fn errors(&self) -> Vec<&str> {
+        self.marks
+            .iter()
+            .filter_map(|(_, m)| m.strip_prefix("error="))
+            .collect()
+    }
+
+    /// Records a failure found by the caller (with the console's and stderr's last lines).
+    pub fn fail(&mut self, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+    }
 }
 
-/// Spawns `cmd`, timestamps its `NIXVM-BENCH: ` lines, kills it after `timeout`, and requires
-/// a zero exit status and a final `NIXVM-BENCH: done`.
-pub fn run_vm(cmd: &mut Command, timeout: Duration) -> Result<Console> {
+/// How a run must end to count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// Exit status 0 and a final `NIXVM-BENCH: done`.
+    Mark,
+    /// Exit status 0.
+    Exit,
+}
+
+/// Spawns `cmd`, timestamps its `NIXVM-BENCH: ` lines and the first line containing each of
+/// `watch`, kills it after `timeout` (giving up on it 10 s later), reaps it with wait4 for its
+/// peak RSS, and checks that it ended as `done` says.
+pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) -> Result<Console> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let id = child.id();
+    let pid = libc::pid_t::try_from(id)?;
+    let watch: Vec<String> = watch.iter().map(|w| (*w).to_owned()).collect();
     let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
     let out = thread::spawn(move || {
         let (mut line, mut marks, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seen = vec![None; watch.len()];
         while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
             let text = String::from_utf8_lossy(&line).trim_end().to_string();
             if let Some(rest) = text.split("NIXVM-BENCH: ").nth(1) {
                 marks.push((start.elapsed(), rest.trim().to_string()));
             }
-            if tail.len() == 10 {
+            for (w, s) in watch.iter().zip(&mut seen) {
+                if s.is_none() && text.contains(w.as_str()) {
+                    *s = Some(start.elapsed());
+                }
+            }
+            // The console's last lines, for a failure's report.
+            if tail.len() == 20 {
                 tail.remove(0);
             }
             tail.push(text);
             line.clear();
         }
-        (marks, tail)
+        (marks, seen, tail)
     });
     let mut stderr = child.stderr.take().ok_or("no stderr")?;
     let err = thread::spawn(move || {
@@ -120,26 +162,54 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration) -> Result<Console> {
         let _ = stderr.read_to_end(&mut text);
         String::from_utf8_lossy(&text).into_owned()
     });
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
+
+    // Kills the child at `timeout`; gives up on it 10 s later. Stopped by dropping `stop`.
+    let (stop, wait) = mpsc::channel::<()>();
+    let watchdog = thread::spawn(move || {
+        let timed_out = mpsc::RecvTimeoutError::Timeout;
+        if wait.recv_timeout(timeout) != Err(timed_out) {
+            return false;
         }
-        if start.elapsed() > timeout {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait()?;
+        eprintln!("pid {pid}: timed out after {timeout:?}, killing it");
+        // SAFETY: sending a signal; the child is not reaped before `stop` is dropped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        if wait.recv_timeout(Duration::from_secs(10)) == Err(timed_out) {
+            eprintln!("bench: pid {pid} survived SIGKILL for 10 s");
+            std::process::exit(1);
         }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let (marks, tail) = out.join().map_err(|_| "stdout reader panicked")?;
+        true
+    });
+    // Waits for the exit without reaping: the pid stays ours while the watchdog runs.
+    // SAFETY: all-zero bytes are a valid `siginfo_t`, which waitid only writes.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child; `info` is valid for writes.
+    if unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) } < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let total = start.elapsed();
+    drop(stop);
+    let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
+    let mut status = 0;
+    // SAFETY: all-zero bytes are a valid `rusage` (plain integers and timevals).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our exited, unreaped child; `status` and `usage` are valid for writes.
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let (marks, seen, tail) = out.join().map_err(|_| "stdout reader panicked")?;
     let stderr = err.join().map_err(|_| "stderr reader panicked")?;
     let mut failure = if timed_out {
         Some(format!("timed out after {timeout:?}, killed"))
-    } else if !status.success() {
-        Some(format!("{status}"))
-    } else if !marks.iter().any(|(_, m)| m == "done") {
-        Some("no `NIXVM-BENCH: done`".to_string())
+    } else if libc::WIFSIGNALED(status) {
+        Some(format!("killed by signal {}", libc::WTERMSIG(status)))
+    } else if libc::WEXITSTATUS(status) != 0 {
+        Some(format!("exit status {}", libc::WEXITSTATUS(status)))
+    } else if done == Done::Mark && !marks.iter().any(|(_, m)| m == "done") {
+        // QEMU with -no-reboot exits with 0 when the guest resets.
+        Some(format!(
+            "exited with 0 after {:.0} s before the guest was done (a guest reset?)",
+            total.as_secs_f64()
+        ))
     } else {
         None
     };
@@ -150,7 +220,14 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration) -> Result<Console> {
         let last: Vec<&str> = stderr.lines().rev().take(5).collect();
         why.extend(last.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
     }
-    Ok(Console { marks, failure })
+    Ok(Console {
+        marks,
+        seen,
+        total,
+        max_rss_kib: usage.ru_maxrss,
+        stderr,
+        failure,
+    })
 }
 
 /// A disk holding a guest script (the test guest runs its last disk's script), padded with

@@ -251,19 +251,19 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
                 _ => Some(Daemon::start(virtiofsd, &tree, &socket)?),
             };
             let backend_start = started.elapsed().as_secs_f64();
-            let mut c = common::run_vm(cmd, TIMEOUT)?;
+            let mut c = common::run_vm(cmd, TIMEOUT, &[], common::Done::Mark)?;
             drop(daemon);
             // How long the back end took to listen, as a mark the rows can read.
             c.marks
                 .push((Duration::ZERO, format!("backend-start={backend_start}")));
             let got = |k: &str| c.value(k).unwrap_or(0.0);
-            let failure = c.failure.clone().or_else(|| {
-                let (files, stats) = (got("files"), got("stats2"));
-                (files != 10_101.0 || stats != 10_000.0).then(|| {
-                    format!("the guest saw {files} entries and {stats} files, not 10101 and 10000")
-                })
-            });
-            match &failure {
+            let (files, stats) = (got("files"), got("stats2"));
+            if files != 10_101.0 || stats != 10_000.0 {
+                c.fail(format!(
+                    "the guest saw {files} entries and {stats} files, not 10101 and 10000"
+                ));
+            }
+            match &c.failure {
                 Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
                 None => {
                     let v: Vec<String> = ROWS
@@ -273,10 +273,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
                     eprintln!("run {i} {name}: {}", v.join(", "));
                 }
             }
-            out.push(Console {
-                marks: c.marks,
-                failure,
-            });
+            out.push(c);
         }
         // The medians so far, in case the route dies before the table (L1 sometimes does).
         let so_far: Vec<String> = ROWS

@@ -11,12 +11,9 @@
 //! Needs root (network namespaces); installs Debian's iperf3 when there is none.
 
 use std::ffi::{OsStr, OsString};
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[path = "common.rs"]
 mod common;
@@ -365,106 +362,22 @@ fn path_arg(prefix: &str, path: &Path, suffix: &str) -> OsString {
     s
 }
 
-/// Spawns `cmd`, collects its `NIXVM-BENCH: key=value` lines and waits for it to exit.
+/// Runs `cmd` ([`common::run_vm`]) and reads the rows' values from its marks.
 fn run(cmd: &mut Command) -> Result<Run> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let id = child.id();
-    let pid = libc::pid_t::try_from(id)?;
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    let out = thread::spawn(move || {
-        let (mut line, mut marks, mut console) = (Vec::new(), Vec::new(), Vec::new());
-        while matches!(stdout.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-            let text = String::from_utf8_lossy(&line).trim_end().to_string();
-            if let Some(rest) = text.split("NIXVM-BENCH: ").nth(1) {
-                marks.push(rest.trim().to_string());
-            }
-            // The console's last lines, for a failure's report.
-            if console.len() == 20 {
-                console.remove(0);
-            }
-            console.push(text);
-            line.clear();
-        }
-        (marks, console)
-    });
-    let mut stderr = child.stderr.take().ok_or("no stderr")?;
-    let err = thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = stderr.read_to_end(&mut text);
-        String::from_utf8_lossy(&text).into_owned()
-    });
-
-    // Kills the child at TIMEOUT; gives up on it 10 s later. Stopped by dropping `done`.
-    let (done, wait) = mpsc::channel::<()>();
-    let watchdog = thread::spawn(move || {
-        let timeout = mpsc::RecvTimeoutError::Timeout;
-        if wait.recv_timeout(TIMEOUT) != Err(timeout) {
-            return false;
-        }
-        eprintln!("pid {pid}: timed out after {TIMEOUT:?}, killing it");
-        // SAFETY: sending a signal; the child is not reaped before `done` is dropped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        if wait.recv_timeout(Duration::from_secs(10)) == Err(timeout) {
-            eprintln!("net bench: pid {pid} survived SIGKILL for 10 s");
-            std::process::exit(1);
-        }
-        true
-    });
-    // Waits for the exit without reaping: the pid stays ours while the watchdog runs.
-    // SAFETY: all-zero bytes are a valid `siginfo_t`, which waitid only writes.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child; `info` is valid for writes.
-    if unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
+    let mut c = common::run_vm(cmd, TIMEOUT, &[], common::Done::Mark)?;
+    let values: Vec<Option<f64>> = ROWS.iter().map(|(_, _, key)| c.value(key)).collect();
+    let errors = c.errors().join("; ");
+    if !errors.is_empty() {
+        c.fail(format!("guest: {errors}"));
+    } else if values.iter().any(Option::is_none) {
+        c.fail(format!("incomplete output: {:?}", c.marks));
+    } else if c.value("ping_received").is_some_and(|n| n < 20.0) {
+        c.fail(format!("pings lost: {:?}", c.marks));
     }
-    drop(done);
-    let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
-    let status = child.wait()?;
-    let (marks, console) = out.join().map_err(|_| "stdout reader panicked")?;
-    let stderr = err.join().map_err(|_| "stderr reader panicked")?;
-
-    let value = |key: &str| {
-        let v = marks
-            .iter()
-            .find_map(|m| m.strip_prefix(key)?.strip_prefix('='))?;
-        v.parse::<f64>().ok()
-    };
-    let values: Vec<Option<f64>> = ROWS.iter().map(|(_, _, key)| value(key)).collect();
-    let errors: Vec<&str> = marks
-        .iter()
-        .filter_map(|m| m.strip_prefix("error="))
-        .collect();
-    let lost = value("ping_received").is_some_and(|n| n < 20.0);
-    let mut failure = if timed_out {
-        Some("timed out, killed".to_string())
-    } else if !status.success() {
-        Some(format!("{status}"))
-    } else if !errors.is_empty() {
-        Some(format!("guest: {}", errors.join("; ")))
-    } else if !marks.iter().any(|m| m == "done") || values.iter().any(Option::is_none) {
-        // QEMU with -no-reboot exits with 0 when the guest resets.
-        Some(format!(
-            "exited with 0 after {:.0} s before the guest was done (a guest reset?): {marks:?}",
-            start.elapsed().as_secs_f64()
-        ))
-    } else if lost {
-        Some(format!("pings lost: {marks:?}"))
-    } else {
-        None
-    };
-    if let Some(why) = &mut failure {
-        why.push_str("\n  console's last lines:");
-        why.extend(console.iter().map(|l| format!("\n    {l}")));
-        why.push_str("\n  stderr's last lines:");
-        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        why.extend(tail.iter().rev().map(|l| format!("\n    {}", l.trim_end())));
-    }
-    Ok(Run { values, failure })
+    Ok(Run {
+        values,
+        failure: c.failure,
+    })
 }
 
 /// The facts around the table: when, where, what.
