@@ -13,10 +13,12 @@
 
 #[path = "common.rs"]
 mod common;
+#[path = "../tests/support/virtiofsd.rs"]
+mod virtiofsd;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::{Console, Result, Route};
@@ -100,23 +102,8 @@ fn main() {
     std::process::exit(code);
 }
 
-/// The upstream virtiofsd: $NIXVM_VIRTIOFSD, else on PATH, else in ~/.cargo/bin.
-fn virtiofsd() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NIXVM_VIRTIOFSD") {
-        return Some(p.into());
-    }
-    let cargo = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(cargo)
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
-}
-
 fn bench() -> Result<i32> {
-    let Some(virtiofsd) = virtiofsd() else {
+    let Some(virtiofsd) = virtiofsd::find() else {
         println!("skipped: no virtiofsd (cargo install virtiofsd --locked)");
         return Ok(0);
     };
@@ -159,16 +146,7 @@ struct Daemon(Child);
 
 impl Daemon {
     fn start(bin: &Path, dir: &Path, socket: &Path) -> Result<Daemon> {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(bin)
-            .arg("--shared-dir")
-            .arg(dir)
-            .arg("--socket-path")
-            .arg(socket)
-            // Inside L1 the root is a chroot, where the namespace sandbox cannot pivot_root.
-            .args(["--sandbox", "chroot", "--readonly", "--log-level", "error"])
-            .stdin(Stdio::null())
-            .spawn()?;
+        let child = virtiofsd::spawn(bin, dir, socket)?;
         // Wait for the socket, as a supervisor would (nixvm waits too, QEMU does not).
         for _ in 0..200 {
             if socket.exists() {

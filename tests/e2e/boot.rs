@@ -159,7 +159,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         group(t, &NET_NAMES, "the network boot", || net_boot(g));
     }
     group(t, &STOREFS_NAMES, "the storefs boot", || storefs_boot(g));
-    match virtiofsd() {
+    match crate::virtiofsd::find() {
         Some(bin) => group(t, &FS_NAMES, "the virtio-fs boot", || fs_boot(g, &bin)),
         None => {
             for name in FS_NAMES {

@@ -1,6 +1,6 @@
 //! virtio-fs with the upstream virtiofsd, and the Nix-store-like tree both fs suites share.
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -15,41 +15,12 @@ pub(crate) const FS_NAMES: [&str; 6] = [
     "fs_backend_killed_vm_survives",
 ];
 
-/// The upstream virtiofsd: $NIXVM_VIRTIOFSD, else on PATH, else in cargo's bin directory.
-pub(crate) fn virtiofsd() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NIXVM_VIRTIOFSD") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
-        .map(|c| c.join("bin"));
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(home)
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
-}
-
 /// A virtiofsd serving `dir` on `socket`, killed when dropped.
 pub(crate) struct Virtiofsd(pub(crate) std::process::Child);
 
 impl Virtiofsd {
     pub(crate) fn start(bin: &Path, dir: &Path, socket: &Path) -> Result<Virtiofsd, String> {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(bin)
-            .arg("--shared-dir")
-            .arg(dir)
-            .arg("--socket-path")
-            .arg(socket)
-            // L1 chroots into the host's /, where pivot_root (the namespace sandbox) fails.
-            .args(["--sandbox", "chroot", "--readonly", "--log-level", "error"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
+        let child = crate::virtiofsd::spawn(bin, dir, socket)
             .map_err(|e| format!("{}: {e}", bin.display()))?;
         Ok(Virtiofsd(child))
     }

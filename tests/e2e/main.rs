@@ -42,6 +42,8 @@ mod lifecycle;
 mod net;
 mod storefs;
 mod usage;
+#[path = "../support/virtiofsd.rs"]
+mod virtiofsd;
 
 use crate::{boot::*, fs::*, harness::*, net::*, storefs::*, usage::*};
 
@@ -60,7 +62,7 @@ fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
         .arg(filter)
         .env(INSIDE, "1")
         // Found here: inside, HOME (for ~/.cargo/bin) may not be set.
-        .envs(virtiofsd().map(|p| ("NIXVM_VIRTIOFSD", p)))
+        .envs(virtiofsd::find().map(|p| ("NIXVM_VIRTIOFSD", p)))
         .stdout(Stdio::piped())
         .spawn()
         .expect("resources/l1run.sh");

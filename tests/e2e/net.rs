@@ -233,24 +233,19 @@ echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f
             &format!("{NET_BYTES},{}", sha256_hex(&sent_path)),
         )
     });
-    let order = is("mac_eth0", &mac_hex(&nixvm_devices_mac("nxtap0")))
-        .and(is("mac_eth1", "52:54:00:12:34:56"));
-    let fd_ok = is("mac_eth2", &mac_hex(&nixvm_devices_mac("nxtap2"))).and(is("ping_eth2", "ok"));
+    let order = is(
+        "mac_eth0",
+        &mac_hex(&nixvm_devices::virtio::net::mac_from_name("nxtap0")),
+    )
+    .and(is("mac_eth1", "52:54:00:12:34:56"));
+    let fd_ok = is(
+        "mac_eth2",
+        &mac_hex(&nixvm_devices::virtio::net::mac_from_name("nxtap2")),
+    )
+    .and(is("ping_eth2", "ok"));
     let _ = std::fs::remove_file(&got_path);
     let _ = std::fs::remove_file(&sent_path);
     Ok(vec![ping, up, down, order, fd_ok])
-}
-
-/// The MAC nixvm derives from an interface name (02 + FNV-1a 64 of the name), as README.md
-/// documents it.
-pub(crate) fn nixvm_devices_mac(name: &str) -> [u8; 6] {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 pub(crate) fn mac_hex(m: &[u8; 6]) -> String {

@@ -1041,6 +1041,8 @@ mod tests {
         assert_eq!(mac[0], 0x02, "locally administered unicast");
         assert_eq!(mac, mac_from_name("tap0"), "stable");
         assert_ne!(mac, mac_from_name("tap1"));
+        // README's rule, FNV-1a 64 of the name (computed independently): 02 + its first 5 bytes.
+        assert_eq!(mac, [0x02, 0xd9, 0x63, 0xfc, 0xef, 0x07]);
         let (tap, _o) = fake_tap();
         let tap = Arc::try_unwrap(tap).ok().unwrap();
         let n = Net::new(tap, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
