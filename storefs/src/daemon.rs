@@ -126,6 +126,7 @@ impl Backend {
                     signal_err.get_or_insert(e);
                 }
             }
+            std::ops::ControlFlow::Continue(())
         });
         if let Err(e) = served {
             log::warn!("storefs: a queue is broken ({e}); it is no longer served");

@@ -5,7 +5,8 @@
 //! the device's own [`worker`] thread, woken by the queues' eventfds (KVM ioeventfds), and
 //! interrupts go out through an eventfd (a KVM irqfd): the data path never needs a vCPU exit.
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use crate::lock;
@@ -164,6 +165,7 @@ where
         if let Err(e) = q.add_used(mem, head, len) {
             log::warn!("virtio: cannot complete descriptor {head}: {e}");
         }
+        ControlFlow::Continue(())
     });
     match served {
         Ok(used_any) => {
@@ -214,9 +216,12 @@ where
 pub type OwnedChain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
 /// A device's only queue served by a pool of threads: the worker thread takes chains off the
-/// queue as they arrive and hands them to `threads` threads, so up to that many requests are
-/// in flight at once; each thread completes its chain into the used ring and interrupts the
-/// driver when it wants to know. Dropping the pool finishes the requests in flight first.
+/// queue as they arrive and hands them to `threads` threads, so up to that many requests run
+/// at once; each thread completes its chain into the used ring and interrupts the driver
+/// when it wants to know. At most the queue's size of chains are taken and not yet completed
+/// (a driver cannot have more outstanding; one that republishes heads waits in the ring):
+/// the worker stops taking chains there, and the thread that completes one wakes it again.
+/// Dropping the pool finishes the requests in flight first.
 pub struct QueuePool {
     worker: Option<worker::Worker>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -238,6 +243,14 @@ impl QueuePool {
         let queue = Arc::new(Mutex::new(
             queue.into_iter().next().ok_or(ActivateError::BadQueue(0))?,
         ));
+        let limit = usize::from(lock(&queue).size());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let kick = evts
+            .first()
+            .ok_or(ActivateError::BadQueue(0))?
+            .try_clone()
+            .map_err(ActivateError::Thread)?;
+        let kick = Arc::new(kick);
         let (tx, rx) = mpsc::channel::<OwnedChain>();
         let rx = Arc::new(Mutex::new(rx));
         let handle = Arc::new(handle);
@@ -253,11 +266,16 @@ impl QueuePool {
                 irq.clone(),
                 handle.clone(),
             );
+            let (in_flight, kick) = (in_flight.clone(), kick.clone());
             let t = std::thread::Builder::new()
                 .name(format!("{name}-io{i}"))
                 .spawn(move || {
-                    // Ends when the worker thread, and with it the sender, is gone.
-                    while let Ok(chain) = lock(&rx).recv() {
+                    loop {
+                        // The receiver is locked only to take one chain: the threads run
+                        // their requests in parallel. Ends when the worker, and with it the
+                        // sender, is gone.
+                        let next = lock(&rx).recv();
+                        let Ok(chain) = next else { break };
                         let head = chain.head_index();
                         let m = mem.memory();
                         let len = handle(chain, &m);
@@ -265,9 +283,14 @@ impl QueuePool {
                         if let Err(e) = q.add_used(&*m, head, len) {
                             log::warn!("virtio: cannot complete descriptor {head}: {e}");
                         }
-                        if q.needs_notification(&*m).unwrap_or(true) {
-                            drop(q);
+                        let notify = q.needs_notification(&*m).unwrap_or(true);
+                        drop(q);
+                        if notify {
                             irq.trigger(VIRTIO_MMIO_INT_VRING);
+                        }
+                        // The worker stopped taking chains at the limit: room again.
+                        if in_flight.fetch_sub(1, Ordering::SeqCst) == limit {
+                            let _ = kick.write(1);
                         }
                     }
                 })
@@ -275,11 +298,19 @@ impl QueuePool {
             pool.threads.push(t);
         }
         let w = worker::Worker::spawn(name.to_owned(), evts, move |_| {
+            if in_flight.load(Ordering::SeqCst) >= limit {
+                return; // the thread that completes one wakes this one
+            }
             let m = mem.memory();
             let mut q = lock(&queue);
             // The pool threads outlive this thread, so the channel stays open.
             let served = queue::for_each_chain(&mut q, m.clone(), |_, chain| {
                 let _ = tx.send(chain);
+                if in_flight.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             });
             if let Err(e) = served {
                 broken_queue(&mut q, irq.as_ref(), &e);
@@ -319,5 +350,103 @@ pub mod test_utils {
         fn trigger(&self, status: u32) {
             self.0.lock().unwrap().push(status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_utils::{CountingIrq, memory};
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    /// Waits until `cond` holds, for at most 5 s.
+    fn wait_for(cond: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while !cond() {
+            if start.elapsed() > Duration::from_secs(5) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    #[test]
+    fn the_pool_runs_requests_in_parallel_and_at_most_a_ring_of_them() {
+        let mem = memory(1 << 20);
+        let mock = MockSplitQueue::new(&mem, 4);
+        let descs: Vec<RawDescriptor> = (0..4)
+            .map(|i| RawDescriptor::from(Descriptor::new(0x10_000 + i * 0x100, 16, 0, 0)))
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let queue: Queue = mock.create_queue().unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kicker = kick.try_clone().unwrap();
+        let (running, max, started) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let release = Arc::new(AtomicBool::new(false));
+        // Lets the requests finish however the test ends (the pool's drop waits for them).
+        struct Release(Arc<AtomicBool>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (r, mx, st, rel) = (
+            running.clone(),
+            max.clone(),
+            started.clone(),
+            release.clone(),
+        );
+        let pool = QueuePool::spawn(
+            "test",
+            8,
+            Memory::new(mem.clone()),
+            Arc::new(CountingIrq::default()),
+            vec![(queue, kick)],
+            move |_, _| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                mx.fetch_max(now, Ordering::SeqCst);
+                st.fetch_add(1, Ordering::SeqCst);
+                while !rel.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+                0
+            },
+        )
+        .unwrap();
+        // Dropped before the pool, whose drop waits for the requests.
+        let _release_at_end = Release(release.clone());
+        kicker.write(1).unwrap();
+        // All four requests run at once on four of the eight threads.
+        assert!(
+            wait_for(|| started.load(Ordering::SeqCst) == 4),
+            "started {}",
+            started.load(Ordering::SeqCst)
+        );
+        assert_eq!(max.load(Ordering::SeqCst), 4);
+        // The driver republishes the same four heads while none is complete: the pool takes
+        // no more than the ring's four.
+        mock.avail().idx().store(u16::to_le(8));
+        kicker.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            4,
+            "at most a ring in flight"
+        );
+        // Once some complete, the worker is woken and takes the rest.
+        release.store(true, Ordering::SeqCst);
+        assert!(wait_for(|| started.load(Ordering::SeqCst) == 8));
+        assert!(wait_for(|| running.load(Ordering::SeqCst) == 0));
+        drop(pool);
     }
 }

@@ -472,6 +472,7 @@ impl DataPath {
             if let Err(e) = q.add_used(&*mem, head, 0) {
                 log::warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
             }
+            std::ops::ControlFlow::Continue(())
         });
         match served {
             Ok(true) if self.txq.needs_notification(&*mem).unwrap_or(true) => {

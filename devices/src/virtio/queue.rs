@@ -6,7 +6,7 @@
 //! size ahead, an available ring that cannot be read, a queue served before it was made
 //! ready) ends the loop with a [`QueueError`] instead of spinning: the caller stops serving
 //! that queue and asks the driver for a reset ([`super::Interrupt::needs_reset`]).
-use std::ops::Deref;
+use std::ops::{ControlFlow, Deref};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
@@ -30,13 +30,15 @@ where
 
 /// Hands every available chain to `f` (with the queue, so that it can complete the chain),
 /// keeping notifications off while there is work, as the spec describes for EVENT_IDX: the
-/// loop ends when the driver has nothing more and notifications are on again. Returns
-/// whether any chain was taken. A queue that was never made ready has nothing to serve.
+/// loop ends when the driver has nothing more and notifications are on again. `f` may stop
+/// the loop early (`Break`: it can take no more now); notifications then stay off, and the
+/// caller must come back by itself. Returns whether any chain was taken. A queue that was
+/// never made ready has nothing to serve.
 pub fn for_each_chain<M, F>(queue: &mut Queue, mem: M, mut f: F) -> Result<bool, QueueError>
 where
     M: Clone + Deref,
     M::Target: GuestMemory + Sized,
-    F: FnMut(&mut Queue, DescriptorChain<M>),
+    F: FnMut(&mut Queue, DescriptorChain<M>) -> ControlFlow<()>,
 {
     if !queue.ready() {
         return Ok(false);
@@ -49,7 +51,9 @@ where
         let mut took = false;
         while let Some(chain) = pop(queue, mem.clone())? {
             took = true;
-            f(queue, chain);
+            if f(queue, chain).is_break() {
+                return Ok(true);
+            }
         }
         if more && !took {
             return Err(QueueError::Stuck);
@@ -93,11 +97,21 @@ mod tests {
         let took = for_each_chain(&mut q, &mem, |q, c| {
             heads.push(c.head_index());
             q.add_used(&mem, c.head_index(), 0).unwrap();
+            ControlFlow::Continue(())
         })
         .unwrap();
         assert!(took);
         assert_eq!(heads, [0, 1, 2]);
         assert!(!for_each_chain(&mut q, &mem, |_, _| panic!("nothing left")).unwrap());
+        // A consumer that can take one chain now gets one; the rest wait in the ring.
+        let (_mock, mut q) = queue_with(&mem, 3);
+        let mut n = 0;
+        for_each_chain(&mut q, &mem, |_, _| {
+            n += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
+        assert_eq!((n, q.next_avail()), (1, 1));
     }
 
     #[test]
@@ -107,7 +121,7 @@ mod tests {
         // The driver claims 17 chains on a 16-entry ring.
         mem.write_obj(17u16, mock.avail_addr().unchecked_add(2))
             .unwrap();
-        let r = for_each_chain(&mut q, &mem, |_, _| {});
+        let r = for_each_chain(&mut q, &mem, |_, _| ControlFlow::Continue(()));
         assert!(matches!(r, Err(QueueError::Ring(_))), "{r:?}");
     }
 
@@ -120,7 +134,7 @@ mod tests {
         // Even with an available ring at 0 whose index is not zero.
         let mut fresh = Queue::new(16).unwrap();
         mem.write_obj(5u16, GuestAddress(2)).unwrap();
-        assert!(!for_each_chain(&mut fresh, &mem, |_, _| {}).unwrap());
+        assert!(!for_each_chain(&mut fresh, &mem, |_, _| ControlFlow::Continue(())).unwrap());
     }
 
     #[test]
@@ -131,7 +145,7 @@ mod tests {
         let near_end = (1u64 << 20) - 4;
         mem.write_obj(1u16, GuestAddress(near_end + 2)).unwrap();
         q.set_avail_ring_address(Some(near_end as u32), Some(0));
-        let r = for_each_chain(&mut q, &mem, |_, _| {});
+        let r = for_each_chain(&mut q, &mem, |_, _| ControlFlow::Continue(()));
         assert!(matches!(r, Err(QueueError::Stuck)), "{r:?}");
     }
 }
