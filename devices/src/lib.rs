@@ -1,5 +1,6 @@
 //! nixvm's devices: the legacy PC devices (serial, i8042, CMOS RTC, ACPI power management)
-//! and, later, virtio. No KVM here: the vmm crate wires devices to vCPU exits and irqfds.
+//! and the virtio devices behind the virtio-mmio transport. No KVM here: the vmm crate wires
+//! devices to vCPU exits, irqfds and ioeventfds.
 // Tests build fixtures with plain casts; the library code is checked without this.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
