@@ -320,16 +320,18 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     // Connected: nobody else is to connect. (A --socket file stays: the sandbox can no
     // longer remove it; the next start replaces it.)
     drop(listener);
-    let served = daemon.wait().map_err(|e| e.to_string());
+    let served = daemon.wait();
     for (_, n) in &backend.exits {
         let _ = n.notify();
     }
+    use vhost::vhost_user::Error as Protocol;
     match served {
         Ok(()) => Ok(()),
         // The VMM hanging up is how a session ends.
-        Err(e) if e.contains("disconnect") || e.contains("Disconnected") => Ok(()),
-        Err(e) if e.contains("partial message") || e.contains("PartialMessage") => Ok(()),
-        Err(e) => Err(daemon_err(e)),
+        Err(vhost_user_backend::Error::HandleRequest(
+            Protocol::Disconnected | Protocol::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(daemon_err(e.to_string())),
     }
 }
 

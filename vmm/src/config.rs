@@ -33,8 +33,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {message}")]
-    ParseConfig { path: PathBuf, message: String },
+    #[error("config file {path} is not valid")]
+    ParseConfig {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("no kernel given: pass --kernel PATH (or \"kernel\" in the config file)")]
     NoKernel,
     #[error(transparent)]
@@ -620,9 +624,9 @@ impl Settings {
             path: path.to_owned(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::ParseConfig {
+        serde_json::from_str(&text).map_err(|source| Error::ParseConfig {
             path: path.to_owned(),
-            message: e.to_string(),
+            source,
         })
     }
 

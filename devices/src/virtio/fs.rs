@@ -48,8 +48,40 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("the vhost-user backend on {socket} failed the handshake: {message}")]
-    Handshake { socket: PathBuf, message: String },
+    #[error("the vhost-user backend on {socket} failed the handshake ({step})")]
+    Handshake {
+        socket: PathBuf,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("the vhost-user backend on {socket} does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1 { socket: PathBuf },
+    #[error("the vhost-user backend on {socket} serves {queues} queues; virtio-fs needs 2")]
+    TooFewQueues { socket: PathBuf, queues: u64 },
+}
+
+/// Why the back end refused the device's set-up at activation.
+#[derive(Debug, thiserror::Error)]
+pub enum SetUpError {
+    #[error("{step}{}", queue.map_or(String::new(), |q| format!(" of queue {q}")))]
+    Step {
+        /// None for the device-wide steps.
+        queue: Option<usize>,
+        step: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("guest memory is not shareable")]
+    Memory(#[source] vhost::Error),
+    #[error("queue {queue}'s {what} at {addr:#x} is outside guest memory")]
+    Ring {
+        queue: usize,
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
 /// What `--fs` asks for.
@@ -112,18 +144,24 @@ impl VhostUserFs {
     /// Connects to the backend (waiting up to `wait` for its socket) and negotiates.
     pub fn connect(opts: &FsOptions, wait: Duration) -> Result<VhostUserFs, Error> {
         let stream = connect(&opts.socket, wait)?;
-        let handshake = |e: &dyn std::fmt::Display| Error::Handshake {
-            socket: opts.socket.clone(),
-            message: e.to_string(),
+        let socket = || opts.socket.clone();
+        let handshake = |step| {
+            move |source| Error::Handshake {
+                socket: opts.socket.clone(),
+                step,
+                source,
+            }
         };
-        let io_err = |e: io::Error| handshake(&e);
         let wanted_queues = 1 + u64::from(opts.request_queues.clamp(1, MAX_REQUEST_QUEUES));
-        let mut frontend =
-            Frontend::from_stream(stream.try_clone().map_err(io_err)?, wanted_queues);
-        frontend.set_owner().map_err(|e| handshake(&e))?;
-        let backend_features = frontend.get_features().map_err(|e| handshake(&e))?;
+        let clone = stream.try_clone().map_err(|source| Error::Connect {
+            socket: socket(),
+            source,
+        })?;
+        let mut frontend = Frontend::from_stream(clone, wanted_queues);
+        frontend.set_owner().map_err(handshake("set_owner"))?;
+        let backend_features = frontend.get_features().map_err(handshake("get_features"))?;
         if backend_features & F_VERSION_1 == 0 {
-            return Err(handshake(&"it does not offer F_VERSION_1"));
+            return Err(Error::NoVersion1 { socket: socket() });
         }
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
         // Without MQ the backend serves the two queues every virtio-fs backend has.
@@ -131,17 +169,20 @@ impl VhostUserFs {
         if protocol {
             let offered = frontend
                 .get_protocol_features()
-                .map_err(|e| handshake(&e))?;
+                .map_err(handshake("get_protocol_features"))?;
             let wanted = offered & VhostUserProtocolFeatures::MQ;
             frontend
                 .set_protocol_features(wanted)
-                .map_err(|e| handshake(&e))?;
+                .map_err(handshake("set_protocol_features"))?;
             if wanted.contains(VhostUserProtocolFeatures::MQ) {
-                let n = frontend.get_queue_num().map_err(|e| handshake(&e))?;
+                let n = frontend
+                    .get_queue_num()
+                    .map_err(handshake("get_queue_num"))?;
                 if n < 2 {
-                    return Err(handshake(&format!(
-                        "it serves {n} queues, virtio-fs needs 2"
-                    )));
+                    return Err(Error::TooFewQueues {
+                        socket: socket(),
+                        queues: n,
+                    });
                 }
                 num_queues = n.min(wanted_queues);
             }
@@ -166,34 +207,46 @@ impl VhostUserFs {
         })
     }
 
-    /// Sends the backend the memory table and the rings; returns the error as text.
+    /// Sends the backend the memory table and the rings.
     fn set_up(
         &mut self,
         mem: &GuestMemoryMmap,
         call: &EventFd,
         queues: &[(Queue, EventFd)],
-    ) -> Result<(), String> {
+    ) -> Result<(), SetUpError> {
         let fe = &mut self.frontend;
+        let device_step = |step| {
+            move |source| SetUpError::Step {
+                queue: None,
+                step,
+                source,
+            }
+        };
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         fe.set_features(self.acked | (self.backend_features & protocol_bit))
-            .map_err(|e| format!("set_features: {e}"))?;
+            .map_err(device_step("set_features"))?;
         let regions = mem
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("guest memory is not shareable ({e})"))?;
+            .map_err(SetUpError::Memory)?;
         fe.set_mem_table(&regions)
-            .map_err(|e| format!("set_mem_table: {e}"))?;
-        let host = |a: u64, what: &str| {
-            mem.get_host_address(GuestAddress(a))
-                .map(|p| p as u64)
-                .map_err(|e| format!("queue {what} at {a:#x}: {e}"))
-        };
+            .map_err(device_step("set_mem_table"))?;
         for (i, (q, kick)) in queues.iter().enumerate() {
             if !q.ready() {
                 // A driver may leave request queues unused (Linux before 6.11 uses one).
                 continue;
             }
+            let host = |a: u64, what| {
+                mem.get_host_address(GuestAddress(a))
+                    .map(|p| p as u64)
+                    .map_err(|source| SetUpError::Ring {
+                        queue: i,
+                        what,
+                        addr: a,
+                        source,
+                    })
+            };
             let cfg = VringConfigData {
                 queue_max_size: q.max_size(),
                 queue_size: q.size(),
@@ -203,8 +256,12 @@ impl VhostUserFs {
                 avail_ring_addr: host(q.avail_ring(), "available ring")?,
                 log_addr: None,
             };
-            let step = |r: Result<(), vhost::Error>, what: &str| {
-                r.map_err(|e| format!("queue {i}: {what}: {e}"))
+            let step = |r: Result<(), vhost::Error>, step| {
+                r.map_err(|source| SetUpError::Step {
+                    queue: Some(i),
+                    step,
+                    source,
+                })
             };
             step(fe.set_vring_num(i, q.size()), "set_vring_num")?;
             step(fe.set_vring_addr(i, &cfg), "set_vring_addr")?;
@@ -250,11 +307,11 @@ impl VirtioDevice for VhostUserFs {
         }
         let call = irq
             .notifier()
-            .ok_or_else(|| ActivateError::Backend("no irqfd to give the backend".into()))?
+            .ok_or(ActivateError::NoNotifier)?
             .try_clone()
             .map_err(ActivateError::Thread)?;
         self.set_up(&mem.memory(), &call, &queues)
-            .map_err(|e| ActivateError::Backend(format!("{}: {e}", self.socket.display())))?;
+            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         let mut fallback = Fallback {
             mem,
             irq,

@@ -626,7 +626,7 @@ mod tests {
             _: Vec<(Queue, EventFd)>,
         ) -> Result<(), super::super::ActivateError> {
             drop(self.0.lock().unwrap());
-            Err(super::super::ActivateError::Backend("gone".into()))
+            Err(super::super::ActivateError::NoNotifier)
         }
         fn reset(&mut self) -> bool {
             true

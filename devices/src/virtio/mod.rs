@@ -97,8 +97,10 @@ pub enum ActivateError {
     Thread(#[source] io::Error),
     #[error("queue {0} is not usable (not ready, or its rings are outside guest memory)")]
     BadQueue(usize),
-    #[error("the vhost-user backend refused the device's set-up: {0}")]
-    Backend(String),
+    #[error("the vhost-user back end refused the device's set-up")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the transport gives no eventfd for a back end to signal the guest with")]
+    NoNotifier,
 }
 
 /// A virtio device behind a transport. Queues move into the device at activation.
