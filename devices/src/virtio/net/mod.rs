@@ -1,0 +1,530 @@
+//! virtio-net on a TAP device the host created beforehand (or an inherited TAP/macvtap fd).
+//!
+//! nixvm never creates or configures interfaces: it attaches to an existing TAP by name
+//! (TUNSETIFF, which needs no privilege when the TAP belongs to nixvm's user) or takes an
+//! open fd. Frames carry the 12-byte virtio-net header on both sides (IFF_VNET_HDR with
+//! TUNSETVNETHDRSZ), so checksum and segmentation offloads pass through untouched; the
+//! offloads the guest accepts are set on the TAP (TUNSETOFFLOAD).
+//!
+//! One worker thread per device polls the two queues' eventfds and the TAP. While the guest
+//! has no receive buffers, the TAP is not polled (frames wait in its own queue) until the
+//! guest adds buffers. Bad frames from the guest are dropped and counted.
+use std::io;
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_bindings::virtio_net::*;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace};
+use vmm_sys_util::eventfd::EventFd;
+
+mod tap;
+
+pub use tap::{Error, Tap, mac_from_name};
+use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
+
+use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, total};
+use super::queue;
+use super::worker::Worker;
+use super::{
+    ActivateError, F_EVENT_IDX, GuestMemoryMmap, Interrupt, Memory, VIRTIO_ID_NET,
+    VIRTIO_MMIO_INT_VRING, VirtioDevice, read_config_bytes,
+};
+
+const QUEUE_SIZE: u16 = 256;
+/// The virtio-net header with F_VERSION_1: `virtio_net_hdr_v1`, num_buffers included.
+pub const HDR_LEN: usize = 12;
+/// The largest frame: a 64 KiB IP packet with an Ethernet header and a VLAN tag.
+pub const MAX_FRAME: usize = 65550;
+const ETH_HLEN: usize = 14;
+
+/// Frames moved and dropped, per device.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub tx_frames: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_dropped: AtomicU64,
+}
+
+impl Stats {
+    /// Counts a dropped frame; logs the first and then every power of two.
+    fn drop_frame(&self, rx: bool, why: &str) {
+        let c = if rx {
+            &self.rx_dropped
+        } else {
+            &self.tx_dropped
+        };
+        let n = c.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            let dir = if rx { "received" } else { "sent" };
+            log::warn!("virtio-net: frame {dir} dropped: {why} ({n} so far)");
+        }
+    }
+}
+
+/// The virtio-net device.
+pub struct Net {
+    tap: Arc<Tap>,
+    config: [u8; 12],
+    acked: u64,
+    stats: Arc<Stats>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A device on `tap` with the given MAC (else one derived from the TAP's name).
+    pub fn new(tap: Tap, mac: Option<[u8; 6]>) -> Net {
+        let mac = mac.unwrap_or_else(|| mac_from_name(tap.name()));
+        let mut config = [0u8; 12];
+        config[0..6].copy_from_slice(&mac);
+        let up = u16::try_from(VIRTIO_NET_S_LINK_UP).expect("1");
+        config[6..8].copy_from_slice(&up.to_le_bytes());
+        config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        Net {
+            tap: Arc::new(tap),
+            config,
+            acked: 0,
+            stats: Arc::default(),
+            worker: None,
+        }
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.config[0..6].try_into().expect("6")
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+}
+
+fn bit(f: u32) -> u64 {
+    1 << f
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn avail_features(&self) -> u64 {
+        F_EVENT_IDX
+            | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_STATUS)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
+            | bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_HOST_TSO6)
+            | bit(VIRTIO_NET_F_HOST_ECN)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_ECN)
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(
+        &mut self,
+        mem: Memory,
+        irq: Arc<dyn Interrupt>,
+        queues: Vec<(Queue, EventFd)>,
+    ) -> Result<(), ActivateError> {
+        let acked = self.acked;
+        let has = |f: u32| acked & bit(f) != 0;
+        let mut offload = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            offload |= TUN_F_CSUM;
+            for (f, t) in [
+                (VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
+                (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+                (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN),
+            ] {
+                if has(f) {
+                    offload |= t;
+                }
+            }
+        }
+        if let Err(e) = self.tap.set_offload(offload) {
+            log::warn!("virtio-net {}: cannot set offloads: {e}", self.tap.name());
+        }
+        let mut q = queues.into_iter();
+        let (Some((rxq, rx_evt)), Some((txq, tx_evt))) = (q.next(), q.next()) else {
+            return Err(ActivateError::BadQueue(0));
+        };
+        let fds = vec![
+            (rx_evt.as_raw_fd(), libc::POLLIN),
+            (tx_evt.as_raw_fd(), libc::POLLIN),
+            (self.tap.file.as_raw_fd(), libc::POLLIN),
+        ];
+        let mut path = DataPath::new(self.tap.clone(), mem, irq, rxq, txq, acked, self.stats());
+        let name = format!("virtio-net-{}", self.tap.name());
+        let worker = Worker::spawn_poll(name, fds, move |ready, interest| {
+            if ready[0] != 0 {
+                let _ = rx_evt.read();
+            }
+            if ready[1] != 0 {
+                let _ = tx_evt.read();
+                path.process_tx();
+            }
+            if ready[2] & (libc::POLLERR | libc::POLLHUP) != 0 {
+                log::error!("virtio-net {}: the TAP is gone", path.wire.tap.name());
+                interest[2] = -1;
+                return;
+            }
+            if ready[0] != 0 || ready[2] != 0 {
+                path.process_rx();
+            }
+            interest[2] = if path.rx_blocked { 0 } else { libc::POLLIN };
+        })
+        .map_err(ActivateError::Thread)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        self.worker.take();
+        true
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.worker.take();
+        let s = &self.stats;
+        let (tx, rx) = (
+            s.tx_dropped.load(Ordering::Relaxed),
+            s.rx_dropped.load(Ordering::Relaxed),
+        );
+        if tx + rx > 0 {
+            log::info!(
+                "virtio-net {}: {tx} sent and {rx} received frames were dropped",
+                self.tap.name()
+            );
+        }
+    }
+}
+
+/// What a receive attempt did with the frame.
+enum Rx {
+    Delivered,
+    NoBuffers,
+    Dropped,
+    /// The receive queue is broken: it is not served again until a reset.
+    Broken(queue::QueueError),
+}
+
+/// The queues and the TAP, owned by the worker thread.
+struct DataPath {
+    wire: Wire,
+    mem: Memory,
+    irq: Arc<dyn Interrupt>,
+    rxq: Queue,
+    txq: Queue,
+    /// One frame read from the TAP (header included) and its length; a frame that found no
+    /// buffers waits here until the guest adds some.
+    frame: Vec<u8>,
+    pending: usize,
+    /// The guest has no receive buffers: the TAP is not polled until it adds some.
+    rx_blocked: bool,
+}
+
+impl DataPath {
+    fn new(
+        tap: Arc<Tap>,
+        mem: Memory,
+        irq: Arc<dyn Interrupt>,
+        rxq: Queue,
+        txq: Queue,
+        acked: u64,
+        stats: Arc<Stats>,
+    ) -> DataPath {
+        DataPath {
+            wire: Wire { tap, stats, acked },
+            mem,
+            irq,
+            rxq,
+            txq,
+            frame: vec![0; HDR_LEN + MAX_FRAME],
+            pending: 0,
+            rx_blocked: false,
+        }
+    }
+
+    /// Sends every frame the guest queued to the TAP.
+    fn process_tx(&mut self) {
+        let mem = self.mem.memory();
+        let wire = &self.wire;
+        let served = queue::for_each_chain(&mut self.txq, &*mem, |q, chain| {
+            let head = chain.head_index();
+            wire.send(chain, &mem);
+            if let Err(e) = q.add_used(&*mem, head, 0) {
+                log::warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        match served {
+            Ok(true) if self.txq.needs_notification(&*mem).unwrap_or(true) => {
+                self.irq.trigger(VIRTIO_MMIO_INT_VRING);
+            }
+            Ok(_) => {}
+            Err(e) => super::broken_queue(&mut self.txq, self.irq.as_ref(), &e),
+        }
+    }
+
+    /// Moves frames from the TAP into the guest's receive buffers until one side runs dry.
+    fn process_rx(&mut self) {
+        let mem = self.mem.memory();
+        if !self.rxq.ready() {
+            // Never set up, or stopped as broken: frames wait in the TAP until a reset.
+            self.rx_blocked = true;
+            return;
+        }
+        self.rx_blocked = false;
+        let mut used_any = false;
+        if let Err(e) = self.rxq.disable_notification(&*mem) {
+            log::warn!("virtio-net: bad rx used ring: {e}");
+            return;
+        }
+        loop {
+            if self.pending == 0 {
+                // SAFETY: reading into our own buffer of that length.
+                let n = unsafe {
+                    libc::read(
+                        self.wire.tap.file.as_raw_fd(),
+                        self.frame.as_mut_ptr().cast(),
+                        self.frame.len(),
+                    )
+                };
+                match usize::try_from(n) {
+                    Ok(n) if n < HDR_LEN + ETH_HLEN => {
+                        self.wire.stats.drop_frame(true, "runt frame from the TAP");
+                        continue;
+                    }
+                    Ok(n) => self.pending = n,
+                    Err(_) => {
+                        let e = io::Error::last_os_error();
+                        if e.kind() == io::ErrorKind::Interrupted {
+                            continue;
+                        }
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-net {}: TAP read: {e}", self.wire.tap.name());
+                        }
+                        break;
+                    }
+                }
+            }
+            match self.deliver(&mem) {
+                Rx::Delivered => {
+                    self.pending = 0;
+                    used_any = true;
+                    self.wire.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                Rx::Dropped => {
+                    self.pending = 0;
+                    used_any = true;
+                }
+                Rx::NoBuffers => {
+                    self.rx_blocked = true;
+                    break;
+                }
+                Rx::Broken(e) => {
+                    super::broken_queue(&mut self.rxq, self.irq.as_ref(), &e);
+                    self.rx_blocked = true;
+                    return;
+                }
+            }
+        }
+        if used_any && self.rxq.needs_notification(&*mem).unwrap_or(true) {
+            self.irq.trigger(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// Puts the pending frame into receive buffers: as many chains as it needs with mergeable
+    /// buffers, else one chain that must hold it whole.
+    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Rx {
+        let len = self.pending;
+        let mergeable = self.wire.has(VIRTIO_NET_F_MRG_RXBUF);
+        let start = self.rxq.next_avail();
+        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
+        let mut room = 0usize;
+        let mut malformed = Vec::new();
+        // One frame never takes more chains than the ring holds (zero-length buffers would).
+        let limit = usize::from(self.rxq.size());
+        let mut rechecked = false;
+        while room < len
+            && (mergeable || chains.is_empty())
+            && chains.len() + malformed.len() < limit
+        {
+            let chain = match queue::pop(&mut self.rxq, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    match self.rxq.enable_notification(mem) {
+                        // Buffers arrived meanwhile: look once more.
+                        Ok(true) if !rechecked => {
+                            rechecked = true;
+                            continue;
+                        }
+                        Ok(true) => return Rx::Broken(queue::QueueError::Stuck),
+                        Ok(false) => {}
+                        Err(e) => return Rx::Broken(e.into()),
+                    }
+                    // Put back what was taken; the guest's next buffers wake us.
+                    self.rxq.set_next_avail(start);
+                    return Rx::NoBuffers;
+                }
+                Err(e) => return Rx::Broken(e),
+            };
+            rechecked = false;
+            let head = chain.head_index();
+            let bufs = ChainBuffers::of(chain);
+            if !bufs.readable.is_empty() {
+                // Handed back empty with this frame (not before: a rollback re-reads it).
+                malformed.push(head);
+                continue;
+            }
+            room += total(&bufs.writable);
+            chains.push((head, bufs.writable));
+        }
+        for head in malformed {
+            log::warn!("virtio-net: rx chain {head} has device-readable buffers; returned empty");
+            let _ = self.rxq.add_used(mem, head, 0);
+        }
+        if room < len {
+            // Without mergeable buffers a frame larger than the guest's buffer cannot go in.
+            for (head, _) in chains {
+                let _ = self.rxq.add_used(mem, head, 0);
+            }
+            self.wire
+                .stats
+                .drop_frame(true, "larger than the guest's receive buffer");
+            return Rx::Dropped;
+        }
+        // At most the queue size (a u16), as `limit` keeps it.
+        let num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        self.frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        let mut done = 0;
+        for (head, segs) in chains {
+            let n = total(&segs).min(len - done);
+            let mut written = 0;
+            if done < len {
+                if scatter(mem, &segs, &self.frame[done..done + n]) {
+                    done += n;
+                    written = u32::try_from(n).unwrap_or(0); // at most 64 KiB
+                } else {
+                    log::warn!("virtio-net: rx buffer outside guest memory");
+                    done = len + 1; // the frame is lost; the rest go back empty
+                }
+            }
+            if let Err(e) = self.rxq.add_used(mem, head, written) {
+                log::warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
+            }
+        }
+        if done != len {
+            self.wire
+                .stats
+                .drop_frame(true, "receive buffer outside guest memory");
+            return Rx::Dropped;
+        }
+        Rx::Delivered
+    }
+}
+
+/// The TAP side of a device: the TAP, the frame counters and the negotiated features.
+struct Wire {
+    tap: Arc<Tap>,
+    stats: Arc<Stats>,
+    acked: u64,
+}
+
+impl Wire {
+    fn has(&self, f: u32) -> bool {
+        self.acked & bit(f) != 0
+    }
+
+    /// Writes one guest frame (header + data) to the TAP, or drops it.
+    fn send<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemoryMmap)
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
+        let bufs = ChainBuffers::of(chain);
+        if !bufs.writable.is_empty() {
+            return self
+                .stats
+                .drop_frame(false, "device-writable buffer in a tx chain");
+        }
+        let segs = bufs.readable;
+        let len = total(&segs);
+        if len < HDR_LEN + ETH_HLEN {
+            return self
+                .stats
+                .drop_frame(false, "shorter than a header and an Ethernet header");
+        }
+        if len > HDR_LEN + MAX_FRAME {
+            return self.stats.drop_frame(false, "larger than 64 KiB");
+        }
+        let mut hdr = [0u8; HDR_LEN];
+        if !gather(mem, &segs, &mut hdr) {
+            return self.stats.drop_frame(false, "buffer outside guest memory");
+        }
+        if let Err(why) = self.check_tx_header(&hdr, len - HDR_LEN) {
+            return self.stats.drop_frame(false, why);
+        }
+        let Ok(iovs) = GuestIovecs::new(mem, &segs) else {
+            return self.stats.drop_frame(false, "buffer outside guest memory");
+        };
+        if let Err(e) = iovs.writev(self.tap.file.as_raw_fd()) {
+            let why = if e.kind() == io::ErrorKind::WouldBlock {
+                "the TAP's queue is full".to_owned()
+            } else {
+                format!("the TAP refused it: {e}")
+            };
+            return self.stats.drop_frame(false, &why);
+        }
+        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A transmit header asks only for what was negotiated, and its offsets lie in the frame.
+    fn check_tx_header(&self, h: &[u8; HDR_LEN], frame_len: usize) -> Result<(), &'static str> {
+        let flags = u32::from(h[0]);
+        let gso_type = u32::from(h[1]);
+        let gso_size = u16::from_le_bytes([h[4], h[5]]);
+        let csum_start = usize::from(u16::from_le_bytes([h[6], h[7]]));
+        let csum_offset = usize::from(u16::from_le_bytes([h[8], h[9]]));
+        if flags & !(VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0 {
+            return Err("unknown header flags");
+        }
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            if !self.has(VIRTIO_NET_F_CSUM) {
+                return Err("checksum offload not negotiated");
+            }
+            if csum_start + csum_offset + 2 > frame_len {
+                return Err("checksum offsets outside the frame");
+            }
+        }
+        let ecn = gso_type & VIRTIO_NET_HDR_GSO_ECN != 0;
+        let need = match gso_type & !VIRTIO_NET_HDR_GSO_ECN {
+            VIRTIO_NET_HDR_GSO_NONE if !ecn => return Ok(()),
+            VIRTIO_NET_HDR_GSO_TCPV4 => VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_HDR_GSO_TCPV6 => VIRTIO_NET_F_HOST_TSO6,
+            _ => return Err("unknown segmentation type"),
+        };
+        if !self.has(need) || (ecn && !self.has(VIRTIO_NET_F_HOST_ECN)) {
+            return Err("segmentation offload not negotiated");
+        }
+        if gso_size == 0 || flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+            return Err("segmentation without a segment size or checksum offload");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

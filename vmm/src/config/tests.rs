@@ -1,0 +1,415 @@
+use super::*;
+use std::io::Write;
+
+#[test]
+fn sizes() {
+    assert_eq!("512M".parse(), Ok(Size(512 << 20)));
+    assert_eq!("2G".parse(), Ok(Size(2 << 30)));
+    assert_eq!("2g".parse(), Ok(Size(2 << 30)));
+    assert_eq!("384".parse(), Ok(Size(384 << 20)));
+    assert_eq!("65536K".parse(), Ok(Size(64 << 20)));
+    for bad in ["", "M", "12X", "-1", "1.5G", "99999999999999T", " "] {
+        assert!(bad.parse::<Size>().is_err(), "{bad:?}");
+    }
+    assert_eq!(Size(512 << 20).to_string(), "512M");
+    assert_eq!(Size(2 << 30).to_string(), "2G");
+    assert_eq!(Size(1536 << 20).to_string(), "1536M");
+    assert_eq!(Size((23 << 30) + (512 << 20) + 1).to_string(), "23.5G");
+}
+
+#[test]
+fn serial_specs() {
+    assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+    assert_eq!("off".parse(), Ok(SerialConfig::Off));
+    assert_eq!(
+        "file=/tmp/x".parse(),
+        Ok(SerialConfig::File("/tmp/x".into()))
+    );
+    assert_eq!(
+        "socket=a/b.sock".parse(),
+        Ok(SerialConfig::Socket("a/b.sock".into()))
+    );
+    for bad in ["", "file=", "socket", "tcp=1", "Stdio"] {
+        assert!(bad.parse::<SerialConfig>().is_err(), "{bad:?}");
+    }
+    for s in ["stdio", "off", "file=/x", "socket=/y"] {
+        assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
+    }
+}
+
+#[test]
+fn fs_and_memory_specs() {
+    let f: FsConfig = "tag=ro-store,socket=/run/s.sock".parse().unwrap();
+    assert_eq!(
+        f,
+        FsConfig {
+            tag: "ro-store".into(),
+            socket: Some("/run/s.sock".into()),
+            path: None,
+            readonly: false,
+            queue_size: 1024,
+            queues: None,
+        }
+    );
+    assert_eq!(f.request_queues(8), 1);
+    let f: FsConfig = "socket=s,tag=t,queue_size=128".parse().unwrap();
+    assert_eq!(f.queue_size, 128);
+    let f: FsConfig = "tag=store,path=/nix/store,readonly=on,queues=2"
+        .parse()
+        .unwrap();
+    assert_eq!(
+        (f.path.as_deref(), f.readonly, f.queues, f.socket),
+        (Some(Path::new("/nix/store")), true, Some(2), None)
+    );
+    let f: FsConfig = "tag=store,path=/nix/store,readonly=on".parse().unwrap();
+    assert_eq!((f.request_queues(1), f.request_queues(2)), (1, 2));
+    // Switches read the same in every option (key_values + parse_switch).
+    let yes: FsConfig = "tag=store,path=/nix/store,readonly=yes".parse().unwrap();
+    assert_eq!(yes, f);
+    assert_eq!(f.request_queues(64), 4);
+    for bad in [
+        "",
+        "socket=s",
+        "tag=,socket=s",
+        "tag=t,socket=s,queue_size=x",
+        "tag=t,socket=s,cache=auto",
+        "tag=t,path=/d,readonly=maybe",
+        "tag=t,socket=s,tag=u",
+        "tag=t,path=",
+        "tag=t,socket=s,queues=-1",
+    ] {
+        assert!(bad.parse::<FsConfig>().is_err(), "{bad:?}");
+    }
+    let j: FsConfig = serde_json::from_str(r#"{"tag":"t","socket":"/s"}"#).unwrap();
+    assert_eq!(j.queue_size, 1024);
+    assert_eq!(
+        "2G,shared=on".parse(),
+        Ok(MemoryArg {
+            size: Size(2 << 30),
+            shared: Some(true)
+        })
+    );
+    assert_eq!(
+        "512M".parse(),
+        Ok(MemoryArg {
+            size: Size(512 << 20),
+            shared: None
+        })
+    );
+    for bad in ["", "shared=on", "1G,shared=maybe", "1G,huge=on"] {
+        assert!(bad.parse::<MemoryArg>().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn net_specs() {
+    let n: NetConfig = "tap=tap0,mac=52:54:00:AB:cd:ef".parse().unwrap();
+    assert_eq!(n.tap.as_deref(), Some("tap0"));
+    assert_eq!(n.mac, Some(Mac([0x52, 0x54, 0, 0xab, 0xcd, 0xef])));
+    assert_eq!(n.mac.unwrap().to_string(), "52:54:00:ab:cd:ef");
+    assert_eq!("fd=3".parse::<NetConfig>().unwrap().fd, Some(3));
+    for bad in [
+        "",
+        "tap=",
+        "fd=x",
+        "tap=a,fd=3",
+        "tap=a,tap=b",
+        "mac=52:54:00:00:00:01",
+        "tap=a,mac=52:54:00:00:00",
+        "tap=a,mac=52:54:00:00:00:01:02",
+        "tap=a,mac=5:54:00:00:00:01",
+        "tap=a,queues=2",
+    ] {
+        assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
+    }
+    let j: NetConfig = serde_json::from_str(r#"{"tap":"t","mac":"02:00:00:00:00:01"}"#).unwrap();
+    assert_eq!(j.mac, Some(Mac([2, 0, 0, 0, 0, 1])));
+    assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t","mac":"zz"}"#).is_err());
+    assert_eq!(
+        serde_json::to_string(&j).unwrap(),
+        r#"{"tap":"t","mac":"02:00:00:00:00:01"}"#
+    );
+    assert!(check_net(&j).is_ok());
+    let named = |t: &str| NetConfig {
+        tap: Some(t.into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        check_net(&named("a-very-long-name0")),
+        Err(Error::TapName(_))
+    ));
+    assert!(matches!(check_net(&named("a/b")), Err(Error::TapName(_))));
+    assert!(matches!(
+        check_net(&NetConfig {
+            fd: Some(-1),
+            ..Default::default()
+        }),
+        Err(Error::NetFd(-1))
+    ));
+    assert!(matches!(
+        check_net(&NetConfig::default()),
+        Err(Error::NetKind)
+    ));
+    assert!(matches!(
+        check_net(&NetConfig {
+            mac: Some(Mac([1, 0, 0, 0, 0, 0])),
+            ..named("t")
+        }),
+        Err(Error::MulticastMac(_))
+    ));
+}
+
+#[test]
+fn disk_specs() {
+    let d: DiskConfig = "path=/a.img,readonly=on,serial=abc,direct=on"
+        .parse()
+        .unwrap();
+    assert_eq!(
+        d,
+        DiskConfig {
+            path: "/a.img".into(),
+            readonly: true,
+            serial: Some("abc".into()),
+            direct: true
+        }
+    );
+    assert!(!"path=b.img".parse::<DiskConfig>().unwrap().readonly);
+    for bad in [
+        "",
+        "/a.img",
+        "path=",
+        "path=/a,readonly=maybe",
+        "path=/a,cache=none",
+        "readonly=on",
+    ] {
+        assert!(bad.parse::<DiskConfig>().is_err(), "{bad:?}");
+    }
+    let j: DiskConfig = serde_json::from_str(r#"{"path":"/x","readonly":true}"#).unwrap();
+    assert!(j.readonly && j.serial.is_none());
+    assert!(serde_json::from_str::<DiskConfig>(r#"{"path":"/x","ro":true}"#).is_err());
+}
+
+#[test]
+fn key_values_is_the_one_option_parser() {
+    assert_eq!(
+        key_values("a=1,b=,c=x=y"),
+        Some(vec![("a", "1"), ("b", ""), ("c", "x=y")])
+    );
+    for bad in ["", "a", "a=1,", "=1", "a=1,a=2"] {
+        assert_eq!(key_values(bad), None, "{bad:?}");
+    }
+    assert!("path=/a,path=/b".parse::<DiskConfig>().is_err());
+    assert!(
+        "tap=a,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"
+            .parse::<NetConfig>()
+            .is_err()
+    );
+    assert!("1G,shared=on,shared=off".parse::<MemoryArg>().is_err());
+}
+
+#[test]
+fn config_file_parses_and_rejects_unknown_fields() {
+    let f: Settings = serde_json::from_str(
+        r#"{"kernel":"/k","memory":"1G","cpus":2,"serial":"socket=/s","cmdline":"a b"}"#,
+    )
+    .unwrap();
+    assert_eq!(f.memory.map(|m| m.size), Some(Size(1 << 30)));
+    assert_eq!(f.serial, Some(SerialConfig::Socket("/s".into())));
+    let f: Settings = serde_json::from_str(r#"{"memory":384}"#).unwrap();
+    assert_eq!(f.memory.map(|m| m.size), Some(Size(384 << 20)));
+    assert!(serde_json::from_str::<Settings>(r#"{"kernal":"/k"}"#).is_err());
+    assert!(serde_json::from_str::<Settings>(r#"{"memory":"lots"}"#).is_err());
+    assert!(serde_json::from_str::<Settings>(r#"{"serial":"tcp"}"#).is_err());
+}
+
+#[test]
+fn flags_override_the_file() {
+    let file = Settings {
+        kernel: Some("/a".into()),
+        cpus: Some(2),
+        ..Default::default()
+    };
+    let flags = Settings {
+        cpus: Some(4),
+        memory: Some("1G,shared=on".parse().unwrap()),
+        ..Default::default()
+    };
+    let m = file.merge(flags);
+    assert_eq!(
+        (m.kernel, m.cpus, m.memory),
+        (
+            Some("/a".into()),
+            Some(4),
+            Some(MemoryArg {
+                size: Size(1 << 30),
+                shared: Some(true)
+            })
+        )
+    );
+}
+
+fn fake_bzimage() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("nixvm-cfg-{}-bz", std::process::id()));
+    let mut b = vec![0u8; 0x1000];
+    b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    b[0x202..0x206].copy_from_slice(b"HdrS");
+    b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    b[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+    File::create(&path).unwrap().write_all(&b).unwrap();
+    path
+}
+
+#[test]
+fn validation() {
+    let k = fake_bzimage();
+    let base = || Settings {
+        kernel: Some(k.clone()),
+        ..Default::default()
+    };
+    let v = VmConfig::validate(base(), 1 << 40).unwrap();
+    assert_eq!(
+        (v.cpus, v.memory, v.serial.clone(), v.kernel_format.as_str()),
+        (1, DEFAULT_MEMORY, SerialConfig::Stdio, "bzImage")
+    );
+    assert_eq!(v.cmdline, DEFAULT_CMDLINE);
+    let with = |f: fn(&mut Settings)| {
+        let mut c = base();
+        f(&mut c);
+        VmConfig::validate(c, 1 << 40)
+    };
+    assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
+    // Memory is private unless asked for or a vhost-user device needs it shared.
+    assert!(!v.shared_memory);
+    assert!(
+        with(|c| c.shared_memory = Some(true))
+            .unwrap()
+            .shared_memory
+    );
+    let share = |tag: &str, q: u16| FsConfig {
+        tag: tag.into(),
+        socket: Some("/s".into()),
+        path: None,
+        readonly: false,
+        queue_size: q,
+        queues: None,
+    };
+    let dir = |spec: &str| {
+        let mut f: FsConfig = spec.parse().unwrap();
+        f.path = f.path.map(|_| std::env::temp_dir());
+        f
+    };
+    let mut c = base();
+    c.fs = Some(vec![share("ro-store", 1024)]);
+    assert!(VmConfig::validate(c, 1 << 40).unwrap().shared_memory);
+    let mut c = base();
+    c.fs = Some(vec![dir("tag=a,path=/d,readonly=on")]);
+    assert!(VmConfig::validate(c, 1 << 40).unwrap().shared_memory);
+    let mut c = base();
+    let mut missing = dir("tag=a,path=/d,readonly=on");
+    missing.path = Some("/nonexistent/nixvm-share".into());
+    c.fs = Some(vec![missing]);
+    assert!(matches!(
+        VmConfig::validate(c, 1 << 40),
+        Err(Error::FsDir(p)) if p == Path::new("/nonexistent/nixvm-share")
+    ));
+    for (shares, want) in [
+        (vec![share("", 8)], "tag"),
+        (vec![share(&"x".repeat(37), 1024)], "tag"),
+        (vec![share("a", 100)], "queue"),
+        (vec![share("a", 8)], "queue"),
+        (vec![share("a", 1024), share("a", 1024)], "dup"),
+        (vec![dir("tag=a")], "source"),
+        (vec![dir("tag=a,socket=/s,path=/d,readonly=on")], "source"),
+        (vec![dir("tag=a,path=/d")], "not-ro"),
+        (vec![dir("tag=a,socket=/s,readonly=on")], "ro-socket"),
+        (vec![dir("tag=a,path=/d,readonly=on,queues=0")], "queues"),
+        (vec![dir("tag=a,path=/d,readonly=on,queues=17")], "queues"),
+        (vec![dir("tag=a,socket=/s,queues=17")], "queues"),
+    ] {
+        let mut c = base();
+        c.fs = Some(shares);
+        let e = VmConfig::validate(c, 1 << 40).unwrap_err();
+        let ok = match want {
+            "tag" => matches!(e, Error::FsTag(_)),
+            "queue" => matches!(e, Error::FsQueueSize(_)),
+            "source" => matches!(e, Error::FsSource(_)),
+            "not-ro" => matches!(e, Error::FsNotReadOnly(_)),
+            "ro-socket" => matches!(e, Error::FsReadOnlySocket(_)),
+            "queues" => matches!(e, Error::FsQueues(_)),
+            _ => matches!(e, Error::FsDuplicateTag(_)),
+        };
+        assert!(ok, "{e}");
+    }
+    assert!(matches!(
+        with(|c| c.cpus = Some(255)),
+        Err(Error::TooManyCpus(255))
+    ));
+    assert!(matches!(
+        with(|c| c.memory = Some(Size(63 << 20).into())),
+        Err(Error::MemoryTooSmall(_))
+    ));
+    assert!(matches!(
+        with(|c| c.memory = Some(Size(2 << 40).into())),
+        Err(Error::MemoryTooLarge { .. })
+    ));
+    assert!(matches!(with(|c| c.kernel = None), Err(Error::NoKernel)));
+    assert!(matches!(
+        with(|c| c.kernel = Some("/nonexistent/k".into())),
+        Err(Error::Kernel(kernel::Error::Read { .. }))
+    ));
+    assert!(matches!(
+        with(|c| c.kernel = Some("/etc/hostname".into())),
+        Err(Error::Kernel(kernel::Error::UnknownFormat { .. }))
+    ));
+    assert!(matches!(
+        with(|c| c.initrd = Some("/nonexistent/i".into())),
+        Err(Error::Initrd { .. })
+    ));
+    assert!(matches!(
+        with(|c| c.serial = Some(SerialConfig::Socket("/nonexistent/dir/s".into()))),
+        Err(Error::SerialDir { .. })
+    ));
+    assert!(matches!(
+        with(|c| c.cmdline = Some("x".repeat(4000))),
+        Err(Error::Cmdline(_))
+    ));
+    // An initrd bigger than memory.
+    let big = std::env::temp_dir().join(format!("nixvm-cfg-{}-big", std::process::id()));
+    File::create(&big).unwrap().set_len(100 << 20).unwrap();
+    let mut c = base();
+    c.initrd = Some(big.clone());
+    c.memory = Some(Size(64 << 20).into());
+    assert!(matches!(
+        VmConfig::validate(c, 1 << 40),
+        Err(Error::InitrdTooLarge { .. })
+    ));
+    assert!(host_memory() > 64 << 20);
+    // Disks: whole sectors, present, serial of at most 20 bytes.
+    let disk = |p: &Path| DiskConfig {
+        path: p.to_owned(),
+        ..Default::default()
+    };
+    let odd = std::env::temp_dir().join(format!("nixvm-cfg-{}-odd", std::process::id()));
+    File::create(&odd).unwrap().set_len(1000).unwrap();
+    let with_disk = |d: DiskConfig| {
+        let mut c = base();
+        c.disks = Some(vec![d]);
+        VmConfig::validate(c, 1 << 40)
+    };
+    assert!(matches!(
+        with_disk(disk(&odd)),
+        Err(Error::Disk(block::Error::Size { size: 1000, .. }))
+    ));
+    assert!(matches!(
+        with_disk(disk(Path::new("/nonexistent/disk.img"))),
+        Err(Error::Disk(block::Error::Open { .. }))
+    ));
+    let long_serial = DiskConfig {
+        serial: Some("x".repeat(21)),
+        ..disk(&k)
+    };
+    assert!(matches!(with_disk(long_serial), Err(Error::DiskSerial(_))));
+    std::fs::File::create(&odd).unwrap().set_len(4096).unwrap();
+    let v = with_disk(disk(&odd)).unwrap();
+    assert_eq!((v.disks.len(), v.rng), (1, true));
+}
