@@ -27,7 +27,10 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+/// Guest memory as the back end maps it from the frontend's table: vhost-user-backend's
+/// type, without the dirty bitmap nixvm's own guest memory has (vhost-user-backend needs a
+/// bitmap it can replace, which vm-memory's AtomicBitmap is not).
+type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 const QUEUE_SIZE: usize = 1024;
 /// The most of a request that is read from the guest.
@@ -96,7 +99,7 @@ struct Backend {
     fs: StoreFs,
     /// The high-priority queue and the request queues.
     num_queues: usize,
-    mem: std::sync::RwLock<Memory>,
+    mem: std::sync::RwLock<BackendMemory>,
     exits: Vec<(EventConsumer, EventNotifier)>,
 }
 
@@ -209,7 +212,7 @@ impl VhostUserBackend for Backend {
         // The vrings' queues know it (the daemon sets it on them): queue::for_each_chain
         // follows whichever protocol was negotiated.
     }
-    fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
+    fn update_memory(&self, mem: BackendMemory) -> std::io::Result<()> {
         *self.mem.write().unwrap_or_else(|e| e.into_inner()) = mem;
         Ok(())
     }
