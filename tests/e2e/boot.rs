@@ -137,17 +137,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         stdio_terminal(g)
     });
 
-    let blk_names = [
-        "blk_sha256_matches_host",
-        "blk_order_and_serials",
-        "blk_readonly_refuses_writes",
-        "blk_flushed_write_survives_kill_9",
-        "blk_second_vm_on_locked_image_fails",
-        "blk_driver_reload",
-        "blk_parallel_requests",
-        "rng_hwrng_gives_bytes",
-    ];
-    group(t, &blk_names, "the disks boot", || disks_boot(g));
+    group(t, &BLK_NAMES, "the disks boot", || disks_boot(g));
     lifecycle_tests(t, g);
     nix_runner_test(t);
     // SAFETY: geteuid has no preconditions.

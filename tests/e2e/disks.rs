@@ -4,8 +4,20 @@ use std::time::Duration;
 
 use crate::harness::*;
 
+/// The checks of the disks boot, in the order `disks_boot` returns them.
+pub(crate) const BLK_NAMES: [&str; 8] = [
+    "blk_sha256_matches_host",
+    "blk_order_and_serials",
+    "blk_readonly_refuses_writes",
+    "blk_flushed_write_survives_kill_9",
+    "blk_second_vm_on_locked_image_fails",
+    "blk_driver_reload",
+    "blk_parallel_requests",
+    "rng_hwrng_gives_bytes",
+];
+
 /// One boot with three disks (data, read-only, scratch) plus the script disk and virtio-rng;
-/// returns the result of each check, in the order of `blk_names`.
+/// returns the result of each check, in the order of `BLK_NAMES`.
 pub(crate) fn disks_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     let data = disk_image("data.img", 8 << 20, |i| {
         u8::try_from((i * 7 + i / 4096) % 251).unwrap()

@@ -377,6 +377,21 @@ pub(crate) struct Streaming {
     pub(crate) seen: String,
 }
 
+/// The lines of `out` as they come, read by a thread of their own.
+pub(crate) fn line_channel(
+    out: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 impl Streaming {
     pub(crate) fn spawn(args: &[&str]) -> Result<Streaming, String> {
         Self::spawn_with_stdin(args, Stdio::null())
@@ -394,15 +409,7 @@ impl Streaming {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_channel(child.stdout.take().unwrap());
         Ok(Streaming {
             child,
             lines,

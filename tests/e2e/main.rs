@@ -9,7 +9,6 @@
 //! - The guest's /init (`resources/guest-init`) prints `NIXVM-TEST: ...` marker lines.
 //!
 //! Run with `cargo test -p nixvm --test e2e` (a name filter as first argument selects tests).
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -45,8 +44,7 @@ mod usage;
 #[path = "../support/virtiofsd.rs"]
 mod virtiofsd;
 
-use crate::{boot::*, fs::*, harness::*, net::*, storefs::*, usage::*};
-
+use crate::{boot::*, disks::*, fs::*, harness::*, net::*, storefs::*, usage::*};
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
 const L1_SILENCE: Duration = Duration::from_secs(420);
@@ -66,15 +64,7 @@ fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .expect("resources/l1run.sh");
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = line_channel(child.stdout.take().unwrap());
     loop {
         match lines.recv_timeout(L1_SILENCE) {
             Ok(line) => {
@@ -165,17 +155,10 @@ fn main() {
         "on_reboot_restart_boots_again",
         "nix_runner_boots_fake_toplevel",
         "api_shutdown_forced_after_timeout",
-        "blk_sha256_matches_host",
-        "blk_order_and_serials",
-        "blk_readonly_refuses_writes",
-        "blk_flushed_write_survives_kill_9",
-        "blk_second_vm_on_locked_image_fails",
-        "blk_driver_reload",
-        "blk_parallel_requests",
-        "rng_hwrng_gives_bytes",
     ];
     let boot_names: Vec<&str> = boot_names
         .into_iter()
+        .chain(BLK_NAMES)
         .chain(NET_NAMES)
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::config::VmConfig;
 use crate::lifecycle::ExitState;
 use crate::vcpu::Buses;
+use crate::vm::{KvmError, kvm_err};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,12 +33,8 @@ pub enum Error {
     Storefs(#[from] storefs::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
-    #[error("KVM failed to {what}")]
-    Kvm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
 }
 
 impl Error {
@@ -53,10 +50,6 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
-}
 
 /// A virtio device's transport, shared by the MMIO bus and the reset path.
 pub type Transport = Arc<Mutex<MmioTransport>>;

@@ -59,12 +59,8 @@ pub enum Error {
     KvmCap(&'static str),
     #[error("--cpus {cpus} is more than this host's KVM allows ({max})")]
     TooManyVcpus { cpus: u8, max: usize },
-    #[error("KVM failed to {what}")]
-    Kvm {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
     #[error("cannot allocate {0} bytes of guest memory")]
     Memory(u64, #[source] std::io::Error),
     #[error("cannot map guest memory")]
@@ -121,8 +117,18 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
+/// A KVM ioctl that failed, and what nixvm was doing with it.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM failed to {what}")]
+pub struct KvmError {
+    what: &'static str,
+    #[source]
+    source: kvm_ioctls::Error,
+}
+
+/// For `map_err` on a KVM call: names what it was for.
+pub fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError { what, source }
 }
 
 /// Opens KVM with errors that say what to do.
