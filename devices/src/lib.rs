@@ -8,6 +8,7 @@ pub mod bus;
 pub mod cmos;
 pub mod i8042;
 pub mod pm;
+pub mod ratelimit;
 pub mod serial;
 pub mod virtio;
 

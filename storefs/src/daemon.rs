@@ -122,7 +122,7 @@ impl Backend {
             let head = chain.head_index();
             let len = self.answer(chain, &mem);
             if q.add_used(&*mem, head, len).is_err() {
-                log::warn!("storefs: cannot complete descriptor {head}");
+                nixvm_devices::guest_warn!("storefs: cannot complete descriptor {head}");
             }
             if q.needs_notification(&*mem).unwrap_or(true) {
                 if let Some(Err(e)) = call.as_ref().map(|c| c.notify()) {
@@ -132,7 +132,7 @@ impl Backend {
             std::ops::ControlFlow::Continue(())
         });
         if let Err(e) = served {
-            log::warn!("storefs: a queue is broken ({e}); it is no longer served");
+            nixvm_devices::guest_warn!("storefs: a queue is broken ({e}); it is no longer served");
             queue.set_ready(false);
         }
         signal_err.map_or(Ok(()), Err)

@@ -149,12 +149,12 @@ impl StoreFs {
     /// fits, that header is still returned and the caller cannot deliver it.
     pub fn handle(&self, request: &[u8], max_reply: usize) -> Option<Vec<u8>> {
         let Some((h, body)) = read_struct::<InHeader>(request) else {
-            log::warn!("storefs: request of {} bytes is too short", request.len());
+            nixvm_devices::guest_warn!("storefs: request of {} bytes is too short", request.len());
             return Some(error_reply(0, libc::EINVAL));
         };
         let forget = h.opcode == fuse::FORGET || h.opcode == fuse::BATCH_FORGET;
         if usize::try_from(h.len).ok() != Some(request.len()) {
-            log::warn!(
+            nixvm_devices::guest_warn!(
                 "storefs: request says {} bytes, has {}",
                 h.len,
                 request.len()
@@ -275,7 +275,7 @@ impl StoreFs {
         }
         let i: InitIn = read_struct_prefix(body);
         if i.major < KERNEL_VERSION {
-            log::warn!("storefs: guest FUSE {}.{} is too old", i.major, i.minor);
+            nixvm_devices::guest_warn!("storefs: guest FUSE {}.{} is too old", i.major, i.minor);
             return Err(libc::EPROTO);
         }
         if i.major > KERNEL_VERSION {
@@ -287,7 +287,7 @@ impl StoreFs {
             });
         }
         if i.minor < MIN_KERNEL_MINOR_VERSION {
-            log::warn!("storefs: guest FUSE 7.{} is too old", i.minor);
+            nixvm_devices::guest_warn!("storefs: guest FUSE 7.{} is too old", i.minor);
             return Err(libc::EPROTO);
         }
         let ours = ASYNC_READ
@@ -392,7 +392,7 @@ impl StoreFs {
             .and_then(|c| c.checked_mul(size_of::<ForgetOne>()))
             .is_some_and(|n| n <= rest.len());
         if !fits {
-            log::warn!(
+            nixvm_devices::guest_warn!(
                 "storefs: BATCH_FORGET of {} does not fit its request",
                 b.count
             );
@@ -443,7 +443,7 @@ impl StoreFs {
     fn add_handle(&self, h: Handle) -> Res<u64> {
         let mut handles = self.handles.write().unwrap_or_else(|e| e.into_inner());
         if handles.len() >= MAX_HANDLES {
-            log::warn!("storefs: {MAX_HANDLES} handles are open already");
+            nixvm_devices::guest_warn!("storefs: {MAX_HANDLES} handles are open already");
             return Err(libc::ENFILE);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);

@@ -155,7 +155,7 @@ impl crate::bus::BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte read of register {offset:#x} ignored",
                 data.len()
             );
@@ -194,7 +194,7 @@ impl crate::bus::BusDevice for MmioTransport {
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
             CONFIG_GENERATION => 0, // config generation: config space never changes under the driver
             _ => {
-                log::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         };
@@ -207,7 +207,7 @@ impl crate::bus::BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte write of register {offset:#x} ignored",
                 data.len()
             );
@@ -222,7 +222,7 @@ impl crate::bus::BusDevice for MmioTransport {
                 1 => {
                     self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-                _ => log::warn!(
+                _ => crate::guest_warn!(
                     "virtio-mmio: driver features page {} ignored",
                     self.driver_features_sel
                 ),
@@ -244,7 +244,7 @@ impl crate::bus::BusDevice for MmioTransport {
                 Some(evt) => {
                     let _ = evt.write(1);
                 }
-                None => log::warn!("virtio-mmio: notify of unknown queue {v}"),
+                None => crate::guest_warn!("virtio-mmio: notify of unknown queue {v}"),
             },
             INTERRUPT_ACK => {
                 self.irq.status.fetch_and(!v, Ordering::SeqCst);
@@ -267,7 +267,7 @@ impl crate::bus::BusDevice for MmioTransport {
                 }
             }
             SHM_SEL => {} // SHMSel: every region reads as absent
-            _ => log::warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
+            _ => crate::guest_warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
         }
     }
 }
@@ -279,7 +279,7 @@ impl MmioTransport {
             return;
         }
         if v & self.status != self.status {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
                 self.status
             );
@@ -289,7 +289,7 @@ impl MmioTransport {
         if new & STATUS_FEATURES_OK != 0 {
             let unknown = self.acked_features & !self.device_features();
             if unknown != 0 || self.acked_features & F_VERSION_1 == 0 {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: driver accepted features {unknown:#x} we did not offer, or not VERSION_1"
                 );
                 self.status = v & !STATUS_FEATURES_OK;
@@ -302,7 +302,7 @@ impl MmioTransport {
             self.activate();
         }
         if new & STATUS_FAILED != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: the driver gave up on device type {}",
                 self.device_type
             );
@@ -321,7 +321,7 @@ impl MmioTransport {
         let configured = std::mem::replace(&mut self.queues, fresh_queues(&self.queue_max_sizes));
         for (i, mut q) in configured.into_iter().enumerate() {
             if q.ready() && !q.is_valid(&*mem) {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: queue {i} of device type {} is not valid",
                     self.device_type
                 );
@@ -351,7 +351,9 @@ impl MmioTransport {
             .spawn(move || {
                 let irq_dyn: Arc<dyn Interrupt> = irq.clone();
                 if let Err(e) = lock(&device).activate(mem, irq_dyn, queues) {
-                    log::warn!("virtio-mmio: cannot activate device type {device_type}: {e}");
+                    crate::guest_warn!(
+                        "virtio-mmio: cannot activate device type {device_type}: {e}"
+                    );
                     irq.needs_reset();
                 }
             });
@@ -380,7 +382,7 @@ impl MmioTransport {
     pub fn reset(&mut self) {
         self.settle();
         if self.active && !lock(&self.device).reset() {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: device type {} cannot be reset",
                 self.device_type
             );

@@ -78,7 +78,7 @@ impl Interrupt for MmioInterrupt {
     fn trigger(&self, status: u32) {
         self.status.fetch_or(status, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
-            log::warn!("virtio: cannot raise the interrupt: {e}");
+            crate::guest_warn!("virtio: cannot raise the interrupt: {e}");
         }
     }
     fn needs_reset(&self) {
@@ -115,7 +115,7 @@ pub trait VirtioDevice: Send {
         data.fill(0);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::warn!(
+        crate::guest_warn!(
             "virtio type {}: ignored config write of {} bytes at {offset}",
             self.device_type(),
             data.len()
@@ -165,7 +165,7 @@ where
         let head = chain.head_index();
         let len = handle(chain);
         if let Err(e) = q.add_used(mem, head, len) {
-            log::warn!("virtio: cannot complete descriptor {head}: {e}");
+            crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
         }
         ControlFlow::Continue(())
     });
@@ -188,7 +188,7 @@ pub fn broken_queue(queue: &mut Queue, irq: &dyn Interrupt, e: &queue::QueueErro
     if !queue.ready() {
         return; // never served, or already stopped
     }
-    log::warn!("virtio: a queue is broken ({e}); the device needs a reset");
+    crate::guest_warn!("virtio: a queue is broken ({e}); the device needs a reset");
     queue.set_ready(false);
     irq.needs_reset();
 }
@@ -283,7 +283,7 @@ impl QueuePool {
                         let len = handle(chain, &m);
                         let mut q = lock(&queue);
                         if let Err(e) = q.add_used(&*m, head, len) {
-                            log::warn!("virtio: cannot complete descriptor {head}: {e}");
+                            crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
                         }
                         let notify = q.needs_notification(&*m).unwrap_or(true);
                         drop(q);

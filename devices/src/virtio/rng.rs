@@ -25,7 +25,7 @@ pub fn fill_request(
     mem: &GuestMemoryMmap,
 ) -> u32 {
     let Ok(mut writer) = chain.writer(mem) else {
-        log::warn!("virtio-rng: request outside guest memory dropped");
+        crate::guest_warn!("virtio-rng: request outside guest memory dropped");
         return 0;
     };
     let mut buf = vec![0u8; writer.available_bytes().min(MAX_CHUNK)];
@@ -33,7 +33,7 @@ pub fn fill_request(
     match writer.write_all(&buf[..filled]) {
         Ok(()) => u32::try_from(filled).unwrap_or(0),
         Err(e) => {
-            log::warn!("virtio-rng: {e}");
+            crate::guest_warn!("virtio-rng: {e}");
             0
         }
     }

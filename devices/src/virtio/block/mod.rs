@@ -159,18 +159,20 @@ impl Disk {
     {
         let bufs = ChainBuffers::of(chain);
         let Some(data_len) = total(&bufs.writable).checked_sub(1) else {
-            log::warn!("virtio-blk: request without a status byte dropped");
+            crate::guest_warn!("virtio-blk: request without a status byte dropped");
             return 0;
         };
         let (data_w, status_at) = split(&bufs.writable, data_len).expect("data_len < total");
         let (status, written) = if bufs.misordered {
-            log::warn!("virtio-blk: request with readable buffers after writable ones");
+            crate::guest_warn!("virtio-blk: request with readable buffers after writable ones");
             (S_IOERR, 0)
         } else {
             self.request(mem, &bufs.readable, &data_w)
         };
         if !scatter(mem, &status_at, &[status]) {
-            log::warn!("virtio-blk: request whose status byte is outside guest memory dropped");
+            crate::guest_warn!(
+                "virtio-blk: request whose status byte is outside guest memory dropped"
+            );
             return 0;
         }
         u32::try_from(written + 1).unwrap_or(u32::MAX)
@@ -208,7 +210,7 @@ impl Disk {
                 match self.transfer(mem, segs, offset, write) {
                     Ok(()) => (S_OK, if write { 0 } else { len }),
                     Err(e) => {
-                        log::warn!("virtio-blk: {len} bytes at {offset}: {e}");
+                        crate::guest_warn!("virtio-blk: {len} bytes at {offset}: {e}");
                         (S_IOERR, 0)
                     }
                 }
@@ -220,7 +222,7 @@ impl Disk {
                 match self.file.sync_data() {
                     Ok(()) => (S_OK, 0),
                     Err(e) => {
-                        log::warn!("virtio-blk: flush: {e}");
+                        crate::guest_warn!("virtio-blk: flush: {e}");
                         (S_IOERR, 0)
                     }
                 }

@@ -154,7 +154,7 @@ impl VirtioDevice for Net {
             }
         }
         if let Err(e) = self.tap.set_offload(offload) {
-            log::warn!("virtio-net {}: cannot set offloads: {e}", self.tap.name());
+            crate::guest_warn!("virtio-net {}: cannot set offloads: {e}", self.tap.name());
         }
         let mut q = queues.into_iter();
         let (Some((rxq, rx_evt)), Some((txq, tx_evt))) = (q.next(), q.next()) else {
@@ -266,7 +266,7 @@ impl DataPath {
             let head = chain.head_index();
             wire.send(chain, &mem);
             if let Err(e) = q.add_used(&*mem, head, 0) {
-                log::warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
+                crate::guest_warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
             }
             std::ops::ControlFlow::Continue(())
         });
@@ -290,7 +290,7 @@ impl DataPath {
         self.rx_blocked = false;
         let mut used_any = false;
         if let Err(e) = self.rxq.disable_notification(&*mem) {
-            log::warn!("virtio-net: bad rx used ring: {e}");
+            crate::guest_warn!("virtio-net: bad rx used ring: {e}");
             return;
         }
         loop {
@@ -315,7 +315,10 @@ impl DataPath {
                             continue;
                         }
                         if e.kind() != io::ErrorKind::WouldBlock {
-                            log::warn!("virtio-net {}: TAP read: {e}", self.wire.tap.name());
+                            crate::guest_warn!(
+                                "virtio-net {}: TAP read: {e}",
+                                self.wire.tap.name()
+                            );
                         }
                         break;
                     }
@@ -394,7 +397,9 @@ impl DataPath {
             chains.push((head, bufs.writable));
         }
         for head in malformed {
-            log::warn!("virtio-net: rx chain {head} has device-readable buffers; returned empty");
+            crate::guest_warn!(
+                "virtio-net: rx chain {head} has device-readable buffers; returned empty"
+            );
             let _ = self.rxq.add_used(mem, head, 0);
         }
         if room < len {
@@ -419,12 +424,12 @@ impl DataPath {
                     done += n;
                     written = u32::try_from(n).unwrap_or(0); // at most 64 KiB
                 } else {
-                    log::warn!("virtio-net: rx buffer outside guest memory");
+                    crate::guest_warn!("virtio-net: rx buffer outside guest memory");
                     done = len + 1; // the frame is lost; the rest go back empty
                 }
             }
             if let Err(e) = self.rxq.add_used(mem, head, written) {
-                log::warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
+                crate::guest_warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
             }
         }
         if done != len {
