@@ -165,7 +165,12 @@ pub fn call(path: &Path, req: &Request) -> Result<Answer, Error> {
         source,
     })?;
     let wait = match req {
-        Request::Shutdown { timeout } => Duration::from_secs(timeout.unwrap_or(300) + 120),
+        Request::Shutdown { timeout } => {
+            let t = timeout
+                .unwrap_or(300)
+                .min(crate::lifecycle::MAX_SHUTDOWN_TIMEOUT);
+            Duration::from_secs(t + 120)
+        }
         _ => Duration::from_secs(60),
     };
     s.set_read_timeout(Some(wait)).map_err(io)?;

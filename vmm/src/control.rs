@@ -209,7 +209,9 @@ impl Control {
             }
             match api::parse(&line) {
                 Ok(Request::Shutdown { timeout }) => {
-                    let timeout = timeout.map_or(self.shutdown_timeout, Duration::from_secs);
+                    let timeout = timeout.map_or(self.shutdown_timeout, |t| {
+                        Duration::from_secs(t.min(lifecycle::MAX_SHUTDOWN_TIMEOUT))
+                    });
                     if let Some(s) = self.drop_client(fd, ops) {
                         let _ = s.set_nonblocking(false);
                         self.waiters.push(s);

@@ -222,6 +222,10 @@ pub fn caught_signal() -> i32 {
     SIGNAL_NUM.load(Ordering::SeqCst)
 }
 
+/// The longest wait for a guest to power off (about 136 years): longer ones would overflow
+/// the timer, and a `ctl shutdown` asking for more gets this.
+pub const MAX_SHUTDOWN_TIMEOUT: u64 = u32::MAX as u64;
+
 static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// When nixvm started (for the setup-time log line and `info`'s uptime); the first call,

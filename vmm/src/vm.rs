@@ -321,7 +321,7 @@ impl Vm {
         let (console_out, input) = open_console(&config.serial)?;
         // Also before KVM: a socket another nixvm holds is the user's to fix.
         let api_listener = match &config.api_socket {
-            Some(path) => Some(bind_private(path).map_err(Error::ApiSocket)?),
+            Some(path) => Some(Listener::bind(path).map_err(Error::ApiSocket)?),
             None => None,
         };
         let kvm = open_kvm()?;
@@ -572,17 +572,6 @@ fn kick_signal() -> i32 {
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Binds the control socket so that only this user can connect (mode 0600).
-fn bind_private(path: &std::path::Path) -> std::result::Result<Listener, unix::Error> {
-    // SAFETY: umask only changes this process's file mode mask; nixvm is single-threaded
-    // while it builds the VM, so no other file is created meanwhile.
-    let old = unsafe { libc::umask(0o177) };
-    let l = Listener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    l
-}
 
 /// Opens where the console goes. Done first, before KVM: a busy socket is the user's to fix.
 fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {

@@ -19,6 +19,7 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 30;
 /// virtio devices a VM can have: one interrupt line each.
 pub const MAX_DEVICES: usize = nixvm_boot::layout::DEVICE_GSIS.len();
+use crate::lifecycle::MAX_SHUTDOWN_TIMEOUT;
 use block::SERIAL_MAX;
 /// An interface name without its NUL.
 const IFNAME_MAX: usize = libc::IFNAMSIZ - 1;
@@ -106,6 +107,12 @@ pub enum Error {
     FsReadOnlySocket(String),
     #[error("the directory {0} to share with path= does not exist or is not a directory")]
     FsDir(PathBuf),
+    #[error(
+        "--shutdown-timeout {0} is more than the {MAX_SHUTDOWN_TIMEOUT} seconds nixvm can wait"
+    )]
+    ShutdownTimeout(u64),
+    #[error("fd {0} is given to two network interfaces; each needs its own TAP fd")]
+    DuplicateNetFd(i32),
     #[error("the directory of control socket {0} does not exist")]
     ApiSocketDir(PathBuf),
     #[error("the directory of serial {kind} {path} does not exist")]
@@ -301,8 +308,17 @@ impl VmConfig {
             check_disk(d)?;
         }
         let nets = file.nets.unwrap_or_default();
-        for n in &nets {
+        for (i, n) in nets.iter().enumerate() {
             check_net(n)?;
+            if let Some(fd) =
+                n.fd.filter(|fd| nets[..i].iter().any(|m| m.fd == Some(*fd)))
+            {
+                return Err(Error::DuplicateNetFd(fd));
+            }
+        }
+        let shutdown_timeout = file.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        if shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
+            return Err(Error::ShutdownTimeout(shutdown_timeout));
         }
         let fs = file.fs.unwrap_or_default();
         for (i, f) in fs.iter().enumerate() {
@@ -356,7 +372,7 @@ impl VmConfig {
             shared_memory,
             rng,
             api_socket: file.api_socket,
-            shutdown_timeout: file.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
+            shutdown_timeout,
             on_reboot: file.on_reboot.unwrap_or_default(),
         })
     }

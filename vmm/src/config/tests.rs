@@ -278,6 +278,15 @@ fn validation() {
         VmConfig::validate(c, 1 << 40)
     };
     assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
+    assert!(matches!(
+        with(|c| c.shutdown_timeout = Some(1 << 63)),
+        Err(Error::ShutdownTimeout(_))
+    ));
+    assert!(with(|c| c.shutdown_timeout = Some(MAX_SHUTDOWN_TIMEOUT)).is_ok());
+    assert!(matches!(
+        with(|c| c.nets = Some(vec!["fd=3".parse().unwrap(), "fd=3".parse().unwrap()])),
+        Err(Error::DuplicateNetFd(3))
+    ));
     // Memory is private unless asked for or a vhost-user device needs it shared.
     assert!(!v.shared_memory);
     assert!(
