@@ -95,6 +95,68 @@ pub fn open_image(opts: &DiskOptions) -> Result<(File, u64), Error> {
     Ok((file, size))
 }
 
+// QEMU's image locks (block/file-posix.c): open file description locks on single bytes,
+// permission n held at byte 100 + n and "nobody else may have permission n" at 200 + n.
+const QEMU_PERM_BASE: i64 = 100;
+const QEMU_SHARED_BASE: i64 = 200;
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+
+/// Locks an image as QEMU does, so that nixvm and QEMU exclude each other: a writable image
+/// is locked whole, exclusively (no reader or writer, nixvm or QEMU, can take a lock on it);
+/// a read-only one takes QEMU's "reads consistently" and "shares no writes" bytes, shared
+/// (other readers may come; a writer, which needs them, may not), and refuses an image
+/// someone holds the write permission of. Open file description locks: they belong to this
+/// open file, not to the process, and go with it.
+fn lock_image(file: &File, readonly: bool) -> io::Result<()> {
+    if !readonly {
+        return ofd_lock(file, libc::F_OFD_SETLK, libc::F_WRLCK, 0, 0).map(drop);
+    }
+    if ofd_lock(
+        file,
+        libc::F_OFD_GETLK,
+        libc::F_WRLCK,
+        QEMU_PERM_BASE + PERM_WRITE,
+        1,
+    )? {
+        return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+    }
+    for byte in [
+        QEMU_PERM_BASE + PERM_CONSISTENT_READ,
+        QEMU_SHARED_BASE + PERM_WRITE,
+    ] {
+        ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte, 1)?;
+    }
+    Ok(())
+}
+
+/// One fcntl lock call on `len` bytes at `start` (0: to the end). For F_OFD_GETLK, whether
+/// another lock conflicts.
+fn ofd_lock(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    start: i64,
+    len: i64,
+) -> io::Result<bool> {
+    let short = |v: libc::c_int| {
+        libc::c_short::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let mut fl = libc::flock {
+        l_type: short(kind)?,
+        l_whence: short(libc::SEEK_SET)?,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl with a lock command reads (and for GETLK writes) the flock struct we pass,
+    // on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cmd == libc::F_OFD_GETLK && libc::c_int::from(fl.l_type) != libc::F_UNLCK)
+}
+
 /// An open, locked disk image.
 pub struct Disk {
     file: File,
@@ -105,26 +167,19 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens and locks the image: exclusively when writable, shared when read-only, so a
-    /// second VM cannot write under a first one.
+    /// Opens and locks the image (see [`lock_image`]): exclusively when writable, shared
+    /// with other readers when read-only, so a second VM, nixvm's or QEMU's, cannot write
+    /// under a first one.
     pub fn open(opts: &DiskOptions) -> Result<Disk, Error> {
         let (file, size) = open_image(opts)?;
-        let lock = if opts.readonly {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+        lock_image(&file, opts.readonly).map_err(|e| {
             let path = opts.path.clone();
-            return Err(if e.kind() == io::ErrorKind::WouldBlock {
-                Error::Locked { path }
-            } else {
-                Error::Open { path, source: e }
-            });
-        }
-        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+            match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EACCES) => Error::Locked { path },
+                _ => Error::Open { path, source: e },
+            }
+        })?;
+        let mut id = [0u8; SERIAL_MAX];
         if let Some(s) = &opts.serial {
             let n = s.len().min(id.len());
             id[..n].copy_from_slice(&s.as_bytes()[..n]);

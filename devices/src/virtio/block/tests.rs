@@ -468,6 +468,14 @@ fn config_space_and_open_errors() {
     ));
     drop(b);
     assert!(Disk::open(&rw).is_ok(), "lock released with the device");
+    // Readers share; a writer is kept out while they read, and they while it writes.
+    let ro = DiskOptions {
+        readonly: true,
+        ..rw.clone()
+    };
+    let (r1, r2) = (Disk::open(&ro).unwrap(), Disk::open(&ro).unwrap());
+    assert!(matches!(Disk::open(&rw), Err(Error::Locked { .. })));
+    drop((r1, r2));
     let odd = image("odd", &[0u8; 1000]);
     assert!(matches!(
         Disk::open(&DiskOptions {
@@ -483,4 +491,69 @@ fn config_space_and_open_errors() {
         }),
         Err(Error::Open { .. })
     ));
+}
+
+/// QEMU sees nixvm's locks, and nixvm sees QEMU's (qemu-io; skipped without it).
+#[test]
+fn locks_exclude_qemu() {
+    let qemu_io = |args: &[&str], path: &std::path::Path| {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw"])
+            .args(args)
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let path = image("qemu-lock", &[0u8; 4096]);
+    let Ok(out) = qemu_io(&["-r", "-c", "read 0 512"], &path) else {
+        eprintln!("skipped: no qemu-io");
+        return;
+    };
+    let ok = |o: std::process::Output| {
+        o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("lock")
+    };
+    assert!(ok(out), "qemu-io reads a free image");
+    let rw = DiskOptions {
+        path: path.clone(),
+        ..Default::default()
+    };
+    let ro = DiskOptions {
+        readonly: true,
+        ..rw.clone()
+    };
+    // nixvm writing: QEMU can neither read nor write it.
+    let d = Disk::open(&rw).unwrap();
+    assert!(!ok(qemu_io(&["-r", "-c", "read 0 512"], &path).unwrap()));
+    assert!(!ok(qemu_io(&["-c", "write 0 512"], &path).unwrap()));
+    drop(d);
+    // nixvm reading: QEMU may read it too, not write it.
+    let d = Disk::open(&ro).unwrap();
+    assert!(
+        ok(qemu_io(&["-r", "-c", "read 0 512"], &path).unwrap()),
+        "readers share"
+    );
+    assert!(
+        !ok(qemu_io(&["-c", "write 0 512"], &path).unwrap()),
+        "no writer under a reader"
+    );
+    drop(d);
+    // QEMU writing (qemu-io holds the image while its command runs): nixvm stays out.
+    let mut writer = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "sleep 3000"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let (writable, readonly) = (Disk::open(&rw), Disk::open(&ro));
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        matches!(writable, Err(Error::Locked { .. })),
+        "writer under QEMU's writer"
+    );
+    assert!(
+        matches!(readonly, Err(Error::Locked { .. })),
+        "reader under QEMU's writer"
+    );
 }
