@@ -258,6 +258,7 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     }
     let num_queues = 1 + usize::from(opts.request_queues);
     let limit = raise_fd_limit();
+    limit_memory();
     // Half the descriptors for cached nodes, the rest for the guest's open files.
     let cached = crate::DEFAULT_MAX_CACHED_FDS.min(limit / 2);
     let dir = &opts.dir;
@@ -454,6 +455,36 @@ pub fn spawn(dir: &Path, request_queues: u16) -> Result<(Process, PrivateSocket)
         .map_err(spawn_err)?;
     drop(listener);
     Ok((Process(child), socket))
+}
+
+/// The most private memory (heap, thread stacks) the back end may have: far more than it
+/// needs (its caches are bounded: descriptors, listings), far less than a host has. The
+/// guest memory it maps is shared and does not count.
+pub const MAX_DATA: u64 = 1 << 30;
+
+/// Caps the process's private memory (RLIMIT_DATA) at [`MAX_DATA`], so that a bug the guest
+/// finds cannot make it take the host's memory: allocations past it fail (and the back end
+/// dies) instead.
+fn limit_memory() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_DATA, &mut r) != 0 {
+            return;
+        }
+        let cap = MAX_DATA.min(r.rlim_max);
+        r.rlim_cur = cap;
+        r.rlim_max = cap;
+        if libc::setrlimit(libc::RLIMIT_DATA, &r) != 0 {
+            log::warn!(
+                "storefs: cannot limit its memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard one (the node cache and open handles want up to

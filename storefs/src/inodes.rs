@@ -143,7 +143,8 @@ pub(crate) enum Handle {
     Dir {
         node: u64,
         fd: Arc<OwnedFd>,
-        /// The listing, taken at the first READDIR and again at each offset 0 (rewinddir).
-        entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+        /// The listing, taken at the first READDIR and again at each offset 0 (rewinddir);
+        /// shared with the other handles of an unchanged directory.
+        entries: Mutex<Option<Arc<crate::listings::Listing>>>,
     },
 }

@@ -49,6 +49,7 @@ use std::path::PathBuf;
 pub mod daemon;
 mod host;
 mod inodes;
+mod listings;
 pub mod sandbox;
 mod server;
 

@@ -18,6 +18,7 @@ use vm_memory::ByteValued;
 use crate::Error;
 use crate::host::*;
 use crate::inodes::*;
+use crate::listings::{Listings, stamp};
 use nixvm_devices::virtio::fuse::{self, *};
 
 /// How long the guest may cache entries and attributes, in seconds: a day, since store
@@ -101,6 +102,7 @@ pub struct StoreFs {
     inodes: Mutex<Inodes>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
+    listings: Listings,
 }
 
 impl StoreFs {
@@ -135,6 +137,7 @@ impl StoreFs {
             }),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            listings: Listings::default(),
         })
     }
 
@@ -625,7 +628,8 @@ impl StoreFs {
             match cached.as_ref() {
                 Some(l) if r.offset != 0 => l.clone(),
                 _ => {
-                    let l = Arc::new(self.list_dir(*node, fd)?);
+                    let now = stamp(&stat_fd(fd.as_raw_fd())?);
+                    let l = self.listings.get(*node, now, || self.list_dir(*node, fd))?;
                     *cached = Some(l.clone());
                     l
                 }
@@ -638,7 +642,7 @@ impl StoreFs {
             size_of::<Dirent>()
         };
         let mut out = Vec::new();
-        for (i, e) in list.iter().enumerate().skip(start) {
+        for (i, e) in list.entries.iter().enumerate().skip(start) {
             let name = e.name.as_bytes();
             let rec = dirent_size(header, name.len());
             if out.len() + rec > size {
