@@ -69,8 +69,15 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         let cl = cmdline("reboot");
         let mut args = g.args(&g.vmlinux, &cl);
         args.extend(["--cpus", "4", "--serial", &serial]);
-        let r = boot(&args);
-        let console = std::fs::read_to_string(&log).unwrap_or_default();
+        // The console goes to the file: boot()'s own retry cannot see it.
+        let (r, console) = retry_stalled(
+            "boot",
+            || {
+                let r = boot(&args);
+                (r, std::fs::read_to_string(&log).unwrap_or_default())
+            },
+            |(r, console)| reset_before_init(r.code(), console),
+        );
         let r = Run {
             stdout: console,
             ..r
