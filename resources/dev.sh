@@ -66,6 +66,8 @@ test_all() {
   cargo fmt --all -- --check
   cargo clippy --workspace --all-targets -- -D warnings
   cargo test --workspace
+  # Each fuzz target briefly (a smoke run); longer runs: resources/fuzz.sh SECONDS.
+  resources/fuzz.sh 30
   resources/nix-tests.sh
 }
 

@@ -214,3 +214,31 @@ pub fn mac_from_name(name: &str) -> [u8; 6] {
     let b = h.to_be_bytes();
     [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
+
+#[cfg(any(test, feature = "test-utils"))]
+impl Tap {
+    /// A stand-in TAP for tests and fuzzing: one end of a non-blocking SEQPACKET socketpair
+    /// (datagrams keep frame boundaries as a TAP does), and the other end, the "host".
+    pub fn socketpair(name: &str) -> io::Result<(Tap, File)> {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair fills the two-element array.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds are new and ours.
+        let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let tap = Tap {
+            file: a,
+            name: name.to_owned(),
+        };
+        Ok((tap, b))
+    }
+}

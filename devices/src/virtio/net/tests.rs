@@ -1,7 +1,6 @@
 use super::*;
 use crate::virtio::test_utils::{CountingIrq, memory};
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::Bytes;
@@ -11,26 +10,8 @@ const NEXT: u16 = 1;
 
 /// A socketpair standing in for the TAP: datagrams keep frame boundaries as a TAP does.
 fn fake_tap() -> (Arc<Tap>, File) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills the two-element array.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(r, 0);
-    // SAFETY: both fds are new and ours.
-    let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    (
-        Arc::new(Tap {
-            file: a,
-            name: "test0".into(),
-        }),
-        b,
-    )
+    let (tap, host) = Tap::socketpair("test0").unwrap();
+    (Arc::new(tap), host)
 }
 
 fn all_features() -> u64 {
