@@ -35,7 +35,7 @@ for t in "${targets[@]}"; do
   log="$scratch/$t.log"
   if cargo +nightly fuzz run "$t" -O "$scratch/$t" -- -max_total_time="$secs" -timeout=10 \
     -rss_limit_mb=2048 -malloc_limit_mb=512 -print_final_stats=1 >"$log" 2>&1; then
-    echo "fuzz: $t ok: $(grep -m1 -E '^Done [0-9]+ runs' "$log"), $(grep -m1 -o 'cov: [0-9]*' "$log" | tail -1)"
+    echo "fuzz: $t ok: $(grep -m1 -E '^Done [0-9]+ runs' "$log"), $(grep -o 'cov: [0-9]*' "$log" | tail -1)"
   else
     echo "fuzz: $t FAILED (artifacts in fuzz/artifacts/$t):"
     grep -E 'ERROR|panicked|SUMMARY|Test unit written' "$log" | head -20
