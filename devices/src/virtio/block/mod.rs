@@ -200,7 +200,7 @@ impl Disk {
     /// The byte range of `len` bytes at `sector`, if it lies on the disk.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
         let end = sector.checked_add(len.div_ceil(SECTOR_SIZE))?;
-        (end <= self.sectors && len % SECTOR_SIZE == 0).then_some(sector * SECTOR_SIZE)
+        (end <= self.sectors && len % SECTOR_SIZE == 0).then(|| sector * SECTOR_SIZE)
     }
 
     fn buffer(&self, len: usize) -> AlignedBuf {

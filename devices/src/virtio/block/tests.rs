@@ -126,6 +126,19 @@ fn requests_off_the_disk_or_misaligned_fail_with_ioerr() {
         ),
         (S_IOERR, 1)
     );
+    // Far off the disk, where sector * 512 overflows (seen from the e2e hostile guest: the
+    // offset was computed before the range check said no).
+    assert_eq!(
+        run(
+            &d,
+            &mem,
+            VIRTIO_BLK_T_OUT,
+            1 << 60,
+            &[(DATA, 512, false)],
+            true
+        ),
+        (S_IOERR, 1)
+    );
     assert_eq!(
         run(&d, &mem, VIRTIO_BLK_T_IN, 0, &[(DATA, 100, true)], true),
         (S_IOERR, 1)
