@@ -9,6 +9,7 @@ pub mod cmos;
 pub mod i8042;
 pub mod pm;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod serial;
 pub mod virtio;
 

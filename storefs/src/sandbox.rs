@@ -3,11 +3,10 @@
 //! system becomes read-only and shrinks to one directory) and a seccomp allow-list of system
 //! calls. The first two are best effort where the kernel or the host's policy lacks them
 //! (unprivileged user namespaces, Landlock's LSM); all of them only ever take rights away.
-use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use nixvm_devices::seccomp::{self, Allow, Arg, any, eq, masked, when};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,9 +15,7 @@ pub enum Error {
     #[error("Landlock: {0}")]
     Landlock(&'static str, #[source] std::io::Error),
     #[error("seccomp filter")]
-    Seccomp(#[source] seccompiler::Error),
-    #[error("seccomp filter")]
-    SeccompBackend(#[source] seccompiler::BackendError),
+    Seccomp(#[source] seccomp::Error),
 }
 
 /// What Landlock did.
@@ -285,91 +282,112 @@ fn io_last() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
+const NO_EXEC: &[Arg] = &[masked(2, libc::PROT_EXEC as u64, 0)];
+/// openat only for reading: no write access, no creating, no truncating (argument 2: flags).
+const READ_ONLY_OPEN: &[Arg] = &[masked(
+    2,
+    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
+    libc::O_RDONLY as u64,
+)];
+const fn fcntl_cmd(cmd: libc::c_int) -> [Arg; 1] {
+    // Commands are small non-negative ints.
+    [eq(1, cmd as u64)]
+}
+const F_GETFD: [Arg; 1] = fcntl_cmd(libc::F_GETFD);
+const F_SETFD: [Arg; 1] = fcntl_cmd(libc::F_SETFD);
+const F_GETFL: [Arg; 1] = fcntl_cmd(libc::F_GETFL);
+const F_SETFL: [Arg; 1] = fcntl_cmd(libc::F_SETFL);
+const F_DUPFD_CLOEXEC: [Arg; 1] = fcntl_cmd(libc::F_DUPFD_CLOEXEC);
+
 /// The system calls a vhost-user back end serving files read-only makes once it runs: the
 /// vhost-user socket and eventfds, epoll, threads and memory, reading files and directories
-/// through descriptors, and what the Rust runtime and the allocator use.
-const BACKEND_SYSCALLS: &[libc::c_long] = &[
-    libc::SYS_read,
-    libc::SYS_readv,
-    libc::SYS_pread64,
-    libc::SYS_preadv,
-    libc::SYS_preadv2,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_recvmsg,
-    libc::SYS_recvfrom,
-    libc::SYS_sendmsg,
-    libc::SYS_sendto,
-    libc::SYS_shutdown,
-    libc::SYS_accept4,
-    libc::SYS_getsockopt,
-    libc::SYS_close,
-    libc::SYS_dup,
-    libc::SYS_fcntl,
-    libc::SYS_openat,
-    libc::SYS_openat2,
-    libc::SYS_getdents64,
-    libc::SYS_readlinkat,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_fstatfs,
-    libc::SYS_lseek,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_futex,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_sigaltstack,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_prctl,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
-    libc::SYS_getrandom,
-    libc::SYS_getpid,
-    libc::SYS_gettid,
-    libc::SYS_tgkill,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_restart_syscall,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
+/// through descriptors, and what the Rust runtime and the allocator use. Anything else stops
+/// the back end (a SIGSYS that names the call), as does opening a file other than for
+/// reading or mapping memory executable.
+const BACKEND: &[Allow] = &[
+    any(libc::SYS_read),
+    any(libc::SYS_readv),
+    any(libc::SYS_pread64),
+    any(libc::SYS_preadv),
+    any(libc::SYS_preadv2),
+    any(libc::SYS_write),
+    any(libc::SYS_writev),
+    any(libc::SYS_recvmsg),
+    any(libc::SYS_recvfrom),
+    any(libc::SYS_sendmsg),
+    any(libc::SYS_sendto),
+    any(libc::SYS_shutdown),
+    any(libc::SYS_accept4),
+    any(libc::SYS_getsockopt),
+    any(libc::SYS_close),
+    any(libc::SYS_dup),
+    when(libc::SYS_fcntl, &F_GETFD),
+    when(libc::SYS_fcntl, &F_SETFD),
+    when(libc::SYS_fcntl, &F_GETFL),
+    when(libc::SYS_fcntl, &F_SETFL),
+    when(libc::SYS_fcntl, &F_DUPFD_CLOEXEC),
+    when(libc::SYS_openat, READ_ONLY_OPEN),
+    // Its flags are in a struct the filter cannot read; it opens O_PATH beneath the share
+    // (host.rs), and Landlock and the read-only mount keep it from writing.
+    any(libc::SYS_openat2),
+    any(libc::SYS_getdents64),
+    any(libc::SYS_readlinkat),
+    any(libc::SYS_fstat),
+    any(libc::SYS_newfstatat),
+    any(libc::SYS_statx),
+    any(libc::SYS_fstatfs),
+    any(libc::SYS_lseek),
+    any(libc::SYS_epoll_create1),
+    any(libc::SYS_epoll_ctl),
+    any(libc::SYS_epoll_wait),
+    any(libc::SYS_epoll_pwait),
+    any(libc::SYS_eventfd2),
+    any(libc::SYS_poll),
+    any(libc::SYS_ppoll),
+    when(libc::SYS_mmap, NO_EXEC),
+    any(libc::SYS_munmap),
+    any(libc::SYS_mremap),
+    when(libc::SYS_mprotect, NO_EXEC),
+    any(libc::SYS_madvise),
+    any(libc::SYS_brk),
+    any(libc::SYS_futex),
+    // Threads only: the back end never starts a process.
+    when(
+        libc::SYS_clone,
+        &[masked(
+            0,
+            libc::CLONE_THREAD as u64,
+            libc::CLONE_THREAD as u64,
+        )],
+    ),
+    any(libc::SYS_clone3),
+    any(libc::SYS_set_robust_list),
+    any(libc::SYS_rseq),
+    any(libc::SYS_sigaltstack),
+    any(libc::SYS_rt_sigprocmask),
+    any(libc::SYS_rt_sigaction),
+    any(libc::SYS_rt_sigreturn),
+    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)]),
+    any(libc::SYS_sched_getaffinity),
+    any(libc::SYS_sched_yield),
+    any(libc::SYS_getrandom),
+    any(libc::SYS_getpid),
+    any(libc::SYS_gettid),
+    any(libc::SYS_tgkill),
+    any(libc::SYS_clock_gettime),
+    any(libc::SYS_clock_nanosleep),
+    any(libc::SYS_nanosleep),
+    any(libc::SYS_restart_syscall),
+    any(libc::SYS_exit),
+    any(libc::SYS_exit_group),
 ];
 
-/// Allows only [`BACKEND_SYSCALLS`] from now on, in every thread of the process; any other
-/// call fails with EPERM (an error reply to one request rather than a dead back end).
+/// Allows only [`BACKEND`] from now on, in every thread of the process; any other call
+/// stops the back end with a line naming it.
 pub fn seccomp_backend() -> Result<(), Error> {
-    let program = backend_filter()?;
-    seccompiler::apply_filter_all_threads(&program).map_err(Error::Seccomp)
-}
-
-fn backend_filter() -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        BACKEND_SYSCALLS.iter().map(|s| (*s, Vec::new())).collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(u32::try_from(libc::EPERM).expect("small")),
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(Error::SeccompBackend)?;
-    BpfProgram::try_from(filter).map_err(Error::SeccompBackend)
+    seccomp::report_violations("nixvm storefs").map_err(Error::Seccomp)?;
+    let program = seccomp::program(&[BACKEND], seccomp::Mode::On).map_err(Error::Seccomp)?;
+    seccomp::apply_all_threads(program.as_ref()).map_err(Error::Seccomp)
 }
 
 #[cfg(test)]
@@ -422,14 +440,26 @@ mod tests {
 
     #[test]
     fn the_filter_refuses_what_is_not_listed() {
-        let program = backend_filter().unwrap();
-        let (pid, uid) = std::thread::spawn(move || {
+        // Misses fail with EPERM here, where the daemon's filter would stop it.
+        let program = seccomp::compile_errno(&[BACKEND]).unwrap();
+        let (pid, uid, read_only, write) = std::thread::spawn(move || {
             seccompiler::apply_filter(&program).unwrap();
-            // SAFETY: getpid and getuid take no arguments.
+            let path = c"/proc/self/stat";
+            // SAFETY: getpid and getuid take no arguments; openat gets a NUL-terminated
+            // path, and the descriptor it may return is closed at once.
             unsafe {
+                let open = |flags| {
+                    let fd = libc::openat(libc::AT_FDCWD, path.as_ptr(), flags);
+                    if fd >= 0 {
+                        libc::close(fd);
+                    }
+                    fd >= 0
+                };
                 (
                     libc::syscall(libc::SYS_getpid),
                     libc::syscall(libc::SYS_getuid),
+                    open(libc::O_RDONLY | libc::O_CLOEXEC),
+                    open(libc::O_WRONLY | libc::O_CLOEXEC),
                 )
             }
         })
@@ -437,5 +467,7 @@ mod tests {
         .unwrap();
         assert!(pid > 0, "getpid is allowed");
         assert_eq!(uid, -1, "getuid is not");
+        assert!(read_only, "opening for reading is allowed");
+        assert!(!write, "opening for writing is not");
     }
 }

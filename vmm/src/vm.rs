@@ -29,6 +29,7 @@ use crate::console::{Controller, Input};
 use crate::control::{Control, ControlParts, VmInfo};
 use crate::device_manager::{self, Devices, Transport};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
+use crate::seccomp;
 use crate::unix::Listener;
 use crate::vcpu::Buses;
 use crate::{cpuid, terminal, unix, vcpu};
@@ -93,6 +94,8 @@ pub enum Error {
     EventLoop(#[source] event_manager::Error),
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
+    #[error("seccomp")]
+    Seccomp(#[source] crate::seccomp::Error),
 }
 
 impl Error {
@@ -234,6 +237,7 @@ pub struct Vm {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// `nixvm storefs` processes serving `path=` shares: stopped after everything else.
     _backends: Vec<storefs::Process>,
+    filters: Arc<seccomp::Filters>,
 }
 
 /// The machine as it was before the guest first ran.
@@ -318,6 +322,8 @@ fn zero_memory(mem: &GuestMemoryMmap) -> std::io::Result<()> {
 
 impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm> {
+        // First: device threads take their filter from here as they start.
+        let filters = Arc::new(seccomp::Filters::new(config.seccomp).map_err(Error::Seccomp)?);
         let (console_out, input) = open_console(&config.serial)?;
         // Also before KVM: a socket another nixvm holds is the user's to fix.
         let api_listener = match &config.api_socket {
@@ -445,6 +451,7 @@ impl Vm {
             _kvm: kvm,
             mem,
             _backends: backends,
+            filters,
         })
     }
 
@@ -463,6 +470,8 @@ impl Vm {
         em.add_subscriber(self.control.clone());
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| Error::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        // From here on the main thread, and the vCPU threads it starts, are filtered.
+        nixvm_devices::seccomp::apply(self.filters.vmm.as_ref()).map_err(Error::Seccomp)?;
         let exit = loop {
             let exit = self.run_once(&mut em);
             if exit == Exit::Reset && self.reset.config.on_reboot == OnReboot::Restart {
@@ -488,12 +497,17 @@ impl Vm {
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let id = u8::try_from(id).expect("at most 254 vCPUs");
             let (bus, exit, stop) = (self.bus.clone(), self.exit.clone(), stop.clone());
-            let gate = self.gate.clone();
+            let (gate, filters) = (self.gate.clone(), self.filters.clone());
             let finished = Arc::new(AtomicBool::new(false));
             let done = finished.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    if let Err(e) = nixvm_devices::seccomp::apply(filters.vcpu.as_ref()) {
+                        exit.request_exit(Exit::Failed(format!("vCPU {id}: {e}")));
+                        done.store(true, Ordering::Release);
+                        return vcpu;
+                    }
                     let vcpu = vcpu::run(vcpu, id, bus, exit, stop, gate);
                     done.store(true, Ordering::Release);
                     vcpu

@@ -269,34 +269,32 @@ impl QueuePool {
                 handle.clone(),
             );
             let (in_flight, kick) = (in_flight.clone(), kick.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("{name}-io{i}"))
-                .spawn(move || {
-                    loop {
-                        // The receiver is locked only to take one chain: the threads run
-                        // their requests in parallel. Ends when the worker, and with it the
-                        // sender, is gone.
-                        let next = lock(&rx).recv();
-                        let Ok(chain) = next else { break };
-                        let head = chain.head_index();
-                        let m = mem.memory();
-                        let len = handle(chain, &m);
-                        let mut q = lock(&queue);
-                        if let Err(e) = q.add_used(&*m, head, len) {
-                            crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
-                        }
-                        let notify = q.needs_notification(&*m).unwrap_or(true);
-                        drop(q);
-                        if notify {
-                            irq.trigger(VIRTIO_MMIO_INT_VRING);
-                        }
-                        // The worker stopped taking chains at the limit: room again.
-                        if in_flight.fetch_sub(1, Ordering::SeqCst) == limit {
-                            let _ = kick.write(1);
-                        }
+            let t = worker::spawn_thread(format!("{name}-io{i}"), move || {
+                loop {
+                    // The receiver is locked only to take one chain: the threads run
+                    // their requests in parallel. Ends when the worker, and with it the
+                    // sender, is gone.
+                    let next = lock(&rx).recv();
+                    let Ok(chain) = next else { break };
+                    let head = chain.head_index();
+                    let m = mem.memory();
+                    let len = handle(chain, &m);
+                    let mut q = lock(&queue);
+                    if let Err(e) = q.add_used(&*m, head, len) {
+                        crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
                     }
-                })
-                .map_err(ActivateError::Thread)?;
+                    let notify = q.needs_notification(&*m).unwrap_or(true);
+                    drop(q);
+                    if notify {
+                        irq.trigger(VIRTIO_MMIO_INT_VRING);
+                    }
+                    // The worker stopped taking chains at the limit: room again.
+                    if in_flight.fetch_sub(1, Ordering::SeqCst) == limit {
+                        let _ = kick.write(1);
+                    }
+                }
+            })
+            .map_err(ActivateError::Thread)?;
             pool.threads.push(t);
         }
         let w = worker::Worker::spawn(name.to_owned(), evts, move |_| {

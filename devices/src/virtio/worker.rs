@@ -42,7 +42,7 @@ impl Worker {
     {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = spawn_thread(name, move || {
             let n = fds.len();
             let (fds, mut interest): (Vec<RawFd>, Vec<i16>) = fds.into_iter().unzip();
             let mut ready = vec![0i16; n];
@@ -104,6 +104,27 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts a device thread: named `name`, and under the device threads' seccomp filter
+/// ([`crate::seccomp::enter_worker`]) before `f` runs. A thread that cannot install it
+/// does not run `f`.
+pub fn spawn_thread(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if let Err(e) = crate::seccomp::enter_worker() {
+                let why = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                log::error!("{name}: {e}{why}; the thread does not start");
+                return;
+            }
+            f()
+        })
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use nixvm_boot::kernel::{self, KernelFormat};
 use nixvm_boot::layout::MIN_MEMORY;
+use nixvm_devices::seccomp::Mode;
 use nixvm_devices::virtio::block;
 use serde::{Deserialize, Serialize};
 
@@ -179,6 +180,11 @@ pub struct Settings {
     /// restart (boot the VM again in place: fresh memory, devices reset) [default: exit].
     #[arg(long, value_name = "exit|restart", value_enum)]
     pub on_reboot: Option<OnReboot>,
+    /// Seccomp filters on every nixvm thread: on (a system call outside a thread's list stops
+    /// nixvm, naming the call), log (the kernel logs such calls and lets them through), off
+    /// [default: on].
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<Mode>,
 }
 
 fn parse_switch_arg(v: &str) -> std::result::Result<bool, String> {
@@ -236,6 +242,7 @@ pub struct VmConfig {
     /// Seconds between pressing the power button and stopping the VM hard.
     pub shutdown_timeout: u64,
     pub on_reboot: OnReboot,
+    pub seccomp: Mode,
 }
 
 impl VmConfig {
@@ -374,6 +381,7 @@ impl VmConfig {
             api_socket: file.api_socket,
             shutdown_timeout,
             on_reboot: file.on_reboot.unwrap_or_default(),
+            seccomp: file.seccomp.unwrap_or(Mode::On),
         })
     }
 }

@@ -422,3 +422,19 @@ fn validation() {
     let v = with_disk(disk(&odd)).unwrap();
     assert_eq!((v.disks.len(), v.rng), (1, true));
 }
+
+#[test]
+fn seccomp_mode_from_flag_and_file() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        s: Settings,
+    }
+    let f = Flags::try_parse_from(["nixvm", "--seccomp", "log"]).unwrap();
+    assert_eq!(f.s.seccomp, Some(Mode::Log));
+    assert!(Flags::try_parse_from(["nixvm", "--seccomp", "kill"]).is_err());
+    let file: Settings = serde_json::from_str(r#"{"seccomp": "off"}"#).unwrap();
+    assert_eq!(file.seccomp, Some(Mode::Off));
+    assert!(serde_json::from_str::<Settings>(r#"{"seccomp": "maybe"}"#).is_err());
+}

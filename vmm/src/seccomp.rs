@@ -1,0 +1,259 @@
+//! nixvm's seccomp allow-lists, one place, as data (the mechanism is
+//! `nixvm_devices::seccomp`). Derived from what the threads call while the e2e suite runs
+//! (strace -f over the suite), then checked by running the whole suite with the filters on.
+//!
+//! Three kinds of thread, and since a thread keeps the filter of the one that started it,
+//! each list builds on the one below:
+//! - device threads (`WORKER`): their queues' eventfds, the disk image, the TAP;
+//! - vCPU threads (+ `VCPU`): KVM_RUN, and what the devices do inline on an MMIO write:
+//!   activation starts device threads and connects to vhost-user back ends;
+//! - the main thread (+ `VMM`): the event loop, the control socket, the console, signals,
+//!   rebooting in place (the KVM state set again), teardown. It starts the vCPU threads.
+//!
+//! Filters go on once the VM is built: opening images, TAPs, KVM and starting storefs come
+//! before and need no rules here.
+use kvm_bindings::{
+    KVMIO, kvm_cpuid2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+};
+use nixvm_devices::seccomp::{Allow, Arg, Mode, any, eq, masked, when};
+use seccompiler::BpfProgram;
+use std::mem::size_of;
+
+pub use nixvm_devices::seccomp::Error;
+
+const fn kvm(dir: u32, nr: u32, size: usize) -> u64 {
+    // The sizes are those of small fixed structs (at most a few KiB).
+    #[allow(clippy::cast_possible_truncation)]
+    let size = size as u32;
+    vmm_sys_util::ioctl::ioctl_expr(dir, KVMIO, nr, size)
+}
+const NONE: u32 = 0;
+const W: u32 = 1;
+const R: u32 = 2;
+/// Argument 1 equals the value: an ioctl's request, an fcntl's command.
+macro_rules! arg1 {
+    ($($name:ident = $value:expr;)*) => {
+        $(const $name: &[Arg] = &[eq(1, $value)];)*
+    };
+}
+arg1! {
+    KVM_RUN = kvm(NONE, 0x80, 0);
+    KVM_SET_REGS = kvm(W, 0x82, size_of::<kvm_regs>());
+    KVM_GET_SREGS = kvm(R, 0x83, size_of::<kvm_sregs>());
+    KVM_SET_SREGS = kvm(W, 0x84, size_of::<kvm_sregs>());
+    KVM_SET_MSRS = kvm(W, 0x89, size_of::<kvm_msrs>());
+    KVM_SET_FPU = kvm(W, 0x8d, size_of::<kvm_fpu>());
+    KVM_GET_LAPIC = kvm(R, 0x8e, size_of::<kvm_lapic_state>());
+    KVM_SET_LAPIC = kvm(W, 0x8f, size_of::<kvm_lapic_state>());
+    KVM_SET_CPUID2 = kvm(W, 0x90, size_of::<kvm_cpuid2>());
+    KVM_SET_MP_STATE = kvm(W, 0x99, size_of::<kvm_mp_state>());
+    KVM_SET_VCPU_EVENTS = kvm(W, 0xa0, size_of::<kvm_vcpu_events>());
+    KVM_SET_XCRS = kvm(W, 0xa7, size_of::<kvm_xcrs>());
+    KVM_SET_IRQCHIP = kvm(R, 0x63, size_of::<kvm_irqchip>());
+    KVM_SET_PIT2 = kvm(W, 0xa0, size_of::<kvm_pit_state2>());
+    TCGETS = libc::TCGETS;
+    TCSETS = libc::TCSETS;
+    TIOCGWINSZ = libc::TIOCGWINSZ;
+    FIONBIO = libc::FIONBIO;
+    TUNSETOFFLOAD = 0x4004_54d0;
+    TUNSETVNETHDRSZ = 0x4004_54d8;
+    F_GETFD = libc::F_GETFD as u64;
+    F_SETFD = libc::F_SETFD as u64;
+    F_GETFL = libc::F_GETFL as u64;
+    F_SETFL = libc::F_SETFL as u64;
+    F_DUPFD_CLOEXEC = libc::F_DUPFD_CLOEXEC as u64;
+}
+const NO_EXEC: &[Arg] = &[masked(2, libc::PROT_EXEC as u64, 0)];
+/// openat for reading only (argument 2: flags): no write access, no creating or truncating.
+const READ_ONLY_OPEN: &[Arg] = &[masked(
+    2,
+    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
+    libc::O_RDONLY as u64,
+)];
+
+/// Every thread: the allocator and thread bookkeeping, futexes, time, logging, eventfds.
+const COMMON: &[Allow] = &[
+    any(libc::SYS_read),
+    any(libc::SYS_write),
+    any(libc::SYS_writev),
+    any(libc::SYS_close),
+    when(libc::SYS_fcntl, F_GETFD),
+    when(libc::SYS_fcntl, F_SETFD),
+    when(libc::SYS_fcntl, F_GETFL),
+    when(libc::SYS_fcntl, F_SETFL),
+    when(libc::SYS_fcntl, F_DUPFD_CLOEXEC),
+    when(libc::SYS_mmap, NO_EXEC),
+    when(libc::SYS_mprotect, NO_EXEC),
+    any(libc::SYS_munmap),
+    any(libc::SYS_mremap),
+    any(libc::SYS_madvise),
+    any(libc::SYS_brk),
+    any(libc::SYS_futex),
+    any(libc::SYS_poll),
+    any(libc::SYS_ppoll),
+    any(libc::SYS_eventfd2),
+    any(libc::SYS_clock_gettime),
+    any(libc::SYS_clock_nanosleep),
+    any(libc::SYS_nanosleep),
+    any(libc::SYS_sched_yield),
+    any(libc::SYS_sched_getaffinity),
+    any(libc::SYS_getrandom),
+    any(libc::SYS_gettid),
+    any(libc::SYS_getpid),
+    any(libc::SYS_rt_sigprocmask),
+    any(libc::SYS_rt_sigreturn),
+    any(libc::SYS_sigaltstack),
+    any(libc::SYS_rseq),
+    any(libc::SYS_set_robust_list),
+    any(libc::SYS_restart_syscall),
+    // Reading files: the runtime's CPU count (/sys), the kernel and initrd on a reboot.
+    when(libc::SYS_openat, READ_ONLY_OPEN),
+    any(libc::SYS_fstat),
+    any(libc::SYS_newfstatat),
+    any(libc::SYS_statx),
+    any(libc::SYS_exit),
+    any(libc::SYS_exit_group),
+    // abort() on a panic: the process signals itself.
+    any(libc::SYS_tgkill),
+    // A new thread names itself (still under its parent's filter); a thread tightens its
+    // own filter.
+    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)]),
+    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]),
+    when(
+        libc::SYS_seccomp,
+        &[eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)],
+    ),
+];
+
+/// Device threads: block requests on the image, frames on the TAP.
+const WORKER: &[Allow] = &[
+    any(libc::SYS_readv),
+    any(libc::SYS_pread64),
+    any(libc::SYS_preadv),
+    any(libc::SYS_preadv2),
+    any(libc::SYS_pwrite64),
+    any(libc::SYS_pwritev),
+    any(libc::SYS_pwritev2),
+    any(libc::SYS_fdatasync),
+    any(libc::SYS_fsync),
+    any(libc::SYS_fallocate),
+    any(libc::SYS_lseek),
+    any(libc::SYS_recvmsg),
+    any(libc::SYS_sendmsg),
+    // The vhost-user deadline cuts off a back end that stopped answering.
+    any(libc::SYS_shutdown),
+];
+
+/// vCPU threads: KVM_RUN; device activation (threads, vhost-user connections, TAP offloads).
+const VCPU: &[Allow] = &[
+    when(libc::SYS_ioctl, KVM_RUN),
+    when(libc::SYS_ioctl, TUNSETOFFLOAD),
+    when(libc::SYS_ioctl, TUNSETVNETHDRSZ),
+    any(libc::SYS_clone3),
+    when(
+        libc::SYS_clone,
+        &[masked(
+            0,
+            libc::CLONE_THREAD as u64,
+            libc::CLONE_THREAD as u64,
+        )],
+    ),
+    when(libc::SYS_socket, &[eq(0, libc::AF_UNIX as u64)]),
+    any(libc::SYS_connect),
+    any(libc::SYS_sendto),
+    any(libc::SYS_recvfrom),
+];
+
+/// The main thread: event loop, control socket, console, signals, reboot in place, teardown.
+const VMM: &[Allow] = &[
+    any(libc::SYS_epoll_create1),
+    any(libc::SYS_epoll_ctl),
+    any(libc::SYS_epoll_wait),
+    any(libc::SYS_epoll_pwait),
+    // The power button's deadline (--shutdown-timeout).
+    any(libc::SYS_timerfd_create),
+    any(libc::SYS_timerfd_settime),
+    any(libc::SYS_timerfd_gettime),
+    any(libc::SYS_accept4),
+    any(libc::SYS_setsockopt),
+    any(libc::SYS_getsockopt),
+    any(libc::SYS_shutdown),
+    any(libc::SYS_unlink),
+    any(libc::SYS_unlinkat),
+    any(libc::SYS_rt_sigaction),
+    any(libc::SYS_kill),
+    any(libc::SYS_wait4),
+    any(libc::SYS_waitid),
+    when(libc::SYS_ioctl, TCGETS),
+    when(libc::SYS_ioctl, TCSETS),
+    when(libc::SYS_ioctl, TIOCGWINSZ),
+    when(libc::SYS_ioctl, FIONBIO),
+    when(libc::SYS_ioctl, KVM_SET_REGS),
+    when(libc::SYS_ioctl, KVM_GET_SREGS),
+    when(libc::SYS_ioctl, KVM_SET_SREGS),
+    when(libc::SYS_ioctl, KVM_SET_MSRS),
+    when(libc::SYS_ioctl, KVM_SET_FPU),
+    when(libc::SYS_ioctl, KVM_GET_LAPIC),
+    when(libc::SYS_ioctl, KVM_SET_LAPIC),
+    when(libc::SYS_ioctl, KVM_SET_CPUID2),
+    when(libc::SYS_ioctl, KVM_SET_MP_STATE),
+    when(libc::SYS_ioctl, KVM_SET_VCPU_EVENTS),
+    when(libc::SYS_ioctl, KVM_SET_XCRS),
+    when(libc::SYS_ioctl, KVM_SET_IRQCHIP),
+    when(libc::SYS_ioctl, KVM_SET_PIT2),
+];
+
+/// The compiled filters of one nixvm process.
+pub struct Filters {
+    pub vcpu: Option<BpfProgram>,
+    pub vmm: Option<BpfProgram>,
+}
+
+impl Filters {
+    /// Compiles the three filters for `mode` and hands device threads theirs; in
+    /// [`Mode::On`] a refused call stops nixvm with a line naming it.
+    pub fn new(mode: Mode) -> Result<Filters, Error> {
+        use nixvm_devices::seccomp::{program, report_violations, set_worker_filter};
+        if mode == Mode::On {
+            report_violations("nixvm")?;
+        }
+        set_worker_filter(program(&[COMMON, WORKER], mode)?);
+        Ok(Filters {
+            vcpu: program(&[COMMON, WORKER, VCPU], mode)?,
+            vmm: program(&[COMMON, WORKER, VCPU, VMM], mode)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filters_compile_in_every_mode() {
+        // Not Filters::new: that sets this test process's device-thread filter.
+        use nixvm_devices::seccomp::program;
+        for mode in [Mode::On, Mode::Log] {
+            assert!(
+                program(&[COMMON, WORKER, VCPU, VMM], mode)
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        assert!(program(&[COMMON], Mode::Off).unwrap().is_none());
+    }
+
+    #[test]
+    fn kvm_requests_match_the_kernel_headers() {
+        // Known values from linux/kvm.h on x86_64.
+        assert_eq!(KVM_RUN[0].value, 0xae80);
+        assert_eq!(KVM_SET_REGS[0].value, 0x4090_ae82);
+        assert_eq!(KVM_GET_SREGS[0].value, 0x8138_ae83);
+        assert_eq!(KVM_SET_CPUID2[0].value, 0x4008_ae90);
+        assert_eq!(KVM_SET_MSRS[0].value, 0x4008_ae89);
+        assert_eq!(KVM_SET_IRQCHIP[0].value, 0x8208_ae63);
+        assert_eq!(KVM_SET_PIT2[0].value, 0x4070_aea0);
+        assert_eq!(KVM_SET_LAPIC[0].value, 0x4400_ae8f);
+    }
+}
