@@ -34,6 +34,9 @@ pub const TAG_MAX: usize = 36;
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 /// At most this many request queues (besides the high-priority queue).
 pub const MAX_REQUEST_QUEUES: u16 = 16;
+/// Longest nixvm waits for the back end to answer while setting the device up or resetting
+/// it (a vCPU may be waiting); then the connection is shut down, as if the back end died.
+pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -310,8 +313,11 @@ impl VirtioDevice for VhostUserFs {
             .ok_or(ActivateError::NoNotifier)?
             .try_clone()
             .map_err(ActivateError::Thread)?;
-        self.set_up(&mem.memory(), &call, &queues)
-            .map_err(|e| ActivateError::Backend(Box::new(e)))?;
+        let fd = self.stream.as_raw_fd();
+        with_deadline(fd, BACKEND_TIMEOUT, || {
+            self.set_up(&mem.memory(), &call, &queues)
+        })
+        .map_err(|e| ActivateError::Backend(Box::new(e)))?;
         let mut fallback = Fallback {
             mem,
             irq,
@@ -352,14 +358,44 @@ impl VirtioDevice for VhostUserFs {
     }
     fn reset(&mut self) -> bool {
         self.watcher.take();
-        for i in 0..self.queue_sizes.len() {
-            // Stops the ring in the backend; a dead backend has nothing to stop.
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                log::debug!("virtio-fs {}: get_vring_base({i}): {e}", self.tag);
+        let fd = self.stream.as_raw_fd();
+        let (frontend, tag, n) = (&mut self.frontend, &self.tag, self.queue_sizes.len());
+        with_deadline(fd, BACKEND_TIMEOUT, || {
+            for i in 0..n {
+                // Stops the ring in the backend; a dead backend has nothing to stop.
+                if let Err(e) = frontend.get_vring_base(i) {
+                    log::debug!("virtio-fs {tag}: get_vring_base({i}): {e}");
+                }
             }
-        }
+        });
         true
     }
+}
+
+/// Runs `f`, which talks to the back end on the connection `fd`; if it has not returned
+/// after `timeout`, shuts the connection down so that it fails instead of blocking on a
+/// back end that stopped answering (then the device goes on as if the back end had died).
+fn with_deadline<T>(fd: std::os::fd::RawFd, timeout: Duration, f: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = super::worker::spawn_thread("vhost-user-deadline".into(), move || {
+        if wait.recv_timeout(timeout) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            log::error!(
+                "virtio-fs: the vhost-user back end did not answer within {timeout:?}: disconnecting it"
+            );
+            // SAFETY: shutdown on a descriptor the caller keeps open until we are joined.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    });
+    let r = f();
+    drop(done);
+    match watchdog {
+        Ok(t) => {
+            let _ = t.join();
+        }
+        // Without the thread there is no deadline; the call ran as it always could.
+        Err(e) => log::warn!("virtio-fs: no deadline for the back end: {e}"),
+    }
+    r
 }
 
 /// The queues as nixvm serves them once the backend is gone: every request fails with EIO.
@@ -450,6 +486,30 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(300), "it waited");
         assert!(matches!(e, Error::NoBackend { .. }));
         assert!(e.to_string().contains(&sock.display().to_string()));
+    }
+
+    #[test]
+    fn a_back_end_that_stops_answering_is_cut_off_at_the_deadline() {
+        use std::io::Read;
+        let (mut ours, _silent) = UnixStream::pair().unwrap();
+        let fd = ours.as_raw_fd();
+        let start = Instant::now();
+        let got = with_deadline(fd, Duration::from_millis(200), || {
+            let mut b = [0u8; 1];
+            ours.read(&mut b)
+        });
+        assert_eq!(got.unwrap(), 0, "the read ends (EOF) instead of blocking");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // An answer in time leaves the connection alone.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        with_deadline(a.as_raw_fd(), Duration::from_secs(5), || {
+            std::io::Write::write_all(&mut b, b"x").unwrap()
+        });
+        let mut buf = [0u8; 1];
+        (&a).read_exact(&mut buf).unwrap();
+        std::io::Write::write_all(&mut b, b"y").unwrap();
+        (&a).read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"y");
     }
 
     #[test]
