@@ -1,22 +1,28 @@
 //! A guest driving a virtio-mmio device as it likes: register writes and reads, guest memory
 //! contents (descriptor tables, rings, request headers) and queue kicks, in any order, on
-//! virtio-rng, virtio-blk (a scratch image) and virtio-net (a socketpair as the TAP, with
-//! frames arriving from the "host"). nixvm must not panic, hang or allocate without bound;
-//! the devices' worker threads are stopped (joined) at the end of every input, so a worker
-//! spinning on a bad queue shows as a timeout.
+//! virtio-rng, virtio-blk (a scratch image), virtio-net (a socketpair as the TAP, with
+//! frames arriving from the "host") and the virtio-fs frontend (a scripted vhost-user back
+//! end that answers the frontend and hangs up after as many messages as the input says, so
+//! that nixvm's own EIO fallback serves the guest's rings). nixvm must not panic, hang or
+//! allocate without bound; the devices' worker threads are stopped (joined) at the end of
+//! every input, so a worker spinning on a bad queue shows as a timeout.
 #![no_main]
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::virtio::block::{Block, Disk, DiskOptions};
+use nixvm_devices::virtio::fs::{FsOptions, VhostUserFs};
 use nixvm_devices::virtio::mmio::MmioTransport;
 use nixvm_devices::virtio::net::{Net, Tap};
 use nixvm_devices::virtio::rng::Rng;
 use nixvm_devices::virtio::{Memory, VirtioDevice, test_utils::memory};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// Guest memory: 1 MiB, so that most addresses the input picks are inside it.
@@ -52,12 +58,87 @@ impl Input<'_> {
     }
 }
 
+/// Guest memory in a memfd, as a vhost-user back end needs it.
+fn shared_memory() -> nixvm_devices::virtio::GuestMemoryMmap {
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor it returns is ours.
+    let file = unsafe {
+        let fd = libc::memfd_create(c"nixvm-fuzz".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        std::fs::File::from_raw_fd(fd)
+    };
+    file.set_len(MEM as u64).unwrap();
+    nixvm_devices::virtio::GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap()
+}
+
+/// A vhost-user back end that answers what the frontend asks (features, ring bases) and
+/// hangs up after `messages` messages.
+fn scripted_backend(listener: UnixListener, messages: u8) {
+    let Ok((mut s, _)) = listener.accept() else { return };
+    for _ in 0..messages {
+        let mut hdr = [0u8; 12];
+        if s.read_exact(&mut hdr).is_err() {
+            return;
+        }
+        let request = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; size.min(4096)];
+        if size > 4096 || s.read_exact(&mut body).is_err() {
+            return;
+        }
+        let reply: Option<Vec<u8>> = match request {
+            // GET_FEATURES: VERSION_1 only (no protocol features: two queues).
+            1 => Some((1u64 << 32).to_le_bytes().to_vec()),
+            // GET_VRING_BASE: the queue's index, base 0.
+            11 => Some([&body[..4.min(body.len())], &[0u8; 4][..]].concat()),
+            _ => None,
+        };
+        if let Some(payload) = reply {
+            let mut m = request.to_le_bytes().to_vec();
+            m.extend(0x5u32.to_le_bytes()); // version 1, reply
+            m.extend(u32::try_from(payload.len()).unwrap().to_le_bytes());
+            m.extend(payload);
+            if s.write_all(&m).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let mem = Memory::new(memory(MEM));
+    let kind = input.u8() % 4;
+    let mem = Memory::new(if kind == 3 { shared_memory() } else { memory(MEM) });
     let mut host_end = None;
-    let device: Box<dyn VirtioDevice> = match input.u8() % 3 {
+    let mut backend = None;
+    let device: Box<dyn VirtioDevice> = match kind {
         0 => Box::new(Rng::default()),
+        3 => {
+            let sock = std::env::temp_dir().join(format!("nixvm-fuzz-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&sock);
+            let listener = UnixListener::bind(&sock).unwrap();
+            let messages = input.u8();
+            backend = Some(std::thread::spawn(move || scripted_backend(listener, messages)));
+            let opts = FsOptions {
+                tag: "fuzz".into(),
+                socket: sock.clone(),
+                queue_size: 16,
+                request_queues: 1,
+            };
+            let fs = VhostUserFs::connect(&opts, Duration::from_secs(1));
+            let _ = std::fs::remove_file(&sock);
+            match fs {
+                Ok(fs) => Box::new(fs),
+                Err(_) => {
+                    let _ = backend.take().map(|b| b.join());
+                    return;
+                }
+            }
+        }
         1 => {
             let opts = DiskOptions {
                 path: image().to_owned(),
@@ -118,6 +199,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // The driver resets the device: its workers stop (a spinning one would hang here).
     t.write(0x70, &0u32.to_le_bytes());
+    // Dropping the device hangs up on the back end, which then ends.
+    drop(t);
+    if let Some(b) = backend {
+        b.join().unwrap();
+    }
 });
 
 fn memory_of(mem: &Memory) -> nixvm_devices::virtio::GuestMemoryMmap {
