@@ -3,7 +3,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::{console::*, disks::*, fs::*, harness::*, lifecycle::*, net::*, storefs::*};
+use crate::{
+    console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, storefs::*,
+};
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
     // One boot, several checks: a bzImage with 2 vCPUs, 384M and a NixOS command line.
@@ -145,6 +147,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
     });
 
     group(t, &BLK_NAMES, "the disks boot", || disks_boot(g));
+    t.run_retry("blk_flush_is_fdatasync", || flush_is_fdatasync(g));
     lifecycle_tests(t, g);
     nix_runner_test(t);
     // SAFETY: geteuid has no preconditions.
@@ -161,6 +164,19 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         None => {
             for name in FS_NAMES {
                 t.skip(name, "no virtiofsd (cargo install virtiofsd --locked)");
+            }
+        }
+    }
+
+    if HOSTILE_NAMES.iter().any(|n| t.wants(n)) {
+        match build_hostile() {
+            Ok(bin) => group(t, &HOSTILE_NAMES, "the hostile guest boot", || {
+                hostile_boot(g, &bin)
+            }),
+            Err(why) => {
+                for name in HOSTILE_NAMES {
+                    t.skip(name, &why);
+                }
             }
         }
     }

@@ -134,3 +134,82 @@ sleep 1000
         rng,
     ])
 }
+
+/// Every FLUSH the guest sends reaches the disk as an fdatasync of the image: nixvm runs
+/// under `strace -e trace=fdatasync,fsync`, the guest counts its own flush requests
+/// (/sys/block/vda/stat, field 16) around five fsync'd writes.
+pub(crate) fn flush_is_fdatasync(g: &Guest) -> TestResult {
+    let Some(strace) = which("strace") else {
+        return Err("needs strace (Debian package strace; resources/dev.sh installs it)".into());
+    };
+    let image = disk_image("flush.img", 1 << 20, |_| 0);
+    let script = script_disk(
+        "flush-script.img",
+        r#"
+flushes() { set -- $(cat /sys/block/vda/stat); echo "${16}"; }
+before=$(flushes)
+for i in 1 2 3 4 5; do
+  printf 'flush %s' "$i" | dd of=/dev/vda bs=512 seek=$i conv=fsync,notrunc 2>/dev/null
+done
+echo "NIXVM-TEST: flushes=$(( $(flushes) - before ))"
+"#,
+    );
+    let log = temp_dir().join("flush.strace");
+    let (d1, d2) = (
+        format!("path={}", image.display()),
+        format!("path={},readonly=on", script.display()),
+    );
+    let cl = cmdline("script");
+    let mut args = vec![
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=fdatasync,fsync",
+        "-o",
+        log.to_str().expect("utf-8 path"),
+        NIXVM,
+    ];
+    args.extend(g.args(&g.vmlinuz, &cl));
+    args.extend(["--disk", &d1, "--disk", &d2]);
+    let mut cmd = std::process::Command::new(strace);
+    cmd.args(&args).stdin(std::process::Stdio::null());
+    let mut vm = Streaming::spawn_command(cmd)?;
+    let line = vm.wait_for("NIXVM-TEST: flushes=")?;
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm under strace: {status:?}\n{}",
+        vm.seen
+    );
+    let flushes: usize = line
+        .trim_end_matches('\r')
+        .rsplit('=')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("bad marker {line:?}"))?;
+    let trace = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+    let name = format!("<{}>", image.display());
+    let syncs = trace
+        .lines()
+        .filter(|l| l.contains("fdatasync(") && l.contains(&name))
+        .count();
+    check!(
+        flushes >= 5,
+        "the guest sent {flushes} flushes for 5 fsyncs"
+    );
+    check!(
+        syncs == flushes,
+        "{flushes} FLUSH requests, {syncs} fdatasync calls on the image:\n{trace}"
+    );
+    Ok(())
+}
+
+/// The path of `program` on PATH.
+pub(crate) fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(program))
+            .find(|f| f.is_file())
+    })
+}

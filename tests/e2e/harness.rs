@@ -384,6 +384,8 @@ pub(crate) struct Streaming {
     pub(crate) child: std::process::Child,
     pub(crate) lines: std::sync::mpsc::Receiver<String>,
     pub(crate) seen: String,
+    /// Where the child's stderr goes: its tail is part of a failure.
+    stderr: PathBuf,
 }
 
 /// The lines of `out` as they come, read by a thread of their own.
@@ -413,9 +415,13 @@ impl Streaming {
     }
 
     pub(crate) fn spawn_command(mut cmd: Command) -> Result<Streaming, String> {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stderr = temp_dir().join(format!("streaming-{n}.stderr"));
+        let err = std::fs::File::create(&stderr).map_err(|e| e.to_string())?;
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .map_err(|e| e.to_string())?;
         let lines = line_channel(child.stdout.take().unwrap());
@@ -423,6 +429,7 @@ impl Streaming {
             child,
             lines,
             seen: String::new(),
+            stderr,
         })
     }
 
@@ -440,6 +447,7 @@ impl Streaming {
     ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         let mut say = Instant::now() + Duration::from_secs(120);
+        let mut ended = false;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             if Instant::now() >= say {
                 println!("e2e: still waiting for {want:?}");
@@ -454,12 +462,30 @@ impl Streaming {
                         return Ok(l);
                     }
                 }
-                Err(_) => break,
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
             }
         }
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = err.lines().collect();
+        let how = if ended {
+            let status = wait_timeout(&mut self.child, Duration::from_secs(5));
+            let code = status.and_then(|s| s.code());
+            if reset_before_init(code, &self.seen) {
+                // The nested route's early-boot hazard: retried like a stall.
+                format!("{STALLED} (reset before init)")
+            } else {
+                format!("before the output ended ({status:?})")
+            }
+        } else {
+            STALLED.to_owned()
+        };
         Err(format!(
-            "{want:?} never appeared {STALLED}; console:\n{}",
-            self.seen
+            "{want:?} never appeared {how}; console:\n{}\nstderr (tail):\n{}",
+            self.seen,
+            lines[lines.len().saturating_sub(15)..].join("\n")
         ))
     }
 

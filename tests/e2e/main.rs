@@ -37,6 +37,7 @@ mod console;
 mod disks;
 mod fs;
 mod harness;
+mod hostile;
 mod lifecycle;
 mod net;
 mod storefs;
@@ -44,7 +45,7 @@ mod usage;
 #[path = "../support/virtiofsd.rs"]
 mod virtiofsd;
 
-use crate::{boot::*, disks::*, fs::*, harness::*, net::*, storefs::*, usage::*};
+use crate::{boot::*, disks::*, fs::*, harness::*, hostile::*, net::*, storefs::*, usage::*};
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
 const L1_SILENCE: Duration = Duration::from_secs(420);
@@ -155,6 +156,7 @@ fn main() {
         "on_reboot_restart_boots_again",
         "nix_runner_boots_fake_toplevel",
         "api_shutdown_forced_after_timeout",
+        "blk_flush_is_fdatasync",
     ];
     let boot_names: Vec<&str> = boot_names
         .into_iter()
@@ -162,6 +164,7 @@ fn main() {
         .chain(NET_NAMES)
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)
+        .chain(HOSTILE_NAMES)
         .collect();
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),

@@ -1,0 +1,182 @@
+//! A hostile guest: `resources/hostile-guest.c` drives every virtio-mmio device through
+//! /dev/mem as a broken or malicious driver would, while the test keeps pinging nixvm.
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::lifecycle::api_guest;
+use crate::net::{NetNs, in_netns, join, open_tap_fd};
+
+/// The checks of the hostile boot, in the order `hostile_boot` returns them.
+pub(crate) const HOSTILE_NAMES: [&str; 3] = [
+    "hostile_guest_nixvm_keeps_answering",
+    "hostile_guest_broken_queues_need_reset",
+    "hostile_guest_devices_work_after",
+];
+
+/// Builds the hostile driver as a static binary; None (with why) without a C compiler.
+pub(crate) fn build_hostile() -> Result<std::path::PathBuf, String> {
+    let out = temp_dir().join("hostile-guest");
+    let src = root().join("resources/hostile-guest.c");
+    let r = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("no C compiler (cc: {e}; Debian packages gcc libc6-dev)"))?;
+    if !r.status.success() {
+        return Err(format!(
+            "cc -static failed (Debian packages gcc libc6-dev): {}",
+            String::from_utf8_lossy(&r.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// One boot with two data disks, a share served by storefs, virtio-rng and (as root) a NIC on
+/// a TAP; the guest unbinds its virtio drivers and runs the hostile driver against all of them.
+pub(crate) fn hostile_boot(g: &Guest, bin: &Path) -> Result<Vec<TestResult>, String> {
+    let data = disk_image("hostile-data.img", 1 << 20, |i| {
+        u8::try_from((i * 13 + 7) % 256).unwrap()
+    });
+    let exe = std::fs::read(bin).map_err(|e| e.to_string())?;
+    let size = exe.len();
+    let exe_disk = disk_image("hostile-exe.img", size.div_ceil(512) * 512, |i| {
+        exe.get(i).copied().unwrap_or(0)
+    });
+    let share = temp_dir().join("hostile-share");
+    std::fs::create_dir_all(&share).map_err(|e| e.to_string())?;
+    std::fs::write(share.join("file"), "x").map_err(|e| e.to_string())?;
+
+    let script = format!(
+        r#"
+head -c {size} /dev/vdb > /tmp/hostile && chmod +x /tmp/hostile
+cd /sys/bus/platform/drivers/virtio-mmio
+for d in *; do
+  case $d in bind|unbind|uevent|module) ;; *) echo "$d" > unbind ;; esac
+done
+cd /
+echo "NIXVM-TEST: unbound=$(ls /sys/bus/virtio/devices | wc -l)"
+/tmp/hostile
+echo "NIXVM-TEST: hostile_exit=$?"
+"#
+    );
+    let d1 = format!("path={}", data.display());
+    let d2 = format!("path={},readonly=on", exe_disk.display());
+    let fs = format!("tag=hostile,path={},readonly=on", share.display());
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    let ns = if root_user {
+        Some(NetNs::new(&["nxtaph"])?)
+    } else {
+        None
+    };
+    let tap = match &ns {
+        Some(ns) => Some(join(in_netns(&ns.0, || open_tap_fd("nxtaph")))?),
+        None => None,
+    };
+    let net = tap.map(|fd| format!("fd={fd}"));
+    let mut extra = vec![
+        "--disk", &d1, "--disk", &d2, "--fs", &fs, "--memory", "256M",
+    ];
+    if let Some(n) = &net {
+        extra.extend(["--net", n]);
+    }
+    let (mut vm, sock) = api_guest(g, "hostile", &script, &extra)?;
+    if let Some(fd) = tap {
+        // SAFETY: the TAP fd is ours; nixvm has its own copy by now.
+        unsafe { libc::close(fd) };
+    }
+
+    // Ping all along: every answer within the ping's own timeout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed, mut slowest) = (0u32, Vec::new(), Duration::ZERO);
+            while !stop.load(Ordering::Acquire) {
+                let start = Instant::now();
+                if sock.exists() {
+                    let s = sock.to_str().expect("utf-8 path");
+                    let r = nixvm(
+                        &["ctl", "--api-socket", s, "ping"],
+                        &[],
+                        Duration::from_secs(60),
+                    );
+                    slowest = slowest.max(start.elapsed());
+                    if r.code() == Some(0) {
+                        ok += 1;
+                    } else {
+                        failed.push(r.describe());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            (ok, failed, slowest)
+        })
+    };
+    let done = vm.wait_for("NIXVM-TEST: hostile_exit=");
+    stop.store(true, Ordering::Release);
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+    let (pings, ping_failures, slowest) = pinger.join().map_err(|_| "pinger panicked")?;
+    done?;
+    drop(ns);
+
+    let keeps_answering = || -> TestResult {
+        vm.expect("hostile_exit", "0")?;
+        vm.expect("hostile", "done")?;
+        check!(
+            ping_failures.is_empty() && pings > 0,
+            "{pings} pings answered (slowest {slowest:?}); failed: {ping_failures:?}"
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the guest powered off: {status:?}\nconsole:\n{}",
+            vm.seen
+        );
+        Ok(())
+    };
+    // Queues in states no device can serve put the device in DEVICE_NEEDS_RESET.
+    let mut kinds = vec!["blk0", "blk1", "blk2", "rng0"];
+    if net.is_some() {
+        kinds.push("net0");
+    }
+    // (An unready queue is simply not served, and invalid queue sizes are not taken: both
+    // leave the device quiet, and the games go on.)
+    let need_reset = || -> TestResult {
+        for k in &kinds {
+            vm.expect(&format!("{k}_ahead"), "needs_reset")?;
+            vm.expect(&format!("{k}_wild_ring"), "needs_reset")?;
+        }
+        // The share's rings are storefs' to serve: a ring outside guest memory is refused
+        // when nixvm hands it over.
+        vm.expect("fs0_wild_ring", "needs_reset")?;
+        Ok(())
+    };
+    let work_after = || -> TestResult {
+        vm.expect("hostile_devices", &(kinds.len() + 1).to_string())?;
+        // Bad chains (zero-length, looping, outside memory) are each completed, with an
+        // error where they carry a status, and the queue goes on.
+        for k in kinds.iter().chain(&["fs0"]) {
+            vm.expect(&format!("{k}_zero_length"), "used:6,quiet")?;
+            vm.expect(&format!("{k}_loop"), "used:3,quiet")?;
+            vm.expect(&format!("{k}_wild_address"), "used:3,quiet")?;
+        }
+        // The first disk's first bytes, (i * 13 + 7) % 256.
+        vm.expect("blk0_alive", "status:0,first:0714212e")?;
+        vm.expect("blk0_discard_huge", "used:1,status:1")?;
+        vm.expect("blk0_write_zeroes_huge", "used:1,status:1")?;
+        vm.expect("blk0_write_past_end", "used:1,status:1")?;
+        vm.expect("blk0_reset_mid_request", "ok")?;
+        vm.expect("rng0_alive", "bytes:64")?;
+        vm.expect("fs0_alive", "error:0,major:7")?;
+        if net.is_some() {
+            vm.expect("net0_alive", "ok")?;
+        }
+        Ok(())
+    };
+    Ok(vec![keeps_answering(), need_reset(), work_after()])
+}
