@@ -19,6 +19,8 @@
 , pkgs ? null
 , macvtapFds ? null
 , extraArgs ? [ ]
+  # Directories put on PATH where volumes are created (coreutils, mkfs.*).
+, path ? [ ]
 , ...
 }:
 let
@@ -36,6 +38,10 @@ let
     (check ((get "graphics" { enable = false; }).enable or false) "microvm.graphics")
     (check ((get "devices" [ ]) != [ ]) "microvm.devices (PCI/USB passthrough)")
     (check (((get "vsock" { }).cid or null) != null) "microvm.vsock.cid (no vsock)")
+    (check ((get "credentialFiles" { }) != { }) "microvm.credentialFiles (no credentials yet: they come with SMBIOS/vsock)")
+    (check (get "registerWithMachined" false) "microvm.registerWithMachined (no bin/microvm-register yet)")
+    (check (builtins.any (v: (v.imageType or "raw") != "raw") (get "volumes" [ ]))
+      "microvm.volumes.*.imageType other than \"raw\" (nixvm's disks are raw images)")
   ];
 
   storeOnDisk = get "storeOnDisk" false;
@@ -60,7 +66,7 @@ let
       ++ map (v: v // { autoCreate = (v.autoCreate or true) && (v.size or null) != null; }) (get "volumes" [ ]);
     inherit shares;
     interfaces = get "interfaces" [ ];
-    inherit extraArgs;
+    inherit extraArgs path;
   };
 in
 assert checks;

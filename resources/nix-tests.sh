@@ -212,7 +212,8 @@ virtiofsd --socket-path=s-virtiofs-docs.sock --shared-dir=/usr/share/doc --reado
 fi
 
 # NIXVM_SKIP_VIRTIOFSD=1 (the host module's units serve the shares): nixvm is exec'd with
-# the very argv, and its exit status is the runner's; the shutdown script runs nixvm ctl.
+# the very argv and then the runner's own arguments (as qemu-vm.nix's runner passes "$@"),
+# and its exit status is the runner's; the shutdown script runs nixvm ctl.
 if wants script/exec; then
   name=script/exec
   d=$TMP/script-exec
@@ -230,11 +231,11 @@ EOF
   if ! render "$d/run" "$desc" || ! render "$d/stop" "$desc" shutdownScript; then
     errs+=("the scripts did not render")
   else
-    (cd "$d" && NIXVM_SKIP_VIRTIOFSD=1 OUT=$d/argv "$d/run" >/dev/null 2>&1)
+    (cd "$d" && NIXVM_SKIP_VIRTIOFSD=1 OUT=$d/argv "$d/run" --serial 'file=a b' >/dev/null 2>&1)
     rc=$?
     [ "$rc" = 3 ] || errs+=("exit status $rc, want nixvm's 3")
     nix_raw "builtins.concatStringsSep \"\\n\" ((import $(nstr "$RUNNER")) ($desc)).argv" > "$d/want"
-    echo >> "$d/want"
+    printf '\n%s\n%s\n' --serial 'file=a b' >> "$d/want"
     cmp -s "$d/argv" "$d/want" || errs+=("nixvm got:" "$(cat "$d/argv" 2>/dev/null)" "want:" "$(cat "$d/want")")
     (cd "$d" && OUT=$d/stop-argv "$d/stop" >/dev/null 2>&1)
     printf '%s\n' "$d/fake-nixvm" ctl --api-socket "api sock" shutdown --timeout 7 > "$d/want-stop"

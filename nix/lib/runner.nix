@@ -34,13 +34,15 @@
 #   onReboot      --on-reboot exit|restart                                  null (nixvm's exit)
 #   extraArgs     more nixvm arguments                                       []
 #   shell         the script's interpreter                                  "/bin/sh"
-#   path          directories put first on the script's PATH (truncate, mkfs.*) []
+#   path          directories put first on PATH where volumes are created (truncate,
+#                 mkfs.*): in the script and in volumesScript                []
 #   virtiofsd     the virtiofsd the script starts per virtiofsd share      "virtiofsd"
 #   virtiofsdArgs more virtiofsd arguments                                   []
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
-# NIXVM_SKIP_VIRTIOFSD=1, runs nixvm; with none it simply execs nixvm),
+# NIXVM_SKIP_VIRTIOFSD=1, runs nixvm with argv and then the script's own arguments, as
+# qemu-vm.nix's run-<name>-vm passes "$@" to QEMU; with no share it simply execs nixvm),
 # shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline,
 # command and shutdownCommand (the argvs quoted for sh), volumesScript and macvtapScript (the
 # script's parts that create volumes and open macvtap fds), and the description with its
@@ -209,8 +211,11 @@ let
       virtiofsd_pids="$virtiofsd_pids $!"
   '';
 
-  run = "\"$NIXVM\" ${qArgs args}";
-  volumesScript = concatStringsSep "" (map createVolume volumes);
+  run = "\"$NIXVM\" ${qArgs args} \"$@\"";
+  pathLine = if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH\n";
+  creates = concatStringsSep "" (map createVolume volumes);
+  # With its own PATH: microvm.nix's microvm@ unit has an empty one.
+  volumesScript = if creates == "" then "" else pathLine + creates;
   macvtapScript = concatStringsSep "" (map openMacvtap macvtaps);
 
   script = ''
@@ -220,9 +225,8 @@ let
     # back ends to someone else (the host module's units). Read-only shares with backend
     # nixvm need neither: nixvm serves them itself.
     set -eu
-    ${if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH"}
     NIXVM=''${NIXVM:-${q c.nixvm}}
-  '' + c.preStart + "\n"
+  '' + pathLine + c.preStart + "\n"
   + volumesScript
   + macvtapScript
   + (if virtiofsdShares == [ ] then ''

@@ -22,6 +22,8 @@ let
     microvmConfig = mcfg // { inherit hostName; hypervisor = "nixvm"; };
     nixvm = "${mcfg.nixvm.package}/bin/nixvm";
     inherit (mcfg.nixvm) extraArgs;
+    # microvm@<name> has an empty PATH: volume creation brings its own tools.
+    path = map (p: "${p}/bin") [ pkgs.coreutils pkgs.e2fsprogs pkgs.dosfstools pkgs.xfsprogs pkgs.btrfs-progs ];
   };
 
   execArg = lib.optionalString (mcfg.prettyProcnames or false) ''-a "microvm@${hostName}"'';
@@ -31,11 +33,13 @@ let
   virtiofsdScripts = [ "virtiofsd-run" "virtiofsd-reload" "virtiofsd-shutdown" ];
   binScripts = (if hv.virtiofsdShares == [ ] then removeAttrs (mcfg.binScripts or { }) virtiofsdScripts
     else mcfg.binScripts or { }) // {
+    # As microvm.nix's lib/runner.nix: extraArgsScript's output becomes more arguments.
     microvm-run = ''
       set -eou pipefail
       ${hv.preStart}
       ${hv.openMacvtapFds}
-      exec ${execArg} ${hv.command}
+      runtime_args=${lib.optionalString ((mcfg.extraArgsScript or null) != null) "$(${mcfg.extraArgsScript})"}
+      exec ${execArg} ${hv.command} ''${runtime_args:-}
     '';
   } // lib.optionalAttrs hv.canShutdown {
     microvm-shutdown = hv.shutdownCommand;
@@ -45,10 +49,15 @@ let
 
   runnerPackage = pkgs.runCommand "microvm-nixvm-${hostName}" {
     meta.mainProgram = "microvm-run";
+    # What microvm.nix's host module reads of a runner (microvm@<name>'s Type, machined).
     passthru = {
       inherit (hv) canShutdown supportsNotifySocket tapMultiQueue command;
       hypervisor = "nixvm";
+      registerWithMachined = mcfg.registerWithMachined or false;
+      machineId = mcfg.machineId or null;
       nixvmArgv = hv.runner.argv;
+      # The bin/ scripts' texts.
+      scripts = binScripts;
     };
   } ''
     mkdir -p $out/bin $out/share/microvm
@@ -58,6 +67,7 @@ let
     ${lib.optionalString (mcfg.systemSymlink or true) ''
       ln -s ${config.system.build.toplevel} $out/share/microvm/system
     ''}
+    echo nixvm > $out/share/microvm/hypervisor
     echo vnet_hdr > $out/share/microvm/tap-flags
     ${lib.concatMapStrings (i: lib.optionalString (i.type == "tap") ''
       echo ${lib.escapeShellArg i.id} >> $out/share/microvm/tap-interfaces
@@ -91,7 +101,12 @@ in
     };
   };
 
-  config = {
-    microvm.runner.nixvm = runnerPackage;
-  };
+  config = lib.mkMerge [
+    { microvm.runner.nixvm = runnerPackage; }
+    # microvm.nix gives the hypervisors it knows a systemd initrd (optimize.enable); nixvm is
+    # one of them as cloud-hypervisor is.
+    (lib.mkIf ((mcfg.hypervisor or null) == "nixvm" && (mcfg.guest.enable or true) && (mcfg.optimize.enable or true)) {
+      boot.initrd.systemd.enable = lib.mkDefault true;
+    })
+  ];
 }

@@ -277,6 +277,12 @@ let
       prettyProcnames = mkOption { type = types.bool; default = true; };
       storeOnDisk = mkOption { type = types.bool; default = false; };
       storeDisk = mkOption { type = types.anything; default = drv "store-disk" { }; };
+      registerWithMachined = mkOption { type = types.bool; default = false; };
+      machineId = mkOption { type = types.nullOr types.str; default = null; };
+      extraArgsScript = mkOption { type = types.nullOr types.str; default = null; };
+      credentialFiles = mkOption { type = types.attrsOf types.path; default = { }; };
+      guest.enable = mkOption { type = types.bool; default = true; };
+      optimize.enable = mkOption { type = types.bool; default = true; };
     };
   };
   mvm = extra: eval [
@@ -328,6 +334,12 @@ let
     # nixvm serves the store: no virtiofsd for microvm.nix's host to start.
     { what = "no share/microvm/virtiofs"; got = lib.hasInfix "share/microvm/virtiofs" r.buildCommand; want = false; }
     { what = "no bin/virtiofsd-*"; got = lib.hasInfix "virtiofsd-" r.buildCommand; want = false; }
+    # What microvm.nix's host module reads of the runner, and its share/microvm/hypervisor.
+    { what = "machined attributes"; got = { inherit (r) registerWithMachined machineId; }; want = { registerWithMachined = false; machineId = null; }; }
+    (has "share/microvm/hypervisor" r.buildCommand "echo nixvm > $out/share/microvm/hypervisor")
+    # A systemd initrd, as microvm.nix gives cloud-hypervisor.
+    { what = "systemd initrd"; got = (mvm { }).config.boot.initrd.systemd.enable; want = true; }
+    { what = "no systemd initrd without optimize"; got = (mvm { microvm.optimize.enable = false; }).config.boot.initrd.systemd.enable; want = false; }
   ] ;
   # Beside the store, a writable share (a virtiofsd's) and a read-only one (nixvm's).
   microvmMixed = let r = (mvm {
@@ -347,9 +359,18 @@ let
     { what = "no virtiofs entry for the read-only share"; got = lib.hasInfix "share/microvm/virtiofs/ro/" r.buildCommand; want = false; }
     (has "bin/virtiofsd-run kept" r.buildCommand "$out/bin/virtiofsd-run")
   ];
-  microvmScripts = let c = (mvm { }).config; hv = import ../microvm-runner.nix { microvmConfig = c.microvm // { hostName = "mvm"; }; nixvm = nixvmBin; }; in expect [
+  microvmScripts = let
+    c = (mvm { }).config;
+    hv = import ../microvm-runner.nix { microvmConfig = c.microvm // { hostName = "mvm"; }; nixvm = nixvmBin; path = [ "/tools/bin" ]; };
+    run = (mvm { microvm.extraArgsScript = "/bin/more-args"; }).config.microvm.declaredRunner;
+  in expect [
+    # As microvm.nix's own runners: the script's output is more arguments.
+    (has "extraArgsScript" run.scripts.microvm-run "runtime_args=$(/bin/more-args)")
+    (has "runtime arguments passed" run.scripts.microvm-run "'mvm.sock' \${runtime_args:-}")
     { what = "shutdownCommand"; got = hv.shutdownCommand; want = "'${nixvmBin}' 'ctl' '--api-socket' 'mvm.sock' 'shutdown'"; }
     (has "preStart creates volumes" hv.preStart "truncate -s '256M' 'var.img'")
+    # microvm@<name> runs with an empty PATH: the volumes bring their own.
+    (has "volumes with their own PATH" hv.preStart "PATH='/tools/bin':$PATH")
     (has "macvtap fd opened" hv.openMacvtapFds "exec 3<>\"/dev/tap$(cat /sys/class/net/'vm-mvm-m'/ifindex)\"")
     (has "command" hv.command "'${nixvmBin}' '--kernel' '${store "linux"}/bzImage'")
   ];
@@ -360,6 +381,9 @@ let
     { what = "user rejected"; got = fails { microvm.user = "alice"; }; want = true; }
     { what = "9p rejected"; got = fails { microvm.shares = lib.mkForce [ { tag = "s"; source = "/s"; mountPoint = "/s"; proto = "9p"; socket = null; } ]; }; want = true; }
     { what = "qemu still a choice"; got = (mvm { microvm.hypervisor = lib.mkForce "qemu"; }).config.microvm.hypervisor; want = "qemu"; }
+    { what = "credentialFiles rejected"; got = fails { microvm.credentialFiles.secret = /etc/hostname; }; want = true; }
+    { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
+    { what = "qcow2 volumes rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; size = 8; } ]; }; want = true; }
   ];
 
   # The flake's outputs, with a stand-in nixpkgs input (no network here).
