@@ -39,6 +39,7 @@ let
     (check ((get "devices" [ ]) != [ ]) "microvm.devices (PCI/USB passthrough)")
     (check (((get "vsock" { }).cid or null) != null) "microvm.vsock.cid (no vsock)")
     (check ((get "credentialFiles" { }) != { }) "microvm.credentialFiles (no credentials yet: they come with SMBIOS/vsock)")
+    (check ((get "forwardPorts" [ ]) != [ ]) "microvm.forwardPorts (QEMU's user networking; nixvm has TAP and macvtap interfaces)")
     (check (get "registerWithMachined" false) "microvm.registerWithMachined (no bin/microvm-register yet)")
     (check (builtins.any (v: (v.imageType or "raw") != "raw") (get "volumes" [ ]))
       "microvm.volumes.*.imageType other than \"raw\" (nixvm's disks are raw images)")

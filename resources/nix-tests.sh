@@ -13,9 +13,11 @@
 #     resources/nix-runner-boot.sh (which the e2e harness boots) passes --dry-run;
 #   - modules/*: the guest, host and microvm.nix modules evaluated with lib.evalModules of
 #     the real nixpkgs lib, where NIXPKGS_LIB points to a checkout of nix-community/nixpkgs.lib
-#     (otherwise they print "skipped: NIXPKGS_LIB is not set").
+#     (otherwise they print "skipped: NIXPKGS_LIB is not set"); modules/microvm-real-*
+#     evaluate the microvm.nix backend inside microvm.nix's real guest options and host
+#     module, from a checkout that MICROVM_NIX points to (skipped without it).
 # Environment: NIXVM (default target/debug/nixvm), NIXVM_ASSETS (default target/e2e-assets,
-# from resources/assets.sh), NIXPKGS_LIB. Prints "nix: NAME ... ok|FAILED|skipped: why" per
+# from resources/assets.sh), NIXPKGS_LIB, MICROVM_NIX. Prints "nix: NAME ... ok|FAILED|skipped: why" per
 # test; exits 1 when one failed. Under CI=true a missing nixvm or missing assets is a failure.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -290,6 +292,27 @@ if [ -f "$MODULE_TESTS" ]; then
     fi
   done
 fi
+
+# Against microvm.nix's real modules: MICROVM_NIX is a checkout of microvm-nix/microvm.nix
+# (never committed; CI has none, so these skip there).
+REAL_TESTS=$ROOT/nix/tests/microvm-real.nix
+mapfile -t real_tests < <(nix_raw "builtins.concatStringsSep \"\\n\" (import $(nstr "$REAL_TESTS") { names = true; })")
+for t in "${real_tests[@]}"; do
+  name=modules/$t
+  wants "$name" || continue
+  if [ -z "${NIXPKGS_LIB:-}" ] || [ -z "${MICROVM_NIX:-}" ]; then
+    skip "$name" "needs NIXPKGS_LIB and MICROVM_NIX (checkouts of nixpkgs.lib and microvm.nix)"
+    continue
+  fi
+  lib=$NIXPKGS_LIB
+  [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
+  expr="(import $(nstr "$REAL_TESTS") { lib = import $(nstr "$lib"); microvm = $(nstr "$MICROVM_NIX"); }).\"$t\""
+  if out=$(nix_json "$expr" 2>&1); then
+    if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
+  else
+    failed "$name" "$out"
+  fi
+done
 
 echo "nix: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

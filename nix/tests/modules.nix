@@ -408,6 +408,8 @@ let
   ];
 in
 {
+  # For nix/tests/microvm-real.nix: the stand-ins and helpers.
+  _internals = { inherit pkgs drv store nixosStandIns eval expect has nixvmBin toplevel; };
   inherit guest guest-volumes microvm-unsupported flake;
   host = host-test;
   microvm = let l = [ microvm microvmMixed microvmScripts ]; in

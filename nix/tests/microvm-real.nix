@@ -1,0 +1,155 @@
+# Tests against microvm.nix's real modules (a checkout of microvm-nix/microvm.nix, which CI
+# cannot download: resources/nix-tests.sh takes it from MICROVM_NIX and skips without it):
+#   microvm-real-guest    nixvm's backend (nix/modules/microvm.nix) beside microvm.nix's own
+#                         option declarations (options.nix, store-disk.nix): the runner and
+#                         its argv;
+#   microvm-real-host     microvm.nix's host module (nixos-modules/host) with a nixvm VM: its
+#                         units evaluate, read what they need of the runner;
+#   microvm-real-options  every microvm.* option microvm.nix declares is honoured by the
+#                         backend, rejected at evaluation, or named here as not the runner's
+#                         business: a new option upstream fails this test until it is sorted.
+# The rest of NixOS is the stand-ins of nix/tests/modules.nix.
+{ lib ? null, microvm ? null, names ? false }:
+let
+  testNames = [ "microvm-real-guest" "microvm-real-host" "microvm-real-options" ];
+in
+if names then testNames else
+let
+  t = (import ./modules.nix { inherit lib; })._internals;
+  inherit (t) pkgs drv store expect has nixvmBin toplevel;
+  # A file of the checkout (a path: nothing is copied to the store).
+  mvm = f: microvm + "/${f}";
+
+  # What microvm.nix's options.nix reads of NixOS beyond the shared stand-ins.
+  nixosExtra = { config, ... }: with lib; {
+    options.boot.kernelPackages = mkOption { type = types.anything; default = { kernel = drv "linux" { version = "6.6.1"; }; }; };
+    options.system.boot.loader.initrdFile = mkOption { type = types.str; default = "initrd"; };
+    options.security.virtualisation.flushL1DataCache = mkOption { type = types.nullOr types.str; default = null; };
+    options.assertions = mkOption { type = types.listOf types.anything; default = [ ]; };
+    options.warnings = mkOption { type = types.listOf types.str; default = [ ]; };
+    options.nix.enable = mkOption { type = types.bool; default = true; };
+    config.system.build.initialRamdisk = drv "initrd" { };
+  };
+
+  guestEval = extra: lib.evalModules {
+    modules = [
+      t.nixosStandIns
+      nixosExtra
+      { _module.args.pkgs = pkgs; }
+      (mvm "nixos-modules/microvm/options.nix")
+      (mvm "nixos-modules/microvm/store-disk.nix")
+      ../modules/microvm.nix
+      {
+        networking.hostName = "real";
+        microvm = {
+          hypervisor = "nixvm";
+          vcpu = 2;
+          mem = 768;
+          socket = "real.sock";
+          volumes = [ { image = "var.img"; mountPoint = "/var"; size = 64; } ];
+          shares = [ { tag = "ro-store"; source = "/nix/store"; mountPoint = "/nix/.ro-store"; proto = "virtiofs"; } ];
+          interfaces = [ { type = "tap"; id = "vm-real"; mac = "02:00:00:00:00:09"; } ];
+        };
+      }
+      extra
+    ];
+  };
+  guest = guestEval { };
+  runner = guest.config.microvm.declaredRunner;
+
+  microvm-real-guest = expect [
+    { what = "declaredRunner is nixvm's"; got = runner.hypervisor; want = "nixvm"; }
+    {
+      what = "argv from microvm.nix's own option defaults";
+      got = runner.nixvmArgv;
+      want = [
+        nixvmBin "--kernel" "${store "linux"}/bzImage" "--initrd" "${store "initrd"}/initrd"
+        # (microvm.nix's registerClosure default adds regInfo=)
+        "--cmdline" "regInfo=${store "closure-info"}/registration console=ttyS0 reboot=k panic=-1"
+        "--cpus" "2" "--memory" "768M"
+        "--disk" "path=var.img"
+        "--net" "tap=vm-real,mac=02:00:00:00:00:09"
+        "--fs" "tag=ro-store,path=/nix/store,readonly=on"
+        "--api-socket" "real.sock"
+      ];
+    }
+    (has "volume created with its own PATH" runner.scripts.microvm-run "PATH='${store "coreutils"}/bin:")
+    (has "volume created" runner.scripts.microvm-run "truncate -s '64M' 'var.img'")
+    # microvm.nix's default machineId: a UUID derived from the host name.
+    { what = "machined"; got = { inherit (runner) registerWithMachined machineId; }; want = { registerWithMachined = false; machineId = guest.config.microvm.machineId; }; }
+    { what = "a machine id"; got = builtins.stringLength runner.machineId; want = 36; }
+    { what = "systemd initrd"; got = guest.config.boot.initrd.systemd.enable; want = true; }
+  ];
+
+  # microvm.nix's host module, with the NixOS option trees it defines as attribute sets of
+  # anything (lists defined more than once would conflict, and none is).
+  host = lib.evalModules {
+    modules = [
+      {
+        options = lib.genAttrs [ "assertions" "warnings" "boot" "systemd" "users" "environment" "security" "networking" "services" "nix" "programs" "hardware" "virtualisation" "system" ]
+          (_: lib.mkOption { type = lib.types.attrsOf lib.types.anything; default = { }; });
+        config._module.args.pkgs = pkgs // {
+          callPackage = f: args: drv "microvm-command" { };
+          system = "x86_64-linux";
+        };
+      }
+      (mvm "nixos-modules/host")
+      { microvm.host.enable = true; microvm.vms.real.evaluatedConfig = guest; }
+    ];
+  };
+  units = host.config.systemd.services;
+  microvm-real-host = expect [
+    { what = "microvm@real Type"; got = units."microvm@real".serviceConfig.Type; want = "simple"; }
+    { what = "microvm@real not tied to machined"; got = units."microvm@real".wants; want = [ ]; }
+    (has "install-microvm-real links the runner" units."install-microvm-real".script "ln -sTf ${runner} current")
+  ];
+
+  # Every microvm.* option: what the nixvm backend does with it.
+  sorted = {
+    # Read by the backend (nix/microvm-runner.nix, nix/modules/microvm.nix).
+    honoured = [
+      "hypervisor" "runner" "declaredRunner" "vcpu" "mem" "kernel" "initrdPath" "kernelParams"
+      "socket" "preStart" "volumes" "shares" "interfaces" "binScripts" "prettyProcnames"
+      "storeOnDisk" "storeDisk" "extraArgsScript" "registerWithMachined" "machineId"
+      "systemSymlink" "guest.enable" "optimize.enable"
+    ];
+    # Rejected at evaluation when set (microvm-unsupported, and below).
+    rejected = [
+      "user" "cpu" "balloon" "hotplugMem" "hugepageMem" "graphics.enable" "devices" "vsock.cid"
+      "credentialFiles" "forwardPorts"
+    ];
+    # Not the runner's: used by microvm.nix's guest or host modules themselves (mounts, store
+    # disk building, virtiofsd units, deployment), or meaningful only with a feature that is
+    # rejected above.
+    notTheRunners = [
+      "storeDiskType" "storeDiskErofsFlags" "storeDiskSquashfsFlags" "writableStoreOverlay"
+      "bootDisk" "registerClosure" "vmHostPackages" "deploy.installOnHost" "deploy.rebuild"
+      "deploy.sshSwitch" "vsock.ssh.enable" "virtiofsd.extraArgs" "virtiofsd.group"
+      "virtiofsd.inodeFileHandles" "virtiofsd.package" "virtiofsd.threadPoolSize"
+      "hotpluggedMem" "initialBalloonMem" "deflateOnOOM" "balloonMem"
+      "graphics.backend" "graphics.crosvmPackage" "graphics.hostmem" "graphics.socket" "graphics.vulkan"
+    ];
+    # Another hypervisor's settings.
+    otherHypervisors = [ "qemu" "cloud-hypervisor" "crosvm" "firecracker" "kvmtool" "stratovirt" "alioth" "vfkit" ];
+  };
+  optionNames = map (o: lib.concatStringsSep "." (lib.drop 1 o.loc))
+    (lib.collect lib.isOption (lib.evalModules {
+      modules = map (f: mvm "nixos-modules/microvm/${f}")
+        [ "options.nix" "store-disk.nix" "boot-disk.nix" "vsock-ssh.nix" "ssh-deploy.nix" ]
+        ++ [ { _module.args.pkgs = pkgs; _module.check = false; } ];
+    }).options.microvm);
+  known = n: builtins.elem n (sorted.honoured ++ sorted.rejected ++ sorted.notTheRunners)
+    || builtins.elem (lib.head (lib.splitString "." n)) sorted.otherHypervisors;
+  unsorted = lib.filter (n: !known n) optionNames;
+  fails = cfg: !(builtins.tryEval (builtins.deepSeq (guestEval cfg).config.microvm.declaredRunner.nixvmArgv true)).success;
+  microvm-real-options = expect [
+    { what = "microvm.* options nobody sorted"; got = unsorted; want = [ ]; }
+    { what = "forwardPorts rejected"; got = fails { microvm.forwardPorts = [ { from = "host"; host.port = 2222; guest.port = 22; } ]; }; want = true; }
+    { what = "credentialFiles rejected"; got = fails { microvm.credentialFiles.x = /etc/hostname; }; want = true; }
+    { what = "qcow2 rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; mountPoint = "/v"; size = 8; } ]; }; want = true; }
+    { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
+    { what = "cpu rejected"; got = fails { microvm.cpu = "host"; }; want = true; }
+    { what = "devices rejected"; got = fails { microvm.devices = [ { bus = "pci"; path = "0000:01:00.0"; } ]; }; want = true; }
+  ];
+in
+{ inherit microvm-real-guest microvm-real-host microvm-real-options; }
