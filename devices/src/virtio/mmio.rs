@@ -15,8 +15,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::lock;
 
 use super::{
-    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG,
-    VIRTIO_MMIO_INT_VRING, VirtioDevice,
+    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_VRING, VirtioDevice,
 };
 
 /// Size of one device's MMIO window.
@@ -274,10 +273,14 @@ impl crate::bus::BusDevice for MmioTransport {
 
 impl MmioTransport {
     fn set_status(&mut self, v: u32) {
+        // DEVICE_NEEDS_RESET is the device's to set (`Interrupt::needs_reset`, read back
+        // through the status register) and a reset's to clear: a driver writing the status
+        // it read back neither sets nor keeps it.
         if v == 0 {
             self.reset();
             return;
         }
+        let v = v & !STATUS_NEEDS_RESET;
         if v & self.status != self.status {
             crate::guest_warn!(
                 "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
@@ -325,8 +328,7 @@ impl MmioTransport {
                     "virtio-mmio: queue {i} of device type {} is not valid",
                     self.device_type
                 );
-                self.status |= STATUS_NEEDS_RESET;
-                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
+                self.irq.needs_reset();
                 return;
             }
             q.set_event_idx(event_idx);
@@ -334,7 +336,7 @@ impl MmioTransport {
                 Ok(e) => e,
                 Err(e) => {
                     log::error!("virtio-mmio: {e}");
-                    self.status |= STATUS_NEEDS_RESET;
+                    self.irq.needs_reset();
                     return;
                 }
             };
@@ -364,8 +366,7 @@ impl MmioTransport {
             }
             Err(e) => {
                 log::error!("virtio-mmio: cannot start device type {device_type}: {e}");
-                self.status |= STATUS_NEEDS_RESET;
-                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
+                self.irq.needs_reset();
             }
         }
     }
@@ -386,7 +387,7 @@ impl MmioTransport {
                 "virtio-mmio: device type {} cannot be reset",
                 self.device_type
             );
-            self.status |= STATUS_NEEDS_RESET;
+            self.irq.needs_reset();
             return;
         }
         self.active = false;
@@ -419,6 +420,7 @@ fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
 mod tests {
     use super::*;
     use crate::bus::BusDevice;
+    use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
     use crate::virtio::test_utils::memory;
     use std::sync::Mutex;
 
@@ -588,6 +590,19 @@ mod tests {
         assert_ne!(r(&mut t, 0x60) & VIRTIO_MMIO_INT_CONFIG, 0);
         w(&mut t, 0x64, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(r(&mut t, 0x60), 0, "acknowledged");
+        // The driver adds FAILED to the status it read back (NEEDS_RESET included): taken,
+        // and NEEDS_RESET stays the device's until a reset clears both.
+        let back = r(&mut t, 0x70);
+        w(&mut t, 0x70, back | STATUS_FAILED);
+        assert_eq!(r(&mut t, 0x70), back | STATUS_FAILED);
+        w(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+        assert_eq!(
+            r(&mut t, 0x70),
+            back | STATUS_FAILED,
+            "dropping bits is ignored"
+        );
+        w(&mut t, 0x70, 0);
+        assert_eq!(r(&mut t, 0x70), 0);
     }
 
     #[test]
