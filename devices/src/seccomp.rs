@@ -96,6 +96,60 @@ pub const fn when(call: libc::c_long, when: &'static [Arg]) -> Allow {
     Allow { call, when }
 }
 
+const NO_EXEC: &[Arg] = &[masked(2, libc::PROT_EXEC as u64, 0)];
+const fn fcntl_cmd(cmd: libc::c_int) -> [Arg; 1] {
+    // fcntl commands are small non-negative ints.
+    [eq(1, cmd as u64)]
+}
+const F_GETFD: [Arg; 1] = fcntl_cmd(libc::F_GETFD);
+const F_SETFD: [Arg; 1] = fcntl_cmd(libc::F_SETFD);
+const F_GETFL: [Arg; 1] = fcntl_cmd(libc::F_GETFL);
+const F_SETFL: [Arg; 1] = fcntl_cmd(libc::F_SETFL);
+const F_DUPFD_CLOEXEC: [Arg; 1] = fcntl_cmd(libc::F_DUPFD_CLOEXEC);
+
+/// What any thread of a Rust program calls once it runs, in nixvm and storefs alike: reading
+/// and writing descriptors it has, the allocator (memory never executable), futexes, time,
+/// randomness, a thread's start (naming itself) and end, signal masks and returns, a
+/// panic's abort.
+pub const RUNTIME: &[Allow] = &[
+    any(libc::SYS_read),
+    any(libc::SYS_write),
+    any(libc::SYS_writev),
+    any(libc::SYS_close),
+    when(libc::SYS_fcntl, &F_GETFD),
+    when(libc::SYS_fcntl, &F_SETFD),
+    when(libc::SYS_fcntl, &F_GETFL),
+    when(libc::SYS_fcntl, &F_SETFL),
+    when(libc::SYS_fcntl, &F_DUPFD_CLOEXEC),
+    when(libc::SYS_mmap, NO_EXEC),
+    when(libc::SYS_mprotect, NO_EXEC),
+    any(libc::SYS_munmap),
+    any(libc::SYS_mremap),
+    any(libc::SYS_madvise),
+    any(libc::SYS_brk),
+    any(libc::SYS_futex),
+    any(libc::SYS_clock_gettime),
+    any(libc::SYS_clock_nanosleep),
+    any(libc::SYS_nanosleep),
+    any(libc::SYS_sched_yield),
+    any(libc::SYS_sched_getaffinity),
+    any(libc::SYS_getrandom),
+    any(libc::SYS_gettid),
+    any(libc::SYS_getpid),
+    any(libc::SYS_rt_sigprocmask),
+    any(libc::SYS_rt_sigreturn),
+    any(libc::SYS_sigaltstack),
+    any(libc::SYS_rseq),
+    any(libc::SYS_set_robust_list),
+    any(libc::SYS_restart_syscall),
+    // A new thread names itself, still under its parent's filter.
+    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)]),
+    any(libc::SYS_exit),
+    any(libc::SYS_exit_group),
+    // abort() on a panic: the process signals itself.
+    any(libc::SYS_tgkill),
+];
+
 /// What the SIGSYS report itself calls: every filter allows it.
 const REPORT: &[Allow] = &[
     any(libc::SYS_write),

@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use nixvm_devices::seccomp::{self, Allow, Arg, any, eq, masked, when};
+use nixvm_devices::seccomp::{self, Allow, Arg, any, masked, when};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -282,36 +282,23 @@ fn io_last() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
-const NO_EXEC: &[Arg] = &[masked(2, libc::PROT_EXEC as u64, 0)];
 /// openat only for reading: no write access, no creating, no truncating (argument 2: flags).
 const READ_ONLY_OPEN: &[Arg] = &[masked(
     2,
     (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
     libc::O_RDONLY as u64,
 )];
-const fn fcntl_cmd(cmd: libc::c_int) -> [Arg; 1] {
-    // Commands are small non-negative ints.
-    [eq(1, cmd as u64)]
-}
-const F_GETFD: [Arg; 1] = fcntl_cmd(libc::F_GETFD);
-const F_SETFD: [Arg; 1] = fcntl_cmd(libc::F_SETFD);
-const F_GETFL: [Arg; 1] = fcntl_cmd(libc::F_GETFL);
-const F_SETFL: [Arg; 1] = fcntl_cmd(libc::F_SETFL);
-const F_DUPFD_CLOEXEC: [Arg; 1] = fcntl_cmd(libc::F_DUPFD_CLOEXEC);
 
-/// The system calls a vhost-user back end serving files read-only makes once it runs: the
-/// vhost-user socket and eventfds, epoll, threads and memory, reading files and directories
-/// through descriptors, and what the Rust runtime and the allocator use. Anything else stops
-/// the back end (a SIGSYS that names the call), as does opening a file other than for
-/// reading or mapping memory executable.
+/// The system calls a vhost-user back end serving files read-only makes once it runs, beside
+/// the runtime's (`seccomp::RUNTIME`): the vhost-user socket and eventfds, epoll, threads,
+/// reading files and directories through descriptors. Anything else stops the back end (a
+/// SIGSYS that names the call), as does opening a file other than for reading or mapping
+/// memory executable.
 const BACKEND: &[Allow] = &[
-    any(libc::SYS_read),
     any(libc::SYS_readv),
     any(libc::SYS_pread64),
     any(libc::SYS_preadv),
     any(libc::SYS_preadv2),
-    any(libc::SYS_write),
-    any(libc::SYS_writev),
     any(libc::SYS_recvmsg),
     any(libc::SYS_recvfrom),
     any(libc::SYS_sendmsg),
@@ -319,13 +306,7 @@ const BACKEND: &[Allow] = &[
     any(libc::SYS_shutdown),
     any(libc::SYS_accept4),
     any(libc::SYS_getsockopt),
-    any(libc::SYS_close),
     any(libc::SYS_dup),
-    when(libc::SYS_fcntl, &F_GETFD),
-    when(libc::SYS_fcntl, &F_SETFD),
-    when(libc::SYS_fcntl, &F_GETFL),
-    when(libc::SYS_fcntl, &F_SETFL),
-    when(libc::SYS_fcntl, &F_DUPFD_CLOEXEC),
     when(libc::SYS_openat, READ_ONLY_OPEN),
     // Its flags are in a struct the filter cannot read; it opens O_PATH beneath the share
     // (host.rs), and Landlock and the read-only mount keep it from writing.
@@ -344,13 +325,6 @@ const BACKEND: &[Allow] = &[
     any(libc::SYS_eventfd2),
     any(libc::SYS_poll),
     any(libc::SYS_ppoll),
-    when(libc::SYS_mmap, NO_EXEC),
-    any(libc::SYS_munmap),
-    any(libc::SYS_mremap),
-    when(libc::SYS_mprotect, NO_EXEC),
-    any(libc::SYS_madvise),
-    any(libc::SYS_brk),
-    any(libc::SYS_futex),
     // Threads only: the back end never starts a process.
     when(
         libc::SYS_clone,
@@ -361,32 +335,15 @@ const BACKEND: &[Allow] = &[
         )],
     ),
     any(libc::SYS_clone3),
-    any(libc::SYS_set_robust_list),
-    any(libc::SYS_rseq),
-    any(libc::SYS_sigaltstack),
-    any(libc::SYS_rt_sigprocmask),
     any(libc::SYS_rt_sigaction),
-    any(libc::SYS_rt_sigreturn),
-    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)]),
-    any(libc::SYS_sched_getaffinity),
-    any(libc::SYS_sched_yield),
-    any(libc::SYS_getrandom),
-    any(libc::SYS_getpid),
-    any(libc::SYS_gettid),
-    any(libc::SYS_tgkill),
-    any(libc::SYS_clock_gettime),
-    any(libc::SYS_clock_nanosleep),
-    any(libc::SYS_nanosleep),
-    any(libc::SYS_restart_syscall),
-    any(libc::SYS_exit),
-    any(libc::SYS_exit_group),
 ];
 
 /// Allows only [`BACKEND`] from now on, in every thread of the process; any other call
 /// stops the back end with a line naming it.
 pub fn seccomp_backend() -> Result<(), Error> {
     seccomp::report_violations("nixvm storefs").map_err(Error::Seccomp)?;
-    let program = seccomp::program(&[BACKEND], seccomp::Mode::On).map_err(Error::Seccomp)?;
+    let program = seccomp::program(&[seccomp::RUNTIME, BACKEND], seccomp::Mode::On)
+        .map_err(Error::Seccomp)?;
     seccomp::apply_all_threads(program.as_ref()).map_err(Error::Seccomp)
 }
 
@@ -441,7 +398,7 @@ mod tests {
     #[test]
     fn the_filter_refuses_what_is_not_listed() {
         // Misses fail with EPERM here, where the daemon's filter would stop it.
-        let program = seccomp::compile_errno(&[BACKEND]).unwrap();
+        let program = seccomp::compile_errno(&[seccomp::RUNTIME, BACKEND]).unwrap();
         let (pid, uid, read_only, write) = std::thread::spawn(move || {
             seccompiler::apply_filter(&program).unwrap();
             let path = c"/proc/self/stat";

@@ -16,7 +16,7 @@ use kvm_bindings::{
     KVMIO, kvm_cpuid2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
-use nixvm_devices::seccomp::{Allow, Arg, Mode, any, eq, masked, when};
+use nixvm_devices::seccomp::{Allow, Arg, Mode, RUNTIME, any, eq, masked, when};
 use seccompiler::BpfProgram;
 use std::mem::size_of;
 
@@ -58,13 +58,7 @@ arg1! {
     FIONBIO = libc::FIONBIO;
     TUNSETOFFLOAD = 0x4004_54d0;
     TUNSETVNETHDRSZ = 0x4004_54d8;
-    F_GETFD = libc::F_GETFD as u64;
-    F_SETFD = libc::F_SETFD as u64;
-    F_GETFL = libc::F_GETFL as u64;
-    F_SETFL = libc::F_SETFL as u64;
-    F_DUPFD_CLOEXEC = libc::F_DUPFD_CLOEXEC as u64;
 }
-const NO_EXEC: &[Arg] = &[masked(2, libc::PROT_EXEC as u64, 0)];
 /// openat for reading only (argument 2: flags): no write access, no creating or truncating.
 const READ_ONLY_OPEN: &[Arg] = &[masked(
     2,
@@ -72,53 +66,17 @@ const READ_ONLY_OPEN: &[Arg] = &[masked(
     libc::O_RDONLY as u64,
 )];
 
-/// Every thread: the allocator and thread bookkeeping, futexes, time, logging, eventfds.
+/// Every thread, beside the runtime's calls (`nixvm_devices::seccomp::RUNTIME`): eventfds,
+/// polling, reading files, tightening its own filter.
 const COMMON: &[Allow] = &[
-    any(libc::SYS_read),
-    any(libc::SYS_write),
-    any(libc::SYS_writev),
-    any(libc::SYS_close),
-    when(libc::SYS_fcntl, F_GETFD),
-    when(libc::SYS_fcntl, F_SETFD),
-    when(libc::SYS_fcntl, F_GETFL),
-    when(libc::SYS_fcntl, F_SETFL),
-    when(libc::SYS_fcntl, F_DUPFD_CLOEXEC),
-    when(libc::SYS_mmap, NO_EXEC),
-    when(libc::SYS_mprotect, NO_EXEC),
-    any(libc::SYS_munmap),
-    any(libc::SYS_mremap),
-    any(libc::SYS_madvise),
-    any(libc::SYS_brk),
-    any(libc::SYS_futex),
     any(libc::SYS_poll),
     any(libc::SYS_ppoll),
     any(libc::SYS_eventfd2),
-    any(libc::SYS_clock_gettime),
-    any(libc::SYS_clock_nanosleep),
-    any(libc::SYS_nanosleep),
-    any(libc::SYS_sched_yield),
-    any(libc::SYS_sched_getaffinity),
-    any(libc::SYS_getrandom),
-    any(libc::SYS_gettid),
-    any(libc::SYS_getpid),
-    any(libc::SYS_rt_sigprocmask),
-    any(libc::SYS_rt_sigreturn),
-    any(libc::SYS_sigaltstack),
-    any(libc::SYS_rseq),
-    any(libc::SYS_set_robust_list),
-    any(libc::SYS_restart_syscall),
     // Reading files: the runtime's CPU count (/sys), the kernel and initrd on a reboot.
     when(libc::SYS_openat, READ_ONLY_OPEN),
     any(libc::SYS_fstat),
     any(libc::SYS_newfstatat),
     any(libc::SYS_statx),
-    any(libc::SYS_exit),
-    any(libc::SYS_exit_group),
-    // abort() on a panic: the process signals itself.
-    any(libc::SYS_tgkill),
-    // A new thread names itself (still under its parent's filter); a thread tightens its
-    // own filter.
-    when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NAME as u64)]),
     when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]),
     when(
         libc::SYS_seccomp,
@@ -218,10 +176,10 @@ impl Filters {
         if mode == Mode::On {
             report_violations("nixvm")?;
         }
-        set_worker_filter(program(&[COMMON, WORKER], mode)?);
+        set_worker_filter(program(&[RUNTIME, COMMON, WORKER], mode)?);
         Ok(Filters {
-            vcpu: program(&[COMMON, WORKER, VCPU], mode)?,
-            vmm: program(&[COMMON, WORKER, VCPU, VMM], mode)?,
+            vcpu: program(&[RUNTIME, COMMON, WORKER, VCPU], mode)?,
+            vmm: program(&[RUNTIME, COMMON, WORKER, VCPU, VMM], mode)?,
         })
     }
 }
