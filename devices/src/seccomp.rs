@@ -429,6 +429,20 @@ mod tests {
     }
 
     #[test]
+    fn log_mode_lets_a_call_outside_the_lists_through() {
+        let p = program(&[LIST, RUNTIME], Mode::Log).unwrap().unwrap();
+        let uid = std::thread::spawn(move || {
+            seccompiler::apply_filter(&p).unwrap();
+            // SAFETY: getuid takes no arguments.
+            unsafe { libc::syscall(libc::SYS_getuid) }
+        })
+        .join()
+        .unwrap();
+        // SAFETY: as above.
+        assert_eq!(uid, unsafe { libc::syscall(libc::SYS_getuid) });
+    }
+
+    #[test]
     fn modes_parse() {
         assert_eq!("on".parse::<Mode>(), Ok(Mode::On));
         assert_eq!("log".parse::<Mode>(), Ok(Mode::Log));
