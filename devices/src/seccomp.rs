@@ -107,6 +107,19 @@ const F_GETFL: [Arg; 1] = fcntl_cmd(libc::F_GETFL);
 const F_SETFL: [Arg; 1] = fcntl_cmd(libc::F_SETFL);
 const F_DUPFD_CLOEXEC: [Arg; 1] = fcntl_cmd(libc::F_DUPFD_CLOEXEC);
 
+/// openat for reading only (argument 2: flags): no write access, no creating, no truncating.
+pub const READ_ONLY_OPEN: &[Arg] = &[masked(
+    2,
+    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
+    libc::O_RDONLY as u64,
+)];
+/// clone for threads only (argument 0: flags), never a new process.
+pub const THREADS_ONLY: &[Arg] = &[masked(
+    0,
+    libc::CLONE_THREAD as u64,
+    libc::CLONE_THREAD as u64,
+)];
+
 /// What any thread of a Rust program calls once it runs, in nixvm and storefs alike: reading
 /// and writing descriptors it has, the allocator (memory never executable), futexes, time,
 /// randomness, a thread's start (naming itself) and end, signal masks and returns, a

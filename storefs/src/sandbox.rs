@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use nixvm_devices::seccomp::{self, Allow, Arg, any, masked, when};
+use nixvm_devices::seccomp::{self, Allow, READ_ONLY_OPEN, THREADS_ONLY, any, when};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -282,13 +282,6 @@ fn io_last() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
-/// openat only for reading: no write access, no creating, no truncating (argument 2: flags).
-const READ_ONLY_OPEN: &[Arg] = &[masked(
-    2,
-    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
-    libc::O_RDONLY as u64,
-)];
-
 /// The system calls a vhost-user back end serving files read-only makes once it runs, beside
 /// the runtime's (`seccomp::RUNTIME`): the vhost-user socket and eventfds, epoll, threads,
 /// reading files and directories through descriptors. Anything else stops the back end (a
@@ -326,14 +319,7 @@ const BACKEND: &[Allow] = &[
     any(libc::SYS_poll),
     any(libc::SYS_ppoll),
     // Threads only: the back end never starts a process.
-    when(
-        libc::SYS_clone,
-        &[masked(
-            0,
-            libc::CLONE_THREAD as u64,
-            libc::CLONE_THREAD as u64,
-        )],
-    ),
+    when(libc::SYS_clone, THREADS_ONLY),
     any(libc::SYS_clone3),
     any(libc::SYS_rt_sigaction),
 ];

@@ -16,7 +16,10 @@ use kvm_bindings::{
     KVMIO, kvm_cpuid2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
-use nixvm_devices::seccomp::{Allow, Arg, Mode, RUNTIME, any, eq, masked, when};
+use nixvm_devices::seccomp::{
+    Allow, Arg, Mode, READ_ONLY_OPEN, RUNTIME, THREADS_ONLY, any, eq, when,
+};
+use nixvm_devices::virtio::net;
 use seccompiler::BpfProgram;
 use std::mem::size_of;
 
@@ -56,15 +59,9 @@ arg1! {
     TCSETS = libc::TCSETS;
     TIOCGWINSZ = libc::TIOCGWINSZ;
     FIONBIO = libc::FIONBIO;
-    TUNSETOFFLOAD = 0x4004_54d0;
-    TUNSETVNETHDRSZ = 0x4004_54d8;
+    TUNSETOFFLOAD = net::TUNSETOFFLOAD;
+    TUNSETVNETHDRSZ = net::TUNSETVNETHDRSZ;
 }
-/// openat for reading only (argument 2: flags): no write access, no creating or truncating.
-const READ_ONLY_OPEN: &[Arg] = &[masked(
-    2,
-    (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
-    libc::O_RDONLY as u64,
-)];
 
 /// Every thread, beside the runtime's calls (`nixvm_devices::seccomp::RUNTIME`): eventfds,
 /// polling, reading files, tightening its own filter.
@@ -109,14 +106,7 @@ const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, TUNSETOFFLOAD),
     when(libc::SYS_ioctl, TUNSETVNETHDRSZ),
     any(libc::SYS_clone3),
-    when(
-        libc::SYS_clone,
-        &[masked(
-            0,
-            libc::CLONE_THREAD as u64,
-            libc::CLONE_THREAD as u64,
-        )],
-    ),
+    when(libc::SYS_clone, THREADS_ONLY),
     when(libc::SYS_socket, &[eq(0, libc::AF_UNIX as u64)]),
     any(libc::SYS_connect),
     any(libc::SYS_sendto),

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod tap;
 
-pub use tap::{Error, Tap, mac_from_name};
+pub use tap::{Error, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Tap, mac_from_name};
 use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
 
 use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, total};

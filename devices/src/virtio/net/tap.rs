@@ -11,8 +11,9 @@ use super::HDR_LEN;
 // <linux/if_tun.h>
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// The two TAP ioctls a device makes once the VM runs (seccomp lists name them).
+pub const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: i16 = 0x0002;
 const IFF_MULTI_QUEUE: i16 = 0x0100;
 const IFF_NO_PI: i16 = 0x1000;
