@@ -222,8 +222,7 @@ pub(crate) fn nix_runner_test(t: &mut Runner) {
             .map_err(|e| format!("resources/nix-runner-boot.sh: {e}"))?;
         let status = wait_timeout(&mut child, BOOT_TIMEOUT);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(15).collect();
-        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = tail(&text, 15);
         match status.and_then(|s| s.code()) {
             Some(0) => Ok(None),
             Some(77) => Ok(Some(tail)),

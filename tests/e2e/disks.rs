@@ -139,9 +139,13 @@ sleep 1000
 /// under `strace -e trace=fdatasync,fsync`, the guest counts its own flush requests
 /// (/sys/block/vda/stat, field 16) around five fsync'd writes.
 pub(crate) fn flush_is_fdatasync(g: &Guest) -> TestResult {
-    let Some(strace) = which("strace") else {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
         return Err("needs strace (Debian package strace; resources/dev.sh installs it)".into());
-    };
+    }
     let image = disk_image("flush.img", 1 << 20, |_| 0);
     let script = script_disk(
         "flush-script.img",
@@ -172,7 +176,7 @@ echo "NIXVM-TEST: flushes=$(( $(flushes) - before ))"
     ];
     args.extend(g.args(&g.vmlinuz, &cl));
     args.extend(["--disk", &d1, "--disk", &d2]);
-    let mut cmd = std::process::Command::new(strace);
+    let mut cmd = std::process::Command::new("strace");
     cmd.args(&args).stdin(std::process::Stdio::null());
     let mut vm = Streaming::spawn_command(cmd)?;
     let line = vm.wait_for("NIXVM-TEST: flushes=")?;
@@ -203,13 +207,4 @@ echo "NIXVM-TEST: flushes=$(( $(flushes) - before ))"
         "{flushes} FLUSH requests, {syncs} fdatasync calls on the image:\n{trace}"
     );
     Ok(())
-}
-
-/// The path of `program` on PATH.
-pub(crate) fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(program))
-            .find(|f| f.is_file())
-    })
 }

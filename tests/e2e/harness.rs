@@ -92,6 +92,12 @@ impl Runner {
     }
 }
 
+/// The last `n` lines of `s`.
+pub(crate) fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// What a finished nixvm run left behind.
 pub(crate) struct Run {
     pub(crate) status: Option<ExitStatus>,
@@ -119,16 +125,12 @@ impl Run {
     }
 
     pub(crate) fn describe(&self) -> String {
-        let tail = |s: &str| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(15)..].join("\n")
-        };
         format!(
             "exit {:?}{}\n--- stdout (tail) ---\n{}\n--- stderr (tail) ---\n{}",
             self.status,
             if self.status.is_none() { STALLED } else { "" },
-            tail(&self.stdout),
-            tail(&self.stderr)
+            tail(&self.stdout, 15),
+            tail(&self.stderr, 15)
         )
     }
 }
@@ -328,8 +330,7 @@ pub(crate) fn group(
         let r = boot();
         if let Some(e) = r.as_ref().err().filter(|e| e.contains(STALLED)) {
             // What the guest had printed: tells a freeze of the route from a hang of ours.
-            let lines: Vec<&str> = e.lines().collect();
-            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            let tail = tail(e, 25);
             println!("e2e: {what} stalled; its console ended with:\n{tail}");
         }
         r
@@ -469,7 +470,6 @@ impl Streaming {
             }
         }
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = err.lines().collect();
         let how = if ended {
             let status = wait_timeout(&mut self.child, Duration::from_secs(5));
             let code = status.and_then(|s| s.code());
@@ -485,7 +485,7 @@ impl Streaming {
         Err(format!(
             "{want:?} never appeared {how}; console:\n{}\nstderr (tail):\n{}",
             self.seen,
-            lines[lines.len().saturating_sub(15)..].join("\n")
+            tail(&err, 15)
         ))
     }
 
