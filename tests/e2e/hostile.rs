@@ -62,6 +62,8 @@ cd /
 echo "NIXVM-TEST: unbound=$(ls /sys/bus/virtio/devices | wc -l)"
 /tmp/hostile
 echo "NIXVM-TEST: hostile_exit=$?"
+# Time for the test to stop pinging before the power-off takes the socket away.
+sleep 3
 "#
     );
     let d1 = format!("path={}", data.display());
