@@ -1,14 +1,17 @@
-//! virtio-net on a TAP device the host created beforehand (or an inherited TAP/macvtap fd).
+//! virtio-net on a TAP device the host created beforehand (or an inherited TAP/macvtap fd),
+//! or on a stream socket to a user-mode network stack such as passt.
 //!
 //! nixvm never creates or configures interfaces: it attaches to an existing TAP by name
 //! (TUNSETIFF, which needs no privilege when the TAP belongs to nixvm's user) or takes an
 //! open fd. Frames carry the 12-byte virtio-net header on both sides (IFF_VNET_HDR with
 //! TUNSETVNETHDRSZ), so checksum and segmentation offloads pass through untouched; the
-//! offloads the guest accepts are set on the TAP (TUNSETOFFLOAD).
+//! offloads the guest accepts are set on the TAP (TUNSETOFFLOAD). A stream ([`Stream`])
+//! carries frames without a header, so no offloads are offered on it.
 //!
-//! One worker thread per device polls the two queues' eventfds and the TAP. While the guest
-//! has no receive buffers, the TAP is not polled (frames wait in its own queue) until the
-//! guest adds buffers. Bad frames from the guest are dropped and counted.
+//! One worker thread per device polls the two queues' eventfds and the TAP or socket. While
+//! the guest has no receive buffers, the TAP is not polled (frames wait in its own queue)
+//! until the guest adds buffers; while a socket takes no more, the guest's frames wait in
+//! its transmit queue. Bad frames from the guest are dropped and counted.
 use std::io;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
@@ -20,12 +23,14 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
+mod stream;
 mod tap;
 
+pub use stream::Stream;
 pub use tap::{Error, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Tap, mac_from_name};
 use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
 
-use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, total};
+use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, split, total};
 use super::queue;
 use super::worker::Worker;
 use super::{
@@ -65,9 +70,66 @@ impl Stats {
     }
 }
 
+/// Where a device's frames go: a TAP, or a stream socket.
+pub enum Backend {
+    Tap(Tap),
+    Stream(Stream),
+}
+
+impl From<Tap> for Backend {
+    fn from(t: Tap) -> Backend {
+        Backend::Tap(t)
+    }
+}
+
+impl From<Stream> for Backend {
+    fn from(s: Stream) -> Backend {
+        Backend::Stream(s)
+    }
+}
+
+impl Backend {
+    /// The TAP's name, or what the stream is.
+    pub fn name(&self) -> &str {
+        match self {
+            Backend::Tap(t) => t.name(),
+            Backend::Stream(s) => s.name(),
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Backend::Tap(t) => t.file.as_raw_fd(),
+            Backend::Stream(s) => s.fd(),
+        }
+    }
+
+    /// One received frame into `dst`, virtio-net header first: its length, or WouldBlock.
+    fn recv(&self, dst: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Backend::Tap(t) => {
+                // SAFETY: reading into our own buffer of that length.
+                let n =
+                    unsafe { libc::read(t.file.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len()) };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            }
+            Backend::Stream(s) => s.recv(dst),
+        }
+    }
+
+    /// Whether frames the guest sent wait for the backend to take them (it is not offered
+    /// more until they are gone).
+    fn backlogged(&self) -> bool {
+        match self {
+            Backend::Tap(_) => false,
+            Backend::Stream(s) => s.backlogged(),
+        }
+    }
+}
+
 /// The virtio-net device.
 pub struct Net {
-    tap: Arc<Tap>,
+    tap: Arc<Backend>,
     config: [u8; 12],
     acked: u64,
     stats: Arc<Stats>,
@@ -75,8 +137,10 @@ pub struct Net {
 }
 
 impl Net {
-    /// A device on `tap` with the given MAC (else one derived from the TAP's name).
-    pub fn new(tap: Tap, mac: Option<[u8; 6]>) -> Net {
+    /// A device on `tap` (a TAP or a stream) with the given MAC (else one derived from the
+    /// backend's name).
+    pub fn new(tap: impl Into<Backend>, mac: Option<[u8; 6]>) -> Net {
+        let tap = tap.into();
         let mac = mac.unwrap_or_else(|| mac_from_name(tap.name()));
         let mut config = [0u8; 12];
         config[0..6].copy_from_slice(&mac);
@@ -113,11 +177,14 @@ impl VirtioDevice for Net {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }
     fn avail_features(&self) -> u64 {
-        F_EVENT_IDX
+        let base = F_EVENT_IDX
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
-            | bit(VIRTIO_NET_F_MRG_RXBUF)
-            | bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_MRG_RXBUF);
+        if let Backend::Stream(_) = *self.tap {
+            return base;
+        }
+        base | bit(VIRTIO_NET_F_CSUM)
             | bit(VIRTIO_NET_F_HOST_TSO4)
             | bit(VIRTIO_NET_F_HOST_TSO6)
             | bit(VIRTIO_NET_F_HOST_ECN)
@@ -153,8 +220,10 @@ impl VirtioDevice for Net {
                 }
             }
         }
-        if let Err(e) = self.tap.set_offload(offload) {
-            crate::guest_warn!("virtio-net {}: cannot set offloads: {e}", self.tap.name());
+        if let Backend::Tap(tap) = &*self.tap
+            && let Err(e) = tap.set_offload(offload)
+        {
+            crate::guest_warn!("virtio-net {}: cannot set offloads: {e}", tap.name());
         }
         let mut q = queues.into_iter();
         let (Some((rxq, rx_evt)), Some((txq, tx_evt))) = (q.next(), q.next()) else {
@@ -163,7 +232,7 @@ impl VirtioDevice for Net {
         let fds = vec![
             (rx_evt.as_raw_fd(), libc::POLLIN),
             (tx_evt.as_raw_fd(), libc::POLLIN),
-            (self.tap.file.as_raw_fd(), libc::POLLIN),
+            (self.tap.fd(), libc::POLLIN),
         ];
         let mut path = DataPath::new(self.tap.clone(), mem, irq, rxq, txq, acked, self.stats());
         let name = format!("virtio-net-{}", self.tap.name());
@@ -173,17 +242,29 @@ impl VirtioDevice for Net {
             }
             if ready[1] != 0 {
                 let _ = tx_evt.read();
+            }
+            if ready[1] != 0 || ready[2] & libc::POLLOUT != 0 {
                 path.process_tx();
             }
-            if ready[2] & (libc::POLLERR | libc::POLLHUP) != 0 {
-                log::error!("virtio-net {}: the TAP is gone", path.wire.tap.name());
-                interest[2] = -1;
-                return;
+            if ready[2] & (libc::POLLIN | libc::POLLOUT) == 0
+                && ready[2] & (libc::POLLERR | libc::POLLHUP) != 0
+            {
+                path.wire.gone("it hung up");
             }
-            if ready[0] != 0 || ready[2] != 0 {
+            if !path.wire.is_gone() && (ready[0] != 0 || ready[2] & libc::POLLIN != 0) {
                 path.process_rx();
             }
-            interest[2] = if path.rx_blocked { 0 } else { libc::POLLIN };
+            interest[2] = if path.wire.is_gone() {
+                -1
+            } else {
+                let rx = if path.rx_blocked { 0 } else { libc::POLLIN };
+                let tx = if path.wire.tap.backlogged() {
+                    libc::POLLOUT
+                } else {
+                    0
+                };
+                rx | tx
+            };
         })
         .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
@@ -238,7 +319,7 @@ struct DataPath {
 
 impl DataPath {
     fn new(
-        tap: Arc<Tap>,
+        tap: Arc<Backend>,
         mem: Memory,
         irq: Arc<dyn Interrupt>,
         rxq: Queue,
@@ -247,7 +328,12 @@ impl DataPath {
         stats: Arc<Stats>,
     ) -> DataPath {
         DataPath {
-            wire: Wire { tap, stats, acked },
+            wire: Wire {
+                tap,
+                stats,
+                acked,
+                gone: false.into(),
+            },
             mem,
             irq,
             rxq,
@@ -258,17 +344,25 @@ impl DataPath {
         }
     }
 
-    /// Sends every frame the guest queued to the TAP.
+    /// Sends every frame the guest queued to the TAP, or to the socket until it takes no
+    /// more (the rest wait in the queue until it does).
     fn process_tx(&mut self) {
         let mem = self.mem.memory();
         let wire = &self.wire;
+        if !wire.flush() {
+            return;
+        }
         let served = queue::for_each_chain(&mut self.txq, &*mem, |q, chain| {
             let head = chain.head_index();
             wire.send(chain, &mem);
             if let Err(e) = q.add_used(&*mem, head, 0) {
                 crate::guest_warn!("virtio-net: cannot complete tx descriptor {head}: {e}");
             }
-            std::ops::ControlFlow::Continue(())
+            if wire.tap.backlogged() {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
         });
         match served {
             Ok(true) if self.txq.needs_notification(&*mem).unwrap_or(true) => {
@@ -295,26 +389,19 @@ impl DataPath {
         }
         loop {
             if self.pending == 0 {
-                // SAFETY: reading into our own buffer of that length.
-                let n = unsafe {
-                    libc::read(
-                        self.wire.tap.file.as_raw_fd(),
-                        self.frame.as_mut_ptr().cast(),
-                        self.frame.len(),
-                    )
-                };
-                match usize::try_from(n) {
+                match self.wire.tap.recv(&mut self.frame) {
                     Ok(n) if n < HDR_LEN + ETH_HLEN => {
-                        self.wire.stats.drop_frame(true, "runt frame from the TAP");
+                        self.wire.stats.drop_frame(true, "runt frame from the host");
                         continue;
                     }
                     Ok(n) => self.pending = n,
-                    Err(_) => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() == io::ErrorKind::Interrupted {
-                            continue;
-                        }
-                        if e.kind() != io::ErrorKind::WouldBlock {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        if let Backend::Stream(_) = *self.wire.tap {
+                            // Closed, or out of step: nothing more can be read from it.
+                            self.wire.gone(&e.to_string());
+                        } else {
                             crate::guest_warn!(
                                 "virtio-net {}: TAP read: {e}",
                                 self.wire.tap.name()
@@ -442,16 +529,48 @@ impl DataPath {
     }
 }
 
-/// The TAP side of a device: the TAP, the frame counters and the negotiated features.
+/// The host side of a device: the TAP or stream, the frame counters and the negotiated
+/// features.
 struct Wire {
-    tap: Arc<Tap>,
+    tap: Arc<Backend>,
     stats: Arc<Stats>,
     acked: u64,
+    /// The backend is closed or broken: nothing is read from it, frames to it are dropped.
+    gone: std::cell::Cell<bool>,
 }
 
 impl Wire {
     fn has(&self, f: u32) -> bool {
         self.acked & bit(f) != 0
+    }
+
+    fn is_gone(&self) -> bool {
+        self.gone.get()
+    }
+
+    /// The backend cannot be used any more (said once).
+    fn gone(&self, why: &str) {
+        if !self.gone.replace(true) {
+            log::error!(
+                "virtio-net {}: the connection to the host is lost ({why}); \
+                 the guest's network is down",
+                self.tap.name()
+            );
+        }
+    }
+
+    /// Sends what waits for a stream; true when more frames may go.
+    fn flush(&self) -> bool {
+        match &*self.tap {
+            Backend::Stream(s) if !self.is_gone() => match s.flush() {
+                Ok(done) => done,
+                Err(e) => {
+                    self.gone(&e.to_string());
+                    true
+                }
+            },
+            _ => true,
+        }
     }
 
     /// Writes one guest frame (header + data) to the TAP, or drops it.
@@ -482,10 +601,25 @@ impl Wire {
         if let Err(why) = self.check_tx_header(&hdr, len - HDR_LEN) {
             return self.stats.drop_frame(false, why);
         }
+        let tap = match &*self.tap {
+            _ if self.is_gone() => return self.stats.drop_frame(false, "the host side is gone"),
+            Backend::Stream(s) => {
+                let Some((_, frame)) = split(&segs, HDR_LEN) else {
+                    return self.stats.drop_frame(false, "buffer outside guest memory");
+                };
+                if !s.send(len - HDR_LEN, |buf| gather(mem, &frame, buf)) {
+                    return self.stats.drop_frame(false, "buffer outside guest memory");
+                }
+                self.flush();
+                self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Backend::Tap(tap) => tap,
+        };
         let Ok(iovs) = GuestIovecs::new(mem, &segs) else {
             return self.stats.drop_frame(false, "buffer outside guest memory");
         };
-        if let Err(e) = iovs.writev(self.tap.file.as_raw_fd()) {
+        if let Err(e) = iovs.writev(tap.file.as_raw_fd()) {
             let why = if e.kind() == io::ErrorKind::WouldBlock {
                 "the TAP's queue is full".to_owned()
             } else {
