@@ -369,7 +369,7 @@ fn inherited_listener(fd: RawFd) -> Result<UnixListener, Error> {
     Ok(UnixListener::from(owned))
 }
 
-fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+pub fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     // SAFETY: F_GETFD/F_SETFD on a descriptor number only read and set its flags.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -388,9 +388,16 @@ fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A `nixvm storefs` process serving one `--fs path=` share of this VM. It ends by itself
-/// when the VM's connection closes; dropping this kills it (it holds no data) and reaps it.
+/// A helper process of a VM: a `nixvm storefs` serving one `--fs path=` share, or a passt
+/// for a `--net passt` interface. Each ends by itself when the VM's connection closes;
+/// dropping this kills it (it holds no data) and reaps it.
 pub struct Process(Child);
+
+impl From<Child> for Process {
+    fn from(c: Child) -> Process {
+        Process(c)
+    }
+}
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -399,14 +406,39 @@ impl Drop for Process {
     }
 }
 
-/// The listening socket of a just-started back end, in a directory only this user can
-/// enter; both are removed when this is dropped (after connecting).
-pub struct PrivateSocket {
+/// A path in a fresh directory only this user can enter (under $XDG_RUNTIME_DIR, else the
+/// temporary directory), for a just-started back end's socket or pid file; both are removed
+/// when this is dropped.
+pub struct PrivatePath {
     dir: PathBuf,
     pub path: PathBuf,
 }
 
-impl Drop for PrivateSocket {
+impl PrivatePath {
+    /// `name` in a new directory `nixvm-WHAT.PID.N`.
+    pub fn new(what: &str, name: &str) -> std::io::Result<PrivatePath> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut n = 0u32;
+        loop {
+            let d = base.join(format!("nixvm-{what}.{}.{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+                Ok(()) => {
+                    return Ok(PrivatePath {
+                        path: d.join(name),
+                        dir: d,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for PrivatePath {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_dir(&self.dir);
@@ -415,28 +447,12 @@ impl Drop for PrivateSocket {
 
 /// Starts `nixvm storefs` (this same executable) serving `dir` read-only on a fresh
 /// listening socket; connect to the returned socket, then drop it.
-pub fn spawn(dir: &Path, request_queues: u16) -> Result<(Process, PrivateSocket), Error> {
+pub fn spawn(dir: &Path, request_queues: u16) -> Result<(Process, PrivatePath), Error> {
     let spawn_err = |source| Error::Spawn {
         path: dir.to_owned(),
         source,
     };
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let mut n = 0u32;
-    let private = loop {
-        let d = base.join(format!("nixvm-storefs.{}.{n}", std::process::id()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
-            Ok(()) => break d,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
-            Err(e) => return Err(spawn_err(e)),
-        }
-    };
-    let socket = PrivateSocket {
-        path: private.join("sock"),
-        dir: private,
-    };
+    let socket = PrivatePath::new("storefs", "sock").map_err(spawn_err)?;
     let listener = UnixListener::bind(&socket.path).map_err(|source| Error::Listen {
         path: socket.path.clone(),
         source,

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::config::VmConfig;
 use crate::lifecycle::ExitState;
+use crate::passt;
 use crate::vcpu::Buses;
 use crate::vm::{KvmError, kvm_err};
 
@@ -27,6 +28,14 @@ pub enum Error {
     Disk(#[from] block::Error),
     #[error(transparent)]
     Net(#[from] net::Error),
+    #[error("cannot connect to network socket {path}")]
+    NetSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Passt(#[from] passt::Error),
     #[error(transparent)]
     Fs(#[from] fs::Error),
     #[error(transparent)]
@@ -41,7 +50,8 @@ impl Error {
     /// Errors that are the user's to fix (exit status 2), as opposed to failures.
     pub fn is_usage(&self) -> bool {
         match self {
-            Error::Disk(_) => true,
+            Error::Disk(_) | Error::NetSocket { .. } => true,
+            Error::Passt(e) => e.is_usage(),
             Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
             Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
             _ => false,
@@ -140,7 +150,8 @@ fn vhost_user_wait() -> std::time::Duration {
 /// virtio-fs shares, then the entropy device, each in its own
 /// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
 /// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
-/// The back-end processes started for `path=` shares go into `backends`.
+/// The back-end processes started for `path=` shares and passt interfaces go into
+/// `backends`.
 fn add_virtio_devices(
     vm: &VmFd,
     buses: &mut Buses,
@@ -153,13 +164,27 @@ fn add_virtio_devices(
     for d in &config.disks {
         devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
     }
-    for n in &config.nets {
-        let tap = match (&n.tap, n.fd) {
-            (Some(name), _) => net::Tap::open(name)?,
-            (None, Some(fd)) => net::Tap::from_fd(fd)?,
-            (None, None) => unreachable!("validated: tap or fd"),
+    for (i, n) in config.nets.iter().enumerate() {
+        let backend: net::Backend = match (&n.tap, n.fd, &n.socket, &n.passt) {
+            (Some(name), ..) => net::Tap::open(name)?.into(),
+            (_, Some(fd), ..) => net::Tap::from_fd(fd)?.into(),
+            (.., Some(path), _) => {
+                let conn = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+                    Error::NetSocket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                stream(conn.into(), &path.display().to_string())?.into()
+            }
+            (.., Some(program)) => {
+                let (process, conn) = passt::spawn(program, &n.forward)?;
+                backends.push(process);
+                stream(conn, &format!("passt{i}"))?.into()
+            }
+            _ => unreachable!("validated: one of tap, fd, socket, passt"),
         };
-        devices.push(Box::new(net::Net::new(tap, n.mac.map(|m| m.0))));
+        devices.push(Box::new(net::Net::new(backend, n.mac.map(|m| m.0))));
     }
     let wait = vhost_user_wait();
     for f in &config.fs {
@@ -219,6 +244,14 @@ fn add_virtio_devices(
         }
     }
     Ok((aml, cmdline, transports))
+}
+
+/// A network interface's stream connection, made ready for the device.
+fn stream(conn: std::os::fd::OwnedFd, name: &str) -> Result<net::Stream> {
+    net::Stream::new(conn, name).map_err(|source| Error::NetSocket {
+        path: name.into(),
+        source,
+    })
 }
 
 /// COM1 with its interrupt wired to its IRQ; returns it and the "input drained" eventfd.

@@ -9,6 +9,7 @@ mod control;
 mod cpuid;
 mod device_manager;
 mod lifecycle;
+mod passt;
 mod seccomp;
 mod terminal;
 mod unix;

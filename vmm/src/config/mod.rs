@@ -82,8 +82,12 @@ pub enum Error {
     TapName(String),
     #[error("fd {0} of a network interface is not a file descriptor number")]
     NetFd(i32),
-    #[error("a network interface needs exactly one of \"tap\" and \"fd\"")]
+    #[error("a network interface needs exactly one of tap=, fd=, socket= and passt")]
     NetKind,
+    #[error("forward= is for passt network interfaces (--net passt,forward=...)")]
+    ForwardWithoutPasst,
+    #[error("host port {0} is forwarded twice")]
+    DuplicateForward(String),
     #[error("MAC address {0} is a multicast address, which a network interface cannot have")]
     MulticastMac(Mac),
     #[error("virtio-fs tag {0:?} must be 1 to 36 bytes")]
@@ -155,9 +159,12 @@ pub struct Settings {
     /// first is the guest's /dev/vda, the next /dev/vdb, ...
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Option<Vec<DiskConfig>>,
-    /// A virtio-net interface on an existing TAP, tap=NAME[,mac=MAC], or on an inherited
-    /// TAP/macvtap fd, fd=N[,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is
-    /// 02: and five bytes of a hash of the interface's name (stable across starts).
+    /// A virtio-net interface: on an existing TAP, tap=NAME; on an inherited TAP/macvtap fd,
+    /// fd=N; on a UNIX stream socket speaking QEMU's -netdev stream protocol, socket=PATH
+    /// (passt --socket); or on a passt that nixvm starts, no root needed,
+    /// passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] (host ports to
+    /// the guest). Each [,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is 02:
+    /// and five bytes of a hash of the TAP's name, socket's path or "passt".
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Option<Vec<NetConfig>>,
     /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
@@ -404,18 +411,31 @@ fn parent_dir_exists(p: &Path) -> bool {
         .is_dir()
 }
 
-/// One of tap= or fd=, a name an interface can have, a unicast MAC. Whether the TAP exists
-/// and may be attached is found when the VM starts (a running VM may hold it now).
+/// One of tap=, fd=, socket= and passt, a name an interface can have, forwards only for
+/// passt and each host port once, a unicast MAC. Whether the TAP exists and may be
+/// attached, or the socket listens, is found when the VM starts (a running VM may hold it
+/// now).
 fn check_net(n: &NetConfig) -> Result<()> {
+    if n.kinds() != 1 {
+        return Err(Error::NetKind);
+    }
     match (&n.tap, n.fd) {
-        (Some(t), None) => {
-            if t.is_empty() || t.len() > IFNAME_MAX || t.contains(['/', '\0']) {
-                return Err(Error::TapName(t.clone()));
-            }
+        (Some(t), _) if t.is_empty() || t.len() > IFNAME_MAX || t.contains(['/', '\0']) => {
+            return Err(Error::TapName(t.clone()));
         }
-        (None, Some(fd)) if fd < 0 => return Err(Error::NetFd(fd)),
-        (None, Some(_)) => {}
-        _ => return Err(Error::NetKind),
+        (_, Some(fd)) if fd < 0 => return Err(Error::NetFd(fd)),
+        _ => {}
+    }
+    if !n.forward.is_empty() && n.passt.is_none() {
+        return Err(Error::ForwardWithoutPasst);
+    }
+    for (i, f) in n.forward.iter().enumerate() {
+        if n.forward[..i]
+            .iter()
+            .any(|g| g.udp == f.udp && g.host_port == f.host_port)
+        {
+            return Err(Error::DuplicateForward(f.to_string()));
+        }
     }
     match n.mac {
         Some(m) if m.0[0] & 1 != 0 => Err(Error::MulticastMac(m)),

@@ -169,12 +169,13 @@ pub fn parse_switch(v: &str) -> Option<bool> {
 }
 
 /// The one parser of option strings, `key=value,key=value` (--disk, --net, --fs and
-/// --memory's tail): the pairs in order, or None if a part has no `=`, a key is empty or
-/// given twice. Values are checked by the option that knows them.
+/// --memory's tail): the pairs in order, or None if a key is empty or given twice. A bare
+/// `key` is `key=` (an empty value), which only options that take one accept (`passt`).
+/// Values are checked by the option that knows them.
 pub fn key_values(s: &str) -> Option<Vec<(&str, &str)>> {
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     for part in s.split(',') {
-        let (k, v) = part.split_once('=')?;
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
         if k.is_empty() || pairs.iter().any(|&(seen, _)| seen == k) {
             return None;
         }
@@ -252,8 +253,9 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// One `--net`: `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`; in JSON an object with the same
-/// names (`{"tap": "tap0", "mac": "52:54:00:12:34:56"}`).
+/// One `--net`: `tap=NAME`, `fd=N`, `socket=PATH` or `passt[=PROGRAM][,forward=PORTS]`,
+/// each `[,mac=MAC]`; in JSON an object with the same names (`{"tap": "tap0", "mac":
+/// "52:54:00:12:34:56"}`, `{"passt": "passt", "forward": ["2222:22"]}`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
@@ -261,12 +263,104 @@ pub struct NetConfig {
     pub tap: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<i32>,
+    /// A UNIX stream socket to connect to, speaking QEMU's `-netdev stream` protocol
+    /// (`passt --socket`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// The passt program nixvm starts for this interface (bare `passt`: from PATH).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passt: Option<PathBuf>,
+    /// Host ports passt forwards to the guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<Forward>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
 }
 
 impl NetConfig {
-    pub const SYNTAX: &'static str = "tap=NAME[,mac=MAC] or fd=N[,mac=MAC]";
+    /// How many of tap, fd, socket and passt are given (one is right).
+    pub fn kinds(&self) -> usize {
+        [
+            self.tap.is_some(),
+            self.fd.is_some(),
+            self.socket.is_some(),
+            self.passt.is_some(),
+        ]
+        .into_iter()
+        .filter(|&b| b)
+        .count()
+    }
+
+    pub const SYNTAX: &'static str = "tap=NAME, fd=N, socket=PATH or \
+        passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]], each [,mac=MAC]";
+}
+
+/// A host port passt forwards to the guest: `[tcp:|udp:][ADDR/]HOSTPORT[:GUESTPORT]`, the
+/// guest port the host port's number unless given; ADDR binds one host address only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub udp: bool,
+    pub host_addr: Option<std::net::IpAddr>,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl Forward {
+    /// The forward as passt's -t/-u port specification.
+    pub fn passt_spec(&self) -> String {
+        let addr = self.host_addr.map(|a| format!("{a}/")).unwrap_or_default();
+        format!("{addr}{}:{}", self.host_port, self.guest_port)
+    }
+}
+
+impl FromStr for Forward {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        let (udp, rest) = match s.split_once(':') {
+            Some(("udp", r)) => (true, r),
+            Some(("tcp", r)) => (false, r),
+            _ => (false, s),
+        };
+        let (host_addr, ports) = match rest.rsplit_once('/') {
+            Some((a, p)) => (Some(a.parse().map_err(|_| ())?), p),
+            None => (None, rest),
+        };
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p != 0).ok_or(());
+        let (host_port, guest_port) = match ports.split_once(':') {
+            Some((h, g)) => (port(h)?, port(g)?),
+            None => (port(ports)?, port(ports)?),
+        };
+        Ok(Forward {
+            udp,
+            host_addr,
+            host_port,
+            guest_port,
+        })
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = if self.udp { "udp:" } else { "" };
+        write!(f, "{proto}{}", self.passt_spec())
+    }
+}
+
+impl Serialize for Forward {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Forward {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|()| {
+            serde::de::Error::custom(format!(
+                "invalid port forward {s:?}: use [udp:][ADDR/]HOSTPORT[:GUESTPORT]"
+            ))
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -282,11 +376,20 @@ impl FromStr for NetConfig {
             match k {
                 "tap" if !v.is_empty() => net.tap = Some(v.to_owned()),
                 "fd" => net.fd = Some(v.parse().map_err(|_| err())?),
+                "socket" if !v.is_empty() => net.socket = Some(v.into()),
+                "passt" => net.passt = Some(if v.is_empty() { "passt" } else { v }.into()),
+                "forward" => {
+                    net.forward = v
+                        .split('+')
+                        .map(str::parse)
+                        .collect::<std::result::Result<_, ()>>()
+                        .map_err(|()| err())?;
+                }
                 "mac" => net.mac = Some(v.parse().map_err(|()| err())?),
                 _ => return Err(err()),
             }
         }
-        if net.tap.is_some() == net.fd.is_some() {
+        if net.kinds() != 1 || (!net.forward.is_empty() && net.passt.is_none()) {
             return Err(err());
         }
         Ok(net)

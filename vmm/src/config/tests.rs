@@ -119,9 +119,47 @@ fn net_specs() {
         "tap=a,mac=52:54:00:00:00:01:02",
         "tap=a,mac=5:54:00:00:00:01",
         "tap=a,queues=2",
+        "tap",
+        "socket=",
+        "passt,tap=t",
+        "socket=/s,passt",
+        "tap=t,forward=22",
+        "passt,forward=",
+        "passt,forward=0",
+        "passt,forward=65536",
+        "passt,forward=22:",
+        "passt,forward=sctp:22",
+        "passt,forward=nothost/22",
+        "passt,forward=22+x",
     ] {
         assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
     }
+    let p: NetConfig = "passt".parse().unwrap();
+    assert_eq!(p.passt.as_deref(), Some(Path::new("passt")));
+    let p: NetConfig = "passt=/nix/store/x/bin/passt,forward=2222:22+udp:5353+::1/8080:80"
+        .parse()
+        .unwrap();
+    assert_eq!(
+        p.passt.as_deref(),
+        Some(Path::new("/nix/store/x/bin/passt"))
+    );
+    let specs: Vec<String> = p.forward.iter().map(ToString::to_string).collect();
+    assert_eq!(specs, ["2222:22", "udp:5353:5353", "::1/8080:80"]);
+    assert!(check_net(&p).is_ok());
+    assert_eq!(
+        serde_json::to_string(&p).unwrap(),
+        r#"{"passt":"/nix/store/x/bin/passt","forward":["2222:22","udp:5353:5353","::1/8080:80"]}"#
+    );
+    let s: NetConfig = "socket=/run/passt.sock,mac=02:00:00:00:00:02"
+        .parse()
+        .unwrap();
+    assert_eq!(s.socket.as_deref(), Some(Path::new("/run/passt.sock")));
+    let twice: NetConfig =
+        serde_json::from_str(r#"{"passt":"passt","forward":["22","22:23"]}"#).unwrap();
+    assert!(matches!(check_net(&twice), Err(Error::DuplicateForward(_))));
+    let stray: NetConfig = serde_json::from_str(r#"{"tap":"t","forward":["22"]}"#).unwrap();
+    assert!(matches!(check_net(&stray), Err(Error::ForwardWithoutPasst)));
+    assert!(serde_json::from_str::<NetConfig>(r#"{"passt":"passt","forward":["x"]}"#).is_err());
     let j: NetConfig = serde_json::from_str(r#"{"tap":"t","mac":"02:00:00:00:00:01"}"#).unwrap();
     assert_eq!(j.mac, Some(Mac([2, 0, 0, 0, 0, 1])));
     assert!(serde_json::from_str::<NetConfig>(r#"{"tap":"t","mac":"zz"}"#).is_err());
@@ -195,7 +233,11 @@ fn key_values_is_the_one_option_parser() {
         key_values("a=1,b=,c=x=y"),
         Some(vec![("a", "1"), ("b", ""), ("c", "x=y")])
     );
-    for bad in ["", "a", "a=1,", "=1", "a=1,a=2"] {
+    // A bare key is one with an empty value (for `--net passt`); a value-less flag is
+    // still refused by options whose values need something (`readonly`).
+    assert_eq!(key_values("a,b=1"), Some(vec![("a", ""), ("b", "1")]));
+    assert!("path=/a,readonly".parse::<DiskConfig>().is_err());
+    for bad in ["", "a=1,", "=1", "a=1,a=2", "a,a"] {
         assert_eq!(key_values(bad), None, "{bad:?}");
     }
     assert!("path=/a,path=/b".parse::<DiskConfig>().is_err());
