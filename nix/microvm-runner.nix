@@ -39,7 +39,6 @@ let
     (check ((get "devices" [ ]) != [ ]) "microvm.devices (PCI/USB passthrough)")
     (check (((get "vsock" { }).cid or null) != null) "microvm.vsock.cid (no vsock)")
     (check ((get "credentialFiles" { }) != { }) "microvm.credentialFiles (no credentials yet: they come with SMBIOS/vsock)")
-    (check ((get "forwardPorts" [ ]) != [ ]) "microvm.forwardPorts (QEMU's user networking; nixvm has TAP and macvtap interfaces)")
     (check (get "registerWithMachined" false) "microvm.registerWithMachined (no bin/microvm-register yet)")
     (check (builtins.any (v: (v.imageType or "raw") != "raw") (get "volumes" [ ]))
       "microvm.volumes.*.imageType other than \"raw\" (nixvm's disks are raw images)")
@@ -67,6 +66,9 @@ let
       ++ map (v: v // { autoCreate = (v.autoCreate or true) && (v.size or null) != null; }) (get "volumes" [ ]);
     inherit shares;
     interfaces = get "interfaces" [ ];
+    # microvm.nix's "user" interfaces and forwardPorts: nixvm's passt networking.
+    forwardPorts = get "forwardPorts" [ ];
+    passt = if pkgs != null && pkgs ? passt then "${pkgs.passt}/bin/passt" else "passt";
     inherit extraArgs path;
   };
 in

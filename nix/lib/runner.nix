@@ -23,7 +23,12 @@
 #                      "virtiofsd": a virtiofsd listening on `socket` (--fs tag=…,socket=…),
 #                        with --readonly when readOnly;
 #                    socket ? "<name>-virtiofs-<tag>.sock" (backend virtiofsd only); … }]
-#   interfaces    [{ type = "tap" | "macvtap"; id; mac ? null (nixvm derives one); … }]
+#   interfaces    [{ type = "tap" | "macvtap" | "user"; id; mac ? null (nixvm derives one); … }]
+#                 "user": user-mode networking through a passt nixvm starts (--net passt),
+#                 no root or TAP needed (microvm.nix's and QEMU's SLiRP "user" type)
+#   forwardPorts  host ports to the guest through the "user" interface, in qemu-vm.nix's
+#                 and microvm.nix's form: [{ from ? "host"; proto ? "tcp"; host.address ?
+#                 ""; host.port; guest.address ? ""; guest.port }]                  []
 #   preStart      shell commands run before nixvm                           ""
 # and nixvm's own:
 #   nixvm         the binary (argv[0]); the script uses $NIXVM when set    "nixvm"
@@ -38,6 +43,7 @@
 #                 mkfs.*): in the script and in volumesScript                []
 #   virtiofsd     the virtiofsd the script starts per virtiofsd share      "virtiofsd"
 #   virtiofsdArgs more virtiofsd arguments                                   []
+#   passt         the passt nixvm starts for a "user" interface             "passt"
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
@@ -57,7 +63,7 @@ let
   known = [
     "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
     "interfaces" "preStart" "nixvm" "bootParams" "serial" "rng" "shutdownTimeout"
-    "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs"
+    "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs" "forwardPorts" "passt"
   ];
   unknown = filter (n: !(builtins.elem n known)) (attrNames desc);
 
@@ -84,6 +90,8 @@ let
     path = [ ];
     virtiofsd = "virtiofsd";
     virtiofsdArgs = [ ];
+    forwardPorts = [ ];
+    passt = "passt";
   } // desc // {
     kernel = desc.kernel or (fail "`kernel` is required");
   };
@@ -155,7 +163,30 @@ let
     else if !(i ? id) then fail "an interface has no `id`"
     else if i.type == "tap" then "tap=${specValue "TAP name" i.id}${macOpt i}"
     else if i.type == "macvtap" then "fd=${str (macvtapFd i.id)}${macOpt i}"
-    else fail "interface `${i.id}`: type ${i.type} is not supported by nixvm (tap or macvtap)";
+    else if i.type == "user" then
+      "passt=${specValue "passt" c.passt}"
+      + (if users == [ ] || (builtins.head users).id != i.id || c.forwardPorts == [ ] then ""
+         else ",forward=${concatStringsSep "+" (map forwardSpec c.forwardPorts)}")
+      + macOpt i
+    else fail "interface `${i.id}`: type ${i.type} is not supported by nixvm (tap, macvtap or user)";
+
+  # forwardPorts go to the first "user" interface, as QEMU's go to its one user netdev.
+  users = filter (i: (i.type or null) == "user") c.interfaces;
+  forwardSpec = f:
+    let
+      from = f.from or "host";
+      proto = f.proto or "tcp";
+      hostAddr = f.host.address or "";
+      guestAddr = f.guest.address or "";
+      port = what: p: if builtins.isInt p && p > 0 && p < 65536 then str p
+        else fail "forwardPorts: ${what} port must be 1 to 65535, not ${builtins.toJSON p}";
+    in
+    if from != "host" then fail "forwardPorts: from = \"${from}\" (guest-to-host forwarding) is not supported by nixvm's passt networking; the guest reaches the host's loopback at its gateway address"
+    else if proto != "tcp" && proto != "udp" then fail "forwardPorts: proto must be tcp or udp, not ${proto}"
+    else if guestAddr != "" then fail "forwardPorts: guest.address cannot be chosen (passt forwards to the guest's own address)"
+    else (if proto == "udp" then "udp:" else "")
+      + (if hostAddr == "" then "" else "${specValue "forwardPorts host.address" hostAddr}/")
+      + "${port "host" (f.host.port or null)}:${port "guest" (f.guest.port or null)}";
 
   diskSpec = v:
     "path=${v.image}"
@@ -267,7 +298,8 @@ let
     else if !(builtins.isInt c.vcpu) || c.vcpu < 1 then fail "vcpu must be a positive integer"
     else if !(builtins.isInt c.mem) || c.mem < 64 then fail "mem must be an integer of MiB, at least 64"
     else if c.onReboot != null && c.onReboot != "exit" && c.onReboot != "restart" then fail "onReboot must be exit or restart"
-    else if !(isList c.volumes && isList c.shares && isList c.interfaces) then fail "volumes, shares and interfaces are lists"
+    else if !(isList c.volumes && isList c.shares && isList c.interfaces && isList c.forwardPorts) then fail "volumes, shares, interfaces and forwardPorts are lists"
+    else if c.forwardPorts != [ ] && users == [ ] then fail "forwardPorts needs an interface of type \"user\" (passt) to forward through"
     else true;
 in
 assert checked;

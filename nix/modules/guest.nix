@@ -40,6 +40,8 @@ let
     volumes = map (v: removeAttrs v [ "_module" ]) cfg.volumes;
     shares = map (s: removeAttrs s [ "_module" ]) shares;
     interfaces = map (i: removeAttrs i [ "_module" ]) cfg.interfaces;
+    forwardPorts = map (f: { inherit (f) from proto; host = { inherit (f.host) address port; }; guest.port = f.guest.port; }) cfg.forwardPorts;
+    passt = "${cfg.passt}/bin/passt";
     shell = pkgs.runtimeShell;
     path = map (p: "${p}/bin") ([ pkgs.coreutils pkgs.util-linux ] ++ mkfsPackages);
     virtiofsd = "${cfg.virtiofsd}/bin/virtiofsd";
@@ -108,7 +110,7 @@ let
 
   interfaceType = types.submodule {
     options = {
-      type = mkOption { type = types.enum [ "tap" "macvtap" ]; description = "A TAP device by name, or a macvtap opened by the runner (/dev/tap<ifindex>)."; };
+      type = mkOption { type = types.enum [ "tap" "macvtap" "user" ]; description = "A TAP device by name, a macvtap opened by the runner (/dev/tap<ifindex>), or user-mode networking through a passt nixvm starts (no root or TAP needed; the guest reaches the host's loopback at its gateway address, and `forwardPorts` reach the guest)."; };
       id = mkOption { type = types.str; description = "Interface name on the host."; };
       mac = mkOption { type = types.nullOr types.str; default = null; description = "MAC address of the guest's interface; null: nixvm derives a stable one from id."; };
       macvtap.link = mkOption { type = types.nullOr types.str; default = null; description = "Host interface a macvtap attaches to (used by the host module)."; };
@@ -168,6 +170,26 @@ in
     volumes = mkOption { type = types.listOf volumeType; default = [ ]; description = "Disk images: /dev/vda, /dev/vdb, … in order."; };
     shares = mkOption { type = types.listOf shareType; default = [ ]; description = "Directories shared through virtio-fs (besides the store)."; };
     interfaces = mkOption { type = types.listOf interfaceType; default = [ ]; description = "Network interfaces: eth0, eth1, … in order."; };
+    forwardPorts = mkOption {
+      type = types.listOf (types.submodule {
+        options = {
+          from = mkOption { type = types.enum [ "host" ]; default = "host"; description = "Only host-to-guest forwarding."; };
+          proto = mkOption { type = types.enum [ "tcp" "udp" ]; default = "tcp"; description = "Protocol."; };
+          host.address = mkOption { type = types.str; default = ""; description = "Host address to bind (\"\": all)."; };
+          host.port = mkOption { type = types.port; description = "Host port."; };
+          guest.port = mkOption { type = types.port; description = "Guest port."; };
+        };
+      });
+      default = [ ];
+      example = literalExpression ''[ { host.port = 2222; guest.port = 22; } ]'';
+      description = "Host ports forwarded to the guest through the first interface of type \"user\" (qemu-vm.nix's virtualisation.forwardPorts).";
+    };
+    passt = mkOption {
+      type = types.package;
+      default = pkgs.passt;
+      defaultText = literalExpression "pkgs.passt";
+      description = "The passt nixvm starts for interfaces of type \"user\".";
+    };
     mountHostNixStore = mkOption {
       type = types.bool;
       default = true;

@@ -99,7 +99,8 @@ let
     let
       v = vmOf name vm;
       c = nixvmConfigOf name vm;
-      taps = map (i: tapUnit name vm i) c.interfaces;
+      # "user" interfaces need nothing on the host: nixvm starts their passt.
+      taps = map (i: tapUnit name vm i) (builtins.filter (i: i.type != "user") c.interfaces);
       # Shares nixvm serves itself (backend "nixvm") need nothing here.
       fsds = map (s: virtiofsdUnit name vm s)
         (builtins.filter (s: (s.backend or "virtiofsd") == "virtiofsd") c.shares);

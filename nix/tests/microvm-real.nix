@@ -111,12 +111,12 @@ let
       "hypervisor" "runner" "declaredRunner" "vcpu" "mem" "kernel" "initrdPath" "kernelParams"
       "socket" "preStart" "volumes" "shares" "interfaces" "binScripts" "prettyProcnames"
       "storeOnDisk" "storeDisk" "extraArgsScript" "registerWithMachined" "machineId"
-      "systemSymlink" "guest.enable" "optimize.enable"
+      "systemSymlink" "guest.enable" "optimize.enable" "forwardPorts"
     ];
     # Rejected at evaluation when set (microvm-unsupported, and below).
     rejected = [
       "user" "cpu" "balloon" "hotplugMem" "hugepageMem" "graphics.enable" "devices" "vsock.cid"
-      "credentialFiles" "forwardPorts"
+      "credentialFiles"
     ];
     # Not the runner's: used by microvm.nix's guest or host modules themselves (mounts, store
     # disk building, virtiofsd units, deployment), or meaningful only with a feature that is
@@ -144,7 +144,18 @@ let
   fails = cfg: !(builtins.tryEval (builtins.deepSeq (guestEval cfg).config.microvm.declaredRunner.nixvmArgv true)).success;
   microvm-real-options = expect [
     { what = "microvm.* options nobody sorted"; got = unsorted; want = [ ]; }
-    { what = "forwardPorts rejected"; got = fails { microvm.forwardPorts = [ { from = "host"; host.port = 2222; guest.port = 22; } ]; }; want = true; }
+    # QEMU's user networking becomes passt: the "user" interface and its forwarded ports.
+    { what = "user interface and forwardPorts through passt";
+      got = lib.filter (lib.hasPrefix "passt=") (guestEval {
+        microvm.interfaces = [ { type = "user"; id = "u0"; mac = "02:00:00:00:00:01"; } ];
+        microvm.forwardPorts = [ { from = "host"; host.port = 2222; guest.port = 22; } ];
+      }).config.microvm.declaredRunner.nixvmArgv;
+      want = [ "passt=${store "passt"}/bin/passt,forward=2222:22,mac=02:00:00:00:00:01" ]; }
+    { what = "forwardPorts without a user interface rejected"; got = fails { microvm.forwardPorts = [ { from = "host"; host.port = 2222; guest.port = 22; } ]; }; want = true; }
+    { what = "guest-to-host forwardPorts rejected"; got = fails {
+        microvm.interfaces = [ { type = "user"; id = "u0"; mac = "02:00:00:00:00:01"; } ];
+        microvm.forwardPorts = [ { from = "guest"; host.port = 80; guest.port = 80; guest.address = "10.0.2.100"; } ];
+      }; want = true; }
     { what = "credentialFiles rejected"; got = fails { microvm.credentialFiles.x = /etc/hostname; }; want = true; }
     { what = "qcow2 rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; mountPoint = "/v"; size = 8; } ]; }; want = true; }
     { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }

@@ -28,6 +28,7 @@ let
     btrfs-progs = drv "btrfs-progs" { };
     iproute2 = drv "iproute2" { };
     virtiofsd = drv "virtiofsd" { };
+    passt = drv "passt" { };
     nixvm = drv "nixvm" { };
     closureInfo = { rootPaths }: drv "closure-info" { inherit rootPaths; };
     writeScript = name: text: drv name { inherit text; };
@@ -152,7 +153,11 @@ let
         { tag = "home"; source = "/home/alice"; mountPoint = "/home/alice"; }
         { tag = "docs"; source = "/usr/share/doc"; mountPoint = "/docs"; readOnly = true; }
       ];
-      interfaces = [ { type = "macvtap"; id = "vm-db"; mac = "02:00:00:00:00:02"; macvtap.link = "eth0"; } ];
+      interfaces = [
+        { type = "macvtap"; id = "vm-db"; mac = "02:00:00:00:00:02"; macvtap.link = "eth0"; }
+        { type = "user"; id = "user0"; }
+      ];
+      forwardPorts = [ { host.port = 2222; guest.port = 22; } { proto = "udp"; host.address = "127.0.0.1"; host.port = 5353; guest.port = 53; } ];
     };
   }];
   guest-volumes = let c = db.config; nv = "${store "nixvm-custom"}/bin/nixvm"; in expect [
@@ -167,6 +172,7 @@ let
         "--disk" "path=/srv/vm/data.img,serial=data,direct=on"
         "--disk" "path=/srv/vm/seed.img,readonly=on"
         "--net" "fd=3,mac=02:00:00:00:00:02"
+        "--net" "passt=${store "passt"}/bin/passt,forward=2222:22+udp:127.0.0.1/5353:53"
         "--fs" "tag=ro-store,socket=db-virtiofs-ro-store.sock"
         "--fs" "tag=home,socket=db-virtiofs-home.sock"
         "--fs" "tag=docs,path=/usr/share/doc,readonly=on"

@@ -169,9 +169,41 @@ in
     desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv/a,b"; mountPoint = "/s"; readOnly = true; } ]; };
     error = "share source `/srv/a,b` contains a comma";
   };
+  # microvm.nix's and QEMU's user networking: a passt nixvm starts, with the forwarded
+  # ports on the first user interface.
   user-net = {
-    desc = { inherit kernel; interfaces = [ { type = "user"; id = "u"; mac = "02:00:00:00:00:09"; } ]; };
-    error = "type user is not supported";
+    desc = {
+      inherit kernel;
+      socket = null;
+      passt = "/nix/store/00000000000000000000000000000000-passt/bin/passt";
+      interfaces = [ { type = "user"; id = "u"; mac = "02:00:00:00:00:09"; } { type = "user"; id = "v"; } ];
+      forwardPorts = [
+        { from = "host"; host.port = 2222; guest.port = 22; }
+        { proto = "udp"; host.address = "127.0.0.1"; host.port = 5353; guest.port = 53; }
+      ];
+    };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail ++ [
+      "--net" "passt=/nix/store/00000000000000000000000000000000-passt/bin/passt,forward=2222:22+udp:127.0.0.1/5353:53,mac=02:00:00:00:00:09"
+      "--net" "passt=/nix/store/00000000000000000000000000000000-passt/bin/passt"
+    ];
+  };
+  forward-without-user = {
+    desc = { inherit kernel; forwardPorts = [ { host.port = 2222; guest.port = 22; } ]; };
+    error = "forwardPorts needs an interface of type \"user\"";
+  };
+  forward-from-guest = {
+    desc = { inherit kernel; interfaces = [ { type = "user"; id = "u"; } ];
+      forwardPorts = [ { from = "guest"; host.port = 80; guest.port = 80; guest.address = "10.0.2.100"; } ]; };
+    error = "guest-to-host forwarding";
+  };
+  forward-bad-port = {
+    desc = { inherit kernel; interfaces = [ { type = "user"; id = "u"; } ];
+      forwardPorts = [ { host.port = 70000; guest.port = 22; } ]; };
+    error = "host port must be 1 to 65535";
+  };
+  bridge-net = {
+    desc = { inherit kernel; interfaces = [ { type = "bridge"; id = "b"; bridge = "br0"; } ]; };
+    error = "type bridge is not supported";
   };
   comma-path = {
     desc = { inherit kernel; volumes = [ { image = "a,b.img"; } ]; };
