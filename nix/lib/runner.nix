@@ -13,7 +13,8 @@
 #   socket        the control socket (--api-socket); null: none            "<name>.sock"
 #   volumes       [{ image; readOnly ? false; serial ? null; direct ? false;
 #                    size ? null (MiB; with it a missing image is created); autoCreate ? true;
-#                    fsType ? "ext4"; label ? null; mkfsExtraArgs ? []; … }]
+#                    fsType ? "ext4" (null: created without a file system); label ? null;
+#                    mkfsExtraArgs ? []; … }]
 #   shares        [{ tag; source; mountPoint; proto ? "virtiofs" (the only one nixvm has;
 #                    microvm.nix's default is 9p); readOnly ? false;
 #                    backend ? (if readOnly then "nixvm" else "virtiofsd") (nixvm's):
@@ -44,6 +45,8 @@
 #   virtiofsd     the virtiofsd the script starts per virtiofsd share      "virtiofsd"
 #   virtiofsdArgs more virtiofsd arguments                                   []
 #   passt         the passt nixvm starts for a "user" interface             "passt"
+#   cmdlineEnv    an environment variable whose value the script appends to the kernel
+#                 command line at run time (qemu-vm.nix's QEMU_KERNEL_PARAMS)   null
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
@@ -64,6 +67,7 @@ let
     "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
     "interfaces" "preStart" "nixvm" "bootParams" "serial" "rng" "shutdownTimeout"
     "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs" "forwardPorts" "passt"
+    "cmdlineEnv"
   ];
   unknown = filter (n: !(builtins.elem n known)) (attrNames desc);
 
@@ -92,6 +96,7 @@ let
     virtiofsdArgs = [ ];
     forwardPorts = [ ];
     passt = "passt";
+    cmdlineEnv = null;
   } // desc // {
     kernel = desc.kernel or (fail "`kernel` is required");
   };
@@ -197,10 +202,10 @@ let
   opt = cond: l: if cond then l else [ ];
   flag = f: values: concatLists (map (v: [ f v ]) values);
 
-  args =
-    [ "--kernel" (str c.kernel) ]
-    ++ opt (c.initrd != null) [ "--initrd" (str c.initrd) ]
-    ++ [ "--cmdline" cmdline "--cpus" (str c.vcpu) "--memory" "${str c.mem}M" ]
+  bootArgs = [ "--kernel" (str c.kernel) ] ++ opt (c.initrd != null) [ "--initrd" (str c.initrd) ];
+  args = bootArgs ++ [ "--cmdline" cmdline ] ++ restArgs;
+  restArgs =
+    [ "--cpus" (str c.vcpu) "--memory" "${str c.mem}M" ]
     ++ opt (c.serial != "stdio") [ "--serial" c.serial ]
     ++ flag "--disk" (map diskSpec volumes)
     ++ flag "--net" (map netSpec c.interfaces)
@@ -223,11 +228,11 @@ let
   createVolume = v:
     if !(v.autoCreate && (v.size or null) != null) then "" else ''
       if [ ! -e ${q v.image} ]; then
-        echo "run-${name}-vm: creating ${v.image} (${str v.size} MiB, ${v.fsType})" >&2
+        echo "run-${name}-vm: creating ${v.image} (${str v.size} MiB, ${if v.fsType == null then "no file system" else v.fsType})" >&2
         truncate -s ${q "${str v.size}M"} ${q v.image}
-        ${qArgs ([ "mkfs.${v.fsType}" ]
+        ${if v.fsType == null then "" else qArgs ([ "mkfs.${v.fsType}" ]
           ++ opt (v.label != null) [ (if v.fsType == "vfat" then "-n" else "-L") v.label ]
-          ++ v.mkfsExtraArgs ++ [ v.image ])} >&2
+          ++ v.mkfsExtraArgs ++ [ v.image ]) + " >&2"}
       fi
     '';
 
@@ -242,7 +247,10 @@ let
       virtiofsd_pids="$virtiofsd_pids $!"
   '';
 
-  run = "\"$NIXVM\" ${qArgs args} \"$@\"";
+  # The command line, with the environment's addition when cmdlineEnv names a variable.
+  qCmdline = q cmdline + (if c.cmdlineEnv == null then ""
+    else "\"\${${c.cmdlineEnv}:+ \$${c.cmdlineEnv}}\"");
+  run = "\"$NIXVM\" ${qArgs bootArgs} '--cmdline' ${qCmdline} ${qArgs restArgs} \"$@\"";
   pathLine = if c.path == [ ] then "" else "PATH=${q (concatStringsSep ":" (map str c.path))}:$PATH\n";
   creates = concatStringsSep "" (map createVolume volumes);
   # With its own PATH: microvm.nix's microvm@ unit has an empty one.

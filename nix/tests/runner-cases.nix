@@ -151,6 +151,19 @@ in
     ];
   };
 
+  # qemu-vm.nix's QEMU_KERNEL_PARAMS, and a volume created without a file system
+  # (virtualisation.emptyDiskImages).
+  kernel-params-env = {
+    desc = { inherit kernel; socket = null; cmdlineEnv = "QEMU_KERNEL_PARAMS";
+      volumes = [ { image = "${dir}/c.img"; size = 4; fsType = null; } ]; };
+    argv = [ "nixvm" ] ++ k ++ [ "--cmdline" defaultCmdline ] ++ tail ++ [ "--disk" "path=${dir}/c.img" ];
+    scriptHas = [
+      "'--cmdline' '${defaultCmdline}'\"\${QEMU_KERNEL_PARAMS:+ $QEMU_KERNEL_PARAMS}\" '--cpus'"
+      "truncate -s '4M' '${dir}/c.img'"
+    ];
+    scriptLacks = [ "mkfs" ];
+  };
+
   # Descriptions nixvm cannot run fail at evaluation, saying why.
   no-kernel = { desc = { name = "x"; }; error = "`kernel` is required"; };
   share-9p = {
