@@ -40,6 +40,11 @@
         imports = [ ./nix/modules/host.nix ];
         nixvm.host.package = lib.mkDefault (nixvmFor pkgs);
       };
+      # nixos-rebuild build-vm: virtualisation.vmVariant's system.build.vm runs on nixvm.
+      nixosModules.vm = { pkgs, lib, ... }: {
+        imports = [ ./nix/modules/vm.nix ];
+        virtualisation.nixvm.package = lib.mkDefault (nixvmFor pkgs);
+      };
       # microvm.nix: beside its guest module, microvm.hypervisor = "nixvm".
       nixosModules.microvm = { pkgs, lib, ... }: {
         imports = [ ./nix/modules/microvm.nix ];

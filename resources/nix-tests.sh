@@ -15,9 +15,11 @@
 #     the real nixpkgs lib, where NIXPKGS_LIB points to a checkout of nix-community/nixpkgs.lib
 #     (otherwise they print "skipped: NIXPKGS_LIB is not set"); modules/microvm-real-*
 #     evaluate the microvm.nix backend inside microvm.nix's real guest options and host
-#     module, from a checkout that MICROVM_NIX points to (skipped without it).
+#     module, from a checkout that MICROVM_NIX points to (skipped without it);
+#     modules/vm-real-* evaluate nixosModules.vm (build-vm) inside nixpkgs' real build-vm.nix
+#     and qemu-vm.nix, from the directory NIXPKGS points to (skipped without it).
 # Environment: NIXVM (default target/debug/nixvm), NIXVM_ASSETS (default target/e2e-assets,
-# from resources/assets.sh), NIXPKGS_LIB, MICROVM_NIX. Prints "nix: NAME ... ok|FAILED|skipped: why" per
+# from resources/assets.sh), NIXPKGS_LIB, MICROVM_NIX, NIXPKGS. Prints "nix: NAME ... ok|FAILED|skipped: why" per
 # test; exits 1 when one failed. Under CI=true a missing nixvm or missing assets is a failure.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -307,6 +309,27 @@ for t in "${real_tests[@]}"; do
   lib=$NIXPKGS_LIB
   [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
   expr="(import $(nstr "$REAL_TESTS") { lib = import $(nstr "$lib"); microvm = $(nstr "$MICROVM_NIX"); }).\"$t\""
+  if out=$(nix_json "$expr" 2>&1); then
+    if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
+  else
+    failed "$name" "$out"
+  fi
+done
+
+# Against nixpkgs' real build-vm.nix and qemu-vm.nix: NIXPKGS is a directory holding them at
+# their nixpkgs paths (a nixpkgs checkout, or the files alone; never committed).
+VM_TESTS=$ROOT/nix/tests/vm-real.nix
+mapfile -t vm_tests < <(nix_raw "builtins.concatStringsSep \"\\n\" (import $(nstr "$VM_TESTS") { names = true; })")
+for t in "${vm_tests[@]}"; do
+  name=modules/$t
+  wants "$name" || continue
+  if [ -z "${NIXPKGS_LIB:-}" ] || [ -z "${NIXPKGS:-}" ]; then
+    skip "$name" "needs NIXPKGS_LIB and NIXPKGS (nixpkgs.lib, and nixpkgs' nixos/modules/virtualisation/{build-vm,qemu-vm}.nix)"
+    continue
+  fi
+  lib=$NIXPKGS_LIB
+  [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
+  expr="(import $(nstr "$VM_TESTS") { lib = import $(nstr "$lib"); nixpkgs = $(nstr "$NIXPKGS"); }).\"$t\""
   if out=$(nix_json "$expr" 2>&1); then
     if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
   else

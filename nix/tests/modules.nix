@@ -59,6 +59,7 @@ let
           options.fsType = mkOption { type = types.str; default = "auto"; };
           options.options = mkOption { type = types.listOf types.str; default = [ ]; };
           options.neededForBoot = mkOption { type = types.bool; default = false; };
+          options.overlay = mkOption { type = types.nullOr types.anything; default = null; };
         });
       };
       nix.package = mkOption { type = types.package; default = drv "nix" { out = drv "nix" { }; }; };
@@ -408,7 +409,7 @@ let
   in expect [
     { what = "packages"; got = f.packages.x86_64-linux.nixvm.name; want = "nixvm-0.1.0"; }
     { what = "cargoLock"; got = baseNameOf (toString f.packages.x86_64-linux.nixvm.cargoLock.lockFile); want = "Cargo.lock"; }
-    { what = "modules"; got = builtins.attrNames f.nixosModules; want = [ "guest" "host" "microvm" ]; }
+    { what = "modules"; got = builtins.attrNames f.nixosModules; want = [ "guest" "host" "microvm" "vm" ]; }
     { what = "guest module uses the flake's nixvm"; got = lib.head g.config.nixvm.runner.argv; want = "${store "nixvm-0.1.0"}/bin/nixvm"; }
     { what = "lib.runner"; got = (f.lib.runner { kernel = "/k"; }).argv; want = [ "nixvm" "--kernel" "/k" "--cmdline" tail "--cpus" "1" "--memory" "512M" "--api-socket" "nixvm.sock" ]; }
   ];
