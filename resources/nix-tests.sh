@@ -295,47 +295,35 @@ if [ -f "$MODULE_TESTS" ]; then
   done
 fi
 
-# Against microvm.nix's real modules: MICROVM_NIX is a checkout of microvm-nix/microvm.nix
-# (never committed; CI has none, so these skip there).
-REAL_TESTS=$ROOT/nix/tests/microvm-real.nix
-mapfile -t real_tests < <(nix_raw "builtins.concatStringsSep \"\\n\" (import $(nstr "$REAL_TESTS") { names = true; })")
-for t in "${real_tests[@]}"; do
-  name=modules/$t
-  wants "$name" || continue
-  if [ -z "${NIXPKGS_LIB:-}" ] || [ -z "${MICROVM_NIX:-}" ]; then
-    skip "$name" "needs NIXPKGS_LIB and MICROVM_NIX (checkouts of nixpkgs.lib and microvm.nix)"
-    continue
-  fi
-  lib=$NIXPKGS_LIB
-  [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
-  expr="(import $(nstr "$REAL_TESTS") { lib = import $(nstr "$lib"); microvm = $(nstr "$MICROVM_NIX"); }).\"$t\""
-  if out=$(nix_json "$expr" 2>&1); then
-    if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
-  else
-    failed "$name" "$out"
-  fi
-done
-
-# Against nixpkgs' real build-vm.nix and qemu-vm.nix: NIXPKGS is a directory holding them at
-# their nixpkgs paths (a nixpkgs checkout, or the files alone; never committed).
-VM_TESTS=$ROOT/nix/tests/vm-real.nix
-mapfile -t vm_tests < <(nix_raw "builtins.concatStringsSep \"\\n\" (import $(nstr "$VM_TESTS") { names = true; })")
-for t in "${vm_tests[@]}"; do
-  name=modules/$t
-  wants "$name" || continue
-  if [ -z "${NIXPKGS_LIB:-}" ] || [ -z "${NIXPKGS:-}" ]; then
-    skip "$name" "needs NIXPKGS_LIB and NIXPKGS (nixpkgs.lib, and nixpkgs' nixos/modules/virtualisation/{build-vm,qemu-vm}.nix)"
-    continue
-  fi
-  lib=$NIXPKGS_LIB
-  [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
-  expr="(import $(nstr "$VM_TESTS") { lib = import $(nstr "$lib"); nixpkgs = $(nstr "$NIXPKGS"); }).\"$t\""
-  if out=$(nix_json "$expr" 2>&1); then
-    if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
-  else
-    failed "$name" "$out"
-  fi
-done
+# Tests against trees CI cannot download (never committed; without them they skip):
+#   real_tests FILE ARG VAR WHAT: the tests FILE names, each given `lib` and ARG = $VAR.
+real_tests() {
+  local file=$1 arg=$2 var=$3 what=$4 t name lib expr out tests
+  mapfile -t tests < <(nix_raw "builtins.concatStringsSep \"\\n\" (import $(nstr "$file") { names = true; })")
+  for t in "${tests[@]}"; do
+    name=modules/$t
+    wants "$name" || continue
+    if [ -z "${NIXPKGS_LIB:-}" ] || [ -z "${!var:-}" ]; then
+      skip "$name" "needs NIXPKGS_LIB and $var ($what)"
+      continue
+    fi
+    lib=$NIXPKGS_LIB
+    [ -e "$lib/lib/default.nix" ] && lib=$lib/lib
+    expr="(import $(nstr "$file") { lib = import $(nstr "$lib"); $arg = $(nstr "${!var}"); }).\"$t\""
+    if out=$(nix_json "$expr" 2>&1); then
+      if [ "$out" = true ]; then ok "$name"; else failed "$name" "$(nix_raw "$expr" 2>&1)"; fi
+    else
+      failed "$name" "$out"
+    fi
+  done
+}
+# microvm.nix's real modules: MICROVM_NIX is a checkout of microvm-nix/microvm.nix.
+real_tests "$ROOT/nix/tests/microvm-real.nix" microvm MICROVM_NIX \
+  "checkouts of nixpkgs.lib and microvm.nix"
+# nixpkgs' real build-vm.nix and qemu-vm.nix: NIXPKGS is a directory holding them at their
+# nixpkgs paths (a nixpkgs checkout, or the files alone).
+real_tests "$ROOT/nix/tests/vm-real.nix" nixpkgs NIXPKGS \
+  "nixpkgs.lib, and nixpkgs' nixos/modules/virtualisation/{build-vm,qemu-vm}.nix"
 
 echo "nix: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
