@@ -188,7 +188,7 @@ if ! fresh "$OUT/l1-initrd.gz" "$OUT/root/.stamp" "$OUT/busybox" "$SELF"; then
   add_modules "$tmp/mod" $L1_MODULES
   cat > "$tmp/init" <<'INIT'
 #!/bin/busybox sh
-# L1 init: load modules, chroot into the host's / and run the work dir's .l1cmd.
+# L1 init: load modules, make the host's / the root and run the work dir's .l1cmd.
 B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t devtmpfs dev /dev
@@ -208,7 +208,12 @@ $B mount -t tmpfs shm /host/dev/shm
 W=$($B sed -n 's/.*l1work=\([^ ]*\).*/\1/p' /proc/cmdline)
 $B mkdir -p "/host$W" 2>/dev/null
 $B mount -t 9p -o "$O" work "/host$W"
-$B chroot /host /bin/sh -c "cd '$W' && . ./.l1cmd"
+# The host's / becomes the root as switch_root makes it (moved onto /, then chrooted into):
+# a process merely chrooted into a directory may not create user namespaces, which passt's
+# sandbox needs. This shell keeps the initramfs as its root, so $B stays where it is.
+cd /host
+$B mount --move . /
+$B chroot . /bin/sh -c "cd '$W' && . ./.l1cmd"
 echo "L1RC=$?"
 $B sync
 $B poweroff -f

@@ -5,7 +5,7 @@
 # /dev/kvm, and exits with CMD's exit status (125 when L1 gave none).
 # For hosts whose /dev/kvm cannot boot Linux (e.g. nested PVM KVM): QEMU in TCG
 # mode emulates AMD SVM, and the L1 Debian kernel's kvm-amd gives L2 guests KVM.
-# L1 sees the host's / read-only (9p) and chroots into it, with tmpfs on /tmp
+# L1 sees the host's / read-only (9p) as its root (moved onto / as switch_root does), with tmpfs on /tmp
 # and /run; the current directory is shared read-write at the same path.
 # Assets (kernel, l1-initrd.gz) come from resources/assets.sh ASSET_DIR.
 set -euo pipefail

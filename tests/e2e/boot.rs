@@ -4,7 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::{
-    console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, storefs::*,
+    console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, passt::*, storefs::*,
 };
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
@@ -157,6 +157,21 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     } else {
         group(t, &NET_NAMES, "the network boot", || net_boot(g));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        for name in PASST_NAMES {
+            t.skip(name, "giving passt a routed network namespace needs root");
+        }
+    } else if !have_passt() {
+        for name in PASST_NAMES {
+            t.skip(
+                name,
+                "passt is not installed (resources/dev.sh installs it)",
+            );
+        }
+    } else {
+        group(t, &PASST_NAMES, "the passt boot", || passt_boot(g));
     }
     group(t, &STOREFS_NAMES, "the storefs boot", || storefs_boot(g));
     match crate::virtiofsd::find() {
