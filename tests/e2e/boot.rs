@@ -78,7 +78,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
                 let r = boot(&args);
                 (r, std::fs::read_to_string(&log).unwrap_or_default())
             },
-            |(r, console)| reset_before_init(r.code(), console),
+            |(r, console)| spontaneous_reset(r.code(), console, &r.stderr),
         );
         let r = Run {
             stdout: console,

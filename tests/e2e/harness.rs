@@ -288,16 +288,22 @@ pub(crate) fn boot_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
     retry_stalled(
         "boot",
         || nixvm(args, envs, BOOT_TIMEOUT),
-        |r| r.status.is_none() || reset_before_init(r.code(), &r.stdout),
+        |r| r.status.is_none() || spontaneous_reset(r.code(), &r.stdout, &r.stderr),
     )
 }
 
-/// The guest reset (exit 3) before its init ran: the nested-KVM route does that now and
-/// then in early boot, with QEMU as with nixvm; such a boot runs once more. (`console` is
-/// what the guest printed; a boot that did print the init line counts as it is.)
-pub(crate) fn reset_before_init(code: Option<i32>, console: &str) -> bool {
-    code == Some(3) && !console.is_empty() && !console.contains("NIXVM-TEST: init")
+/// The guest reset (exit 3) without asking for it: before its init ran, or by a triple fault
+/// (nixvm's warning on stderr). The nested-KVM route does that now and then, with QEMU as
+/// with nixvm; such a boot runs once more. (`console` is what the guest printed; a boot that
+/// printed the init line and no triple fault counts as it is.)
+pub(crate) fn spontaneous_reset(code: Option<i32>, console: &str, stderr: &str) -> bool {
+    code == Some(3)
+        && !console.is_empty()
+        && (!console.contains("NIXVM-TEST: init") || stderr.contains(TRIPLE_FAULT))
 }
+
+/// What nixvm says on stderr when the guest triple-faults (vmm/src/vcpu.rs).
+const TRIPLE_FAULT: &str = "triple-faulted";
 
 /// Runs `f`, and once more if `stalled` says its result is a stall.
 pub(crate) fn retry_stalled<T>(
@@ -310,7 +316,7 @@ pub(crate) fn retry_stalled<T>(
         return first;
     }
     println!(
-        "e2e: {what} stalled or reset before init (known hazards of the nested-KVM route); once more"
+        "e2e: {what} stalled or the guest reset without asking (known hazards of the nested-KVM route); once more"
     );
     f()
 }
@@ -487,9 +493,9 @@ impl Streaming {
         let how = if ended {
             let status = wait_timeout(&mut self.child, Duration::from_secs(5));
             let code = status.and_then(|s| s.code());
-            if reset_before_init(code, &self.seen) {
-                // The nested route's early-boot hazard: retried like a stall.
-                format!("{STALLED} (reset before init)")
+            if spontaneous_reset(code, &self.seen, &err) {
+                // The nested route's hazard: retried like a stall.
+                format!("{STALLED} (the guest reset without asking)")
             } else {
                 format!("before the output ended ({status:?})")
             }

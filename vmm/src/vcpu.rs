@@ -281,7 +281,8 @@ pub fn run(
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
-                log::info!("vcpu{id}: triple fault; resetting");
+                // At most once per boot: the reset ends this run of the guest.
+                log::warn!("vCPU {id}: the guest triple-faulted; resetting it");
                 exit.request_exit(Exit::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
