@@ -9,7 +9,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{self, COM1_IRQ, COM1_PORT, GED_GSI, RESET_PORT, SLEEP_CONTROL_PORT};
+use crate::layout::{
+    self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, RESET_PORT, SLEEP_CONTROL_PORT,
+};
 use vm_memory::GuestMemoryBackend;
 
 const OEM_ID: [u8; 6] = *b"NIXVM ";
@@ -142,6 +144,25 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
                     &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
                     &aml::IO::new(COM1_PORT, COM1_PORT, 0, 8),
                 ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    // The CMOS RTC, as QEMU's microvm describes it (PNP0B00): without it a hardware-reduced
+    // guest's rtc_cmos fails to probe (-EINVAL) and there is no /dev/rtc0. No interrupt: the
+    // clock raises none, and rtc_cmos then runs without alarms.
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::IO::new(
+                    CMOS_PORT,
+                    CMOS_PORT,
+                    1,
+                    u8::try_from(CMOS_PORTS).expect("two ports"),
+                )]),
             ),
         ],
     )
@@ -291,6 +312,9 @@ mod tests {
         assert!(sums_to_zero(&dsdt));
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(4).any(|w| w == b"COM1"));
+        // PNP0B00, EISA-compressed, with the CMOS ports.
+        assert!(dsdt.windows(4).any(|w| w == 0x000b_d041u32.to_le_bytes()));
+        assert!(dsdt.windows(4).any(|w| w == b"RTC_"));
         let madt = table(&m, entries[1]);
         assert_eq!(&madt[..4], b"APIC");
         assert!(sums_to_zero(&madt));

@@ -5,6 +5,7 @@
 //! 0x0000_6000  PVH start_info + tables  0x0002_0000  kernel command line
 //! 0x0000_7000  zero page (boot_params)  0x0009_fc00  EBDA start (end of low RAM)
 //! 0x0000_8ff0  boot stack               0x000e_0000  ACPI tables (RSDP first), reserved
+//!                                       0x000f_0000  SMBIOS entry point and tables, reserved
 //! 0x0010_0000  high RAM: kernel, initrd (placed as high as allowed), ...
 //! 0xc000_0000  32-bit MMIO gap up to 4 GiB: virtio-mmio devices from 0xd000_0000, IOAPIC,
 //!              LAPIC, KVM TSS/identity map
@@ -25,6 +26,10 @@ pub const CMDLINE_MAX_LEN: usize = 2047;
 pub const EBDA_START: u64 = 0x9_fc00;
 pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_END: u64 = 0xf_0000;
+/// The SMBIOS entry point (the start of the BIOS area a guest without firmware scans) and
+/// the structures after it, up to the reset vector.
+pub const SMBIOS_START: u64 = 0xf_0000;
+pub const SMBIOS_END: u64 = BIOS_RESET_VECTOR;
 /// Where a real-mode `ljmp $0xf000,$0xfff0` lands: Linux's last-resort "BIOS" reboot.
 pub const BIOS_RESET_VECTOR: u64 = 0xf_fff0;
 pub const HIGH_RAM_START: u64 = 0x10_0000;

@@ -121,6 +121,35 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
 
     t.run_retry("serial_socket_attach", || serial_socket(g));
 
+    // One boot: the SMBIOS tables, and the RTC the DSDT describes.
+    if [
+        "smbios_uuid_oem_strings_credentials",
+        "rtc_cmos_binds_dev_rtc0",
+    ]
+    .iter()
+    .any(|n| t.wants(n))
+    {
+        let r = machine_boot(g);
+        t.run("smbios_uuid_oem_strings_credentials", || smbios(&r));
+        t.run("rtc_cmos_binds_dev_rtc0", || {
+            // rtc_cmos reads the host's UTC time from the clock: the year shows it ran.
+            check!(
+                r.marker("rtc").is_some_and(|v| {
+                    // "rtc_cmos 00:01,2026-11-28,dev"
+                    let f: Vec<&str> = v.split(',').collect();
+                    f.len() == 3
+                        && f[0].starts_with("rtc_cmos")
+                        && f[1].starts_with("20")
+                        && f[2] == "dev"
+                }),
+                "the guest's /dev/rtc0: {:?}\n{}",
+                r.marker("rtc"),
+                r.describe()
+            );
+            Ok(())
+        });
+    }
+
     // Every way a guest reboots ends nixvm with status 3: the i8042 reset line, the ACPI
     // reset register, a triple fault (Linux's default path ends at the BIOS reset vector).
     for (method, cause) in [
@@ -250,4 +279,72 @@ pub(crate) fn nix_runner_test(t: &mut Runner) {
         Ok(Some(why)) => t.skip(NAME, why.trim()),
         r => t.run(NAME, || r.map(drop)),
     }
+}
+
+/// A boot that reports what the guest finds of the machine: SMBIOS and the RTC.
+fn machine_boot(g: &Guest) -> Run {
+    let secret = temp_dir().join("smbios-secret");
+    std::fs::write(&secret, "from a file\n").unwrap();
+    let script = script_disk(
+        "smbios-script.img",
+        r#"
+d=/sys/class/dmi/id
+echo "NIXVM-TEST: dmi=$(cat $d/sys_vendor),$(cat $d/product_name),$(cat $d/bios_vendor),$(cat $d/product_uuid)"
+for e in /sys/firmware/dmi/entries/11-*; do
+  tail -c +6 "$e/raw" | tr '\0' '\n' | while read -r l; do
+    [ -n "$l" ] && echo "NIXVM-TEST: oem=$l"
+  done
+done
+echo "NIXVM-TEST: secret=$(tail -c +6 /sys/firmware/dmi/entries/11-0/raw | tr '\0' '\n' | grep '^io.systemd.credential.binary:secret=' | cut -d= -f2- | base64 -d)"
+echo "NIXVM-TEST: rtc=$(cat /sys/class/rtc/rtc0/name),$(cat /sys/class/rtc/rtc0/date),$(test -c /dev/rtc0 && echo dev)"
+"#,
+    );
+    let cl = cmdline("script");
+    let d = format!("path={},readonly=on", script.display());
+    let cred = format!("secret=@{}", secret.display());
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend([
+        "--disk",
+        &d,
+        "--uuid",
+        "6FA459EA-EE8A-3CA4-894E-DB77E160355E",
+        "--smbios-oem-string",
+        "first string",
+        "--credential",
+        "greeting=hello world",
+        "--credential",
+        &cred,
+    ]);
+    boot(&args)
+}
+
+/// The SMBIOS tables as the guest's kernel reads them: vendor and product, the --uuid, the
+/// OEM strings in order, a --credential from a file decoding to the file's bytes.
+fn smbios(r: &Run) -> TestResult {
+    check!(
+        r.marker("dmi") == Some("nixvm,nixvm,nixvm,6fa459ea-ee8a-3ca4-894e-db77e160355e"),
+        "vendor, product, BIOS vendor, UUID: {:?}\n{}",
+        r.marker("dmi"),
+        r.describe()
+    );
+    let oem: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("NIXVM-TEST: oem="))
+        .collect();
+    check!(
+        oem == [
+            "first string",
+            "io.systemd.credential.binary:greeting=aGVsbG8gd29ybGQ=",
+            "io.systemd.credential.binary:secret=ZnJvbSBhIGZpbGUK",
+        ],
+        "OEM strings {oem:?}\n{}",
+        r.describe()
+    );
+    check!(
+        r.marker("secret") == Some("from a file"),
+        "the credential from a file: {:?}",
+        r.marker("secret")
+    );
+    Ok(())
 }

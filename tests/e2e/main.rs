@@ -148,6 +148,8 @@ fn main() {
         "serial_file",
         "panic_reboots_exits_3_config_file",
         "serial_socket_attach",
+        "smbios_uuid_oem_strings_credentials",
+        "rtc_cmos_binds_dev_rtc0",
         "reboot_method_k_exits_3",
         "reboot_method_a_exits_3",
         "reboot_method_t_exits_3",

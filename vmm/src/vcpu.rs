@@ -282,7 +282,7 @@ pub fn run(
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 // At most once per boot: the reset ends this run of the guest.
-                log::warn!("vCPU {id}: the guest triple-faulted; resetting it");
+                log::warn!("vCPU {id}: triple fault in the guest; resetting it");
                 exit.request_exit(Exit::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {

@@ -16,7 +16,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use nixvm_boot::{acpi, cpu, kernel, layout, params};
+use nixvm_boot::{acpi, cpu, kernel, layout, params, smbios};
 use nixvm_devices::serial::{ConsoleOut, SocketConsole};
 use nixvm_devices::virtio::GuestMemoryMmap;
 use vm_memory::{
@@ -72,6 +72,8 @@ pub enum Error {
     Params(#[from] params::Error),
     #[error(transparent)]
     Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    Smbios(#[from] smbios::Error),
     #[error(transparent)]
     Cpu(#[from] cpu::Error),
     #[error(transparent)]
@@ -272,6 +274,7 @@ fn load_guest(
             device_aml: device_aml.to_vec(),
         },
     )?;
+    smbios::write_smbios_tables(mem, &config.smbios())?;
     let boot_info = params::BootInfo {
         cmdline,
         initrd,

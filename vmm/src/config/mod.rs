@@ -122,6 +122,24 @@ pub enum Error {
     ApiSocketDir(PathBuf),
     #[error("the directory of serial {kind} {path} does not exist")]
     SerialDir { kind: &'static str, path: PathBuf },
+    #[error("--uuid {0:?} is not a UUID (like 12345678-9abc-def0-1234-56789abcdef0)")]
+    Uuid(String),
+    #[error("--smbios-oem-string {0:?} must not be empty or hold a NUL byte")]
+    OemString(String),
+    #[error("--credential {0:?} is not NAME=VALUE or NAME=@FILE with a file name as NAME")]
+    Credential(String),
+    #[error("cannot read the file of credential {name}: {path}")]
+    CredentialFile {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the credentials and OEM strings take {0} bytes, more than the SMBIOS tables hold ({room} bytes): pass large secrets another way (a virtio-fs share)",
+        room = nixvm_boot::smbios::OEM_STRINGS_ROOM
+    )]
+    SmbiosTooLarge(usize),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -192,6 +210,18 @@ pub struct Settings {
     /// [default: on].
     #[arg(long, value_name = "on|log|off")]
     pub seccomp: Option<Mode>,
+    /// The system UUID the guest sees (SMBIOS type 1: /sys/class/dmi/id/product_uuid)
+    /// [default: none, all zeros].
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// An SMBIOS OEM string (type 11) for the guest; repeatable.
+    #[arg(long = "smbios-oem-string", value_name = "STR")]
+    pub oem_strings: Option<Vec<String>>,
+    /// A systemd credential for the guest, NAME=VALUE or NAME=@FILE (the file's bytes): an
+    /// SMBIOS OEM string `io.systemd.credential.binary:NAME=<base64>`, which the guest's
+    /// systemd puts in /run/credentials/@system/NAME. Repeatable.
+    #[arg(long = "credential", value_name = "NAME=VALUE|NAME=@FILE")]
+    pub credentials: Option<Vec<String>>,
 }
 
 fn parse_switch_arg(v: &str) -> std::result::Result<bool, String> {
@@ -250,6 +280,17 @@ pub struct VmConfig {
     pub shutdown_timeout: u64,
     pub on_reboot: OnReboot,
     pub seccomp: Mode,
+    /// The SMBIOS system UUID, canonical form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// SMBIOS type 11 strings: the --smbios-oem-string ones, then the credentials. Not
+    /// shown by `--dry-run` or `ctl info` (they may be secrets): only their number.
+    #[serde(serialize_with = "count_only")]
+    pub oem_strings: Vec<String>,
+}
+
+fn count_only<S: serde::Serializer>(v: &[String], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(v.len() as u64)
 }
 
 impl VmConfig {
@@ -372,6 +413,29 @@ impl VmConfig {
         if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
+        let uuid = match &file.uuid {
+            Some(u) => Some(
+                uuid::Uuid::try_parse(u)
+                    .map_err(|_| Error::Uuid(u.clone()))?
+                    .hyphenated()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let mut oem_strings = file.oem_strings.unwrap_or_default();
+        if let Some(bad) = oem_strings
+            .iter()
+            .find(|s| s.is_empty() || s.contains('\0'))
+        {
+            return Err(Error::OemString(bad.clone()));
+        }
+        for c in file.credentials.unwrap_or_default() {
+            oem_strings.push(credential(&c)?);
+        }
+        let smbios: usize = oem_strings.iter().map(|s| s.len() + 1).sum();
+        if smbios > nixvm_boot::smbios::OEM_STRINGS_ROOM {
+            return Err(Error::SmbiosTooLarge(smbios));
+        }
         Ok(VmConfig {
             kernel,
             kernel_format: format.to_string(),
@@ -389,8 +453,46 @@ impl VmConfig {
             shutdown_timeout,
             on_reboot: file.on_reboot.unwrap_or_default(),
             seccomp: file.seccomp.unwrap_or(Mode::On),
+            uuid,
+            oem_strings,
         })
     }
+
+    /// What the SMBIOS tables say about this VM.
+    pub fn smbios(&self) -> nixvm_boot::smbios::SmbiosConfig {
+        nixvm_boot::smbios::SmbiosConfig {
+            uuid: self
+                .uuid
+                .as_deref()
+                .and_then(|u| uuid::Uuid::try_parse(u).ok())
+                .map_or([0; 16], |u| u.to_bytes_le()),
+            oem_strings: self.oem_strings.clone(),
+        }
+    }
+}
+
+/// A `--credential NAME=VALUE|NAME=@FILE` as its OEM string. NAME is what systemd accepts as a
+/// credential name: a file name (not empty, `.` or `..`, no `/`, at most 255 bytes).
+fn credential(spec: &str) -> Result<String> {
+    let bad = || Error::Credential(spec.to_owned());
+    let (name, value) = spec.split_once('=').ok_or_else(bad)?;
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.len() > 255
+        || name.contains(['/', '\0'])
+    {
+        return Err(bad());
+    }
+    let bytes = match value.strip_prefix('@') {
+        Some(path) => std::fs::read(path).map_err(|source| Error::CredentialFile {
+            name: name.to_owned(),
+            path: path.into(),
+            source,
+        })?,
+        None => value.as_bytes().to_vec(),
+    };
+    Ok(nixvm_boot::smbios::credential_string(name, &bytes))
 }
 
 /// A disk image exists, opens with the access it needs, and holds whole sectors. Its lock is

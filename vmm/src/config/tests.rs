@@ -480,3 +480,94 @@ fn seccomp_mode_from_flag_and_file() {
     assert_eq!(file.seccomp, Some(Mode::Off));
     assert!(serde_json::from_str::<Settings>(r#"{"seccomp": "maybe"}"#).is_err());
 }
+
+#[test]
+fn smbios_uuid_oem_strings_and_credentials() {
+    let k = fake_bzimage();
+    let secret = std::env::temp_dir().join(format!("nixvm-cfg-{}-cred", std::process::id()));
+    std::fs::write(&secret, b"\x00\xffkey\n").unwrap();
+    let file_cred = format!("tls.key=@{}", secret.display());
+    let v = VmConfig::validate(
+        Settings {
+            kernel: Some(k.clone()),
+            uuid: Some("4C4C4544-0000-1000-8000-00000000ABCD".into()),
+            oem_strings: Some(vec!["hello".into()]),
+            credentials: Some(vec!["a=b=c".into(), file_cred, "empty=".into()]),
+            ..Default::default()
+        },
+        1 << 40,
+    )
+    .unwrap();
+    assert_eq!(
+        v.uuid.as_deref(),
+        Some("4c4c4544-0000-1000-8000-00000000abcd")
+    );
+    assert_eq!(
+        v.oem_strings,
+        [
+            "hello",
+            "io.systemd.credential.binary:a=Yj1j",
+            "io.systemd.credential.binary:tls.key=AP9rZXkK",
+            "io.systemd.credential.binary:empty=",
+        ]
+    );
+    let s = v.smbios();
+    // SMBIOS order: the first three fields little-endian.
+    assert_eq!(s.uuid[..4], [0x44, 0x45, 0x4c, 0x4c]);
+    assert_eq!(s.uuid[15], 0xcd);
+    // The strings are not printed, only counted.
+    let shown = serde_json::to_value(&v).unwrap();
+    assert_eq!(shown["oem_strings"], 4);
+    assert_eq!(
+        VmConfig::validate(
+            Settings {
+                kernel: Some(k.clone()),
+                ..Default::default()
+            },
+            1 << 40
+        )
+        .unwrap()
+        .smbios()
+        .uuid,
+        [0; 16]
+    );
+    let with = |f: &dyn Fn(&mut Settings)| {
+        let mut c = Settings {
+            kernel: Some(k.clone()),
+            ..Default::default()
+        };
+        f(&mut c);
+        VmConfig::validate(c, 1 << 40)
+    };
+    for bad in ["", "1234", "4c4c4544-0000-1000-8000-00000000abcdx"] {
+        assert!(
+            matches!(with(&|c| c.uuid = Some(bad.into())), Err(Error::Uuid(_))),
+            "{bad:?}"
+        );
+    }
+    for bad in ["", "a\0b"] {
+        assert!(matches!(
+            with(&|c| c.oem_strings = Some(vec![bad.into()])),
+            Err(Error::OemString(_))
+        ));
+    }
+    for bad in ["novalue", "=v", "a/b=v", ".=v", "..=v"] {
+        assert!(
+            matches!(
+                with(&|c| c.credentials = Some(vec![bad.into()])),
+                Err(Error::Credential(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        with(&|c| c.credentials = Some(vec!["x=@/nonexistent/file".into()])),
+        Err(Error::CredentialFile { .. })
+    ));
+    let big = format!("big={}", "x".repeat(60_000));
+    assert!(matches!(
+        with(&|c| c.credentials = Some(vec![big.clone()])),
+        Err(Error::SmbiosTooLarge(_))
+    ));
+    std::fs::remove_file(&secret).unwrap();
+}
