@@ -34,7 +34,7 @@ enum {
 };
 enum { S_ACK = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8, S_NEEDS_RESET = 0x40 };
 enum { F_NEXT = 1, F_WRITE = 2 };
-enum { ID_NET = 1, ID_BLK = 2, ID_RNG = 4, ID_FS = 26 };
+enum { ID_NET = 1, ID_BLK = 2, ID_RNG = 4, ID_VSOCK = 19, ID_FS = 26 };
 enum { QSIZE = 8, PAGE = 4096, NPAGES = 96 };
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
@@ -521,6 +521,7 @@ int main(int argc, char **argv)
 		case ID_BLK: d.name = "blk"; break;
 		case ID_RNG: d.name = "rng"; break;
 		case ID_FS: d.name = "fs"; break;
+		case ID_VSOCK: d.name = "vsock"; break;
 		default: d.name = "dev"; break;
 		}
 		d.n = per_kind[d.id % 32]++;

@@ -3,14 +3,16 @@
 //! virtio-rng, virtio-blk (a scratch image), virtio-net (a socketpair as the TAP, with
 //! frames arriving from the "host") and the virtio-fs frontend (a scripted vhost-user back
 //! end that answers the frontend and hangs up after as many messages as the input says, so
-//! that nixvm's own EIO fallback serves the guest's rings). nixvm must not panic, hang or
+//! that nixvm's own EIO fallback serves the guest's rings) and virtio-vsock (host programs
+//! connecting to its socket and writing what the input says, a host socket the guest can
+//! connect to). nixvm must not panic, hang or
 //! allocate without bound; the devices' worker threads are stopped (joined) at the end of
 //! every input, so a worker spinning on a bad queue shows as a timeout.
 #![no_main]
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use nixvm_devices::virtio::fs::{FsOptions, VhostUserFs};
 use nixvm_devices::virtio::mmio::MmioTransport;
 use nixvm_devices::virtio::net::{Net, Tap};
 use nixvm_devices::virtio::rng::Rng;
+use nixvm_devices::virtio::vsock::{HostSide, Vsock};
 use nixvm_devices::virtio::{Memory, VirtioDevice, test_utils::memory};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -111,12 +114,30 @@ fn scripted_backend(listener: UnixListener, messages: u8) {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let kind = input.u8() % 4;
+    let kind = input.u8() % 5;
     let mem = Memory::new(if kind == 3 { shared_memory() } else { memory(MEM) });
     let mut host_end = None;
     let mut backend = None;
+    let mut vsock_dir = None;
+    let mut clients: Vec<UnixStream> = Vec::new();
+    let mut port5 = None;
     let device: Box<dyn VirtioDevice> = match kind {
         0 => Box::new(Rng::default()),
+        4 => {
+            let dir = std::env::temp_dir().join(format!("nixvm-fuzz-vsock-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let listener = UnixListener::bind(dir.join("v.sock")).unwrap();
+            // A host port the guest can reach (nobody accepts: the backlog holds them).
+            port5 = UnixListener::bind(dir.join("v.sock_5")).ok();
+            let host = HostSide {
+                listener: Some(listener),
+                path: Some(dir.join("v.sock")),
+                notify: None,
+            };
+            vsock_dir = Some(dir);
+            Box::new(Vsock::new(3, host).unwrap())
+        }
         3 => {
             let sock = std::env::temp_dir().join(format!("nixvm-fuzz-{}.sock", std::process::id()));
             let _ = std::fs::remove_file(&sock);
@@ -194,6 +215,18 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(h) = host_end.as_mut() {
                     let _ = h.write(&frame);
                 }
+                // vsock: a new host client (up to 8) or more bytes from the last one.
+                if let Some(dir) = &vsock_dir {
+                    if clients.len() < 8 && frame.first().is_some_and(|b| b & 1 == 0) {
+                        if let Ok(c) = UnixStream::connect(dir.join("v.sock")) {
+                            let _ = c.set_nonblocking(true);
+                            clients.push(c);
+                        }
+                    }
+                    if let Some(c) = clients.last_mut() {
+                        let _ = c.write(&frame);
+                    }
+                }
             }
         }
     }
@@ -201,8 +234,13 @@ fuzz_target!(|data: &[u8]| {
     t.write(0x70, &0u32.to_le_bytes());
     // Dropping the device hangs up on the back end, which then ends.
     drop(t);
+    drop(clients);
+    drop(port5);
     if let Some(b) = backend {
         b.join().unwrap();
+    }
+    if let Some(dir) = vsock_dir {
+        let _ = std::fs::remove_dir_all(dir);
     }
 });
 

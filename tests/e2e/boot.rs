@@ -4,7 +4,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::{
-    console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, passt::*, storefs::*,
+    console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, passt::*,
+    storefs::*, vsock::*,
 };
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
@@ -212,8 +213,19 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     }
 
+    if VSOCK_NAMES.iter().any(|n| t.wants(n)) {
+        match build_static("vsock-io") {
+            Ok(bin) => group(t, &VSOCK_NAMES, "the vsock boot", || vsock_boot(g, &bin)),
+            Err(why) => {
+                for name in VSOCK_NAMES {
+                    t.skip(name, &why);
+                }
+            }
+        }
+    }
+
     if HOSTILE_NAMES.iter().any(|n| t.wants(n)) {
-        match build_hostile() {
+        match build_static("hostile-guest") {
             Ok(bin) => group(t, &HOSTILE_NAMES, "the hostile guest boot", || {
                 hostile_boot(g, &bin)
             }),

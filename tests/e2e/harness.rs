@@ -589,3 +589,40 @@ pub(crate) fn guest() -> Guest {
         initrd: s("initramfs.cpio.gz"),
     }
 }
+
+/// Builds `resources/NAME.c` as a static binary for the test guest; Err (with why) without a
+/// C compiler.
+pub(crate) fn build_static(name: &str) -> Result<PathBuf, String> {
+    let out = temp_dir().join(name);
+    let src = root().join(format!("resources/{name}.c"));
+    let r = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("no C compiler (cc: {e}; Debian packages gcc libc6-dev)"))?;
+    if !r.status.success() {
+        return Err(format!(
+            "cc -static failed (Debian packages gcc libc6-dev): {}",
+            String::from_utf8_lossy(&r.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// A read-only disk holding an executable, and the script line that copies it to
+/// /tmp/NAME in the guest (`disk` is the guest's device, e.g. vdb).
+pub(crate) fn exe_disk(bin: &Path, disk: &str) -> Result<(PathBuf, String), String> {
+    let exe = std::fs::read(bin).map_err(|e| e.to_string())?;
+    let name = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("exe")
+        .to_owned();
+    let size = exe.len();
+    let img = disk_image(&format!("{name}-exe.img"), size.div_ceil(512) * 512, |i| {
+        exe.get(i).copied().unwrap_or(0)
+    });
+    let line = format!("head -c {size} /dev/{disk} > /tmp/{name} && chmod +x /tmp/{name}");
+    Ok((img, line))
+}

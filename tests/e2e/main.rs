@@ -45,9 +45,11 @@ mod storefs;
 mod usage;
 #[path = "../support/virtiofsd.rs"]
 mod virtiofsd;
+mod vsock;
 
 use crate::{
     boot::*, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*, storefs::*, usage::*,
+    vsock::*,
 };
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
@@ -103,6 +105,10 @@ fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
 }
 
 fn main() {
+    // A test runner started by a Type=notify unit must not hand its readiness socket to the
+    // VMs it boots (nixvm would relay their guests' readiness there).
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::remove_var("NOTIFY_SOCKET") };
     // libtest-style arguments: take the first non-flag as a name filter.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     if std::env::var_os(INSIDE).is_some() {
@@ -170,6 +176,7 @@ fn main() {
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)
         .chain(HOSTILE_NAMES)
+        .chain(VSOCK_NAMES)
         .chain(PASST_NAMES)
         .collect();
     match route.as_str() {

@@ -10,7 +10,7 @@ use nixvm_devices::bus::BusDevice;
 use nixvm_devices::serial::{ConsoleOut, InputDrained, SerialDevice, SerialIrq};
 use nixvm_devices::virtio::block::{self, Block, Disk};
 use nixvm_devices::virtio::mmio::MmioTransport;
-use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng};
+use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng, vsock};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
 use nixvm_storefs::daemon as storefs;
 use vm_memory::GuestMemoryAtomic;
@@ -40,6 +40,12 @@ pub enum Error {
     Fs(#[from] fs::Error),
     #[error(transparent)]
     Storefs(#[from] storefs::Error),
+    #[error("cannot set up the vsock device (CID {cid})")]
+    Vsock {
+        cid: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
@@ -87,13 +93,14 @@ impl Devices {
         config: &VmConfig,
         exit: &Arc<ExitState>,
         console_out: ConsoleOut,
+        vsock_listener: Option<&crate::unix::Listener>,
     ) -> Result<Devices> {
         let (serial, serial_drained) = create_serial(vm, console_out)?;
         let mut buses = Buses::default();
         add_legacy_devices(&mut buses, exit, serial.clone());
         let mut backends = Vec::new();
         let (aml, cmdline, transports) =
-            add_virtio_devices(vm, &mut buses, mem, config, &mut backends)?;
+            add_virtio_devices(vm, &mut buses, mem, config, &mut backends, vsock_listener)?;
         Ok(Devices {
             buses,
             serial,
@@ -158,6 +165,7 @@ fn add_virtio_devices(
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     config: &VmConfig,
     backends: &mut Vec<storefs::Process>,
+    vsock_listener: Option<&crate::unix::Listener>,
 ) -> Result<(Vec<u8>, String, Vec<Transport>)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut transports = Vec::new();
@@ -203,6 +211,22 @@ fn add_virtio_devices(
     }
     if config.rng {
         devices.push(Box::new(Rng::default()));
+    }
+    if let Some(v) = &config.vsock {
+        let io = |source| Error::Vsock { cid: v.cid, source };
+        let notify = match &config.notify_socket {
+            Some(target) => Some(vsock::Notify::new(target.clone()).map_err(io)?),
+            None => None,
+        };
+        let host = vsock::HostSide {
+            listener: match vsock_listener {
+                Some(l) => Some(l.listener.try_clone().map_err(io)?),
+                None => None,
+            },
+            path: v.socket.clone(),
+            notify,
+        };
+        devices.push(Box::new(vsock::Vsock::new(v.cid, host).map_err(io)?));
     }
     let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
     let mut aml = Vec::new();

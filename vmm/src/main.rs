@@ -194,10 +194,12 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         Some(path) => Settings::load(path)?,
         None => Settings::default(),
     };
-    Ok(VmConfig::validate(
-        file.merge(cli.settings.clone()),
-        config::host_memory(),
-    )?)
+    let mut settings = file.merge(cli.settings.clone());
+    // Run as a Type=notify unit: the guest's readiness is the unit's.
+    if settings.notify_socket.is_none() {
+        settings.notify_socket = std::env::var("NOTIFY_SOCKET").ok();
+    }
+    Ok(VmConfig::validate(settings, config::host_memory())?)
 }
 
 fn run(cli: Cli) -> Result<u8, Error> {

@@ -4,7 +4,8 @@
 //!
 //! Three kinds of thread, and since a thread keeps the filter of the one that started it,
 //! each list builds on the one below:
-//! - device threads (`WORKER`): their queues' eventfds, the disk image, the TAP;
+//! - device threads (`WORKER`): their queues' eventfds, the disk image, the TAP, vsock's
+//!   UNIX sockets;
 //! - vCPU threads (+ `VCPU`): KVM_RUN, and what the devices do inline on an MMIO write:
 //!   activation starts device threads and connects to vhost-user back ends;
 //! - the main thread (+ `VMM`): the event loop, the control socket, the console, signals,
@@ -96,8 +97,20 @@ const WORKER: &[Allow] = &[
     any(libc::SYS_lseek),
     any(libc::SYS_recvmsg),
     any(libc::SYS_sendmsg),
-    // The vhost-user deadline cuts off a back end that stopped answering.
+    // The vhost-user deadline cuts off a back end that stopped answering; vsock half-closes.
     any(libc::SYS_shutdown),
+    // vsock: its connections in an epoll set, host clients accepted, host sockets
+    // connected, sd_notify datagrams sent.
+    any(libc::SYS_epoll_create1),
+    any(libc::SYS_epoll_ctl),
+    any(libc::SYS_epoll_wait),
+    any(libc::SYS_epoll_pwait),
+    any(libc::SYS_accept4),
+    when(libc::SYS_socket, &[eq(0, libc::AF_UNIX as u64)]),
+    any(libc::SYS_connect),
+    any(libc::SYS_sendto),
+    any(libc::SYS_recvfrom),
+    when(libc::SYS_ioctl, FIONBIO),
 ];
 
 /// vCPU threads: KVM_RUN; device activation (threads, vhost-user connections, TAP offloads).
@@ -107,26 +120,18 @@ const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, TUNSETVNETHDRSZ),
     any(libc::SYS_clone3),
     when(libc::SYS_clone, THREADS_ONLY),
-    when(libc::SYS_socket, &[eq(0, libc::AF_UNIX as u64)]),
-    any(libc::SYS_connect),
-    any(libc::SYS_sendto),
-    any(libc::SYS_recvfrom),
+    // UNIX sockets for vhost-user connections: in WORKER, which vCPU threads have too.
 ];
 
 /// The main thread: event loop, control socket, console, signals, reboot in place, teardown.
 const VMM: &[Allow] = &[
-    any(libc::SYS_epoll_create1),
-    any(libc::SYS_epoll_ctl),
-    any(libc::SYS_epoll_wait),
-    any(libc::SYS_epoll_pwait),
+    // (epoll, accept4, shutdown and FIONBIO are in WORKER, which the main thread has too.)
     // The power button's deadline (--shutdown-timeout).
     any(libc::SYS_timerfd_create),
     any(libc::SYS_timerfd_settime),
     any(libc::SYS_timerfd_gettime),
-    any(libc::SYS_accept4),
     any(libc::SYS_setsockopt),
     any(libc::SYS_getsockopt),
-    any(libc::SYS_shutdown),
     any(libc::SYS_unlink),
     any(libc::SYS_unlinkat),
     any(libc::SYS_rt_sigaction),
@@ -136,7 +141,6 @@ const VMM: &[Allow] = &[
     when(libc::SYS_ioctl, TCGETS),
     when(libc::SYS_ioctl, TCSETS),
     when(libc::SYS_ioctl, TIOCGWINSZ),
-    when(libc::SYS_ioctl, FIONBIO),
     when(libc::SYS_ioctl, KVM_SET_REGS),
     when(libc::SYS_ioctl, KVM_GET_SREGS),
     when(libc::SYS_ioctl, KVM_SET_SREGS),

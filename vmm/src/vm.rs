@@ -88,6 +88,8 @@ pub enum Error {
     SerialSocket(#[source] unix::Error),
     #[error("control socket")]
     ApiSocket(#[source] unix::Error),
+    #[error("vsock socket")]
+    VsockSocket(#[source] unix::Error),
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
     #[error("cannot create an eventfd")]
@@ -114,7 +116,9 @@ impl Error {
             | Error::SerialFile { .. } => true,
             Error::Devices(e) => e.is_usage(),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
-            Error::SerialSocket(e) | Error::ApiSocket(e) => !matches!(e, unix::Error::Bind { .. }),
+            Error::SerialSocket(e) | Error::ApiSocket(e) | Error::VsockSocket(e) => {
+                !matches!(e, unix::Error::Bind { .. })
+            }
             _ => false,
         }
     }
@@ -240,6 +244,8 @@ pub struct Vm {
     /// `nixvm storefs` processes serving `path=` shares: stopped after everything else.
     _backends: Vec<storefs::Process>,
     filters: Arc<seccomp::Filters>,
+    /// The vsock device's socket file, removed at the end.
+    _vsock_listener: Option<Listener>,
 }
 
 /// The machine as it was before the guest first ran.
@@ -333,6 +339,10 @@ impl Vm {
             Some(path) => Some(Listener::bind(path).map_err(Error::ApiSocket)?),
             None => None,
         };
+        let vsock_listener = match config.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
+            Some(path) => Some(Listener::bind(path).map_err(Error::VsockSocket)?),
+            None => None,
+        };
         let kvm = open_kvm()?;
         let max = kvm.get_max_vcpus();
         if usize::from(config.cpus) > max {
@@ -369,7 +379,14 @@ impl Vm {
             aml: device_aml,
             cmdline,
             backends,
-        } = Devices::create(&vm, &mem, config, &exit, console_out)?;
+        } = Devices::create(
+            &vm,
+            &mem,
+            config,
+            &exit,
+            console_out,
+            vsock_listener.as_ref(),
+        )?;
         let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm.register_irqfd(&power_button, layout::GED_GSI)
             .map_err(kvm_err("connect the power button"))?;
@@ -455,6 +472,7 @@ impl Vm {
             mem,
             _backends: backends,
             filters,
+            _vsock_listener: vsock_listener,
         })
     }
 

@@ -23,6 +23,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 /// Guest memory as the devices see it (the same type as nixvm-boot's).

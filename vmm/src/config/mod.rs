@@ -75,7 +75,7 @@ pub enum Error {
     #[error("disk serial {0:?} is longer than {SERIAL_MAX} bytes")]
     DiskSerial(String),
     #[error(
-        "{0} virtio devices (disks, network interfaces, shares, rng) are more than nixvm can attach (at most {MAX_DEVICES})"
+        "{0} virtio devices (disks, network interfaces, shares, rng, vsock) are more than nixvm can attach (at most {MAX_DEVICES})"
     )]
     TooManyDevices(usize),
     #[error("TAP name {0:?} is not a valid interface name (1 to {IFNAME_MAX} bytes, no '/')")]
@@ -135,6 +135,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--vsock cid={0}: a guest's CID must be from 3 to 4294967294")]
+    VsockCid(u64),
+    #[error("the directory of vsock socket {0} does not exist")]
+    VsockDir(PathBuf),
     #[error(
         "the credentials and OEM strings take {0} bytes, more than the SMBIOS tables hold ({room} bytes): pass large secrets another way (a virtio-fs share)",
         room = nixvm_boot::smbios::OEM_STRINGS_ROOM
@@ -222,6 +226,15 @@ pub struct Settings {
     /// systemd puts in /run/credentials/@system/NAME. Repeatable.
     #[arg(long = "credential", value_name = "NAME=VALUE|NAME=@FILE")]
     pub credentials: Option<Vec<String>>,
+    /// A virtio-vsock device, cid=N[,socket=PATH]: the guest's CID (3 or more); host programs
+    /// connect to the UNIX socket PATH and write `CONNECT <port>\n` to reach guest port
+    /// <port>; the guest's connections to host port P reach the UNIX socket PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<VsockConfig>,
+    /// Relay the guest's systemd readiness (READY=1, STATUS=, STOPPING=1) to this sd_notify
+    /// socket (a path, or @name for an abstract one) [default: $NOTIFY_SOCKET].
+    #[arg(long, value_name = "PATH")]
+    pub notify_socket: Option<String>,
 }
 
 fn parse_switch_arg(v: &str) -> std::result::Result<bool, String> {
@@ -287,6 +300,11 @@ pub struct VmConfig {
     /// shown by `--dry-run` or `ctl info` (they may be secrets): only their number.
     #[serde(serialize_with = "count_only")]
     pub oem_strings: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// Where the guest's readiness goes (the vsock device relays it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify_socket: Option<String>,
 }
 
 fn count_only<S: serde::Serializer>(v: &[String], s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -409,7 +427,25 @@ impl VmConfig {
         let shared = file.memory.and_then(|m| m.shared).or(file.shared_memory);
         let shared_memory = shared.unwrap_or(false) || !fs.is_empty();
         let rng = file.rng.unwrap_or(true);
-        let devices = disks.len() + nets.len() + fs.len() + usize::from(rng);
+        let notify_socket = file.notify_socket.filter(|s| !s.is_empty());
+        let mut vsock = file.vsock;
+        if let Some(v) = &vsock {
+            // 0-2 are the hypervisor, local and host; u32::MAX is "any".
+            if !(3..u64::from(u32::MAX)).contains(&v.cid) {
+                return Err(Error::VsockCid(v.cid));
+            }
+            if let Some(p) = v.socket.as_ref().filter(|p| !parent_dir_exists(p)) {
+                return Err(Error::VsockDir(p.clone()));
+            }
+        }
+        if notify_socket.is_some() {
+            vsock.get_or_insert(VsockConfig {
+                cid: VsockConfig::DEFAULT_CID,
+                socket: None,
+            });
+        }
+        let devices =
+            disks.len() + nets.len() + fs.len() + usize::from(rng) + usize::from(vsock.is_some());
         if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
@@ -431,6 +467,13 @@ impl VmConfig {
         }
         for c in file.credentials.unwrap_or_default() {
             oem_strings.push(credential(&c)?);
+        }
+        if notify_socket.is_some() {
+            // systemd (v254+) reads where to send its notifications from this credential.
+            oem_strings.push(format!(
+                "io.systemd.credential:vmm.notify_socket=vsock-stream:2:{}",
+                nixvm_devices::virtio::vsock::NOTIFY_PORT
+            ));
         }
         let smbios: usize = oem_strings.iter().map(|s| s.len() + 1).sum();
         if smbios > nixvm_boot::smbios::OEM_STRINGS_ROOM {
@@ -455,6 +498,8 @@ impl VmConfig {
             seccomp: file.seccomp.unwrap_or(Mode::On),
             uuid,
             oem_strings,
+            vsock,
+            notify_socket,
         })
     }
 

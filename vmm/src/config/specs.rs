@@ -551,3 +551,43 @@ impl FromStr for FsConfig {
         Ok(f)
     }
 }
+
+/// `--vsock cid=N[,socket=PATH]`: the virtio-vsock device with guest CID N; host programs
+/// connect to PATH (`CONNECT <port>\n`) and the guest's connections to host port P reach
+/// `PATH_P`. In JSON an object with the same names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub cid: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+impl VsockConfig {
+    pub const SYNTAX: &'static str = "cid=N[,socket=PATH]";
+    /// The CID a VM gets when only readiness needs the device (`--notify-socket`).
+    pub const DEFAULT_CID: u64 = 3;
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid vsock device {0:?}: use {syntax}", syntax = VsockConfig::SYNTAX)]
+pub struct VsockError(String);
+
+impl FromStr for VsockConfig {
+    type Err = VsockError;
+    fn from_str(s: &str) -> std::result::Result<Self, VsockError> {
+        let err = || VsockError(s.to_owned());
+        let (mut cid, mut socket) = (None, None);
+        for (k, v) in key_values(s).ok_or_else(err)? {
+            match (k, v) {
+                ("cid", v) => cid = Some(v.parse().map_err(|_| err())?),
+                ("socket", v) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+                _ => return Err(err()),
+            }
+        }
+        Ok(VsockConfig {
+            cid: cid.ok_or_else(err)?,
+            socket,
+        })
+    }
+}
