@@ -571,3 +571,65 @@ fn smbios_uuid_oem_strings_and_credentials() {
     ));
     std::fs::remove_file(&secret).unwrap();
 }
+
+#[test]
+fn vsock_spec_and_readiness() {
+    assert_eq!(
+        "cid=5,socket=/run/v.sock".parse(),
+        Ok(VsockConfig {
+            cid: 5,
+            socket: Some("/run/v.sock".into())
+        })
+    );
+    assert_eq!(
+        "cid=3".parse(),
+        Ok(VsockConfig {
+            cid: 3,
+            socket: None
+        })
+    );
+    for bad in ["", "socket=/x", "cid=x", "cid=3,port=1", "cid=3,socket="] {
+        assert!(bad.parse::<VsockConfig>().is_err(), "{bad:?}");
+    }
+    let k = fake_bzimage();
+    let with = |f: &dyn Fn(&mut Settings)| {
+        let mut c = Settings {
+            kernel: Some(k.clone()),
+            ..Default::default()
+        };
+        f(&mut c);
+        VmConfig::validate(c, 1 << 40)
+    };
+    for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
+        assert!(matches!(
+            with(&|c| c.vsock = Some(VsockConfig { cid, socket: None })),
+            Err(Error::VsockCid(_))
+        ));
+    }
+    assert!(matches!(
+        with(&|c| c.vsock = Some("cid=3,socket=/nonexistent/dir/v.sock".parse().unwrap())),
+        Err(Error::VsockDir(_))
+    ));
+    // Readiness alone brings a vsock device with CID 3 and the credential systemd reads.
+    let v = with(&|c| c.notify_socket = Some("/run/systemd/notify".into())).unwrap();
+    assert_eq!(
+        v.vsock,
+        Some(VsockConfig {
+            cid: 3,
+            socket: None
+        })
+    );
+    assert_eq!(
+        v.oem_strings,
+        ["io.systemd.credential:vmm.notify_socket=vsock-stream:2:4294967280"]
+    );
+    // An explicit device keeps its CID; an empty NOTIFY_SOCKET means none.
+    let v = with(&|c| {
+        c.notify_socket = Some("@abstract".into());
+        c.vsock = Some("cid=7".parse().unwrap());
+    })
+    .unwrap();
+    assert_eq!(v.vsock.map(|v| v.cid), Some(7));
+    let v = with(&|c| c.notify_socket = Some(String::new())).unwrap();
+    assert!(v.vsock.is_none() && v.oem_strings.is_empty());
+}
