@@ -6,7 +6,9 @@
 #   shutdownCommand       `nixvm ctl --api-socket <socket> shutdown`: the ACPI power button,
 #                         returning once nixvm has exited
 #   preStart              microvm.preStart, then the volumes microvm.nix would create
-#   supportsNotifySocket  false: nixvm has no vsock to forward sd_notify over
+#   supportsNotifySocket  true: nixvm relays the guest's sd_notify (READY=1, STATUS=,
+#                         STOPPING=1) from its vsock to the unit's NOTIFY_SOCKET itself
+#                         (no socat); the guest gets the vmm.notify_socket credential
 #   tapMultiQueue         false: nixvm's virtio-net has one queue pair
 #   requiresMacvtapAsFds  true: macvtaps are inherited fds (from 3 on, one per interface)
 #   virtiofsdShares       the shares a virtiofsd still has to serve (on their `socket`)
@@ -37,8 +39,6 @@ let
     (check (get "hugepageMem" false) "microvm.hugepageMem")
     (check ((get "graphics" { enable = false; }).enable or false) "microvm.graphics")
     (check ((get "devices" [ ]) != [ ]) "microvm.devices (PCI/USB passthrough)")
-    (check (((get "vsock" { }).cid or null) != null) "microvm.vsock.cid (no vsock)")
-    (check ((get "credentialFiles" { }) != { }) "microvm.credentialFiles (no credentials yet: they come with SMBIOS/vsock)")
     (check (get "registerWithMachined" false) "microvm.registerWithMachined (no bin/microvm-register yet)")
     (check (builtins.any (v: (v.imageType or "raw") != "raw") (get "volumes" [ ]))
       "microvm.volumes.*.imageType other than \"raw\" (nixvm's disks are raw images)")
@@ -69,6 +69,10 @@ let
     # microvm.nix's "user" interfaces and forwardPorts: nixvm's passt networking.
     forwardPorts = get "forwardPorts" [ ];
     passt = if pkgs != null && pkgs ? passt then "${pkgs.passt}/bin/passt" else "passt";
+    # microvm.vsock.cid, with cloud-hypervisor's socket name (`ssh vsock-mux/notify.vsock`
+    # works the same).
+    vsock = { cid = (get "vsock" { }).cid or null; socket = "notify.vsock"; };
+    credentials = get "credentialFiles" { };
     inherit extraArgs path;
   };
 in
@@ -80,7 +84,7 @@ assert checks;
     if runner.shutdownCommand != null then runner.shutdownCommand
     else throw "nixvm: cannot shut down without microvm.socket";
   preStart = (get "preStart" "") + "\n" + runner.volumesScript;
-  supportsNotifySocket = false;
+  supportsNotifySocket = true;
   tapMultiQueue = false;
   requiresMacvtapAsFds = true;
   # For the module: the fds the runner must open, and the whole runner.nix result.

@@ -47,6 +47,11 @@
 #   passt         the passt nixvm starts for a "user" interface             "passt"
 #   cmdlineEnv    an environment variable whose value the script appends to the kernel
 #                 command line at run time (qemu-vm.nix's QEMU_KERNEL_PARAMS)   null
+#   vsock         { cid; socket ? null } (--vsock cid=…,socket=…): host programs reach
+#                 guest ports through `socket` (CONNECT <port>), the guest host port P
+#                 through `<socket>_P`                                        { cid = null; }
+#   credentials   systemd credentials from files, { NAME = path; } (--credential
+#                 NAME=@path; microvm.nix's credentialFiles)                 { }
 #
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
@@ -67,7 +72,7 @@ let
     "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
     "interfaces" "preStart" "nixvm" "bootParams" "serial" "rng" "shutdownTimeout"
     "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs" "forwardPorts" "passt"
-    "cmdlineEnv"
+    "cmdlineEnv" "vsock" "credentials"
   ];
   unknown = filter (n: !(builtins.elem n known)) (attrNames desc);
 
@@ -97,6 +102,8 @@ let
     forwardPorts = [ ];
     passt = "passt";
     cmdlineEnv = null;
+    vsock = { cid = null; };
+    credentials = { };
   } // desc // {
     kernel = desc.kernel or (fail "`kernel` is required");
   };
@@ -214,7 +221,12 @@ let
     ++ opt (c.socket != null) [ "--api-socket" (str c.socket) ]
     ++ opt (c.shutdownTimeout != null) [ "--shutdown-timeout" (str c.shutdownTimeout) ]
     ++ opt (c.onReboot != null) [ "--on-reboot" c.onReboot ]
+    ++ opt ((c.vsock.cid or null) != null) [ "--vsock" vsockSpec ]
+    ++ flag "--credential" (map (n: "${n}=@${str c.credentials.${n}}") (attrNames c.credentials))
     ++ map str c.extraArgs;
+
+  vsockSpec = "cid=${str c.vsock.cid}"
+    + (if (c.vsock.socket or null) == null then "" else ",socket=${specValue "vsock socket" c.vsock.socket}");
 
   argv = [ (str c.nixvm) ] ++ args;
 

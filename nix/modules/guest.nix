@@ -46,6 +46,8 @@ let
     path = map (p: "${p}/bin") ([ pkgs.coreutils pkgs.util-linux ] ++ mkfsPackages);
     virtiofsd = "${cfg.virtiofsd}/bin/virtiofsd";
     inherit (cfg) virtiofsdArgs;
+    vsock = { inherit (cfg.vsock) cid socket; };
+    credentials = cfg.credentialFiles;
   };
   runner = import ../lib/runner.nix description;
 
@@ -213,6 +215,43 @@ in
         the read-only share.
       '';
     };
+    vsock = {
+      cid = mkOption {
+        type = types.nullOr (types.ints.between 3 4294967294);
+        default = null;
+        description = ''
+          The guest's vsock CID: a virtio-vsock device whose host side is the UNIX socket
+          `vsock.socket` (host programs write `CONNECT <port>` to it to reach a guest port; the
+          guest's connections to host port P reach `<socket>_P`). Without it the VM still
+          gets a vsock device for readiness when nixvm runs as a Type=notify unit.
+        '';
+      };
+      socket = mkOption {
+        type = types.str;
+        default = "${hostName}-vsock.sock";
+        defaultText = literalExpression ''"''${hostName}-vsock.sock"'';
+        description = "The vsock device's UNIX socket (relative: to the runner's working directory).";
+      };
+      ssh.enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          sshd on vsock port 22 (systemd's ssh generator sets it up when sshd is enabled):
+          from the host, `ssh vsock-mux/<vsock.socket>` (systemd 257's ssh proxy). Needs
+          `vsock.cid`.
+        '';
+      };
+    };
+    credentialFiles = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = { "tls.key" = "/run/secrets/web-tls-key"; };
+      description = ''
+        systemd credentials for the guest from files on the host, read when the VM starts
+        (never copied into the store): NAME = path. The guest finds them in
+        /run/credentials/@system/NAME (SMBIOS OEM strings; together at most ~63 KiB).
+      '';
+    };
     shutdownTimeout = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Seconds the guest has to power off after the power button (nixvm's default: 30)."; };
     onReboot = mkOption { type = types.enum [ "exit" "restart" ]; default = "restart"; description = "A guest reboot boots the VM again in place (restart), or ends nixvm with status 3 (exit)."; };
     extraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More nixvm arguments."; };
@@ -231,6 +270,14 @@ in
         "init=${toplevel}/init"
         "regInfo=${regInfo}/registration"
       ];
+
+      assertions = [{
+        assertion = cfg.vsock.ssh.enable -> cfg.vsock.cid != null;
+        message = "nixvm.vsock.ssh.enable needs nixvm.vsock.cid";
+      }];
+      services.openssh.enable = mkIf cfg.vsock.ssh.enable true;
+      # The vsock transport, for readiness (vmm.notify_socket) and vsock services.
+      boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
 
       boot.loader.grub.enable = false;
       boot.initrd.kernelModules = [ "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]

@@ -117,7 +117,10 @@ let
         restartIfChanged = vm.restartIfChanged;
         environment.NIXVM_SKIP_VIRTIOFSD = "1";
         serviceConfig = {
-          Type = "simple";
+          # notify: active once the guest's systemd reports READY=1, which nixvm relays
+          # from the guest (vsock, the vmm.notify_socket credential) to NOTIFY_SOCKET.
+          Type = if vm.notify then "notify" else "simple";
+          TimeoutStartSec = vm.startTimeout;
           User = cfg.user;
           Group = cfg.group;
           WorkingDirectory = dir name;
@@ -153,6 +156,20 @@ let
       };
       autostart = mkOption { type = types.bool; default = true; description = "Start the VM at boot."; };
       restartIfChanged = mkOption { type = types.bool; default = false; description = "Restart the VM when a switch changes it."; };
+      notify = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          The unit is Type=notify: active when the guest's systemd (v254 or later, as in
+          NixOS 23.11 on) reports that it finished booting. Off for guests without such a
+          systemd: the unit is active as soon as nixvm runs.
+        '';
+      };
+      startTimeout = mkOption {
+        type = types.int;
+        default = 300;
+        description = "Seconds the guest has to finish booting (TimeoutStartSec) with `notify`.";
+      };
     };
     config.vm = mkIf (config.config != null) (lib.mkDefault
       (pkgs.nixos {

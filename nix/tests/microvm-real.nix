@@ -99,7 +99,7 @@ let
   };
   units = host.config.systemd.services;
   microvm-real-host = expect [
-    { what = "microvm@real Type"; got = units."microvm@real".serviceConfig.Type; want = "simple"; }
+    { what = "microvm@real Type (nixvm relays the guest's READY=1)"; got = units."microvm@real".serviceConfig.Type; want = "notify"; }
     { what = "microvm@real not tied to machined"; got = units."microvm@real".wants; want = [ ]; }
     (has "install-microvm-real links the runner" units."install-microvm-real".script "ln -sTf ${runner} current")
   ];
@@ -111,12 +111,12 @@ let
       "hypervisor" "runner" "declaredRunner" "vcpu" "mem" "kernel" "initrdPath" "kernelParams"
       "socket" "preStart" "volumes" "shares" "interfaces" "binScripts" "prettyProcnames"
       "storeOnDisk" "storeDisk" "extraArgsScript" "registerWithMachined" "machineId"
-      "systemSymlink" "guest.enable" "optimize.enable" "forwardPorts"
+      "systemSymlink" "guest.enable" "optimize.enable" "forwardPorts" "vsock.cid"
+      "credentialFiles"
     ];
     # Rejected at evaluation when set (microvm-unsupported, and below).
     rejected = [
-      "user" "cpu" "balloon" "hotplugMem" "hugepageMem" "graphics.enable" "devices" "vsock.cid"
-      "credentialFiles"
+      "user" "cpu" "balloon" "hotplugMem" "hugepageMem" "graphics.enable" "devices"
     ];
     # Not the runner's: used by microvm.nix's guest or host modules themselves (mounts, store
     # disk building, virtiofsd units, deployment), or meaningful only with a feature that is
@@ -156,7 +156,10 @@ let
         microvm.interfaces = [ { type = "user"; id = "u0"; mac = "02:00:00:00:00:01"; } ];
         microvm.forwardPorts = [ { from = "guest"; host.port = 80; guest.port = 80; guest.address = "10.0.2.100"; } ];
       }; want = true; }
-    { what = "credentialFiles rejected"; got = fails { microvm.credentialFiles.x = /etc/hostname; }; want = true; }
+    { what = "credentialFiles and vsock.cid passed on, the notify socket supported";
+      got = let r = (guestEval { microvm.credentialFiles.x = "/run/secrets/x"; microvm.vsock.cid = 7; }).config.microvm.declaredRunner;
+        in { args = lib.filter (x: lib.hasPrefix "x=" x || lib.hasPrefix "cid=" x) r.nixvmArgv; inherit (r) supportsNotifySocket; };
+      want = { args = [ "cid=7,socket=notify.vsock" "x=@/run/secrets/x" ]; supportsNotifySocket = true; }; }
     { what = "qcow2 rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; mountPoint = "/v"; size = 8; } ]; }; want = true; }
     { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
     { what = "cpu rejected"; got = fails { microvm.cpu = "host"; }; want = true; }

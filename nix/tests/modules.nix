@@ -42,6 +42,8 @@ let
   nixosStandIns = { config, ... }: with lib; {
     options = {
       networking.hostName = mkOption { type = types.str; default = "nixos"; };
+      assertions = mkOption { type = types.listOf types.anything; default = [ ]; };
+      services.openssh.enable = mkOption { type = types.bool; default = false; };
       boot.kernelParams = mkOption { type = types.listOf types.str; default = [ ]; };
       boot.kernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
       boot.initrd.kernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
@@ -197,6 +199,13 @@ let
     { what = "no virtiofsd for docs"; got = lib.hasInfix "--shared-dir=/usr/share/doc" c.nixvm.runner.script; want = false; }
     { what = "/docs mounted ro"; got = c.fileSystems."/docs".options; want = [ "defaults" "ro" ]; }
     { what = "share backends"; got = map (x: x.backend) c.nixvm.shares; want = [ "virtiofsd" "nixvm" ]; }
+    { what = "vsock, SSH over vsock and credentials";
+      got = let c = (evalGuest [{ nixvm.vsock.cid = 9; nixvm.vsock.ssh.enable = true; nixvm.credentialFiles."tls.key" = "/run/secrets/k"; }]).config; in {
+        args = lib.filter (x: lib.hasPrefix "cid=" x || lib.hasPrefix "tls.key=" x) c.nixvm.runner.argv;
+        sshd = c.services.openssh.enable;
+        module = builtins.elem "vmw_vsock_virtio_transport" c.boot.kernelModules;
+      };
+      want = { args = [ "cid=9,socket=nixos-vsock.sock" "tls.key=@/run/secrets/k" ]; sshd = true; module = true; }; }
     { what = "nixvm serves only read-only shares"; got = (builtins.tryEval (builtins.deepSeq (evalGuest [{ nixvm.shares = [ { tag = "w"; source = "/w"; mountPoint = "/w"; backend = "nixvm"; } ]; }]).config.nixvm.runner.argv true)).success; want = false; }
   ];
 
@@ -207,6 +216,7 @@ let
       nixvm.vms.web.vm = web.config.system.build.vm;
       nixvm.vms.db = {
         autostart = false;
+        notify = false;
         config = {
           nixvm.shares = [
             { tag = "data"; source = "/srv/data"; mountPoint = "/data"; readOnly = true; }
@@ -223,8 +233,9 @@ let
     { what = "nixvm@web ExecStop"; got = w.serviceConfig.ExecStop; want = "-\"${nixvmBin}\" \"ctl\" \"--api-socket\" \"web.sock\" \"shutdown\""; }
     {
       what = "nixvm@web service";
-      got = { inherit (w.serviceConfig) User Group WorkingDirectory Restart TimeoutStopSec; inherit (w) wantedBy requires environment; };
+      got = { inherit (w.serviceConfig) Type TimeoutStartSec User Group WorkingDirectory Restart TimeoutStopSec; inherit (w) wantedBy requires environment; };
       want = {
+        Type = "notify"; TimeoutStartSec = 300;
         User = "nixvm"; Group = "kvm"; WorkingDirectory = "/var/lib/nixvm/web"; Restart = "on-failure"; TimeoutStopSec = 45;
         wantedBy = [ "multi-user.target" ];
         requires = [ "nixvm-tap-vm-web.service" ];
@@ -255,6 +266,7 @@ let
     { what = "nixvm@db ExecStart"; got = d.serviceConfig.ExecStart; want = "\"${store "nixvm-db"}/bin/run-db-vm\""; }
     { what = "nixvm@db not autostarted"; got = d.wantedBy; want = [ ]; }
     { what = "nixvm@db stop timeout"; got = d.serviceConfig.TimeoutStopSec; want = 75; }
+    { what = "nixvm@db without readiness"; got = d.serviceConfig.Type; want = "simple"; }
     { what = "nixvm@db shares"; got = d.requires; want = [ "nixvm-virtiofsd-db-home.service" "nixvm-virtiofsd-db-docs.service" ]; }
     { what = "nixvm@db after its virtiofsd units"; got = lib.filter (lib.hasPrefix "nixvm-virtiofsd-") d.after; want = [ "nixvm-virtiofsd-db-home.service" "nixvm-virtiofsd-db-docs.service" ]; }
     { what = "state directories"; got = host.config.systemd.tmpfiles.rules; want = [ "d /var/lib/nixvm 0750 nixvm kvm -" "d /var/lib/nixvm/db 0770 nixvm kvm -" "d /var/lib/nixvm/web 0770 nixvm kvm -" ]; }
@@ -288,6 +300,7 @@ let
       machineId = mkOption { type = types.nullOr types.str; default = null; };
       extraArgsScript = mkOption { type = types.nullOr types.str; default = null; };
       credentialFiles = mkOption { type = types.attrsOf types.path; default = { }; };
+      vsock.cid = mkOption { type = types.nullOr types.int; default = null; };
       guest.enable = mkOption { type = types.bool; default = true; };
       optimize.enable = mkOption { type = types.bool; default = true; };
     };
@@ -318,7 +331,7 @@ let
   ];
   microvm = let r = (mvm { }).config.microvm.declaredRunner; in expect [
     { what = "hypervisor"; got = r.hypervisor; want = "nixvm"; }
-    { what = "runner attributes"; got = { inherit (r) canShutdown supportsNotifySocket tapMultiQueue; }; want = { canShutdown = true; supportsNotifySocket = false; tapMultiQueue = false; }; }
+    { what = "runner attributes"; got = { inherit (r) canShutdown supportsNotifySocket tapMultiQueue; }; want = { canShutdown = true; supportsNotifySocket = true; tapMultiQueue = false; }; }
     {
       what = "nixvm argv";
       got = r.nixvmArgv;
@@ -388,7 +401,10 @@ let
     { what = "user rejected"; got = fails { microvm.user = "alice"; }; want = true; }
     { what = "9p rejected"; got = fails { microvm.shares = lib.mkForce [ { tag = "s"; source = "/s"; mountPoint = "/s"; proto = "9p"; socket = null; } ]; }; want = true; }
     { what = "qemu still a choice"; got = (mvm { microvm.hypervisor = lib.mkForce "qemu"; }).config.microvm.hypervisor; want = "qemu"; }
-    { what = "credentialFiles rejected"; got = fails { microvm.credentialFiles.secret = /etc/hostname; }; want = true; }
+    { what = "credentialFiles and vsock.cid passed on";
+      got = let a = (mvm { microvm.credentialFiles.secret = "/run/secrets/s"; microvm.vsock.cid = 5; }).config.microvm.declaredRunner.nixvmArgv;
+        in lib.filter (x: lib.hasPrefix "secret=" x || lib.hasPrefix "cid=" x) a;
+      want = [ "cid=5,socket=notify.vsock" "secret=@/run/secrets/s" ]; }
     { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
     { what = "qcow2 volumes rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; size = 8; } ]; }; want = true; }
   ];
