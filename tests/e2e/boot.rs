@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{
     console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, passt::*,
-    storefs::*, vsock::*,
+    storefs::*, systemd::*, vsock::*,
 };
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
@@ -218,6 +218,19 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
             Ok(bin) => group(t, &VSOCK_NAMES, "the vsock boot", || vsock_boot(g, &bin)),
             Err(why) => {
                 for name in VSOCK_NAMES {
+                    t.skip(name, &why);
+                }
+            }
+        }
+    }
+
+    if SYSTEMD_NAMES.iter().any(|n| t.wants(n)) {
+        match systemd_guest_missing() {
+            None => group(t, &SYSTEMD_NAMES, "the systemd guest boot", || {
+                systemd_boot(g)
+            }),
+            Some(why) => {
+                for name in SYSTEMD_NAMES {
                     t.skip(name, &why);
                 }
             }

@@ -42,14 +42,15 @@ mod lifecycle;
 mod net;
 mod passt;
 mod storefs;
+mod systemd;
 mod usage;
 #[path = "../support/virtiofsd.rs"]
 mod virtiofsd;
 mod vsock;
 
 use crate::{
-    boot::*, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*, storefs::*, usage::*,
-    vsock::*,
+    boot::*, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*, storefs::*, systemd::*,
+    usage::*, vsock::*,
 };
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
@@ -126,6 +127,9 @@ fn main() {
             false
         }
     };
+    if assets_ok && SYSTEMD_NAMES.iter().any(|n| t.wants(n)) {
+        build_systemd_guest();
+    }
     let vmlinuz = assets().join("vmlinuz");
     usage_tests(&mut t, assets_ok.then_some(vmlinuz.as_path()));
 
@@ -177,6 +181,7 @@ fn main() {
         .chain(STOREFS_NAMES)
         .chain(HOSTILE_NAMES)
         .chain(VSOCK_NAMES)
+        .chain(SYSTEMD_NAMES)
         .chain(PASST_NAMES)
         .collect();
     match route.as_str() {

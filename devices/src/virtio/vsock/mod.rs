@@ -76,23 +76,14 @@ impl Notify {
         })
     }
 
-    /// Sends the lines of `msg` the host should hear (READY=1, STATUS=..., STOPPING=1);
-    /// others (MAINPID=, FDSTORE=, ...) concern the guest's systemd, not nixvm's unit.
+    /// Sends what the host's unit should hear of a guest's message: READY=1, STATUS=...,
+    /// STOPPING=1, and STOPPING=1 for systemd-shutdown's `X_SYSTEMD_SHUTDOWN=poweroff` (or
+    /// halt: nixvm is about to end; a reboot is not an end, nixvm may boot the guest again).
+    /// The rest (MAINPID=, FDSTORE=, X_SYSTEMD_...) concerns the guest, not nixvm's unit.
     pub fn relay(&self, msg: &[u8]) {
-        let text = String::from_utf8_lossy(msg);
-        let keep: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                *l == "READY=1"
-                    || *l == "STOPPING=1"
-                    || *l == "RELOADING=1"
-                    || l.starts_with("STATUS=")
-            })
-            .collect();
-        if keep.is_empty() {
+        let Some(out) = relayed(msg) else {
             return;
-        }
-        let out = keep.join("\n");
+        };
         let sent = match self.target.strip_prefix('@') {
             Some(name) => {
                 use std::os::linux::net::SocketAddrExt;
@@ -106,6 +97,22 @@ impl Notify {
             Err(e) => crate::guest_warn!("vsock: cannot notify {}: {e}", self.target),
         }
     }
+}
+
+/// The part of a guest's sd_notify message that nixvm passes on, if any.
+fn relayed(msg: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(msg);
+    let mut keep: Vec<&str> = Vec::new();
+    for l in text.lines() {
+        match l {
+            "READY=1" | "STOPPING=1" => keep.push(l),
+            "X_SYSTEMD_SHUTDOWN=poweroff" | "X_SYSTEMD_SHUTDOWN=halt" => keep.push("STOPPING=1"),
+            _ if l.starts_with("STATUS=") => keep.push(l),
+            _ => {}
+        }
+    }
+    keep.dedup();
+    (!keep.is_empty()).then(|| keep.join("\n"))
 }
 
 /// The host side of the device.
@@ -345,6 +352,23 @@ struct Muxer {
     resets: VecDeque<Key>,
     next_local_port: u32,
     buf: Vec<u8>,
+}
+
+impl Drop for Muxer {
+    /// A guest that powers off right after its last notification (systemd-shutdown's) may
+    /// never close that connection: what it sent is passed on now.
+    fn drop(&mut self) {
+        let Some(n) = &self.host.notify else {
+            return;
+        };
+        for conn in self.conns.values() {
+            if let Peer::Notify(msg) = &conn.peer
+                && !msg.is_empty()
+            {
+                n.relay(msg);
+            }
+        }
+    }
 }
 
 /// The epoll token of the listener (fds are never negative).

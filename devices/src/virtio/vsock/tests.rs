@@ -411,3 +411,43 @@ fn sd_notify_messages_are_relayed_filtered() {
     g.send(g.hdr(OP_REQUEST, 78, 5000), &[]);
     assert_eq!(ops(&g.received()), [OP_RST]);
 }
+
+#[test]
+fn what_is_relayed() {
+    assert_eq!(
+        relayed(b"READY=1\nSTATUS=Ready."),
+        Some("READY=1\nSTATUS=Ready.".into())
+    );
+    assert_eq!(relayed(b"X_SYSTEMD_UNIT_ACTIVE=shutdown.target"), None);
+    assert_eq!(relayed(b"MAINPID=1\nFDSTORE=1\nRELOADING=1"), None);
+    assert_eq!(
+        relayed(b"EXIT_STATUS=0\nX_SYSTEMD_SHUTDOWN=poweroff"),
+        Some("STOPPING=1".into())
+    );
+    assert_eq!(relayed(b"EXIT_STATUS=0\nX_SYSTEMD_SHUTDOWN=reboot"), None);
+}
+
+#[test]
+fn a_notification_left_open_is_relayed_when_the_device_goes() {
+    let dir = tmp("notify-open");
+    let sock = dir.join("notify");
+    let host_end = UnixDatagram::bind(&sock).unwrap();
+    let mut g = Guest::new(HostSide {
+        listener: None,
+        path: None,
+        notify: Some(Notify::new(sock.display().to_string()).unwrap()),
+    });
+    g.give_rx(8, 4096);
+    g.send(g.hdr(OP_REQUEST, 77, NOTIFY_PORT), &[]);
+    g.send(
+        g.hdr(OP_RW, 77, NOTIFY_PORT),
+        b"EXIT_STATUS=0\nX_SYSTEMD_SHUTDOWN=poweroff",
+    );
+    drop(g);
+    let mut b = [0u8; 64];
+    host_end
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let n = host_end.recv(&mut b).unwrap();
+    assert_eq!(&b[..n], b"STOPPING=1");
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# systemd-guest.sh ASSETS OUT: a real systemd guest for the e2e tests, the closest thing to
+# NixOS that can be built here: Debian trixie (systemd 257, the generation NixOS ships)
+# from mmdebstrap, with the test kernel's modules (ASSETS, from resources/assets.sh) and an
+# initrd that Debian's own initramfs-tools makes for that kernel inside the tree.
+#   OUT/root.img    ext4 (/dev/vda, mounted by the initrd: root=/dev/vda)
+#   OUT/initrd.img
+# The guest runs nixvm-test.service once it is up (WantedBy=multi-user.target): it prints
+# "NIXVM-TEST: ..." lines on ttyS0 (a credential, the RTC, its journal's warnings), sleeps,
+# and says "unit-done"; the default target is reached only after it.
+# Needs root, mmdebstrap and Debian's package mirror; does nothing when OUT is up to date
+# (OUT/stamp: this script's hash and the kernel version).
+set -euo pipefail
+assets=$(realpath "$1")
+out=$2
+kver=$(cat "$assets/kver")
+stamp="$(sha256sum "$0" | cut -c1-16)-$kver"
+if [[ -f $out/stamp && $(cat "$out/stamp") == "$stamp" ]]; then
+  exit 0
+fi
+skip() { echo "systemd-guest: skipped: $*" >&2; exit 77; }
+[[ $(id -u) == 0 ]] || skip "building the root file system needs root"
+command -v mmdebstrap >/dev/null || skip "no mmdebstrap (apt-get install mmdebstrap)"
+command -v mkfs.ext4 >/dev/null || skip "no mkfs.ext4 (apt-get install e2fsprogs)"
+
+rm -rf "$out"
+mkdir -p "$out"
+tree=$out/tree
+mmdebstrap --quiet --variant=minbase \
+  --include=systemd,systemd-sysv,udev,dbus,kmod,initramfs-tools,zstd \
+  trixie "$tree"
+mkdir -p "$tree/usr/lib/modules"
+cp -a "$assets/root/lib/modules/$kver" "$tree/usr/lib/modules/"
+cp "$assets/root/boot/config-$kver" "$tree/boot/"
+chroot "$tree" depmod "$kver"
+# The root is /dev/vda on virtio-mmio: both drivers in the initrd.
+printf '%s\n' virtio_mmio virtio_blk ext4 >> "$tree/etc/initramfs-tools/modules"
+chroot "$tree" mkinitramfs -o /boot/initrd.img "$kver"
+mv "$tree/boot/initrd.img" "$out/initrd.img"
+
+echo nixvm-guest > "$tree/etc/hostname"
+# No password: the console is the test's.
+chroot "$tree" passwd -d root >/dev/null
+cat > "$tree/usr/local/bin/nixvm-test" <<'EOF'
+#!/bin/sh
+echo "NIXVM-TEST: unit-start"
+echo "NIXVM-TEST: cred=$(cat /run/credentials/@system/nixvm.greeting 2>&1)"
+echo "NIXVM-TEST: rtc=$(cat /sys/class/rtc/rtc0/name 2>&1)"
+echo "NIXVM-TEST: powerkey=$(grep -l 'Power Button' /sys/class/input/input*/name 2>/dev/null | wc -l)"
+# What the journal warns about, for a human to compare with QEMU's.
+journalctl -b -p warning --no-pager -q -o cat | sed 's/^/NIXVM-TEST: journal: /'
+sleep 5
+echo "NIXVM-TEST: unit-done"
+EOF
+chmod +x "$tree/usr/local/bin/nixvm-test"
+cat > "$tree/etc/systemd/system/nixvm-test.service" <<'EOF'
+[Unit]
+Description=nixvm e2e report
+[Service]
+Type=oneshot
+ExecStart=/usr/local/bin/nixvm-test
+StandardOutput=tty
+TTYPath=/dev/ttyS0
+[Install]
+WantedBy=multi-user.target
+EOF
+# No getty on the console: its vhangup() would cut the unit's output off.
+ln -sf /dev/null "$tree/etc/systemd/system/serial-getty@ttyS0.service"
+mkdir -p "$tree/etc/systemd/system/multi-user.target.wants"
+ln -sf ../nixvm-test.service "$tree/etc/systemd/system/multi-user.target.wants/"
+rm -rf "$tree/var/cache/apt" "$tree/var/lib/apt/lists"
+mkfs.ext4 -q -L root -d "$tree" "$out/root.img" 1G
+rm -rf "$tree"
+echo "$stamp" > "$out/stamp"

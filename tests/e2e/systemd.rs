@@ -1,0 +1,212 @@
+//! A real systemd guest (Debian trixie, systemd 257, from `resources/systemd-guest.sh`) under
+//! nixvm: credentials from SMBIOS, readiness relayed to a notify socket, the RTC, the power
+//! button through logind and a clean power-off.
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+pub(crate) const SYSTEMD_NAMES: [&str; 5] = [
+    "systemd_guest_reaches_multi_user",
+    "systemd_credential_imported",
+    "systemd_ready_relayed_after_default_target",
+    "systemd_rtc_and_power_button",
+    "systemd_power_button_powers_off_cleanly",
+];
+
+/// Where `resources/systemd-guest.sh` puts the guest (built on the host, before L1).
+pub(crate) fn systemd_guest_dir() -> PathBuf {
+    root().join("target/systemd-guest")
+}
+
+/// Why the guest is not there, as the build said (`target/systemd-guest.skip`).
+pub(crate) fn systemd_guest_missing() -> Option<String> {
+    if systemd_guest_dir().join("stamp").exists() {
+        return None;
+    }
+    Some(
+        std::fs::read_to_string(root().join("target/systemd-guest.skip"))
+            .unwrap_or_else(|_| "resources/systemd-guest.sh did not run".into())
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// Builds the guest (host side: it needs Debian's mirror); a reason it could not, for the
+/// tests to report.
+pub(crate) fn build_systemd_guest() {
+    let skip = root().join("target/systemd-guest.skip");
+    let out = Command::new(root().join("resources/systemd-guest.sh"))
+        .arg(assets())
+        .arg(systemd_guest_dir())
+        .output();
+    let why = match out {
+        Ok(o) if o.status.success() => {
+            let _ = std::fs::remove_file(&skip);
+            return;
+        }
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stderr).into_owned();
+            let why = text
+                .lines()
+                .find_map(|l| l.strip_prefix("systemd-guest: skipped: "))
+                .map(str::to_owned)
+                .unwrap_or_else(|| {
+                    format!("resources/systemd-guest.sh failed: {}", tail(&text, 5))
+                });
+            println!("e2e: the systemd guest: {why}");
+            why
+        }
+        Err(e) => format!("resources/systemd-guest.sh: {e}"),
+    };
+    let _ = std::fs::write(skip, why);
+}
+
+pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+    let e = |e: std::io::Error| e.to_string();
+    let dir = systemd_guest_dir();
+    let tmp = temp_dir().join("systemd");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(e)?;
+    // A writable copy of the root (the build's stays as it is), holes kept.
+    let img = tmp.join("root.img");
+    let cp = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(dir.join("root.img"))
+        .arg(&img)
+        .status()
+        .map_err(e)?;
+    check!(cp.success(), "cannot copy the systemd guest's root.img");
+    let notify_path = tmp.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).map_err(e)?;
+    let heard: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+    {
+        let heard = heard.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = notify.recv(&mut b) {
+                let msg = String::from_utf8_lossy(&b[..n]).into_owned();
+                heard.lock().unwrap().push((Instant::now(), msg));
+            }
+        });
+    }
+    let api = tmp.join("api.sock");
+    let initrd = dir.join("initrd.img");
+    let d = format!("path={}", img.display());
+    let args = [
+        "--kernel",
+        &g.vmlinuz,
+        "--initrd",
+        initrd.to_str().unwrap_or(""),
+        "--cmdline",
+        "console=ttyS0 root=/dev/vda rw quiet panic=-1",
+        "--cpus",
+        "2",
+        "--memory",
+        "1G",
+        "--disk",
+        &d,
+        "--credential",
+        "nixvm.greeting=hello from the host",
+        "--notify-socket",
+        notify_path.to_str().unwrap_or(""),
+        "--api-socket",
+        api.to_str().unwrap_or(""),
+    ];
+    let mut vm = Streaming::spawn(&args)?;
+    vm.wait_for_within("NIXVM-TEST: unit-start", Duration::from_secs(600))?;
+    let unit_started = Instant::now();
+    let done = vm.wait_for_within("NIXVM-TEST: unit-done", Duration::from_secs(120));
+    // systemd says READY=1 once the default target is reached, after the unit.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready_at = loop {
+        let found = heard
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, m)| m.lines().any(|l| l == "READY=1"))
+            .map(|(t, _)| *t);
+        if found.is_some() || Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The power button: logind powers the guest off, nixvm exits 0.
+    let ctl = nixvm(
+        &[
+            "ctl",
+            "--api-socket",
+            api.to_str().unwrap_or(""),
+            "shutdown",
+        ],
+        &[],
+        Duration::from_secs(180),
+    );
+    let status = wait_timeout(&mut vm.child, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(200));
+    let heard: Vec<String> = heard
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m.clone())
+        .collect();
+    for l in vm
+        .seen
+        .lines()
+        .filter(|l| l.contains("NIXVM-TEST: journal: "))
+    {
+        println!("e2e: systemd guest {}", l.trim_end());
+    }
+    let multi_user = done.map(drop);
+    let cred = vm.expect("cred", "hello from the host");
+    let ready = (|| {
+        let at = ready_at
+            .ok_or_else(|| format!("no READY=1 reached the notify socket; heard {heard:?}"))?;
+        check!(
+            at >= unit_started + Duration::from_secs(4),
+            "READY=1 came {:?} after the unit started, which sleeps 5 s before the default \
+             target can be reached",
+            at.saturating_duration_since(unit_started)
+        );
+        check!(
+            heard
+                .iter()
+                .any(|m| m.lines().any(|l| l.starts_with("STATUS="))),
+            "no STATUS= relayed; heard {heard:?}"
+        );
+        check!(
+            heard.iter().all(|m| m.lines().all(|l| l == "READY=1"
+                || l == "STOPPING=1"
+                || l == "RELOADING=1"
+                || l.starts_with("STATUS="))),
+            "relayed more than readiness and status: {heard:?}"
+        );
+        Ok(())
+    })();
+    let machine = vm.expect("powerkey", "1").and_then(|()| {
+        let rtc = vm.marker("rtc").unwrap_or_default();
+        check!(rtc.starts_with("rtc_cmos"), "the guest's rtc0: {rtc:?}");
+        Ok(())
+    });
+    let poweroff = (|| {
+        check!(
+            ctl.code() == Some(0),
+            "nixvm ctl shutdown: {}",
+            ctl.describe()
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the power button: {status:?}\nconsole:\n{}",
+            tail(&vm.seen, 30)
+        );
+        check!(
+            heard.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+            "no STOPPING=1 relayed at power-off; heard {heard:?}"
+        );
+        Ok(())
+    })();
+    Ok(vec![multi_user, cred, ready, machine, poweroff])
+}
