@@ -382,11 +382,14 @@ fn connections_are_bounded() {
     assert_eq!(g.mux.conns.len(), MAX_CONNS);
 }
 
-#[test]
-fn sd_notify_messages_are_relayed_filtered() {
-    let dir = tmp("notify");
-    let sock = dir.join("notify");
+/// A device that relays notifications to a socket the test reads, and a guest connection to
+/// its notify port (guest port 77).
+fn notify_guest(name: &str) -> (Guest, UnixDatagram) {
+    let sock = tmp(name).join("notify");
     let host_end = UnixDatagram::bind(&sock).unwrap();
+    host_end
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut g = Guest::new(HostSide {
         listener: None,
         path: None,
@@ -394,6 +397,12 @@ fn sd_notify_messages_are_relayed_filtered() {
     });
     g.give_rx(8, 4096);
     g.send(g.hdr(OP_REQUEST, 77, NOTIFY_PORT), &[]);
+    (g, host_end)
+}
+
+#[test]
+fn sd_notify_messages_are_relayed_filtered() {
+    let (mut g, host_end) = notify_guest("notify");
     assert_eq!(ops(&g.received()), [OP_RESPONSE]);
     g.send(g.hdr(OP_RW, 77, NOTIFY_PORT), b"READY=1\nMAINPID=1\n");
     g.send(g.hdr(OP_RW, 77, NOTIFY_PORT), b"STATUS=up and running");
@@ -429,16 +438,7 @@ fn what_is_relayed() {
 
 #[test]
 fn a_notification_left_open_is_relayed_when_the_device_goes() {
-    let dir = tmp("notify-open");
-    let sock = dir.join("notify");
-    let host_end = UnixDatagram::bind(&sock).unwrap();
-    let mut g = Guest::new(HostSide {
-        listener: None,
-        path: None,
-        notify: Some(Notify::new(sock.display().to_string()).unwrap()),
-    });
-    g.give_rx(8, 4096);
-    g.send(g.hdr(OP_REQUEST, 77, NOTIFY_PORT), &[]);
+    let (mut g, host_end) = notify_guest("notify-open");
     g.send(
         g.hdr(OP_RW, 77, NOTIFY_PORT),
         b"EXIT_STATUS=0\nX_SYSTEMD_SHUTDOWN=poweroff",
