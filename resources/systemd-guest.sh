@@ -71,4 +71,6 @@ ln -sf ../nixvm-test.service "$tree/etc/systemd/system/multi-user.target.wants/"
 rm -rf "$tree/var/cache/apt" "$tree/var/lib/apt/lists"
 mkfs.ext4 -q -L root -d "$tree" "$out/root.img" 1G
 rm -rf "$tree"
+# On disk before the boots start: no writeback competing with the L1 guest.
+sync
 echo "$stamp" > "$out/stamp"

@@ -34,6 +34,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up network stream {name}")]
+    NetStream {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Passt(#[from] passt::Error),
     #[error(transparent)]
@@ -183,12 +189,12 @@ fn add_virtio_devices(
                         source,
                     }
                 })?;
-                stream(conn.into(), &path.display().to_string())?.into()
+                stream(conn, &path.display().to_string())?.into()
             }
             (.., Some(program)) => {
                 let (process, conn) = passt::spawn(program, &n.forward)?;
                 backends.push(process);
-                stream(conn, &format!("passt{i}"))?.into()
+                stream(conn.into(), &format!("passt{i}"))?.into()
             }
             _ => unreachable!("validated: one of tap, fd, socket, passt"),
         };
@@ -271,9 +277,9 @@ fn add_virtio_devices(
 }
 
 /// A network interface's stream connection, made ready for the device.
-fn stream(conn: std::os::fd::OwnedFd, name: &str) -> Result<net::Stream> {
-    net::Stream::new(conn, name).map_err(|source| Error::NetSocket {
-        path: name.into(),
+fn stream(conn: std::os::unix::net::UnixStream, name: &str) -> Result<net::Stream> {
+    net::Stream::new(conn, name).map_err(|source| Error::NetStream {
+        name: name.to_owned(),
         source,
     })
 }

@@ -39,15 +39,9 @@ struct State {
 impl Stream {
     /// Takes a connected stream socket (made non-blocking here); `name` says what it is in
     /// messages (a socket path, or "passt").
-    pub fn new(fd: OwnedFd, name: &str) -> io::Result<Stream> {
-        let file = File::from(fd);
-        // SAFETY: fcntl flag calls on our own descriptor.
-        unsafe {
-            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if fl < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
+    pub fn new(sock: std::os::unix::net::UnixStream, name: &str) -> io::Result<Stream> {
+        sock.set_nonblocking(true)?;
+        let file = File::from(OwnedFd::from(sock));
         Ok(Stream {
             file,
             name: name.to_owned(),
@@ -170,7 +164,7 @@ mod tests {
 
     fn pair() -> (Stream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
-        (Stream::new(a.into(), "test").unwrap(), b)
+        (Stream::new(a, "test").unwrap(), b)
     }
 
     #[test]

@@ -337,9 +337,9 @@ fn stream_frames_both_ways_with_backpressure() {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
     let (a, b) = UnixStream::pair().unwrap();
-    let stream = Stream::new(a.into(), "stream0").unwrap();
+    let stream = Stream::new(a, "stream0").unwrap();
     let features = Net::new(
-        Stream::new(UnixStream::pair().unwrap().0.into(), "s").unwrap(),
+        Stream::new(UnixStream::pair().unwrap().0, "s").unwrap(),
         None,
     )
     .avail_features();
