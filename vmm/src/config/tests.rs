@@ -290,8 +290,11 @@ fn flags_override_the_file() {
     );
 }
 
+/// A minimal bzImage, in a file of its own (tests run in parallel).
 fn fake_bzimage() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("nixvm-cfg-{}-bz", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("nixvm-cfg-{}-{n}-bz", std::process::id()));
     let mut b = vec![0u8; 0x1000];
     b[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     b[0x202..0x206].copy_from_slice(b"HdrS");
