@@ -124,6 +124,15 @@ pub struct HostSide {
     pub notify: Option<Notify>,
 }
 
+impl HostSide {
+    /// Passes on what a guest's notify connection holds (other connections hold nothing).
+    fn relay(&self, conn: &Conn) {
+        if let (Some(n), Peer::Notify(msg)) = (&self.notify, &conn.peer) {
+            n.relay(msg);
+        }
+    }
+}
+
 pub struct Vsock {
     cid: u64,
     config: [u8; 8],
@@ -358,15 +367,8 @@ impl Drop for Muxer {
     /// A guest that powers off right after its last notification (systemd-shutdown's) may
     /// never close that connection: what it sent is passed on now.
     fn drop(&mut self) {
-        let Some(n) = &self.host.notify else {
-            return;
-        };
         for conn in self.conns.values() {
-            if let Peer::Notify(msg) = &conn.peer
-                && !msg.is_empty()
-            {
-                n.relay(msg);
-            }
+            self.host.relay(conn);
         }
     }
 }
@@ -592,17 +594,7 @@ impl Muxer {
 
     /// One packet from the guest.
     fn handle(&mut self, hdr: Header, data: &[u8]) {
-        log::trace!(
-            "vsock: guest op {} {}:{} -> {} len {} flags {} buf_alloc {} fwd_cnt {}",
-            hdr.op,
-            hdr.src_cid,
-            hdr.src_port,
-            hdr.dst_port,
-            hdr.len,
-            hdr.flags,
-            hdr.buf_alloc,
-            hdr.fwd_cnt
-        );
+        log::trace!("vsock: from the guest: {hdr:?}");
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
             crate::guest_warn!(
                 "virtio-vsock: packet from CID {} to CID {} dropped",
@@ -671,11 +663,9 @@ impl Muxer {
             OP_CREDIT_REQUEST => conn.owed.credit_update = true,
             OP_SHUTDOWN => {
                 conn.guest_shutdown |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
-                if let Peer::Notify(msg) = &conn.peer {
+                if let Peer::Notify(_) = conn.peer {
                     if conn.guest_shutdown & SHUTDOWN_SEND != 0 {
-                        if let Some(n) = &self.host.notify {
-                            n.relay(msg);
-                        }
+                        self.host.relay(conn);
                         self.reset_conn(key);
                     }
                     return;
@@ -687,11 +677,7 @@ impl Muxer {
                 self.finish_if_done(key);
             }
             OP_RST => {
-                if let Peer::Notify(msg) = &conn.peer
-                    && let Some(n) = &self.host.notify
-                {
-                    n.relay(msg);
-                }
+                self.host.relay(conn);
                 self.remove(key);
             }
             _ => self.reset_conn(key),
@@ -863,18 +849,10 @@ impl Muxer {
             _ => deliver(&mut self.rxq, mem, &hdr, &mut self.buf, 0, |_| Ok(0)),
         };
         log::trace!(
-            "vsock: to guest op {op} {}:{} credit {credit} fwd_cnt {}: {}",
+            "vsock: to the guest, op {op} on {}:{} (credit {credit}, fwd_cnt {}): {result:?}",
             key.0,
             key.1,
-            conn.fwd_cnt,
-            match &result {
-                Delivery::Sent(n) => format!("sent {n}"),
-                Delivery::NoData => "no data".into(),
-                Delivery::Eof => "eof".into(),
-                Delivery::HostError => "host error".into(),
-                Delivery::NoBuffers => "no buffers".into(),
-                Delivery::Broken(e) => format!("broken: {e}"),
-            }
+            conn.fwd_cnt
         );
         match &result {
             Delivery::Sent(n) => {
@@ -921,6 +899,7 @@ impl Muxer {
 }
 
 /// What became of a packet for the guest.
+#[derive(Debug)]
 enum Delivery {
     /// In a receive buffer, with this much payload.
     Sent(usize),
