@@ -1,5 +1,5 @@
 //! The harness: running nixvm, reading its console, the test runner and its helpers.
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -560,7 +560,27 @@ pub(crate) fn sha256_hex(path: &Path) -> String {
         .arg(path)
         .output()
         .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
+    first_word(&out.stdout)
+}
+
+/// The sha256 of bytes in memory, by the same sha256sum.
+pub(crate) fn sha256_bytes(b: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    let mut stdin = child.stdin.take().expect("piped");
+    let data = b.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum output");
+    let _ = feeder.join();
+    first_word(&out.stdout)
+}
+
+/// sha256sum's answer: the hash before the file name.
+fn first_word(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
         .split_whitespace()
         .next()
         .unwrap_or("")

@@ -3,7 +3,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -28,24 +27,6 @@ fn answer_sha(mut s: UnixStream) -> std::io::Result<()> {
     let mut all = Vec::new();
     s.read_to_end(&mut all)?;
     s.write_all(format!("{}\n", sha256_bytes(&all)).as_bytes())
-}
-
-pub(crate) fn sha256_bytes(b: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    let mut stdin = child.stdin.take().expect("piped");
-    let data = b.to_vec();
-    let feeder = std::thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().expect("sha256sum output");
-    let _ = feeder.join();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_owned()
 }
 
 /// Serves every connection to `path` with [`answer_sha`], each in its own thread.
