@@ -293,16 +293,15 @@ pub(crate) fn boot_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
 }
 
 /// The guest reset (exit 3) without asking for it: before its init ran, or by a triple fault
-/// (nixvm's warning on stderr) while its test did not reboot or panic it. The nested-KVM
-/// route does that now and then, with QEMU as with nixvm; such a boot runs once more.
-/// (`console` is what the guest printed.)
+/// (nixvm's warning on stderr; also before the guest printed anything) while its test did not
+/// reboot or panic it. The nested-KVM route does that now and then, with QEMU as with nixvm;
+/// such a boot runs once more. (`console` is what the guest printed.)
 pub(crate) fn spontaneous_reset(code: Option<i32>, console: &str, stderr: &str) -> bool {
     let asked = ["NIXVM-TEST: reboot", "NIXVM-TEST: panic"]
         .iter()
         .any(|m| console.contains(m));
-    code == Some(3)
-        && !console.is_empty()
-        && (!console.contains("NIXVM-TEST: init") || (stderr.contains(TRIPLE_FAULT) && !asked))
+    let before_init = !console.is_empty() && !console.contains("NIXVM-TEST: init");
+    code == Some(3) && (before_init || (stderr.contains(TRIPLE_FAULT) && !asked))
 }
 
 /// What nixvm says on stderr when the guest triple-faults (vmm/src/vcpu.rs).
