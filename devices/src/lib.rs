@@ -6,6 +6,7 @@
 
 pub mod bus;
 pub mod cmos;
+pub mod console;
 pub mod i8042;
 pub mod pm;
 pub mod ratelimit;

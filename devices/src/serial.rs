@@ -1,20 +1,12 @@
-//! The 16550A UART on COM1 (vm-superio) and where its output goes: stdout, a file, or a UNIX
-//! socket that one client at a time attaches to, with the last 64 KiB kept for late comers.
-use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+//! The 16550A UART on COM1 (vm-superio); its output goes to a [`ConsoleOut`].
+use std::io;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::lock;
-
-/// How much console output a socket console keeps for a client that attaches later.
-pub const RING_SIZE: usize = 64 * 1024;
+use crate::console::ConsoleOut;
 
 /// Raises the UART's interrupt line by signalling an eventfd (a KVM irqfd).
 pub struct SerialIrq(pub EventFd);
@@ -36,105 +28,6 @@ impl SerialEvents for InputDrained {
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
             log::warn!("serial: cannot signal drained input: {e}");
-        }
-    }
-}
-
-/// The guest's console output, kept for and sent to the attached socket client.
-#[derive(Default)]
-pub struct SocketConsole {
-    ring: VecDeque<u8>,
-    client: Option<UnixStream>,
-}
-
-impl SocketConsole {
-    /// Attaches a client (non-blocking from here on) and replays the kept output to it.
-    /// Fails if a client is attached already.
-    pub fn attach(&mut self, client: UnixStream) -> Result<(), UnixStream> {
-        if self.client.is_some() {
-            return Err(client);
-        }
-        client.set_nonblocking(true).ok();
-        let (a, b) = self.ring.as_slices();
-        let mut c = client;
-        if send(&mut c, a).and_then(|()| send(&mut c, b)).is_ok() {
-            self.client = Some(c);
-        }
-        Ok(())
-    }
-
-    pub fn detach(&mut self) -> Option<UnixStream> {
-        self.client.take()
-    }
-
-    pub fn has_client(&self) -> bool {
-        self.client.is_some()
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        let overflow = (self.ring.len() + bytes.len()).saturating_sub(RING_SIZE);
-        self.ring.drain(..overflow.min(self.ring.len()));
-        self.ring
-            .extend(&bytes[bytes.len().saturating_sub(RING_SIZE)..]);
-        if let Some(c) = self.client.as_mut() {
-            if send(c, bytes).is_err() {
-                self.client = None;
-            }
-        }
-    }
-
-    #[cfg(test)]
-    fn kept(&self) -> Vec<u8> {
-        self.ring.iter().copied().collect()
-    }
-}
-
-/// Sends without blocking the vCPU: what the client's socket buffer cannot take is dropped
-/// (it stays in the ring). Errors other than a full buffer mean the client is gone.
-fn send(c: &mut UnixStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match c.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                log::debug!(
-                    "serial: console client is slow, dropped {} bytes",
-                    bytes.len()
-                );
-                return Ok(());
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Where the UART's output goes.
-pub enum ConsoleOut {
-    Stdout(io::Stdout),
-    File(File),
-    Socket(Arc<Mutex<SocketConsole>>),
-    Off,
-}
-
-impl Write for ConsoleOut {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            ConsoleOut::Stdout(s) => s.write(buf),
-            ConsoleOut::File(f) => f.write(buf),
-            ConsoleOut::Socket(s) => {
-                lock(s).push(buf);
-                Ok(buf.len())
-            }
-            ConsoleOut::Off => Ok(buf.len()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            ConsoleOut::Stdout(s) => s.flush(),
-            _ => Ok(()),
         }
     }
 }
@@ -196,7 +89,11 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::console::SocketConsole;
+    use crate::lock;
     use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn device(out: ConsoleOut) -> (SerialDevice, EventFd) {
@@ -231,18 +128,6 @@ mod tests {
         dev.write(0, b"x");
         dev.write(0, b"y");
         assert!(!lock(&console).has_client());
-    }
-
-    #[test]
-    fn ring_keeps_the_last_64k() {
-        let mut c = SocketConsole::default();
-        c.push(&vec![b'a'; RING_SIZE]);
-        c.push(b"bc");
-        let kept = c.kept();
-        assert_eq!(kept.len(), RING_SIZE);
-        assert_eq!(&kept[RING_SIZE - 3..], b"abc");
-        c.push(&vec![b'z'; RING_SIZE + 10]);
-        assert_eq!(c.kept(), vec![b'z'; RING_SIZE]);
     }
 
     #[test]

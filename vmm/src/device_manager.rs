@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use nixvm_boot::{acpi, layout};
 use nixvm_devices::bus::BusDevice;
-use nixvm_devices::serial::{ConsoleOut, InputDrained, SerialDevice, SerialIrq};
+use nixvm_devices::console::ConsoleOut;
+use nixvm_devices::serial::{InputDrained, SerialDevice, SerialIrq};
 use nixvm_devices::virtio::block::{self, Block, Disk};
+use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::mmio::MmioTransport;
 use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng, vsock};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
@@ -52,6 +54,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the virtio console")]
+    Console(#[source] std::io::Error),
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
@@ -99,14 +103,22 @@ impl Devices {
         config: &VmConfig,
         exit: &Arc<ExitState>,
         console_out: ConsoleOut,
+        virtio_console: Option<(ConsoleOut, ConsoleInput)>,
         vsock_listener: Option<&crate::unix::Listener>,
     ) -> Result<Devices> {
         let (serial, serial_drained) = create_serial(vm, console_out)?;
         let mut buses = Buses::default();
         add_legacy_devices(&mut buses, exit, serial.clone());
         let mut backends = Vec::new();
-        let (aml, cmdline, transports) =
-            add_virtio_devices(vm, &mut buses, mem, config, &mut backends, vsock_listener)?;
+        let (aml, cmdline, transports) = add_virtio_devices(
+            vm,
+            &mut buses,
+            mem,
+            config,
+            &mut backends,
+            virtio_console,
+            vsock_listener,
+        )?;
         Ok(Devices {
             buses,
             serial,
@@ -160,7 +172,7 @@ fn vhost_user_wait() -> std::time::Duration {
 }
 
 /// Disks (in command-line order: vda, vdb, ...), network interfaces (eth0, eth1, ...),
-/// virtio-fs shares, then the entropy device, each in its own
+/// virtio-fs shares, then the entropy device, vsock and the console, each in its own
 /// virtio-mmio window with an irqfd and one ioeventfd per queue. Returns their DSDT AML and
 /// the command line (with `virtio_mmio.device=` entries instead when the guest has acpi=off).
 /// The back-end processes started for `path=` shares and passt interfaces go into
@@ -171,6 +183,7 @@ fn add_virtio_devices(
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     config: &VmConfig,
     backends: &mut Vec<storefs::Process>,
+    virtio_console: Option<(ConsoleOut, ConsoleInput)>,
     vsock_listener: Option<&crate::unix::Listener>,
 ) -> Result<(Vec<u8>, String, Vec<Transport>)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -233,6 +246,10 @@ fn add_virtio_devices(
             notify,
         };
         devices.push(Box::new(vsock::Vsock::new(v.cid, host).map_err(io)?));
+    }
+    if let Some((out, input)) = virtio_console {
+        let console = Console::new(out, input).map_err(Error::Console)?;
+        devices.push(Box::new(console));
     }
     let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
     let mut aml = Vec::new();

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use config::{SerialConfig, Settings, VmConfig};
+use config::{Settings, VmConfig};
 use lifecycle::{EXIT_FAILED, EXIT_USAGE};
 
 /// Boots a Linux kernel (bzImage or PVH ELF vmlinux) in a KVM virtual machine.
@@ -211,7 +211,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
         );
         return Ok(0);
     }
-    let raw = config.serial == SerialConfig::Stdio;
+    let raw = config.has_stdio_console();
     let vm = vm::Vm::build(&config)?;
     let (exit, waiters) = vm.run(raw)?;
     // The VM is gone and the control socket closed: answer `ctl shutdown`; it returns when

@@ -17,15 +17,16 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use nixvm_boot::{acpi, cpu, kernel, layout, params, smbios};
-use nixvm_devices::serial::{ConsoleOut, SocketConsole};
+use nixvm_devices::console::{ConsoleOut, SocketConsole};
 use nixvm_devices::virtio::GuestMemoryMmap;
+use nixvm_devices::virtio::console::ConsoleInput;
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::config::{OnReboot, SerialConfig, VmConfig};
-use crate::console::{Controller, Input};
+use crate::config::{ConsoleConfig, OnReboot, VmConfig};
+use crate::console::{Controller, Input, Port};
 use crate::control::{Control, ControlParts, VmInfo};
 use crate::device_manager::{self, Devices, Transport};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
@@ -78,14 +79,22 @@ pub enum Error {
     Cpu(#[from] cpu::Error),
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
-    #[error("cannot create serial file {path}")]
-    SerialFile {
+    #[error("cannot create {which} file {path}")]
+    ConsoleFile {
+        which: &'static str,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("serial console")]
-    SerialSocket(#[source] unix::Error),
+    #[error("{0}")]
+    ConsoleSocket(&'static str, #[source] unix::Error),
+    #[error("cannot connect the {which} to {path}")]
+    ConsoleConnect {
+        which: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("control socket")]
     ApiSocket(#[source] unix::Error),
     #[error("vsock socket")]
@@ -113,10 +122,11 @@ impl Error {
             | Error::KvmCap(_)
             | Error::TooManyVcpus { .. }
             | Error::Kernel(_)
-            | Error::SerialFile { .. } => true,
+            | Error::ConsoleFile { .. }
+            | Error::ConsoleConnect { .. } => true,
             Error::Devices(e) => e.is_usage(),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
-            Error::SerialSocket(e) | Error::ApiSocket(e) | Error::VsockSocket(e) => {
+            Error::ConsoleSocket(_, e) | Error::ApiSocket(e) | Error::VsockSocket(e) => {
                 !matches!(e, unix::Error::Bind { .. })
             }
             _ => false,
@@ -333,7 +343,11 @@ impl Vm {
     pub fn build(config: &VmConfig) -> Result<Vm> {
         // First: device threads take their filter from here as they start.
         let filters = Arc::new(seccomp::Filters::new(config.seccomp).map_err(Error::Seccomp)?);
-        let (console_out, input) = open_console(&config.serial)?;
+        let (console_out, input) = open_console(&config.serial, "serial console")?;
+        let virtio_console = match &config.console {
+            ConsoleConfig::Off => None,
+            c => Some(open_console(c, "virtio console")?),
+        };
         // Also before KVM: a socket another nixvm holds is the user's to fix.
         let api_listener = match &config.api_socket {
             Some(path) => Some(Listener::bind(path).map_err(Error::ApiSocket)?),
@@ -371,6 +385,16 @@ impl Vm {
 
         // Devices first: the ACPI tables (or, with acpi=off, the command line) describe them.
         let exit = Arc::new(ExitState::new().map_err(Error::EventFd)?);
+        let (hvc, hvc_port) = match virtio_console {
+            Some((out, input)) => {
+                let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+                let sink = ConsoleInput::new(drained.try_clone().map_err(Error::EventFd)?)
+                    .map_err(Error::EventFd)?;
+                let port = Port::new("virtio console", Box::new(sink.clone()), drained, input);
+                (Some((out, sink)), Some(port))
+            }
+            None => (None, None),
+        };
         let Devices {
             buses,
             serial,
@@ -385,6 +409,7 @@ impl Vm {
             config,
             &exit,
             console_out,
+            hvc,
             vsock_listener.as_ref(),
         )?;
         let power_button = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -434,14 +459,11 @@ impl Vm {
 
         let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         lifecycle::catch_stop_signals(&signal_evt).map_err(Error::EventFd)?;
-        let controller = Arc::new(Mutex::new(Controller::new(
-            exit.clone(),
-            serial,
-            drained,
-            input,
-        )));
+        let serial_port = Port::new("serial console", Box::new(serial), drained, input);
+        let ports = std::iter::once(serial_port).chain(hvc_port).collect();
+        let controller = Arc::new(Mutex::new(Controller::new(exit.clone(), ports)));
         let gate = Arc::new(PauseGate::default());
-        let interactive = config.serial == SerialConfig::Stdio
+        let interactive = config.has_stdio_console()
             // SAFETY: isatty only inspects the descriptor.
             && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
         let control = Arc::new(Mutex::new(Control::new(ControlParts {
@@ -608,20 +630,22 @@ fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Opens where the console goes. Done first, before KVM: a busy socket is the user's to fix.
-fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {
+/// Opens where a console goes. Done first, before KVM: a busy socket is the user's to fix.
+fn open_console(config: &ConsoleConfig, which: &'static str) -> Result<(ConsoleOut, Input)> {
     Ok(match config {
-        SerialConfig::Stdio => (ConsoleOut::Stdout(std::io::stdout()), Input::Stdin),
-        SerialConfig::Off => (ConsoleOut::Off, Input::None),
-        SerialConfig::File(path) => {
-            let f = File::create(path).map_err(|source| Error::SerialFile {
+        ConsoleConfig::Stdio => (ConsoleOut::Stdout(std::io::stdout()), Input::Stdin),
+        ConsoleConfig::Off => (ConsoleOut::Off, Input::None),
+        ConsoleConfig::File(path) => {
+            let f = File::create(path).map_err(|source| Error::ConsoleFile {
+                which,
                 path: path.clone(),
                 source,
             })?;
             (ConsoleOut::File(f), Input::None)
         }
-        SerialConfig::Socket(path) => {
-            let listener = unix::Listener::bind(Path::new(path)).map_err(Error::SerialSocket)?;
+        ConsoleConfig::Socket(path) => {
+            let listener = unix::Listener::bind(Path::new(path))
+                .map_err(|e| Error::ConsoleSocket(which, e))?;
             let console = Arc::new(Mutex::new(SocketConsole::default()));
             (
                 ConsoleOut::Socket(console.clone()),
@@ -631,6 +655,16 @@ fn open_console(config: &SerialConfig) -> Result<(ConsoleOut, Input)> {
                     client: None,
                 },
             )
+        }
+        ConsoleConfig::Connect(path) => {
+            let connect_err = |source| Error::ConsoleConnect {
+                which,
+                path: path.clone(),
+                source,
+            };
+            let stream = UnixStream::connect(path).map_err(connect_err)?;
+            let out = stream.try_clone().map_err(connect_err)?;
+            (ConsoleOut::Stream(out), Input::Stream(stream))
         }
     })
 }

@@ -11,12 +11,13 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use crate::lock;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod buffers;
+pub mod console;
 pub mod fs;
 pub mod fuse;
 pub mod mmio;
@@ -31,7 +32,7 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicB
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 pub use virtio_bindings::virtio_ids::{
-    VIRTIO_ID_BLOCK, VIRTIO_ID_FS, VIRTIO_ID_NET, VIRTIO_ID_RNG,
+    VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_FS, VIRTIO_ID_NET, VIRTIO_ID_RNG,
 };
 /// InterruptStatus bits of virtio-mmio.
 pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
@@ -162,16 +163,39 @@ pub fn process_queue<F>(
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
+    serve_queue(queue, mem, irq, |chain| {
+        ControlFlow::Continue(handle(chain))
+    })
+}
+
+/// [`process_queue`] for a device that cannot always take a chain (its host side is full, or
+/// it has nothing to put in it): `handle` completes a chain with `Continue(bytes written)`,
+/// or declines it with `Break`, which puts the chain back in the ring untouched and ends the
+/// loop. Notifications stay off then: the device comes back by itself when it can go on.
+pub fn serve_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    irq: &dyn Interrupt,
+    mut handle: F,
+) -> bool
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> ControlFlow<(), u32>,
+{
+    let mut used_any = false;
     let served = queue::for_each_chain(queue, mem, |q, chain| {
         let head = chain.head_index();
-        let len = handle(chain);
+        let ControlFlow::Continue(len) = handle(chain) else {
+            q.go_to_previous_position();
+            return ControlFlow::Break(());
+        };
+        used_any = true;
         if let Err(e) = q.add_used(mem, head, len) {
             crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
         }
         ControlFlow::Continue(())
     });
     match served {
-        Ok(used_any) => {
+        Ok(_) => {
             if used_any && queue.needs_notification(mem).unwrap_or(true) {
                 irq.trigger(VIRTIO_MMIO_INT_VRING);
             }

@@ -75,7 +75,7 @@ pub enum Error {
     #[error("disk serial {0:?} is longer than {SERIAL_MAX} bytes")]
     DiskSerial(String),
     #[error(
-        "{0} virtio devices (disks, network interfaces, shares, rng, vsock) are more than nixvm can attach (at most {MAX_DEVICES})"
+        "{0} virtio devices (disks, network interfaces, shares, rng, vsock, console) are more than nixvm can attach (at most {MAX_DEVICES})"
     )]
     TooManyDevices(usize),
     #[error("TAP name {0:?} is not a valid interface name (1 to {IFNAME_MAX} bytes, no '/')")]
@@ -120,8 +120,16 @@ pub enum Error {
     DuplicateNetFd(i32),
     #[error("the directory of control socket {0} does not exist")]
     ApiSocketDir(PathBuf),
-    #[error("the directory of serial {kind} {path} does not exist")]
-    SerialDir { kind: &'static str, path: PathBuf },
+    #[error("the directory of {which} {kind} {path} does not exist")]
+    ConsoleDir {
+        which: &'static str,
+        kind: &'static str,
+        path: PathBuf,
+    },
+    #[error(
+        "--serial and --console cannot both be stdio: send one elsewhere (off, file=, socket=, connect=)"
+    )]
+    TwoStdioConsoles,
     #[error("--uuid {0:?} is not a UUID (like 12345678-9abc-def0-1234-56789abcdef0)")]
     Uuid(String),
     #[error("--smbios-oem-string {0:?} must not be empty or hold a NUL byte")]
@@ -174,9 +182,14 @@ pub struct Settings {
     /// In JSON, the same as `memory`'s `shared=on`.
     #[arg(skip)]
     pub shared_memory: Option<bool>,
-    /// Serial console: stdio, off, file=PATH or socket=PATH [default: stdio].
+    /// Serial console (ttyS0): stdio, off, file=PATH, socket=PATH (nixvm listens) or
+    /// connect=PATH (nixvm connects) [default: stdio, or off when --console is stdio].
     #[arg(long, value_name = "WHERE")]
-    pub serial: Option<SerialConfig>,
+    pub serial: Option<ConsoleConfig>,
+    /// A virtio-console (hvc0): stdio, off, file=PATH, socket=PATH (nixvm listens) or
+    /// connect=PATH (nixvm connects) [default: off, no device].
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<ConsoleConfig>,
     /// A virtio-blk disk, path=PATH[,readonly=on][,serial=STR][,direct=on]; repeatable: the
     /// first is the guest's /dev/vda, the next /dev/vdb, ...
     #[arg(long = "disk", value_name = "SPEC")]
@@ -279,7 +292,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub cpus: u8,
     pub memory: Size,
-    pub serial: SerialConfig,
+    pub serial: ConsoleConfig,
+    /// The virtio-console (hvc0); Off: no device.
+    pub console: ConsoleConfig,
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub fs: Vec<FsConfig>,
@@ -359,17 +374,26 @@ impl VmConfig {
         }
         let cmdline = file.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
         nixvm_boot::params::check_cmdline(&cmdline, nixvm_boot::layout::CMDLINE_MAX_LEN)?;
-        let serial = file.serial.unwrap_or_default();
-        if let SerialConfig::File(p) | SerialConfig::Socket(p) = &serial {
-            if !parent_dir_exists(p) {
-                let kind = if matches!(serial, SerialConfig::File(_)) {
-                    "file"
-                } else {
-                    "socket"
-                };
-                return Err(Error::SerialDir {
+        let console = file.console.unwrap_or(ConsoleConfig::Off);
+        let serial = file.serial.unwrap_or(if console == ConsoleConfig::Stdio {
+            ConsoleConfig::Off
+        } else {
+            ConsoleConfig::Stdio
+        });
+        if serial == ConsoleConfig::Stdio && console == ConsoleConfig::Stdio {
+            return Err(Error::TwoStdioConsoles);
+        }
+        for (which, c) in [("serial", &serial), ("console", &console)] {
+            let (kind, path) = match c {
+                ConsoleConfig::File(p) => ("file", p),
+                ConsoleConfig::Socket(p) => ("socket", p),
+                _ => continue,
+            };
+            if !parent_dir_exists(path) {
+                return Err(Error::ConsoleDir {
+                    which,
                     kind,
-                    path: p.clone(),
+                    path: path.clone(),
                 });
             }
         }
@@ -444,8 +468,12 @@ impl VmConfig {
                 socket: None,
             });
         }
-        let devices =
-            disks.len() + nets.len() + fs.len() + usize::from(rng) + usize::from(vsock.is_some());
+        let devices = disks.len()
+            + nets.len()
+            + fs.len()
+            + usize::from(rng)
+            + usize::from(vsock.is_some())
+            + usize::from(console != ConsoleConfig::Off);
         if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
@@ -487,6 +515,7 @@ impl VmConfig {
             cpus: u8::try_from(cpus).expect("checked against MAX_CPUS"),
             memory,
             serial,
+            console,
             disks,
             nets,
             fs,
@@ -501,6 +530,11 @@ impl VmConfig {
             vsock,
             notify_socket,
         })
+    }
+
+    /// Whether a console is on nixvm's stdin and stdout.
+    pub fn has_stdio_console(&self) -> bool {
+        self.serial == ConsoleConfig::Stdio || self.console == ConsoleConfig::Stdio
     }
 
     /// What the SMBIOS tables say about this VM.

@@ -1,4 +1,4 @@
-//! The values of the options: sizes, the serial console, and the `key=value,…` specs of
+//! The values of the options: sizes, the consoles, and the `key=value,…` specs of
 //! --disk, --net, --fs and --memory (one parser, [`key_values`]). Each is the flag's value,
 //! the JSON field's value and, once `VmConfig::validate` has checked it, the VM's.
 use std::fmt;
@@ -73,53 +73,58 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// Where the serial console goes: `stdio`, `off`, `file=PATH`, `socket=PATH`.
+/// Where a console goes (`--serial`, `--console`): `stdio`, `off`, `file=PATH`,
+/// `socket=PATH` (nixvm listens; one client at a time, the last 64 KiB replayed to it) or
+/// `connect=PATH` (nixvm connects to a socket another program listens on).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum SerialConfig {
+pub enum ConsoleConfig {
     #[default]
     Stdio,
     Off,
     File(PathBuf),
     Socket(PathBuf),
+    Connect(PathBuf),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid serial {0:?}: use stdio, off, file=PATH or socket=PATH")]
-pub struct SerialError(String);
+#[error("invalid console {0:?}: use stdio, off, file=PATH, socket=PATH or connect=PATH")]
+pub struct ConsoleError(String);
 
-impl FromStr for SerialConfig {
-    type Err = SerialError;
-    fn from_str(s: &str) -> std::result::Result<Self, SerialError> {
+impl FromStr for ConsoleConfig {
+    type Err = ConsoleError;
+    fn from_str(s: &str) -> std::result::Result<Self, ConsoleError> {
         match s {
-            "stdio" => Ok(SerialConfig::Stdio),
-            "off" => Ok(SerialConfig::Off),
+            "stdio" => Ok(ConsoleConfig::Stdio),
+            "off" => Ok(ConsoleConfig::Off),
             _ => match s.split_once('=') {
-                Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(p.into())),
-                Some(("socket", p)) if !p.is_empty() => Ok(SerialConfig::Socket(p.into())),
-                _ => Err(SerialError(s.to_owned())),
+                Some(("file", p)) if !p.is_empty() => Ok(ConsoleConfig::File(p.into())),
+                Some(("socket", p)) if !p.is_empty() => Ok(ConsoleConfig::Socket(p.into())),
+                Some(("connect", p)) if !p.is_empty() => Ok(ConsoleConfig::Connect(p.into())),
+                _ => Err(ConsoleError(s.to_owned())),
             },
         }
     }
 }
 
-impl fmt::Display for SerialConfig {
+impl fmt::Display for ConsoleConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SerialConfig::Stdio => f.write_str("stdio"),
-            SerialConfig::Off => f.write_str("off"),
-            SerialConfig::File(p) => write!(f, "file={}", p.display()),
-            SerialConfig::Socket(p) => write!(f, "socket={}", p.display()),
+            ConsoleConfig::Stdio => f.write_str("stdio"),
+            ConsoleConfig::Off => f.write_str("off"),
+            ConsoleConfig::File(p) => write!(f, "file={}", p.display()),
+            ConsoleConfig::Socket(p) => write!(f, "socket={}", p.display()),
+            ConsoleConfig::Connect(p) => write!(f, "connect={}", p.display()),
         }
     }
 }
 
-impl Serialize for SerialConfig {
+impl Serialize for ConsoleConfig {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for SerialConfig {
+impl<'de> Deserialize<'de> for ConsoleConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         String::deserialize(d)?
             .parse()

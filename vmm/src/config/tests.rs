@@ -18,22 +18,26 @@ fn sizes() {
 }
 
 #[test]
-fn serial_specs() {
-    assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
-    assert_eq!("off".parse(), Ok(SerialConfig::Off));
+fn console_specs() {
+    assert_eq!("stdio".parse(), Ok(ConsoleConfig::Stdio));
+    assert_eq!("off".parse(), Ok(ConsoleConfig::Off));
     assert_eq!(
         "file=/tmp/x".parse(),
-        Ok(SerialConfig::File("/tmp/x".into()))
+        Ok(ConsoleConfig::File("/tmp/x".into()))
     );
     assert_eq!(
         "socket=a/b.sock".parse(),
-        Ok(SerialConfig::Socket("a/b.sock".into()))
+        Ok(ConsoleConfig::Socket("a/b.sock".into()))
     );
-    for bad in ["", "file=", "socket", "tcp=1", "Stdio"] {
-        assert!(bad.parse::<SerialConfig>().is_err(), "{bad:?}");
+    assert_eq!(
+        "connect=/run/x.sock".parse(),
+        Ok(ConsoleConfig::Connect("/run/x.sock".into()))
+    );
+    for bad in ["", "file=", "socket", "connect=", "tcp=1", "Stdio"] {
+        assert!(bad.parse::<ConsoleConfig>().is_err(), "{bad:?}");
     }
-    for s in ["stdio", "off", "file=/x", "socket=/y"] {
-        assert_eq!(s.parse::<SerialConfig>().unwrap().to_string(), s);
+    for s in ["stdio", "off", "file=/x", "socket=/y", "connect=/z"] {
+        assert_eq!(s.parse::<ConsoleConfig>().unwrap().to_string(), s);
     }
 }
 
@@ -256,7 +260,7 @@ fn config_file_parses_and_rejects_unknown_fields() {
     )
     .unwrap();
     assert_eq!(f.memory.map(|m| m.size), Some(Size(1 << 30)));
-    assert_eq!(f.serial, Some(SerialConfig::Socket("/s".into())));
+    assert_eq!(f.serial, Some(ConsoleConfig::Socket("/s".into())));
     let f: Settings = serde_json::from_str(r#"{"memory":384}"#).unwrap();
     assert_eq!(f.memory.map(|m| m.size), Some(Size(384 << 20)));
     assert!(serde_json::from_str::<Settings>(r#"{"kernal":"/k"}"#).is_err());
@@ -314,14 +318,21 @@ fn validation() {
     let v = VmConfig::validate(base(), 1 << 40).unwrap();
     assert_eq!(
         (v.cpus, v.memory, v.serial.clone(), v.kernel_format.as_str()),
-        (1, DEFAULT_MEMORY, SerialConfig::Stdio, "bzImage")
+        (1, DEFAULT_MEMORY, ConsoleConfig::Stdio, "bzImage")
     );
     assert_eq!(v.cmdline, DEFAULT_CMDLINE);
+    assert_eq!(v.console, ConsoleConfig::Off);
     let with = |f: fn(&mut Settings)| {
         let mut c = base();
         f(&mut c);
         VmConfig::validate(c, 1 << 40)
     };
+    // The console on stdio takes the serial port's place there unless it is given.
+    let v = with(|c| c.console = Some(ConsoleConfig::Stdio)).unwrap();
+    assert_eq!(
+        (v.serial, v.console),
+        (ConsoleConfig::Off, ConsoleConfig::Stdio)
+    );
     assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
     assert!(matches!(
         with(|c| c.shutdown_timeout = Some(1 << 63)),
@@ -420,8 +431,22 @@ fn validation() {
         Err(Error::Initrd { .. })
     ));
     assert!(matches!(
-        with(|c| c.serial = Some(SerialConfig::Socket("/nonexistent/dir/s".into()))),
-        Err(Error::SerialDir { .. })
+        with(|c| c.serial = Some(ConsoleConfig::Socket("/nonexistent/dir/s".into()))),
+        Err(Error::ConsoleDir { .. })
+    ));
+    assert!(matches!(
+        with(|c| c.console = Some(ConsoleConfig::File("/nonexistent/dir/f".into()))),
+        Err(Error::ConsoleDir {
+            which: "console",
+            ..
+        })
+    ));
+    assert!(matches!(
+        with(|c| {
+            c.console = Some(ConsoleConfig::Stdio);
+            c.serial = Some(ConsoleConfig::Stdio);
+        }),
+        Err(Error::TwoStdioConsoles)
     ));
     assert!(matches!(
         with(|c| c.cmdline = Some("x".repeat(4000))),
