@@ -7,7 +7,8 @@
 #   OUT/initrd.img
 # The guest runs nixvm-test.service once it is up (WantedBy=multi-user.target): it prints
 # "NIXVM-TEST: ..." lines on ttyS0 (a credential, the RTC, its journal's warnings), sleeps,
-# and says "unit-done"; the default target is reached only after it.
+# and says "unit-done"; the default target is reached only after it. nixvm-backdoor.service
+# runs a root shell on hvc0 as the NixOS test driver's backdoor does.
 # Needs root, mmdebstrap and Debian's package mirror; does nothing when OUT is up to date
 # (OUT/stamp: this script's hash and the kernel version).
 set -euo pipefail
@@ -64,10 +65,39 @@ TTYPath=/dev/ttyS0
 [Install]
 WantedBy=multi-user.target
 EOF
-# No getty on the console: its vhangup() would cut the unit's output off.
+# A root shell on hvc0, as the NixOS test driver's backdoor service runs it
+# (nixos/modules/testing/test-instrumentation.nix): the test talks to it over
+# nixvm's --console connect=.
+cat > "$tree/usr/local/bin/nixvm-backdoor" <<'EOF'
+#!/bin/bash
+export HOME=/root
+cd /tmp
+exec < /dev/hvc0 > /dev/hvc0
+while ! exec 2> /dev/ttyS0; do sleep 0.1; done
+echo "connecting to host..." >&2
+stty -F /dev/hvc0 raw -echo
+echo "Spawning backdoor root shell..."
+PS1="" exec /usr/bin/env bash --norc /dev/hvc0
+EOF
+chmod +x "$tree/usr/local/bin/nixvm-backdoor"
+cat > "$tree/etc/systemd/system/nixvm-backdoor.service" <<'EOF'
+[Unit]
+Description=root shell on hvc0 for the test
+Requires=dev-hvc0.device dev-ttyS0.device
+After=dev-hvc0.device dev-ttyS0.device
+[Service]
+ExecStart=/usr/local/bin/nixvm-backdoor
+KillSignal=SIGHUP
+[Install]
+WantedBy=multi-user.target
+EOF
+# No getty on the consoles: its vhangup() would cut the unit's output off, and hvc0 is the
+# backdoor's.
 ln -sf /dev/null "$tree/etc/systemd/system/serial-getty@ttyS0.service"
+ln -sf /dev/null "$tree/etc/systemd/system/serial-getty@hvc0.service"
 mkdir -p "$tree/etc/systemd/system/multi-user.target.wants"
 ln -sf ../nixvm-test.service "$tree/etc/systemd/system/multi-user.target.wants/"
+ln -sf ../nixvm-backdoor.service "$tree/etc/systemd/system/multi-user.target.wants/"
 rm -rf "$tree/var/cache/apt" "$tree/var/lib/apt/lists"
 mkfs.ext4 -q -L root -d "$tree" "$out/root.img" 1G
 rm -rf "$tree"

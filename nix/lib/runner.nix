@@ -34,7 +34,8 @@
 # and nixvm's own:
 #   nixvm         the binary (argv[0]); the script uses $NIXVM when set    "nixvm"
 #   bootParams    appended to kernelParams          [ "console=ttyS0" "reboot=k" "panic=-1" ]
-#   serial        --serial                                                   "stdio"
+#   serial        --serial (ttyS0): stdio, off, file=…, socket=…, connect=…    "stdio"
+#   console       --console (a virtio-console, hvc0): the same kinds; "off": none  "off"
 #   rng           --rng on|off                                               true
 #   shutdownTimeout  --shutdown-timeout SECS                                 null (nixvm's 30)
 #   onReboot      --on-reboot exit|restart                                  null (nixvm's exit)
@@ -70,7 +71,7 @@ let
 
   known = [
     "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
-    "interfaces" "preStart" "nixvm" "bootParams" "serial" "rng" "shutdownTimeout"
+    "interfaces" "preStart" "nixvm" "bootParams" "serial" "console" "rng" "shutdownTimeout"
     "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs" "forwardPorts" "passt"
     "cmdlineEnv" "vsock" "credentials"
   ];
@@ -91,6 +92,7 @@ let
     nixvm = "nixvm";
     bootParams = [ "console=ttyS0" "reboot=k" "panic=-1" ];
     serial = "stdio";
+    console = "off";
     rng = true;
     shutdownTimeout = null;
     onReboot = null;
@@ -214,6 +216,7 @@ let
   restArgs =
     [ "--cpus" (str c.vcpu) "--memory" "${str c.mem}M" ]
     ++ opt (c.serial != "stdio") [ "--serial" c.serial ]
+    ++ opt (c.console != "off") [ "--console" c.console ]
     ++ flag "--disk" (map diskSpec volumes)
     ++ flag "--net" (map netSpec c.interfaces)
     ++ flag "--fs" (map fsSpec checkedShares)

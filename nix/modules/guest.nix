@@ -34,7 +34,7 @@ let
   description = {
     name = hostName;
     nixvm = "${cfg.package}/bin/nixvm";
-    inherit (cfg) vcpu mem socket kernelParams preStart shutdownTimeout onReboot extraArgs;
+    inherit (cfg) vcpu mem socket kernelParams preStart shutdownTimeout onReboot extraArgs serial console;
     kernel = cfg.kernel;
     initrd = cfg.initrd;
     volumes = map (v: removeAttrs v [ "_module" ]) cfg.volumes;
@@ -142,6 +142,23 @@ in
       description = "More arguments for the virtiofsd the runner starts.";
     };
     vcpu = mkOption { type = types.ints.between 1 254; default = 1; description = "Number of vCPUs."; };
+    serial = mkOption {
+      type = types.str;
+      default = "stdio";
+      example = "socket=console.sock";
+      description = "Where the serial console (ttyS0) goes (--serial): stdio, off, file=PATH, socket=PATH (nixvm listens) or connect=PATH (nixvm connects).";
+    };
+    console = mkOption {
+      type = types.str;
+      default = "off";
+      example = "socket=hvc0.sock";
+      description = ''
+        Where a virtio-console (/dev/hvc0 in the guest) goes (--console): stdio, file=PATH,
+        socket=PATH or connect=PATH; "off": no such device. It moves a buffer at a time where
+        the serial port costs a trap per byte. With `console=hvc0` last in boot.kernelParams
+        it is the guest's console (once the virtio_console driver has loaded).
+      '';
+    };
     mem = mkOption { type = types.ints.positive; default = 512; description = "RAM in MiB (at least 64)."; };
     socket = mkOption {
       type = types.nullOr types.str;

@@ -133,6 +133,7 @@ in
       vcpu = 4;
       mem = 2048;
       serial = "file=${dir}/console.log";
+      console = "connect=${dir}/shell.sock";
       rng = false;
       shutdownTimeout = 10;
       onReboot = "exit";
@@ -143,6 +144,7 @@ in
       "--cmdline" "quiet nixvm.action=poweroff console=ttyS0"
       "--cpus" "4" "--memory" "2048M"
       "--serial" "file=${dir}/console.log"
+      "--console" "connect=${dir}/shell.sock"
       "--rng" "off"
       "--api-socket" "${dir}/sock/ctl.sock"
       "--shutdown-timeout" "10"

@@ -121,6 +121,8 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
     });
 
     t.run_retry("serial_socket_attach", || serial_socket(g));
+    group(t, &HVC_NAMES, "the hvc0 boot", || hvc_boot(g));
+    t.run_retry("hvc0_socket_replay_and_input", || hvc_socket(g));
 
     // One boot: the SMBIOS tables, and the RTC the DSDT describes.
     if [

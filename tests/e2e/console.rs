@@ -1,6 +1,6 @@
 //! The serial console: a terminal on stdio, and a socket to attach to.
-use std::io::{BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -170,3 +170,141 @@ pub(crate) fn serial_socket(g: &Guest) -> TestResult {
 }
 
 // ---------------------------------------------------------------- driver
+
+pub(crate) const HVC_NAMES: [&str; 2] =
+    ["hvc0_connect_both_ways", "hvc0_4m_slow_reader_nothing_lost"];
+
+/// Bytes the guest sends through hvc0 while the host does not read.
+const HVC_BIG: usize = 4 << 20;
+
+/// `--console connect=PATH` (what a test driver does): nixvm connects to the socket the test
+/// listens on; a line goes each way on the guest's /dev/hvc0, then the guest writes 4 MiB
+/// while the test does not read for a while: the guest must wait, not lose bytes.
+pub(crate) fn hvc_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+    let sock = temp_dir().join("hvc.sock");
+    let _ = std::fs::remove_file(&sock);
+    let l = UnixListener::bind(&sock).map_err(|e| e.to_string())?;
+    let script = script_disk(
+        "hvc-script.img",
+        &format!(
+            r#"
+echo "NIXVM-TEST: hvc=$(ls /dev/hvc0 2>&1)"
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+echo "hvc-hello-from-guest" >&3
+read -r line <&3
+echo "NIXVM-TEST: hvc_got=$line"
+head -c {HVC_BIG} /dev/urandom > /tmp/big
+echo "NIXVM-TEST: big_sha=$(sha256sum < /tmp/big | cut -d' ' -f1)"
+cat /tmp/big >&3
+echo "NIXVM-TEST: big_sent"
+exec 3>&-
+"#
+        ),
+    );
+    let cl = cmdline("script");
+    let con = format!("connect={}", sock.display());
+    let d = format!("path={},readonly=on", script.display());
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend(["--console", &con, "--disk", &d]);
+    let mut vm = Streaming::spawn(&args)?;
+    let conn = accept_within(&l, Duration::from_secs(60))?;
+    conn.set_read_timeout(Some(BOOT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut hvc = BufReader::new(conn);
+    let both_ways = (|| {
+        let mut line = String::new();
+        hvc.read_line(&mut line).map_err(|e| format!("hvc0: {e}"))?;
+        check!(
+            line == "hvc-hello-from-guest\n",
+            "first line on hvc0: {line:?}"
+        );
+        hvc.get_mut()
+            .write_all(b"host-says-hi\n")
+            .map_err(|e| e.to_string())?;
+        vm.wait_for("NIXVM-TEST: hvc_got=")?;
+        vm.expect("hvc_got", "host-says-hi")
+    })();
+    let slow = (|| {
+        both_ways.clone()?;
+        vm.wait_for("NIXVM-TEST: big_sha=")?;
+        // Not reading: far more than the socket's buffers waits in the guest.
+        std::thread::sleep(Duration::from_secs(3));
+        check!(
+            !vm.seen.contains("big_sent"),
+            "the guest finished writing 4 MiB that nobody read"
+        );
+        let mut big = vec![0u8; HVC_BIG];
+        hvc.read_exact(&mut big)
+            .map_err(|e| format!("reading 4 MiB from hvc0: {e}"))?;
+        vm.wait_for("NIXVM-TEST: big_sent")?;
+        vm.expect("big_sha", &sha256_bytes(&big))
+    })();
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+    // A boot that stalled or reset is retried as a whole.
+    if let Err(e) = both_ways.as_ref().and(slow.as_ref()) {
+        if e.contains(STALLED) {
+            return Err(e.clone());
+        }
+    }
+    Ok(vec![
+        both_ways.and_then(|()| {
+            check!(
+                status.and_then(|s| s.code()) == Some(0),
+                "nixvm ended with {status:?}"
+            );
+            Ok(())
+        }),
+        slow,
+    ])
+}
+
+/// `--console socket=PATH`: what the guest wrote on hvc0 before anyone attached is replayed
+/// to the client that attaches; its input reaches the guest. With `console=hvc0` on the
+/// command line, the kernel's messages go there too once the driver is loaded.
+pub(crate) fn hvc_socket(g: &Guest) -> TestResult {
+    let sock = temp_dir().join("hvc-listen.sock");
+    let script = script_disk(
+        "hvc-socket-script.img",
+        r#"
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+echo "hvc-early-line" >&3
+echo "<2>nixvm-kmsg-on-hvc0" > /dev/kmsg
+echo "NIXVM-TEST: early_written"
+read -r line <&3
+echo "NIXVM-TEST: hvc_got=$line"
+echo "reply:$line" >&3
+sleep 1
+"#,
+    );
+    let cl = format!("{} console=hvc0", cmdline("script"));
+    let con = format!("socket={}", sock.display());
+    let d = format!("path={},readonly=on", script.display());
+    let mut args = g.args(&g.vmlinuz, &cl);
+    args.extend(["--console", &con, "--disk", &d]);
+    let mut vm = Streaming::spawn(&args)?;
+    let result = (|| {
+        vm.wait_for("NIXVM-TEST: early_written")?;
+        let mut c = connect_console(&sock)?;
+        let replay = read_until(&mut c, "nixvm-kmsg-on-hvc0", Duration::from_secs(30))?;
+        check!(
+            replay.contains("hvc-early-line"),
+            "no replay of the guest's early hvc0 output:\n{replay}"
+        );
+        c.get_mut()
+            .write_all(b"from-socket\n")
+            .map_err(|e| e.to_string())?;
+        read_until(&mut c, "reply:from-socket", Duration::from_secs(60))?;
+        vm.wait_for("NIXVM-TEST: hvc_got=")?;
+        vm.expect("hvc_got", "from-socket")
+    })();
+    let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+    result?;
+    check!(
+        status.and_then(|s| s.code()) == Some(0),
+        "nixvm ended with {status:?}"
+    );
+    check!(!sock.exists(), "socket file left behind");
+    Ok(())
+}

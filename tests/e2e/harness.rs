@@ -1,6 +1,6 @@
 //! The harness: running nixvm, reading its console, the test runner and its helpers.
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -400,6 +400,22 @@ pub(crate) fn read_until(
     Err(format!(
         "{want:?} did not appear on the console socket {STALLED}; read:\n{seen}"
     ))
+}
+
+/// Waits up to `timeout` for a connection to `l` (nixvm's `connect=`); blocking again after.
+pub(crate) fn accept_within(l: &UnixListener, timeout: Duration) -> Result<UnixStream, String> {
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok(s);
+            }
+            Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("nixvm never connected to {l:?}: {e}")),
+        }
+    }
 }
 
 /// nixvm running with stdout read line by line in the background.

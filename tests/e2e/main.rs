@@ -49,8 +49,8 @@ mod virtiofsd;
 mod vsock;
 
 use crate::{
-    boot::*, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*, storefs::*, systemd::*,
-    usage::*, vsock::*,
+    boot::*, console::HVC_NAMES, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*,
+    storefs::*, systemd::*, usage::*, vsock::*,
 };
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
@@ -158,6 +158,7 @@ fn main() {
         "serial_file",
         "panic_reboots_exits_3_config_file",
         "serial_socket_attach",
+        "hvc0_socket_replay_and_input",
         "smbios_uuid_oem_strings_credentials",
         "rtc_cmos_binds_dev_rtc0",
         "reboot_method_k_exits_3",
@@ -180,6 +181,7 @@ fn main() {
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)
         .chain(HOSTILE_NAMES)
+        .chain(HVC_NAMES)
         .chain(VSOCK_NAMES)
         .chain(SYSTEMD_NAMES)
         .chain(PASST_NAMES)

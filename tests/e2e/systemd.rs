@@ -1,7 +1,9 @@
 //! A real systemd guest (Debian trixie, systemd 257, from `resources/systemd-guest.sh`) under
 //! nixvm: credentials from SMBIOS, readiness relayed to a notify socket, the RTC, the power
-//! button through logind and a clean power-off.
-use std::os::unix::net::UnixDatagram;
+//! button through logind, a clean power-off, and a root shell on hvc0 as the NixOS test
+//! driver's backdoor.
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -9,13 +11,44 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-pub(crate) const SYSTEMD_NAMES: [&str; 5] = [
+pub(crate) const SYSTEMD_NAMES: [&str; 6] = [
     "systemd_guest_reaches_multi_user",
     "systemd_credential_imported",
     "systemd_ready_relayed_after_default_target",
     "systemd_rtc_and_power_button",
     "systemd_power_button_powers_off_cleanly",
+    "systemd_hvc0_backdoor_shell",
 ];
+
+/// The backdoor's banner on hvc0 (as NixOS's test instrumentation prints it).
+const BANNER: &str = "Spawning backdoor root shell...";
+
+/// Talks to the guest's backdoor shell on hvc0 as a test driver does: waits for the banner,
+/// runs a command, reads its output.
+fn backdoor(l: &UnixListener) -> Result<(), String> {
+    let conn = accept_within(l, Duration::from_secs(60))?;
+    conn.set_read_timeout(Some(Duration::from_secs(600)))
+        .map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(conn);
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !line.contains(BANNER) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return Err(format!("hvc0 closed before the banner; read {seen:?}")),
+            Ok(_) => seen.push_str(&line),
+            Err(e) => return Err(format!("no banner on hvc0 ({e}); read {seen:?}")),
+        }
+    }
+    r.get_mut()
+        .write_all(b"echo \"HVC-$((6 * 7))-$(id -u)\"\n")
+        .map_err(|e| e.to_string())?;
+    line.clear();
+    r.read_line(&mut line)
+        .map_err(|e| format!("no answer on hvc0: {e}"))?;
+    check!(line == "HVC-42-0\n", "the backdoor shell answered {line:?}");
+    Ok(())
+}
 
 /// Where `resources/systemd-guest.sh` puts the guest (built on the host, before L1).
 pub(crate) fn systemd_guest_dir() -> PathBuf {
@@ -93,9 +126,13 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
             }
         });
     }
+    let shell = tmp.join("shell.sock");
+    let shell_l = UnixListener::bind(&shell).map_err(e)?;
+    let shell_talk = std::thread::spawn(move || backdoor(&shell_l));
     let api = tmp.join("api.sock");
     let initrd = dir.join("initrd.img");
     let d = format!("path={}", img.display());
+    let con = format!("connect={}", shell.display());
     let args = [
         "--kernel",
         &g.vmlinuz,
@@ -115,11 +152,16 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         notify_path.to_str().unwrap_or(""),
         "--api-socket",
         api.to_str().unwrap_or(""),
+        "--console",
+        &con,
     ];
     let mut vm = Streaming::spawn(&args)?;
     vm.wait_for_within("NIXVM-TEST: unit-start", Duration::from_secs(600))?;
     let unit_started = Instant::now();
     let done = vm.wait_for_within("NIXVM-TEST: unit-done", Duration::from_secs(120));
+    let hvc = shell_talk
+        .join()
+        .unwrap_or_else(|_| Err("the backdoor thread panicked".into()));
     // systemd says READY=1 once the default target is reached, after the unit.
     let deadline = Instant::now() + Duration::from_secs(120);
     let ready_at = loop {
@@ -208,5 +250,5 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         );
         Ok(())
     })();
-    Ok(vec![multi_user, cred, ready, machine, poweroff])
+    Ok(vec![multi_user, cred, ready, machine, poweroff, hvc])
 }
