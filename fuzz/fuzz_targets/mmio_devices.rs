@@ -5,7 +5,8 @@
 //! end that answers the frontend and hangs up after as many messages as the input says, so
 //! that nixvm's own EIO fallback serves the guest's rings) and virtio-vsock (host programs
 //! connecting to its socket and writing what the input says, a host socket the guest can
-//! connect to). nixvm must not panic, hang or
+//! connect to) and virtio-console (its output a socket the host reads only when the input
+//! says, so it fills up; its input what the input says). nixvm must not panic, hang or
 //! allocate without bound; the devices' worker threads are stopped (joined) at the end of
 //! every input, so a worker spinning on a bad queue shows as a timeout.
 #![no_main]
@@ -18,7 +19,9 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use nixvm_devices::bus::BusDevice;
+use nixvm_devices::console::ConsoleOut;
 use nixvm_devices::virtio::block::{Block, Disk, DiskOptions};
+use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::fs::{FsOptions, VhostUserFs};
 use nixvm_devices::virtio::mmio::MmioTransport;
 use nixvm_devices::virtio::net::{Net, Tap};
@@ -114,15 +117,24 @@ fn scripted_backend(listener: UnixListener, messages: u8) {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let kind = input.u8() % 5;
+    let kind = input.u8() % 6;
     let mem = Memory::new(if kind == 3 { shared_memory() } else { memory(MEM) });
     let mut host_end = None;
     let mut backend = None;
     let mut vsock_dir = None;
     let mut clients: Vec<UnixStream> = Vec::new();
     let mut port5 = None;
+    let mut console = None;
     let device: Box<dyn VirtioDevice> = match kind {
         0 => Box::new(Rng::default()),
+        5 => {
+            let (ours, host) = UnixStream::pair().unwrap();
+            let _ = host.set_nonblocking(true);
+            let drained = EventFd::new(EFD_NONBLOCK).unwrap();
+            let keys = ConsoleInput::new(drained).unwrap();
+            console = Some((host, keys.clone()));
+            Box::new(Console::new(ConsoleOut::Stream(ours), keys).unwrap())
+        }
         4 => {
             let dir = std::env::temp_dir().join(format!("nixvm-fuzz-vsock-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -214,6 +226,13 @@ fuzz_target!(|data: &[u8]| {
                 let frame = input.bytes(n).to_vec();
                 if let Some(h) = host_end.as_mut() {
                     let _ = h.write(&frame);
+                }
+                // console: keys for the guest, and the host reads its output now and then.
+                if let Some((host, keys)) = console.as_mut() {
+                    keys.enqueue(&frame);
+                    if frame.first().is_some_and(|b| b & 1 == 0) {
+                        let _ = host.read(&mut [0u8; 4096]);
+                    }
                 }
                 // vsock: a new host client (up to 8) or more bytes from the last one.
                 if let Some(dir) = &vsock_dir {
