@@ -61,7 +61,7 @@ CMDFILE=$W/.l1cmd
 {
   printf 'export PATH='; shq "$PATH"; printf ' HOME='; shq "${HOME:-/root}"; echo
   while IFS= read -r v; do
-    case $v in NIXVM_*) printf 'export %s=' "$v"; shq "${!v}"; echo ;; esac
+    case $v in NIXVM_*|CLOUD_HYPERVISOR|FIRECRACKER) printf 'export %s=' "$v"; shq "${!v}"; echo ;; esac
   done < <(compgen -e)
   for a in "$@"; do shq "$a"; printf ' '; done
   echo
