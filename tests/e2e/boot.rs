@@ -181,6 +181,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
     group(t, &BLK_NAMES, "the disks boot", || disks_boot(g));
     t.run_retry("blk_flush_is_fdatasync", || flush_is_fdatasync(g));
     lifecycle_tests(t, g);
+    qmp_tests(t, g);
     nix_runner_test(t);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -191,3 +191,141 @@ if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
         Ok(())
     });
 }
+
+/// A QMP client as a test driver's (`nixos/lib/test-driver/.../qmp.py`): JSON lines, the
+/// answers and the events apart.
+struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    events: Vec<serde_json::Value>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| format!("qmp: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        Ok(Qmp {
+            r: std::io::BufReader::new(s),
+            events: Vec::new(),
+        })
+    }
+
+    fn line(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) => Err("QMP socket closed".into()),
+            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("not JSON: {line:?}: {e}")),
+            Err(e) => Err(format!("reading QMP: {e}")),
+        }
+    }
+
+    /// The next line that is not an event (events are kept).
+    fn answer(&mut self) -> Result<serde_json::Value, String> {
+        loop {
+            let v = self.line()?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+            self.events.push(v);
+        }
+    }
+
+    fn execute(&mut self, cmd: &str) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        let line = format!("{}\n", serde_json::json!({"execute": cmd, "id": cmd}));
+        self.r
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(|e| e.to_string())?;
+        self.answer()
+    }
+
+    /// Reads until an event named `name` came (or the socket closed); returns it.
+    fn event(&mut self, name: &str) -> Result<serde_json::Value, String> {
+        loop {
+            if let Some(e) = self.events.iter().find(|e| e["event"] == name) {
+                return Ok(e.clone());
+            }
+            match self.line() {
+                Ok(v) if v.get("event").is_some() => self.events.push(v),
+                Ok(v) => return Err(format!("an answer while waiting for {name}: {v}")),
+                Err(e) => {
+                    let names: Vec<String> =
+                        self.events.iter().map(|e| e["event"].to_string()).collect();
+                    return Err(format!("no {name} event ({e}); events: {names:?}"));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn qmp_tests(t: &mut Runner, g: &Guest) {
+    t.run_retry("qmp_status_stop_cont_powerdown", || {
+        let qmp = temp_dir().join("q.qmp");
+        let q = qmp.to_str().unwrap_or("");
+        let (mut vm, _) = api_guest(g, "qmp", &format!("{ACPID}{TICKS}"), &["--qmp", q])?;
+        vm.wait_for("tick 2")?;
+        let mut c = Qmp::connect(&qmp)?;
+        let hello = c.answer()?;
+        check!(hello.get("QMP").is_some(), "greeting: {hello}");
+        let early = c.execute("query-status")?;
+        check!(
+            early["error"]["class"] == "CommandNotFound",
+            "before negotiation: {early}"
+        );
+        let caps = c.execute("qmp_capabilities")?;
+        check!(
+            caps["return"] == serde_json::json!({}) && caps["id"] == "qmp_capabilities",
+            "qmp_capabilities: {caps}"
+        );
+        let st = c.execute("query-status")?;
+        check!(st["return"]["running"] == true, "query-status: {st}");
+        let stop = c.execute("stop")?;
+        check!(stop.get("return").is_some(), "stop: {stop}");
+        c.event("STOP")?;
+        let st = c.execute("query-status")?;
+        check!(st["return"]["status"] == "paused", "while stopped: {st}");
+        let cont = c.execute("cont")?;
+        check!(cont.get("return").is_some(), "cont: {cont}");
+        c.event("RESUME")?;
+        vm.wait_for("tick ")?;
+        let down = c.execute("system_powerdown")?;
+        check!(down.get("return").is_some(), "system_powerdown: {down}");
+        c.event("POWERDOWN")?;
+        let shutdown = c.event("SHUTDOWN")?;
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(60));
+        check!(
+            shutdown["data"] == serde_json::json!({"guest": true, "reason": "guest-shutdown"}),
+            "SHUTDOWN: {shutdown}"
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the guest powered off: {status:?}"
+        );
+        check!(!qmp.exists(), "QMP socket left behind");
+        Ok(())
+    });
+    t.run_retry("qmp_quit_exits_0", || {
+        let qmp = temp_dir().join("quit.qmp");
+        let q = qmp.to_str().unwrap_or("");
+        let (mut vm, _) = api_guest(g, "quit", TICKS, &["--qmp", q])?;
+        vm.wait_for("tick 2")?;
+        let mut c = Qmp::connect(&qmp)?;
+        c.answer()?;
+        c.execute("qmp_capabilities")?;
+        let quit = c.execute("quit")?;
+        check!(quit.get("return").is_some(), "quit: {quit}");
+        let shutdown = c.event("SHUTDOWN")?;
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(30));
+        check!(
+            shutdown["data"]["reason"] == "host-qmp-quit",
+            "SHUTDOWN: {shutdown}"
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after quit: {status:?}"
+        );
+        Ok(())
+    });
+}

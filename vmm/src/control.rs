@@ -1,5 +1,6 @@
 //! The VM's lifecycle in the event loop: stop signals, the graceful shutdown (ACPI power
-//! button, then a hard stop after a timeout), and the control socket's requests.
+//! button, then a hard stop after a timeout), and the requests of the control socket's
+//! clients (`nixvm ctl`, [`api`]) and of QMP clients ([`qmp`]).
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -13,11 +14,13 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, Request};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
+use crate::qmp;
 use crate::unix::Listener;
 
 const SIGNAL: u32 = 10;
 const TIMER: u32 = 11;
 const LISTENER: u32 = 12;
+const QMP_LISTENER: u32 = 13;
 /// Client connections: this plus their fd.
 const CLIENT: u32 = 1 << 20;
 /// Longest request line a client may send.
@@ -28,6 +31,23 @@ const MAX_LINE: usize = 64 << 10;
 enum Origin {
     Signal(i32),
     Api,
+}
+
+/// Which protocol a client speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Ctl,
+    /// QMP; `negotiated` once it sent `qmp_capabilities`.
+    Qmp {
+        negotiated: bool,
+    },
+}
+
+struct Client {
+    stream: UnixStream,
+    /// Bytes read that do not make a whole line yet.
+    pending: Vec<u8>,
+    kind: Kind,
 }
 
 /// What the control socket reports about the VM.
@@ -50,7 +70,8 @@ pub struct Control {
     info: VmInfo,
     shutdown: Option<(Origin, TimerFd)>,
     listener: Option<Listener>,
-    clients: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    qmp_listener: Option<Listener>,
+    clients: HashMap<RawFd, Client>,
     /// Connections waiting for the VM to end (a `shutdown` request each).
     waiters: Vec<UnixStream>,
 }
@@ -69,6 +90,8 @@ pub struct ControlParts {
     pub interactive: bool,
     pub info: VmInfo,
     pub listener: Option<Listener>,
+    /// `--qmp`: QMP clients connect here.
+    pub qmp_listener: Option<Listener>,
 }
 
 impl Control {
@@ -84,16 +107,54 @@ impl Control {
             info: p.info,
             shutdown: None,
             listener: p.listener,
+            qmp_listener: p.qmp_listener,
             clients: HashMap::new(),
             waiters: Vec::new(),
         }
     }
 
-    /// For the VM's end: the connections waiting for it; closes the socket (removes its file).
-    pub fn finish(&mut self) -> Vec<UnixStream> {
+    /// For the VM's end: tells QMP clients how it ended; returns the connections waiting
+    /// for it; closes the sockets (removes their files).
+    pub fn finish(&mut self, exit: &Exit) -> Vec<UnixStream> {
+        let (guest, reason) = match exit {
+            Exit::PowerOff => (true, "guest-shutdown"),
+            // As QEMU with -no-reboot: the reset ends the VM.
+            Exit::Reset => (true, "guest-reset"),
+            Exit::Signal(_) => (false, "host-signal"),
+            Exit::Forced => (false, "host-ui"),
+            Exit::Quit => (false, "host-qmp-quit"),
+            Exit::Failed(_) => (false, "host-error"),
+        };
+        self.qmp_event(
+            "SHUTDOWN",
+            Some(serde_json::json!({"guest": guest, "reason": reason})),
+        );
         self.listener = None;
+        self.qmp_listener = None;
         self.clients.clear();
         std::mem::take(&mut self.waiters)
+    }
+
+    /// The guest reset and nixvm boots it again in place: QMP clients hear of it.
+    pub fn guest_reset(&mut self) {
+        self.qmp_event(
+            "RESET",
+            Some(serde_json::json!({"guest": true, "reason": "guest-reset"})),
+        );
+    }
+
+    /// Sends an event to every QMP client past negotiation.
+    fn qmp_event(&mut self, name: &str, data: Option<serde_json::Value>) {
+        let line = qmp::event(name, data);
+        let fds: Vec<RawFd> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Qmp { negotiated: true })
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in fds {
+            self.reply(fd, &line);
+        }
     }
 
     /// Presses the power button and arms the hard stop; a second request while one is in
@@ -106,11 +167,7 @@ impl Control {
             "pressing the power button; stopping the VM in {} s if it is still running",
             timeout.as_secs()
         );
-        // A paused guest cannot react to the button.
-        self.gate.resume();
-        if let Err(e) = self.power_button.write(1) {
-            log::error!("cannot press the power button: {e}");
-        }
+        self.press_power_button();
         let timer = match TimerFd::new() {
             Ok(mut t) => t
                 .reset(timeout.max(Duration::from_millis(1)), None)
@@ -146,9 +203,50 @@ impl Control {
         self.begin_shutdown(Origin::Signal(sig), self.shutdown_timeout, ops);
     }
 
-    fn accept(&mut self, ops: &mut EventOps) {
-        let Some(l) = &self.listener else { return };
+    /// Presses the ACPI power button (resuming a paused guest, which could not react).
+    fn press_power_button(&mut self) {
+        if self.gate.is_paused() {
+            self.gate.resume();
+            self.qmp_event("RESUME", None);
+        }
+        if let Err(e) = self.power_button.write(1) {
+            log::error!("cannot press the power button: {e}");
+        }
+        self.qmp_event("POWERDOWN", None);
+    }
+
+    /// Stops the vCPUs; an error sentence if they would not stop.
+    fn pause(&mut self) -> Result<(), &'static str> {
+        if self.shutdown.is_some() {
+            return Err("the VM is shutting down");
+        }
+        if !self.gate.pause(self.kick, Duration::from_secs(5)) {
+            self.gate.resume();
+            return Err("the vCPUs did not stop within 5 s");
+        }
+        self.qmp_event("STOP", None);
+        Ok(())
+    }
+
+    fn resume(&mut self) {
+        let was_paused = self.gate.is_paused();
+        self.gate.resume();
+        if was_paused {
+            self.qmp_event("RESUME", None);
+        }
+    }
+
+    fn accept(&mut self, kind: Kind, ops: &mut EventOps) {
+        let l = match kind {
+            Kind::Ctl => &self.listener,
+            Kind::Qmp { .. } => &self.qmp_listener,
+        };
+        let Some(l) = l else { return };
+        let mut accepted = Vec::new();
         while let Ok((s, _)) = l.listener.accept() {
+            accepted.push(s);
+        }
+        for s in accepted {
             if s.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -160,23 +258,40 @@ impl Control {
                 .add(Events::with_data_raw(fd, token, EventSet::IN))
                 .is_ok()
             {
-                self.clients.insert(fd, (s, Vec::new()));
+                self.clients.insert(
+                    fd,
+                    Client {
+                        stream: s,
+                        pending: Vec::new(),
+                        kind,
+                    },
+                );
+                if let Kind::Qmp { .. } = kind {
+                    self.reply(fd, &qmp::greeting());
+                }
             }
         }
     }
 
     fn drop_client(&mut self, fd: RawFd, ops: &mut EventOps) -> Option<UnixStream> {
-        let (s, _) = self.clients.remove(&fd)?;
+        let c = self.clients.remove(&fd)?;
         let token = CLIENT + u32::try_from(fd).ok()?;
         let _ = ops.remove(Events::with_data_raw(fd, token, EventSet::IN));
-        Some(s)
+        Some(c.stream)
     }
 
     fn read_client(&mut self, fd: RawFd, ops: &mut EventOps) {
         let mut buf = [0u8; 4096];
         let mut lines = Vec::new();
         let mut closed = false;
-        if let Some((s, pending)) = self.clients.get_mut(&fd) {
+        let mut kind = Kind::Ctl;
+        if let Some(Client {
+            stream: s,
+            pending,
+            kind: k,
+        }) = self.clients.get_mut(&fd)
+        {
+            kind = *k;
             loop {
                 match s.read(&mut buf) {
                     Ok(0) => {
@@ -197,14 +312,20 @@ impl Control {
                 lines.push(String::from_utf8_lossy(&line).into_owned());
             }
             if pending.len() > MAX_LINE {
-                let _ = s.write_all(
-                    format!("{}\n", api::Answer::error("request line too long").line()).as_bytes(),
-                );
+                let too_long = match kind {
+                    Kind::Ctl => api::Answer::error("request line too long").line(),
+                    Kind::Qmp { .. } => qmp::error(None, "GenericError", "request line too long"),
+                };
+                let _ = s.write_all(format!("{too_long}\n").as_bytes());
                 closed = true;
             }
         }
         for line in lines {
             if line.trim().is_empty() {
+                continue;
+            }
+            if let Kind::Qmp { negotiated } = kind {
+                kind = self.qmp_request(fd, &line, negotiated);
                 continue;
             }
             match api::parse(&line) {
@@ -231,8 +352,63 @@ impl Control {
         }
     }
 
+    /// Runs one QMP request; returns the client's kind after it (negotiation).
+    fn qmp_request(&mut self, fd: RawFd, line: &str, negotiated: bool) -> Kind {
+        let req = qmp::parse(line);
+        let id = req.id.as_ref();
+        let cmd = match req.command {
+            Ok(c) => c,
+            Err(answer) => {
+                self.reply(fd, &answer);
+                return Kind::Qmp { negotiated };
+            }
+        };
+        let answer = match (negotiated, cmd) {
+            (false, qmp::Command::Capabilities) => {
+                if let Some(c) = self.clients.get_mut(&fd) {
+                    c.kind = Kind::Qmp { negotiated: true };
+                }
+                self.reply(fd, &qmp::ok(id, serde_json::json!({})));
+                return Kind::Qmp { negotiated: true };
+            }
+            (false, _) => qmp::not_negotiated(id),
+            (true, qmp::Command::Capabilities) => qmp::error(
+                id,
+                "CommandNotFound",
+                "Capabilities negotiation is already complete, command ignored",
+            ),
+            (true, qmp::Command::QueryStatus) => qmp::ok(id, qmp::status(!self.gate.is_paused())),
+            (true, qmp::Command::Stop) => match self.pause() {
+                Ok(()) => qmp::ok(id, serde_json::json!({})),
+                Err(e) => qmp::error(id, "GenericError", e),
+            },
+            (true, qmp::Command::Cont) => {
+                self.resume();
+                qmp::ok(id, serde_json::json!({}))
+            }
+            (true, qmp::Command::Powerdown) => {
+                self.press_power_button();
+                qmp::ok(id, serde_json::json!({}))
+            }
+            (true, qmp::Command::Reset) => {
+                self.reply(fd, &qmp::ok(id, serde_json::json!({})));
+                log::info!("QMP: system_reset");
+                self.exit.request_exit(Exit::Reset);
+                return Kind::Qmp { negotiated };
+            }
+            (true, qmp::Command::Quit) => {
+                self.reply(fd, &qmp::ok(id, serde_json::json!({})));
+                log::info!("QMP: quit");
+                self.exit.request_exit(Exit::Quit);
+                return Kind::Qmp { negotiated };
+            }
+        };
+        self.reply(fd, &answer);
+        Kind::Qmp { negotiated }
+    }
+
     fn reply(&mut self, fd: RawFd, line: &str) {
-        if let Some((s, _)) = self.clients.get_mut(&fd) {
+        if let Some(Client { stream: s, .. }) = self.clients.get_mut(&fd) {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
             let _ = s.write_all(format!("{line}\n").as_bytes());
@@ -268,17 +444,13 @@ impl Control {
                 });
             }
             Request::Pause => {
-                if self.shutdown.is_some() {
-                    return api::Answer::error("the VM is shutting down").line();
-                }
-                if !self.gate.pause(self.kick, Duration::from_secs(5)) {
-                    self.gate.resume();
-                    return api::Answer::error("the vCPUs did not stop within 5 s").line();
+                if let Err(e) = self.pause() {
+                    return api::Answer::error(e).line();
                 }
                 a.state = Some(api::State::Paused);
             }
             Request::Resume => {
-                self.gate.resume();
+                self.resume();
                 a.state = Some(api::State::Running);
             }
             Request::Shutdown { .. } => unreachable!("handled by read_client"),
@@ -300,7 +472,7 @@ pub fn shutdown_answer(exit: &Exit) -> String {
     let mut a = api::Answer::ok();
     a.result = Some(match exit {
         Exit::PowerOff => api::ShutdownResult::PoweredOff,
-        Exit::Forced | Exit::Signal(_) => api::ShutdownResult::Forced,
+        Exit::Forced | Exit::Signal(_) | Exit::Quit => api::ShutdownResult::Forced,
         Exit::Reset => api::ShutdownResult::Rebooted,
         Exit::Failed(_) => api::ShutdownResult::Failed,
     });
@@ -310,9 +482,14 @@ pub fn shutdown_answer(exit: &Exit) -> String {
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
         let mut fds = vec![(self.signal_evt.as_raw_fd(), SIGNAL)];
-        if let Some(l) = &self.listener {
-            fds.push((l.listener.as_raw_fd(), LISTENER));
-            let _ = l.listener.set_nonblocking(true);
+        for (l, token) in [
+            (&self.listener, LISTENER),
+            (&self.qmp_listener, QMP_LISTENER),
+        ] {
+            if let Some(l) = l {
+                fds.push((l.listener.as_raw_fd(), token));
+                let _ = l.listener.set_nonblocking(true);
+            }
         }
         for (fd, token) in fds {
             if ops
@@ -338,7 +515,8 @@ impl MutEventSubscriber for Control {
                     self.exit.request_exit(forced(*origin));
                 }
             }
-            LISTENER => self.accept(ops),
+            LISTENER => self.accept(Kind::Ctl, ops),
+            QMP_LISTENER => self.accept(Kind::Qmp { negotiated: false }, ops),
             token if token >= CLIENT => {
                 if let Ok(fd) = RawFd::try_from(token - CLIENT) {
                     if events.event_set().contains(EventSet::IN) {

@@ -2,7 +2,7 @@
 //!
 //! | exit status | meaning |
 //! |---|---|
-//! | 0 | the guest powered off |
+//! | 0 | the guest powered off, or a QMP client sent `quit` |
 //! | 1 | nixvm failed while the VM ran (the message says why) |
 //! | 2 | usage error: nothing was started |
 //! | 3 | the guest rebooted (i8042 or ACPI reset, triple fault, `panic=-1`): restart nixvm |
@@ -31,13 +31,15 @@ pub enum Exit {
     Signal(i32),
     /// Stopped after a control-socket shutdown timed out.
     Forced,
+    /// A QMP client's `quit`: stopped at once, as QEMU does (exit status 0).
+    Quit,
     Failed(String),
 }
 
 impl Exit {
     pub fn status(&self) -> u8 {
         match self {
-            Exit::PowerOff => EXIT_POWEROFF,
+            Exit::PowerOff | Exit::Quit => EXIT_POWEROFF,
             Exit::Reset => EXIT_REBOOT,
             Exit::Signal(n) => 128u8.saturating_add(u8::try_from(*n).unwrap_or(0)),
             Exit::Forced => EXIT_FORCED,

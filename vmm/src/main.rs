@@ -10,6 +10,7 @@ mod cpuid;
 mod device_manager;
 mod lifecycle;
 mod passt;
+mod qmp;
 mod seccomp;
 mod terminal;
 mod unix;

@@ -99,6 +99,8 @@ pub enum Error {
     ApiSocket(#[source] unix::Error),
     #[error("vsock socket")]
     VsockSocket(#[source] unix::Error),
+    #[error("QMP socket")]
+    QmpSocket(#[source] unix::Error),
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
     #[error("cannot create an eventfd")]
@@ -126,9 +128,10 @@ impl Error {
             | Error::ConsoleConnect { .. } => true,
             Error::Devices(e) => e.is_usage(),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
-            Error::ConsoleSocket(_, e) | Error::ApiSocket(e) | Error::VsockSocket(e) => {
-                !matches!(e, unix::Error::Bind { .. })
-            }
+            Error::ConsoleSocket(_, e)
+            | Error::ApiSocket(e)
+            | Error::VsockSocket(e)
+            | Error::QmpSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
         }
     }
@@ -353,6 +356,10 @@ impl Vm {
             Some(path) => Some(Listener::bind(path).map_err(Error::ApiSocket)?),
             None => None,
         };
+        let qmp_listener = match &config.qmp {
+            Some(path) => Some(Listener::bind(path).map_err(Error::QmpSocket)?),
+            None => None,
+        };
         let vsock_listener = match config.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
             Some(path) => Some(Listener::bind(path).map_err(Error::VsockSocket)?),
             None => None,
@@ -480,6 +487,7 @@ impl Vm {
                 config: serde_json::to_value(config).unwrap_or_default(),
             },
             listener: api_listener,
+            qmp_listener,
         })));
         Ok(Vm {
             vcpus,
@@ -519,6 +527,7 @@ impl Vm {
             let exit = self.run_once(&mut em);
             if exit == Exit::Reset && self.reset.config.on_reboot == OnReboot::Restart {
                 log::info!("the guest rebooted: booting it again in place");
+                nixvm_devices::lock(&self.control).guest_reset();
                 if let Err(e) = self.reboot() {
                     break Exit::Failed(format!("cannot reboot the VM in place: {e}"));
                 }
@@ -526,7 +535,7 @@ impl Vm {
             }
             break exit;
         };
-        let waiters = nixvm_devices::lock(&self.control).finish();
+        let waiters = nixvm_devices::lock(&self.control).finish(&exit);
         Ok((exit, waiters))
     }
 

@@ -120,6 +120,8 @@ pub enum Error {
     DuplicateNetFd(i32),
     #[error("the directory of control socket {0} does not exist")]
     ApiSocketDir(PathBuf),
+    #[error("the directory of QMP socket {0} does not exist")]
+    QmpDir(PathBuf),
     #[error("the directory of {which} {kind} {path} does not exist")]
     ConsoleDir {
         which: &'static str,
@@ -214,6 +216,10 @@ pub struct Settings {
     /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// A QMP socket (mode 0600): QEMU's machine protocol, the subset test drivers use
+    /// (query-status, stop, cont, system_powerdown, system_reset, quit; events).
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
     /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
     /// before nixvm stops it [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -304,6 +310,8 @@ pub struct VmConfig {
     pub rng: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<PathBuf>,
     /// Seconds between pressing the power button and stopping the VM hard.
     pub shutdown_timeout: u64,
     pub on_reboot: OnReboot,
@@ -399,6 +407,9 @@ impl VmConfig {
         }
         if let Some(p) = file.api_socket.as_ref().filter(|p| !parent_dir_exists(p)) {
             return Err(Error::ApiSocketDir(p.clone()));
+        }
+        if let Some(p) = file.qmp.as_ref().filter(|p| !parent_dir_exists(p)) {
+            return Err(Error::QmpDir(p.clone()));
         }
         let disks = file.disks.unwrap_or_default();
         for d in &disks {
@@ -522,6 +533,7 @@ impl VmConfig {
             shared_memory,
             rng,
             api_socket: file.api_socket,
+            qmp: file.qmp,
             shutdown_timeout,
             on_reboot: file.on_reboot.unwrap_or_default(),
             seccomp: file.seccomp.unwrap_or(Mode::On),
