@@ -1,4 +1,5 @@
 //! The control socket, the power button, signals and --on-reboot.
+use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -232,7 +233,6 @@ impl Qmp {
     }
 
     fn execute(&mut self, cmd: &str) -> Result<serde_json::Value, String> {
-        use std::io::Write;
         let line = format!("{}\n", serde_json::json!({"execute": cmd, "id": cmd}));
         self.r
             .get_mut()
@@ -260,12 +260,78 @@ impl Qmp {
     }
 }
 
+/// Reads a monitor connection up to its next prompt; returns what came before it.
+fn monitor_answer(m: &mut std::os::unix::net::UnixStream) -> Result<String, String> {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1024];
+    while !got.ends_with(b"(qemu) ") {
+        match m.read(&mut b) {
+            Ok(0) => {
+                return Err(format!(
+                    "monitor closed after {:?}",
+                    String::from_utf8_lossy(&got)
+                ));
+            }
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(e) => {
+                return Err(format!(
+                    "monitor: {e} after {:?}",
+                    String::from_utf8_lossy(&got)
+                ));
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&got[..got.len() - 7]).into_owned())
+}
+
+fn monitor_command(m: &mut std::os::unix::net::UnixStream, cmd: &str) -> Result<String, String> {
+    m.write_all(format!("{cmd}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    monitor_answer(m)
+}
+
+/// The human monitor as the NixOS test driver uses it: it listens, nixvm connects.
+fn monitor_checks(m: &mut std::os::unix::net::UnixStream) -> TestResult {
+    let banner = monitor_answer(m)?;
+    check!(banner.contains("monitor"), "monitor banner: {banner:?}");
+    let st = monitor_command(m, "info status")?;
+    check!(st.contains("VM status: running"), "info status: {st:?}");
+    monitor_command(m, "stop")?;
+    let st = monitor_command(m, "info status")?;
+    check!(
+        st.contains("VM status: paused"),
+        "info status after stop: {st:?}"
+    );
+    monitor_command(m, "cont")?;
+    let shot = monitor_command(m, "screendump /tmp/x.ppm")?;
+    check!(shot.contains("no display"), "screendump: {shot:?}");
+    let bad = monitor_command(m, "frobnicate")?;
+    check!(
+        bad.contains("unknown command"),
+        "an unknown command: {bad:?}"
+    );
+    Ok(())
+}
+
 pub(crate) fn qmp_tests(t: &mut Runner, g: &Guest) {
-    t.run_retry("qmp_status_stop_cont_powerdown", || {
+    t.run_retry("qmp_status_stop_cont_powerdown_and_monitor", || {
         let qmp = temp_dir().join("q.qmp");
         let q = qmp.to_str().unwrap_or("");
-        let (mut vm, _) = api_guest(g, "qmp", &format!("{ACPID}{TICKS}"), &["--qmp", q])?;
+        let mon_path = temp_dir().join("monitor.sock");
+        let _ = std::fs::remove_file(&mon_path);
+        let mon_l = UnixListener::bind(&mon_path).map_err(|e| e.to_string())?;
+        let mon = format!("connect={}", mon_path.display());
+        let (mut vm, _) = api_guest(
+            g,
+            "qmp",
+            &format!("{ACPID}{TICKS}"),
+            &["--qmp", q, "--monitor", &mon],
+        )?;
+        let mut m = accept_within(&mon_l, Duration::from_secs(60))?;
+        m.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
         vm.wait_for("tick 2")?;
+        monitor_checks(&mut m)?;
         let mut c = Qmp::connect(&qmp)?;
         let hello = c.answer()?;
         check!(hello.get("QMP").is_some(), "greeting: {hello}");

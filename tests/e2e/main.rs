@@ -172,7 +172,7 @@ fn main() {
         "on_reboot_restart_boots_again",
         "nix_runner_boots_fake_toplevel",
         "api_shutdown_forced_after_timeout",
-        "qmp_status_stop_cont_powerdown",
+        "qmp_status_stop_cont_powerdown_and_monitor",
         "qmp_quit_exits_0",
         "blk_flush_is_fdatasync",
     ];

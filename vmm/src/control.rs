@@ -1,6 +1,7 @@
 //! The VM's lifecycle in the event loop: stop signals, the graceful shutdown (ACPI power
 //! button, then a hard stop after a timeout), and the requests of the control socket's
-//! clients (`nixvm ctl`, [`api`]) and of QMP clients ([`qmp`]).
+//! clients (`nixvm ctl`, [`api`]), of QMP clients ([`qmp`]) and of the human monitor
+//! ([`hmp`]).
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -14,13 +15,14 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, Request};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
-use crate::qmp;
 use crate::unix::Listener;
+use crate::{hmp, qmp};
 
 const SIGNAL: u32 = 10;
 const TIMER: u32 = 11;
 const LISTENER: u32 = 12;
 const QMP_LISTENER: u32 = 13;
+const HMP_LISTENER: u32 = 14;
 /// Client connections: this plus their fd.
 const CLIENT: u32 = 1 << 20;
 /// Longest request line a client may send.
@@ -41,6 +43,8 @@ enum Kind {
     Qmp {
         negotiated: bool,
     },
+    /// The human monitor.
+    Hmp,
 }
 
 struct Client {
@@ -71,6 +75,9 @@ pub struct Control {
     shutdown: Option<(Origin, TimerFd)>,
     listener: Option<Listener>,
     qmp_listener: Option<Listener>,
+    hmp_listener: Option<Listener>,
+    /// A monitor connection nixvm made (`--monitor connect=`), until the event loop starts.
+    hmp_connected: Option<UnixStream>,
     clients: HashMap<RawFd, Client>,
     /// Connections waiting for the VM to end (a `shutdown` request each).
     waiters: Vec<UnixStream>,
@@ -92,10 +99,23 @@ pub struct ControlParts {
     pub listener: Option<Listener>,
     /// `--qmp`: QMP clients connect here.
     pub qmp_listener: Option<Listener>,
+    /// `--monitor`: where the human monitor is.
+    pub monitor: Option<MonitorEnd>,
+}
+
+/// The human monitor's socket: nixvm listens on it, or connected to it.
+pub enum MonitorEnd {
+    Listen(Listener),
+    Connected(UnixStream),
 }
 
 impl Control {
     pub fn new(p: ControlParts) -> Control {
+        let (hmp_listener, hmp_connected) = match p.monitor {
+            Some(MonitorEnd::Listen(l)) => (Some(l), None),
+            Some(MonitorEnd::Connected(s)) => (None, Some(s)),
+            None => (None, None),
+        };
         Control {
             exit: p.exit,
             signal_evt: p.signal_evt,
@@ -108,6 +128,8 @@ impl Control {
             shutdown: None,
             listener: p.listener,
             qmp_listener: p.qmp_listener,
+            hmp_listener,
+            hmp_connected,
             clients: HashMap::new(),
             waiters: Vec::new(),
         }
@@ -131,6 +153,7 @@ impl Control {
         );
         self.listener = None;
         self.qmp_listener = None;
+        self.hmp_listener = None;
         self.clients.clear();
         std::mem::take(&mut self.waiters)
     }
@@ -240,6 +263,7 @@ impl Control {
         let l = match kind {
             Kind::Ctl => &self.listener,
             Kind::Qmp { .. } => &self.qmp_listener,
+            Kind::Hmp => &self.hmp_listener,
         };
         let Some(l) = l else { return };
         let mut accepted = Vec::new();
@@ -247,29 +271,35 @@ impl Control {
             accepted.push(s);
         }
         for s in accepted {
-            if s.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let fd = s.as_raw_fd();
-            let Ok(token) = u32::try_from(fd).map(|f| CLIENT + f) else {
-                continue;
-            };
-            if ops
-                .add(Events::with_data_raw(fd, token, EventSet::IN))
-                .is_ok()
-            {
-                self.clients.insert(
-                    fd,
-                    Client {
-                        stream: s,
-                        pending: Vec::new(),
-                        kind,
-                    },
-                );
-                if let Kind::Qmp { .. } = kind {
-                    self.reply(fd, &qmp::greeting());
-                }
-            }
+            self.add_client(s, kind, ops);
+        }
+    }
+
+    /// Watches a client connection and greets it as its protocol does.
+    fn add_client(&mut self, s: UnixStream, kind: Kind, ops: &mut EventOps) {
+        if s.set_nonblocking(true).is_err() {
+            return;
+        }
+        let fd = s.as_raw_fd();
+        let Ok(token) = u32::try_from(fd).map(|f| CLIENT + f) else {
+            return;
+        };
+        if ops
+            .add(Events::with_data_raw(fd, token, EventSet::IN))
+            .is_err()
+        {
+            return;
+        }
+        let client = Client {
+            stream: s,
+            pending: Vec::new(),
+            kind,
+        };
+        self.clients.insert(fd, client);
+        match kind {
+            Kind::Qmp { .. } => self.reply(fd, &qmp::greeting()),
+            Kind::Hmp => self.send(fd, &format!("{}{}", hmp::BANNER, hmp::PROMPT)),
+            Kind::Ctl => {}
         }
     }
 
@@ -313,7 +343,7 @@ impl Control {
             }
             if pending.len() > MAX_LINE {
                 let too_long = match kind {
-                    Kind::Ctl => api::Answer::error("request line too long").line(),
+                    Kind::Ctl | Kind::Hmp => api::Answer::error("request line too long").line(),
                     Kind::Qmp { .. } => qmp::error(None, "GenericError", "request line too long"),
                 };
                 let _ = s.write_all(format!("{too_long}\n").as_bytes());
@@ -326,6 +356,10 @@ impl Control {
             }
             if let Kind::Qmp { negotiated } = kind {
                 kind = self.qmp_request(fd, &line, negotiated);
+                continue;
+            }
+            if kind == Kind::Hmp {
+                self.hmp_request(fd, &line);
                 continue;
             }
             match api::parse(&line) {
@@ -407,11 +441,60 @@ impl Control {
         Kind::Qmp { negotiated }
     }
 
+    /// Runs one human monitor line; answers with its output and the prompt.
+    fn hmp_request(&mut self, fd: RawFd, line: &str) {
+        let out = match hmp::parse(line) {
+            hmp::Command::Nothing => String::new(),
+            hmp::Command::Help => hmp::help(),
+            hmp::Command::InfoStatus => format!(
+                "VM status: {}",
+                if self.gate.is_paused() {
+                    "paused"
+                } else {
+                    "running"
+                }
+            ),
+            hmp::Command::Stop => self.pause().err().unwrap_or_default().to_owned(),
+            hmp::Command::Cont => {
+                self.resume();
+                String::new()
+            }
+            hmp::Command::Powerdown => {
+                self.press_power_button();
+                String::new()
+            }
+            hmp::Command::Reset => {
+                log::info!("monitor: system_reset");
+                self.exit.request_exit(Exit::Reset);
+                String::new()
+            }
+            hmp::Command::Quit => {
+                log::info!("monitor: quit");
+                self.exit.request_exit(Exit::Quit);
+                return;
+            }
+            hmp::Command::Cannot(why) => why,
+            hmp::Command::Unknown(cmd) => format!("unknown command: '{cmd}'"),
+        };
+        let out = if out.is_empty() {
+            out
+        } else {
+            format!("{out}\r\n")
+        };
+        self.send(fd, &format!("{out}{}", hmp::PROMPT));
+    }
+
+    /// Sends a line to a client (and its newline).
     fn reply(&mut self, fd: RawFd, line: &str) {
+        self.send(fd, &format!("{line}\n"));
+    }
+
+    /// Sends text to a client, waiting up to 5 s for it to take it.
+    fn send(&mut self, fd: RawFd, text: &str) {
         if let Some(Client { stream: s, .. }) = self.clients.get_mut(&fd) {
             let _ = s.set_nonblocking(false);
             let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(format!("{line}\n").as_bytes());
+            let _ = s.write_all(text.as_bytes());
             let _ = s.set_nonblocking(true);
         }
     }
@@ -485,6 +568,7 @@ impl MutEventSubscriber for Control {
         for (l, token) in [
             (&self.listener, LISTENER),
             (&self.qmp_listener, QMP_LISTENER),
+            (&self.hmp_listener, HMP_LISTENER),
         ] {
             if let Some(l) = l {
                 fds.push((l.listener.as_raw_fd(), token));
@@ -499,6 +583,9 @@ impl MutEventSubscriber for Control {
                 self.exit
                     .request_exit(Exit::Failed("cannot set up the event loop".into()));
             }
+        }
+        if let Some(s) = self.hmp_connected.take() {
+            self.add_client(s, Kind::Hmp, ops);
         }
     }
 
@@ -517,6 +604,7 @@ impl MutEventSubscriber for Control {
             }
             LISTENER => self.accept(Kind::Ctl, ops),
             QMP_LISTENER => self.accept(Kind::Qmp { negotiated: false }, ops),
+            HMP_LISTENER => self.accept(Kind::Hmp, ops),
             token if token >= CLIENT => {
                 if let Ok(fd) = RawFd::try_from(token - CLIENT) {
                     if events.event_set().contains(EventSet::IN) {

@@ -8,6 +8,7 @@ mod console;
 mod control;
 mod cpuid;
 mod device_manager;
+mod hmp;
 mod lifecycle;
 mod passt;
 mod qmp;

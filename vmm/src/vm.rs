@@ -25,9 +25,9 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::config::{ConsoleConfig, OnReboot, VmConfig};
+use crate::config::{ConsoleConfig, MonitorConfig, OnReboot, VmConfig};
 use crate::console::{Controller, Input, Port};
-use crate::control::{Control, ControlParts, VmInfo};
+use crate::control::{Control, ControlParts, MonitorEnd, VmInfo};
 use crate::device_manager::{self, Devices, Transport};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::seccomp;
@@ -101,6 +101,14 @@ pub enum Error {
     VsockSocket(#[source] unix::Error),
     #[error("QMP socket")]
     QmpSocket(#[source] unix::Error),
+    #[error("monitor socket")]
+    MonitorSocket(#[source] unix::Error),
+    #[error("cannot connect the monitor to {path}")]
+    MonitorConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
     #[error("cannot create an eventfd")]
@@ -125,13 +133,15 @@ impl Error {
             | Error::TooManyVcpus { .. }
             | Error::Kernel(_)
             | Error::ConsoleFile { .. }
-            | Error::ConsoleConnect { .. } => true,
+            | Error::ConsoleConnect { .. }
+            | Error::MonitorConnect { .. } => true,
             Error::Devices(e) => e.is_usage(),
             Error::Params(e) => !matches!(e, params::Error::Write(_)),
             Error::ConsoleSocket(_, e)
             | Error::ApiSocket(e)
             | Error::VsockSocket(e)
-            | Error::QmpSocket(e) => !matches!(e, unix::Error::Bind { .. }),
+            | Error::QmpSocket(e)
+            | Error::MonitorSocket(e) => !matches!(e, unix::Error::Bind { .. }),
             _ => false,
         }
     }
@@ -360,6 +370,18 @@ impl Vm {
             Some(path) => Some(Listener::bind(path).map_err(Error::QmpSocket)?),
             None => None,
         };
+        let monitor = match &config.monitor {
+            Some(MonitorConfig::Socket(path)) => Some(MonitorEnd::Listen(
+                Listener::bind(path).map_err(Error::MonitorSocket)?,
+            )),
+            Some(MonitorConfig::Connect(path)) => Some(MonitorEnd::Connected(
+                UnixStream::connect(path).map_err(|source| Error::MonitorConnect {
+                    path: path.clone(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
         let vsock_listener = match config.vsock.as_ref().and_then(|v| v.socket.as_ref()) {
             Some(path) => Some(Listener::bind(path).map_err(Error::VsockSocket)?),
             None => None,
@@ -488,6 +510,7 @@ impl Vm {
             },
             listener: api_listener,
             qmp_listener,
+            monitor,
         })));
         Ok(Vm {
             vcpus,

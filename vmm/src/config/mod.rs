@@ -122,6 +122,8 @@ pub enum Error {
     ApiSocketDir(PathBuf),
     #[error("the directory of QMP socket {0} does not exist")]
     QmpDir(PathBuf),
+    #[error("the directory of monitor socket {0} does not exist")]
+    MonitorDir(PathBuf),
     #[error("the directory of {which} {kind} {path} does not exist")]
     ConsoleDir {
         which: &'static str,
@@ -220,6 +222,10 @@ pub struct Settings {
     /// (query-status, stop, cont, system_powerdown, system_reset, quit; events).
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
+    /// QEMU's human monitor (the commands test drivers type): socket=PATH (nixvm listens)
+    /// or connect=PATH (nixvm connects).
+    #[arg(long, value_name = "socket=PATH|connect=PATH")]
+    pub monitor: Option<MonitorConfig>,
     /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
     /// before nixvm stops it [default: 30].
     #[arg(long, value_name = "SECS")]
@@ -312,6 +318,8 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qmp: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorConfig>,
     /// Seconds between pressing the power button and stopping the VM hard.
     pub shutdown_timeout: u64,
     pub on_reboot: OnReboot,
@@ -410,6 +418,11 @@ impl VmConfig {
         }
         if let Some(p) = file.qmp.as_ref().filter(|p| !parent_dir_exists(p)) {
             return Err(Error::QmpDir(p.clone()));
+        }
+        if let Some(MonitorConfig::Socket(p)) = file.monitor.as_ref() {
+            if !parent_dir_exists(p) {
+                return Err(Error::MonitorDir(p.clone()));
+            }
         }
         let disks = file.disks.unwrap_or_default();
         for d in &disks {
@@ -534,6 +547,7 @@ impl VmConfig {
             rng,
             api_socket: file.api_socket,
             qmp: file.qmp,
+            monitor: file.monitor,
             shutdown_timeout,
             on_reboot: file.on_reboot.unwrap_or_default(),
             seccomp: file.seccomp.unwrap_or(Mode::On),

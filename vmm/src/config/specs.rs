@@ -132,6 +132,52 @@ impl<'de> Deserialize<'de> for ConsoleConfig {
     }
 }
 
+/// Where the human monitor is (`--monitor`): `socket=PATH` (nixvm listens) or `connect=PATH`
+/// (nixvm connects to a socket a test driver listens on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MonitorConfig {
+    Socket(PathBuf),
+    Connect(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid monitor {0:?}: use socket=PATH or connect=PATH")]
+pub struct MonitorError(String);
+
+impl FromStr for MonitorConfig {
+    type Err = MonitorError;
+    fn from_str(s: &str) -> std::result::Result<Self, MonitorError> {
+        match ConsoleConfig::from_str(s) {
+            Ok(ConsoleConfig::Socket(p)) => Ok(MonitorConfig::Socket(p)),
+            Ok(ConsoleConfig::Connect(p)) => Ok(MonitorConfig::Connect(p)),
+            _ => Err(MonitorError(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for MonitorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MonitorConfig::Socket(p) => write!(f, "socket={}", p.display()),
+            MonitorConfig::Connect(p) => write!(f, "connect={}", p.display()),
+        }
+    }
+}
+
+impl Serialize for MonitorConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MonitorConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One `--disk`: `path=PATH[,readonly=on][,serial=STR][,direct=on]`; in JSON an object with
 /// the same names (`{"path": "...", "readonly": true}`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
