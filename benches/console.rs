@@ -33,7 +33,7 @@ now() { cut -d' ' -f1 /proc/uptime; }
 stty -F /dev/ttyS0 raw -echo
 t0=$(now); cat /tmp/ser > /dev/ttyS0; t1=$(now)
 echo
-echo "NIXVM-BENCH: serial_mbs=$(awk -v b=$(wc -c < /tmp/ser) -v s="$t1" -v t="$t0" 'BEGIN { printf "%.3f", b / (s - t) / 1e6 }')"
+echo "NIXVM-BENCH: serial_kbs=$(awk -v b=$(wc -c < /tmp/ser) -v s="$t1" -v t="$t0" 'BEGIN { printf "%.3f", b / (s - t) / 1e3 }')"
 exec 3<>/dev/hvc0
 stty raw -echo <&3
 t0=$(now); cat /tmp/hvc >&3; t1=$(now)
@@ -43,7 +43,7 @@ echo "NIXVM-BENCH: done"
 "#;
 
 const ROWS: [(&str, &str); 4] = [
-    ("guest output to ttyS0", "MB/s"),
+    ("guest output to ttyS0", "kB/s"),
     ("guest output to hvc0", "MB/s"),
     ("verbose boot → power-off, console=ttyS0", "s"),
     ("verbose boot → power-off, console=hvc0", "s"),
@@ -281,7 +281,7 @@ fn round_of(vmm: &Vmm, f: &Files) -> Result<[f64; 4]> {
     if got as f64 != want {
         return Err(format!("hvc0: the guest wrote {want} bytes, the file has {got}").into());
     }
-    let serial = c.value("serial_mbs").ok_or("no serial_mbs")?;
+    let serial = c.value("serial_kbs").ok_or("no serial_kbs")?;
     let hvc = c.value("hvc_mbs").ok_or("no hvc_mbs")?;
     let on_serial = Spec {
         cmdline: "console=ttyS0 nixvm.action=poweroff",
