@@ -3,8 +3,9 @@
  *   vsock-io connect CID PORT   connect, then copy stdin to the socket and the socket to stdout
  *   vsock-io listen PORT        accept one connection, then the same
  *
- * When stdin ends, the socket's sending side is shut down; the program ends when the peer
- * has closed its side and everything was written. Exit status 0, or 1 with a message. */
+ * When stdin ends, the socket's sending side is shut down; the program ends when both
+ * directions are done: stdin sent whole and the peer's side closed (a peer that shuts its
+ * side down first still gets all of stdin). Exit status 0, or 1 with a message. */
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
@@ -60,8 +61,9 @@ int main(int argc, char **argv) {
 	}
 	static char buf[1 << 16];
 	int in_open = 1, sock_open = 1;
-	while (sock_open) {
-		struct pollfd p[2] = {{.fd = s, .events = POLLIN}, {.fd = in_open ? 0 : -1, .events = POLLIN}};
+	while (sock_open || in_open) {
+		struct pollfd p[2] = {{.fd = sock_open ? s : -1, .events = POLLIN},
+				      {.fd = in_open ? 0 : -1, .events = POLLIN}};
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
