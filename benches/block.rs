@@ -19,7 +19,7 @@ use std::time::Duration;
 mod common;
 
 use common::command_line;
-use common::{Result, git_commit, output, stats};
+use common::{Result, Route, git_commit, output, stats};
 
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -74,9 +74,7 @@ fn main() {
 }
 
 fn bench() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no root")?;
+    let root = common::root();
     let assets = root.join("target/e2e-assets");
     let dir = root.join("target/block-bench");
     let files = Files {
@@ -85,34 +83,19 @@ fn bench() -> Result<()> {
         image: dir.join("data.img"),
         script: dir.join("script.img"),
     };
-    if std::env::var_os("NIXVM_BENCH_INSIDE").is_some() {
-        return measure(root, &assets, &files);
+    // On the host: L1 sees this tree read-only.
+    if std::env::var_os("NIXVM_BENCH_INSIDE").is_none() {
+        common::build_assets()?;
+        prepare(&root, &assets, &dir, &files)?;
     }
-    let built = Command::new(root.join("resources/assets.sh"))
-        .arg(&assets)
-        .status()?;
-    if !built.success() {
-        return Err(format!("resources/assets.sh failed: {built}").into());
+    match common::route()? {
+        Route::Here => measure(&root, &assets, &files),
+        Route::Skipped(why) => {
+            println!("skipped: {why}");
+            Ok(())
+        }
+        Route::RanInL1(code) => std::process::exit(code),
     }
-    prepare(root, &assets, &dir, &files)?;
-    let route = output(&mut Command::new(root.join("resources/kvm-route.sh")))?;
-    if let Some(why) = route.strip_prefix("none") {
-        println!("skipped: {}", why.trim_start_matches(':').trim());
-        return Ok(());
-    } else if route != "l1" {
-        return measure(root, &assets, &files);
-    }
-    // Run this very executable again inside L1; l1run.sh exports the NIXVM_* variables.
-    let mut l1 = Command::new(root.join("resources/l1run.sh"));
-    l1.current_dir(root).arg("--").arg(std::env::current_exe()?);
-    let host = output(Command::new("uname").arg("-r"))?;
-    l1.env("NIXVM_BENCH_INSIDE", "1")
-        .env("NIXVM_BENCH_ROUTE", "l1");
-    l1.env("NIXVM_BENCH_HOST_KERNEL", host);
-    if let Some(commit) = git_commit(root) {
-        l1.env("NIXVM_BENCH_COMMIT", commit);
-    }
-    std::process::exit(l1.status()?.code().unwrap_or(125));
 }
 
 /// Builds guest-io, the initramfs with it, the data image and the script disk.
@@ -122,23 +105,7 @@ fn prepare(root: &Path, assets: &Path, dir: &Path, files: &Files) -> Result<()> 
     gcc.args(["-static", "-O2", "-pthread", "-Wall", "-o"]);
     output(gcc.arg(&files.tool).arg(root.join("benches/guest-io.c")))?;
 
-    // A second newc archive after the first: the kernel unpacks both.
-    let tree = dir.join("cpio");
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("bin"))?;
-    std::fs::copy(&files.tool, tree.join("bin/guest-io"))?;
-    let pack = "find bin | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1";
-    let extra = Command::new("sh")
-        .args(["-c", pack])
-        .current_dir(&tree)
-        .output()?;
-    if !extra.status.success() || extra.stdout.is_empty() {
-        let err = String::from_utf8_lossy(&extra.stderr);
-        return Err(format!("packing guest-io failed: {}", err.trim()).into());
-    }
-    let mut initrd = std::fs::read(assets.join("initramfs.cpio.gz"))?;
-    initrd.extend_from_slice(&extra.stdout);
-    std::fs::write(&files.initrd, initrd)?;
+    common::initrd_with(assets, &files.tool, "guest-io", dir, &files.initrd)?;
 
     // Every block written (no holes, which read without I/O), with a non-zero pattern.
     let len = u64::try_from(IMAGE_MIB << 20)?;

@@ -30,6 +30,47 @@ pub enum Route {
     RanInL1(i32),
 }
 
+/// Builds the guest assets (`resources/assets.sh`; nothing to do when they are up to date)
+/// and returns their directory.
+pub fn build_assets() -> Result<PathBuf> {
+    let assets = root().join("target/e2e-assets");
+    let built = Command::new(root().join("resources/assets.sh"))
+        .arg(&assets)
+        .status()?;
+    if !built.success() {
+        return Err(format!("resources/assets.sh failed: {built}").into());
+    }
+    Ok(assets)
+}
+
+/// Writes to `out` the test guest's initramfs with `bin` added as `/bin/NAME`: a second newc
+/// archive after the first, which the kernel unpacks too. `scratch` is a directory to use.
+pub fn initrd_with(
+    assets: &Path,
+    bin: &Path,
+    name: &str,
+    scratch: &Path,
+    out: &Path,
+) -> Result<()> {
+    let tree = scratch.join("cpio");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("bin"))?;
+    std::fs::copy(bin, tree.join("bin").join(name))?;
+    let pack = "find bin | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet | gzip -1";
+    let extra = Command::new("sh")
+        .args(["-c", pack])
+        .current_dir(&tree)
+        .output()?;
+    if !extra.status.success() || extra.stdout.is_empty() {
+        let err = String::from_utf8_lossy(&extra.stderr);
+        return Err(format!("packing {name} failed: {}", err.trim()).into());
+    }
+    let mut initrd = std::fs::read(assets.join("initramfs.cpio.gz"))?;
+    initrd.extend_from_slice(&extra.stdout);
+    std::fs::write(out, initrd)?;
+    Ok(())
+}
+
 /// Builds the guest assets and decides where to measure: here (directly on /dev/kvm, or
 /// already inside L1), or by running this very executable again inside L1.
 pub fn route() -> Result<Route> {
@@ -37,13 +78,7 @@ pub fn route() -> Result<Route> {
     if std::env::var_os("NIXVM_BENCH_INSIDE").is_some() {
         return Ok(Route::Here);
     }
-    let assets = root.join("target/e2e-assets");
-    let built = Command::new(root.join("resources/assets.sh"))
-        .arg(&assets)
-        .status()?;
-    if !built.success() {
-        return Err(format!("resources/assets.sh failed: {built}").into());
-    }
+    build_assets()?;
     let route = output(&mut Command::new(root.join("resources/kvm-route.sh")))?;
     if let Some(why) = route.strip_prefix("none") {
         return Ok(Route::Skipped(
