@@ -193,10 +193,14 @@ pub struct Console {
 }
 
 impl Console {
-    /// A connected socket is made non-blocking: the worker never waits in a write.
+    /// A connected socket is made non-blocking, and a socket console waits for a slow
+    /// client instead of dropping for it: the worker never waits in a write, and loses
+    /// nothing.
     pub fn new(out: ConsoleOut, input: ConsoleInput) -> io::Result<Console> {
-        if let ConsoleOut::Stream(s) = &out {
-            s.set_nonblocking(true)?;
+        match &out {
+            ConsoleOut::Stream(s) => s.set_nonblocking(true)?,
+            ConsoleOut::Socket(s) => lock(s).wait_for_client()?,
+            _ => {}
         }
         Ok(Console {
             output: Arc::new(Mutex::new(Output {
@@ -244,7 +248,8 @@ impl VirtioDevice for Console {
             .iter()
             .map(|e| (std::os::fd::AsRawFd::as_raw_fd(e), libc::POLLIN))
             .collect();
-        fds.push((out_fd.unwrap_or(-1), -1));
+        let (sink_fd, sink_events) = out_fd.unwrap_or((-1, 0));
+        fds.push((sink_fd, -1));
         let sink = fds.len() - 1;
         let worker = Worker::spawn_poll("virtio-console".into(), fds, move |ready, interest| {
             for (evt, &r) in evts.iter().zip(ready) {
@@ -266,7 +271,7 @@ impl VirtioDevice for Console {
             });
             // A sink that failed meanwhile is Off now: nothing to poll.
             interest[sink] = if full && out.out.poll_fd().is_some() {
-                libc::POLLOUT
+                sink_events
             } else {
                 -1
             };
