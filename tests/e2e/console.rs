@@ -261,12 +261,14 @@ exec 3>&-
 
 /// `--console socket=PATH`: what the guest wrote on hvc0 before anyone attached is replayed
 /// to the client that attaches; its input reaches the guest. With `console=hvc0` on the
-/// command line, the kernel's messages go there too once the driver is loaded.
+/// command line, the kernel's messages go there too once the driver is loaded. Then 4 MiB
+/// that the attached client does not read for a while arrive whole: the guest waits.
 pub(crate) fn hvc_socket(g: &Guest) -> TestResult {
     let sock = temp_dir().join("hvc-listen.sock");
     let script = script_disk(
         "hvc-socket-script.img",
-        r#"
+        &format!(
+            r#"
 exec 3<>/dev/hvc0
 stty raw -echo <&3
 echo "hvc-early-line" >&3
@@ -275,8 +277,15 @@ echo "NIXVM-TEST: early_written"
 read -r line <&3
 echo "NIXVM-TEST: hvc_got=$line"
 echo "reply:$line" >&3
+dmesg -n 1
+head -c {HVC_BIG} /dev/urandom > /tmp/big
+echo "NIXVM-TEST: big_sha=$(sha256sum < /tmp/big | cut -d' ' -f1)"
+echo "big-begin" >&3
+cat /tmp/big >&3
+echo "NIXVM-TEST: big_sent"
 sleep 1
-"#,
+"#
+        ),
     );
     let cl = format!("{} console=hvc0", cmdline("script"));
     let con = format!("socket={}", sock.display());
@@ -297,7 +306,24 @@ sleep 1
             .map_err(|e| e.to_string())?;
         read_until(&mut c, "reply:from-socket", Duration::from_secs(60))?;
         vm.wait_for("NIXVM-TEST: hvc_got=")?;
-        vm.expect("hvc_got", "from-socket")
+        vm.expect("hvc_got", "from-socket")?;
+        // An attached client that does not read for a while: the guest waits, and the
+        // client gets every byte.
+        vm.wait_for("NIXVM-TEST: big_sha=")?;
+        read_until(&mut c, "big-begin", Duration::from_secs(60))?;
+        std::thread::sleep(Duration::from_secs(3));
+        check!(
+            !vm.seen.contains("big_sent"),
+            "the guest finished writing 4 MiB that the attached client did not read"
+        );
+        c.get_ref()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut big = vec![0u8; HVC_BIG];
+        c.read_exact(&mut big)
+            .map_err(|e| format!("reading 4 MiB from the console socket: {e}"))?;
+        vm.wait_for("NIXVM-TEST: big_sent")?;
+        vm.expect("big_sha", &sha256_bytes(&big))
     })();
     let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
     result?;
