@@ -10,7 +10,8 @@ use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, RESET_PORT, SLEEP_CONTROL_PORT,
+    self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, I8042_IRQ, I8042_PORT, RESET_PORT,
+    SLEEP_CONTROL_PORT,
 };
 use vm_memory::GuestMemoryBackend;
 
@@ -86,6 +87,28 @@ pub fn virtio_mmio_aml(index: u8, base: u64, size: u64, gsi: u32) -> Vec<u8> {
 }
 
 /// The same device for a guest booted with `acpi=off` (needs CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+/// The PS/2 keyboard behind the i8042 (PNP0303), for a VM a monitor sends keys to: Linux
+/// finds the controller only through this (the FADT says there is no legacy i8042).
+pub fn i8042_keyboard_aml() -> Vec<u8> {
+    let mut out = Vec::new();
+    aml::Device::new(
+        "_SB_.KBD_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(I8042_PORT, I8042_PORT, 1, 1),
+                    &aml::IO::new(I8042_PORT + 4, I8042_PORT + 4, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    out
+}
+
 pub fn virtio_mmio_cmdline(base: u64, size: u64, gsi: u32) -> String {
     format!("virtio_mmio.device={}K@{base:#x}:{gsi}", size >> 10)
 }

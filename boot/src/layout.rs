@@ -55,6 +55,8 @@ pub const COM1_IRQ: u32 = 4;
 /// The i8042 controller: data port 0x60 and command port 0x64, one 5-port range.
 pub const I8042_PORT: u16 = 0x60;
 pub const I8042_PORTS: u64 = 5;
+/// The keyboard's interrupt, when there is a keyboard.
+pub const I8042_IRQ: u32 = 1;
 /// The CMOS RTC: index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
 pub const CMOS_PORTS: u64 = 2;
