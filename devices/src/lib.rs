@@ -48,4 +48,12 @@ pub(crate) mod test_utils {
             self.0.lock().unwrap().push(what);
         }
     }
+
+    /// An empty directory of this test process's own, named `what`.
+    pub fn scratch_dir(what: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("nixvm-{}-{what}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }

@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::lock;
 
 use super::{
-    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_VRING, VirtioDevice,
+    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_VRING, VirtioDevice,
 };
 
 /// Size of one device's MMIO window.
@@ -90,6 +91,8 @@ pub struct MmioTransport {
     acked_features: u64,
     status: u32,
     active: bool,
+    /// Bumped whenever the device's config space changes under the driver.
+    config_generation: u32,
 }
 
 impl MmioTransport {
@@ -122,6 +125,7 @@ impl MmioTransport {
             acked_features: 0,
             status: 0,
             active: false,
+            config_generation: 0,
         })
     }
 
@@ -191,7 +195,7 @@ impl crate::bus::BusDevice for MmioTransport {
             // SHMLen and SHMBase: no shared memory regions, which the spec says as all ones
             // (a zero length would be a region; virtio-fs would try to use it for DAX).
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
-            CONFIG_GENERATION => 0, // config generation: config space never changes under the driver
+            CONFIG_GENERATION => self.config_generation,
             _ => {
                 crate::guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -369,6 +373,21 @@ impl MmioTransport {
                 self.irq.needs_reset();
             }
         }
+    }
+
+    /// Sets the link of a network device; the driver sees the change (a new config generation
+    /// and a configuration change interrupt). False if the device has no link.
+    pub fn set_link(&mut self, up: bool) -> bool {
+        let Some(changed) = lock(&self.device).set_link(up) else {
+            return false;
+        };
+        if changed {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if self.status & STATUS_DRIVER_OK != 0 {
+                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
+            }
+        }
+        true
     }
 
     /// Waits until a device being activated has started (or failed to).

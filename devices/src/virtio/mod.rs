@@ -131,6 +131,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device's work so it can be activated again. False if it cannot.
     fn reset(&mut self) -> bool;
+    /// Sets a network device's link up or down (QEMU's `set_link`): whether that changed
+    /// its config space, or None for a device without a link.
+    fn set_link(&mut self, _up: bool) -> Option<bool> {
+        None
+    }
     /// The device's backend raises its interrupt through the irqfd directly (vhost-user), so
     /// the transport cannot track why: InterruptStatus then always says "used buffers", and
     /// the driver checks its queues on every interrupt (harmless when nothing is new).

@@ -1,12 +1,13 @@
 //! virtio-net on a TAP device the host created beforehand (or an inherited TAP/macvtap fd),
-//! or on a stream socket to a user-mode network stack such as passt.
+//! on a stream socket to a user-mode network stack such as passt, or on a VDE switch's port.
 //!
 //! nixvm never creates or configures interfaces: it attaches to an existing TAP by name
 //! (TUNSETIFF, which needs no privilege when the TAP belongs to nixvm's user) or takes an
 //! open fd. Frames carry the 12-byte virtio-net header on both sides (IFF_VNET_HDR with
 //! TUNSETVNETHDRSZ), so checksum and segmentation offloads pass through untouched; the
 //! offloads the guest accepts are set on the TAP (TUNSETOFFLOAD). A stream ([`Stream`])
-//! carries frames without a header, so no offloads are offered on it.
+//! carries frames without a header, so no offloads are offered on it; nor on a VDE port
+//! ([`Vde`]), whose datagrams are bare frames.
 //!
 //! One worker thread per device polls the two queues' eventfds and the TAP or socket. While
 //! the guest has no receive buffers, the TAP is not polled (frames wait in its own queue)
@@ -16,7 +17,7 @@ use std::io;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -25,10 +26,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod stream;
 mod tap;
+mod vde;
 
 pub use stream::Stream;
 pub use tap::{Error, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Tap, mac_from_name};
 use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
+pub use vde::Vde;
 
 use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, split, total};
 use super::queue;
@@ -70,10 +73,17 @@ impl Stats {
     }
 }
 
-/// Where a device's frames go: a TAP, or a stream socket.
+/// Where a device's frames go: a TAP, a stream socket, or a VDE switch.
 pub enum Backend {
     Tap(Tap),
     Stream(Stream),
+    Vde(Vde),
+}
+
+impl From<Vde> for Backend {
+    fn from(v: Vde) -> Backend {
+        Backend::Vde(v)
+    }
 }
 
 impl From<Tap> for Backend {
@@ -94,13 +104,20 @@ impl Backend {
         match self {
             Backend::Tap(t) => t.name(),
             Backend::Stream(s) => s.name(),
+            Backend::Vde(v) => v.name(),
         }
+    }
+
+    /// Whether frames carry the virtio-net header on the host side (offloads possible).
+    fn has_header(&self) -> bool {
+        matches!(self, Backend::Tap(_))
     }
 
     fn fd(&self) -> std::os::fd::RawFd {
         match self {
             Backend::Tap(t) => t.file.as_raw_fd(),
             Backend::Stream(s) => s.fd(),
+            Backend::Vde(v) => v.fd(),
         }
     }
 
@@ -114,6 +131,17 @@ impl Backend {
                 usize::try_from(n).map_err(|_| io::Error::last_os_error())
             }
             Backend::Stream(s) => s.recv(dst),
+            Backend::Vde(v) => v.recv(dst),
+        }
+    }
+
+    /// Takes a frame (without the header) that `fill` writes, for a backend that sends from
+    /// its own buffer (see `Wire::flush`); false if `fill` failed or it cannot take it.
+    fn take_frame(&self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> bool {
+        match self {
+            Backend::Stream(s) => s.send(len, fill),
+            Backend::Vde(v) => v.send(len, fill),
+            Backend::Tap(_) => false,
         }
     }
 
@@ -123,6 +151,7 @@ impl Backend {
         match self {
             Backend::Tap(_) => false,
             Backend::Stream(s) => s.backlogged(),
+            Backend::Vde(v) => v.backlogged(),
         }
     }
 }
@@ -131,6 +160,8 @@ impl Backend {
 pub struct Net {
     tap: Arc<Backend>,
     config: [u8; 12],
+    /// The link as `set_link` left it; while down, frames are dropped both ways.
+    link: Arc<AtomicBool>,
     acked: u64,
     stats: Arc<Stats>,
     worker: Option<Worker>,
@@ -150,6 +181,7 @@ impl Net {
         Net {
             tap: Arc::new(tap),
             config,
+            link: Arc::new(AtomicBool::new(true)),
             acked: 0,
             stats: Arc::default(),
             worker: None,
@@ -181,7 +213,7 @@ impl VirtioDevice for Net {
             | bit(VIRTIO_NET_F_MAC)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF);
-        if let Backend::Stream(_) = *self.tap {
+        if !self.tap.has_header() {
             return base;
         }
         base | bit(VIRTIO_NET_F_CSUM)
@@ -234,7 +266,14 @@ impl VirtioDevice for Net {
             (tx_evt.as_raw_fd(), libc::POLLIN),
             (self.tap.fd(), libc::POLLIN),
         ];
-        let mut path = DataPath::new(self.tap.clone(), mem, irq, rxq, txq, acked, self.stats());
+        let wire = Wire {
+            tap: self.tap.clone(),
+            stats: self.stats(),
+            acked,
+            link: self.link.clone(),
+            gone: false.into(),
+        };
+        let mut path = DataPath::new(wire, mem, irq, rxq, txq);
         let name = format!("virtio-net-{}", self.tap.name());
         let worker = Worker::spawn_poll(name, fds, move |ready, interest| {
             if ready[0] != 0 {
@@ -273,6 +312,17 @@ impl VirtioDevice for Net {
     fn reset(&mut self) -> bool {
         self.worker.take();
         true
+    }
+    fn set_link(&mut self, up: bool) -> Option<bool> {
+        let status = if up {
+            u16::try_from(VIRTIO_NET_S_LINK_UP).expect("1")
+        } else {
+            0
+        };
+        self.link.store(up, Ordering::SeqCst);
+        let old = u16::from_le_bytes([self.config[6], self.config[7]]);
+        self.config[6..8].copy_from_slice(&status.to_le_bytes());
+        Some(old != status)
     }
 }
 
@@ -318,22 +368,9 @@ struct DataPath {
 }
 
 impl DataPath {
-    fn new(
-        tap: Arc<Backend>,
-        mem: Memory,
-        irq: Arc<dyn Interrupt>,
-        rxq: Queue,
-        txq: Queue,
-        acked: u64,
-        stats: Arc<Stats>,
-    ) -> DataPath {
+    fn new(wire: Wire, mem: Memory, irq: Arc<dyn Interrupt>, rxq: Queue, txq: Queue) -> DataPath {
         DataPath {
-            wire: Wire {
-                tap,
-                stats,
-                acked,
-                gone: false.into(),
-            },
+            wire,
             mem,
             irq,
             rxq,
@@ -394,12 +431,19 @@ impl DataPath {
                         self.wire.stats.drop_frame(true, "runt frame from the host");
                         continue;
                     }
+                    Ok(_) if !self.wire.link_up() => {
+                        self.wire
+                            .stats
+                            .drop_frame(true, "the link is down (set_link)");
+                        continue;
+                    }
                     Ok(n) => self.pending = n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        if let Backend::Stream(_) = *self.wire.tap {
-                            // Closed, or out of step: nothing more can be read from it.
+                        if !matches!(*self.wire.tap, Backend::Tap(_)) {
+                            // Closed, out of step, or the switch is gone: nothing more can
+                            // be read from it.
                             self.wire.gone(&e.to_string());
                         } else {
                             crate::guest_warn!(
@@ -535,6 +579,7 @@ struct Wire {
     tap: Arc<Backend>,
     stats: Arc<Stats>,
     acked: u64,
+    link: Arc<AtomicBool>,
     /// The backend is closed or broken: nothing is read from it, frames to it are dropped.
     gone: std::cell::Cell<bool>,
 }
@@ -548,6 +593,10 @@ impl Wire {
         self.gone.get()
     }
 
+    fn link_up(&self) -> bool {
+        self.link.load(Ordering::Relaxed)
+    }
+
     /// The backend cannot be used any more (said once).
     fn gone(&self, why: &str) {
         if !self.gone.replace(true) {
@@ -559,18 +608,18 @@ impl Wire {
         }
     }
 
-    /// Sends what waits for a stream; true when more frames may go.
+    /// Sends what waits for a stream or a switch; true when more frames may go.
     fn flush(&self) -> bool {
-        match &*self.tap {
-            Backend::Stream(s) if !self.is_gone() => match s.flush() {
-                Ok(done) => done,
-                Err(e) => {
-                    self.gone(&e.to_string());
-                    true
-                }
-            },
-            _ => true,
-        }
+        let flushed = match &*self.tap {
+            _ if self.is_gone() => return true,
+            Backend::Stream(s) => s.flush(),
+            Backend::Vde(v) => v.flush(),
+            Backend::Tap(_) => return true,
+        };
+        flushed.unwrap_or_else(|e| {
+            self.gone(&e.to_string());
+            true
+        })
     }
 
     /// Writes one guest frame (header + data) to the TAP, or drops it.
@@ -578,6 +627,9 @@ impl Wire {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
+        if !self.link_up() {
+            return self.stats.drop_frame(false, "the link is down (set_link)");
+        }
         let bufs = ChainBuffers::of(chain);
         if !bufs.writable.is_empty() {
             return self
@@ -603,11 +655,15 @@ impl Wire {
         }
         let tap = match &*self.tap {
             _ if self.is_gone() => return self.stats.drop_frame(false, "the host side is gone"),
-            Backend::Stream(s) => {
+            // Without the header: length-prefixed on a stream, a datagram to a switch.
+            Backend::Stream(_) | Backend::Vde(_) => {
                 let Some((_, frame)) = split(&segs, HDR_LEN) else {
                     return self.stats.drop_frame(false, "buffer outside guest memory");
                 };
-                if !s.send(len - HDR_LEN, |buf| gather(mem, &frame, buf)) {
+                if !self
+                    .tap
+                    .take_frame(len - HDR_LEN, |buf| gather(mem, &frame, buf))
+                {
                     return self.stats.drop_frame(false, "buffer outside guest memory");
                 }
                 self.flush();

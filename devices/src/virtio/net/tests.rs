@@ -44,14 +44,19 @@ fn path_on(
     acked: u64,
 ) -> (DataPath, File, Arc<CountingIrq>) {
     let irq = Arc::new(CountingIrq::default());
-    let p = DataPath::new(
+    let wire = Wire {
         tap,
+        stats: Arc::default(),
+        acked,
+        link: Arc::new(AtomicBool::new(true)),
+        gone: false.into(),
+    };
+    let p = DataPath::new(
+        wire,
         mem.clone(),
         irq.clone(),
         rx.create_queue().unwrap(),
         tx.create_queue().unwrap(),
-        acked,
-        Arc::default(),
     );
     (p, other, irq)
 }
@@ -311,6 +316,51 @@ fn config_and_mac() {
     n.read_config(0, &mut c);
     assert_eq!(c, [0x52, 0x54, 0, 0x12, 0x34, 0x56, 1, 0, 1, 0]);
     assert_ne!(n.avail_features() & bit(VIRTIO_NET_F_MRG_RXBUF), 0);
+    // set_link: the status bit, and whether it changed.
+    let mut n = n;
+    assert_eq!(n.set_link(false), Some(true));
+    assert_eq!(n.set_link(false), Some(false));
+    n.read_config(6, &mut c[..2]);
+    assert_eq!(c[..2], [0, 0], "link down");
+    assert_eq!(n.set_link(true), Some(true));
+    n.read_config(6, &mut c[..2]);
+    assert_eq!(c[..2], [1, 0], "link up");
+}
+
+#[test]
+fn a_link_that_is_down_drops_frames_both_ways() {
+    let mem = Memory::new(memory(4 << 20));
+    let m = mem.memory();
+    let (rx, tx) = (
+        MockSplitQueue::create(&*m, GuestAddress(0), 16),
+        MockSplitQueue::create(&*m, GuestAddress(0x1_0000), 16),
+    );
+    let (mut p, other, _irq) = path(&mem, &rx, &tx, all_features());
+    p.wire.link.store(false, Ordering::SeqCst);
+    let good = [vec![0u8; HDR_LEN], frame(100, 1)].concat();
+    m.write_slice(&good, GuestAddress(0x10_0000)).unwrap();
+    let d = |a: u64, l: u32, f: u16| RawDescriptor::from(Descriptor::new(a, l, f, 0));
+    tx.add_desc_chains(&[d(0x10_0000, 112, 0)], 0).unwrap();
+    p.process_tx();
+    assert!(
+        recv(&other).is_none(),
+        "a frame went out on a link that is down"
+    );
+    assert_eq!(tx.used().idx().load(), 1, "the chain still completes");
+    rx.add_desc_chains(&[d(0x20_0000, 1500, WRITE)], 0).unwrap();
+    send(&other, &good);
+    p.process_rx();
+    assert_eq!(
+        rx.used().idx().load(),
+        0,
+        "a frame came in on a link that is down"
+    );
+    assert_eq!(p.wire.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    // Up again: frames flow.
+    p.wire.link.store(true, Ordering::SeqCst);
+    send(&other, &good);
+    p.process_rx();
+    assert_eq!(rx.used().idx().load(), 1);
 }
 
 #[test]

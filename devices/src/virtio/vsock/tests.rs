@@ -30,10 +30,7 @@ fn leak(m: &Memory) -> &'static GuestMemoryMmap {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nixvm-vsock-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::test_utils::scratch_dir(&format!("vsock-{name}"))
 }
 
 impl Guest {
