@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PACKAGES=(qemu-system-x86 cpio xz-utils gzip kmod util-linux socat iproute2
-  libcap-ng-dev libseccomp-dev pkg-config nix-bin qemu-utils gcc libc6-dev strace passt
+  libcap-ng-dev libseccomp-dev pkg-config nix-bin qemu-utils gcc libc6-dev strace passt vde2
   mmdebstrap e2fsprogs)
 
 log() { printf 'dev.sh: %s\n' "$*" >&2; }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{
     console::*, disks::*, fs::*, harness::*, hostile::*, lifecycle::*, net::*, passt::*,
-    storefs::*, systemd::*, vsock::*,
+    storefs::*, systemd::*, vde::*, vsock::*,
 };
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
@@ -205,6 +205,16 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     } else {
         group(t, &PASST_NAMES, "the passt boot", || passt_boot(g));
+    }
+    if have_vde_switch() {
+        group(t, &VDE_NAMES, "the vde boot", || vde_boot(g));
+    } else {
+        for name in VDE_NAMES {
+            t.skip(
+                name,
+                "vde_switch is not installed (resources/dev.sh installs vde2)",
+            );
+        }
     }
     group(t, &STOREFS_NAMES, "the storefs boot", || storefs_boot(g));
     match crate::virtiofsd::find() {

@@ -261,7 +261,7 @@ impl Qmp {
 }
 
 /// Reads a monitor connection up to its next prompt; returns what came before it.
-fn monitor_answer(m: &mut std::os::unix::net::UnixStream) -> Result<String, String> {
+pub(crate) fn monitor_answer(m: &mut std::os::unix::net::UnixStream) -> Result<String, String> {
     let mut got = Vec::new();
     let mut b = [0u8; 1024];
     while !got.ends_with(b"(qemu) ") {
@@ -284,7 +284,10 @@ fn monitor_answer(m: &mut std::os::unix::net::UnixStream) -> Result<String, Stri
     Ok(String::from_utf8_lossy(&got[..got.len() - 7]).into_owned())
 }
 
-fn monitor_command(m: &mut std::os::unix::net::UnixStream, cmd: &str) -> Result<String, String> {
+pub(crate) fn monitor_command(
+    m: &mut std::os::unix::net::UnixStream,
+    cmd: &str,
+) -> Result<String, String> {
     m.write_all(format!("{cmd}\n").as_bytes())
         .map_err(|e| e.to_string())?;
     monitor_answer(m)
@@ -370,6 +373,42 @@ pub(crate) fn qmp_tests(t: &mut Runner, g: &Guest) {
             "nixvm after the guest powered off: {status:?}"
         );
         check!(!qmp.exists(), "QMP socket left behind");
+        Ok(())
+    });
+    t.run_retry("monitor_sendkey_ctrl_alt_delete_reboots", || {
+        let mon_path = temp_dir().join("keys-monitor.sock");
+        let _ = std::fs::remove_file(&mon_path);
+        let mon_l = UnixListener::bind(&mon_path).map_err(|e| e.to_string())?;
+        let mon = format!("connect={}", mon_path.display());
+        // With kernel.ctrl-alt-del = 1 the kernel reboots at once on the chord (no init
+        // involved): nixvm then exits 3.
+        let script = format!(
+            r#"
+for i in $(seq 50); do
+  grep -q 'AT Translated Set 2 keyboard' /proc/bus/input/devices && break
+  sleep 0.2
+done
+echo "NIXVM-TEST: kbd=$(grep -c 'AT Translated Set 2 keyboard' /proc/bus/input/devices)"
+echo 1 > /proc/sys/kernel/ctrl-alt-del
+{TICKS}"#
+        );
+        let (mut vm, _) = api_guest(g, "keys", &script, &["--monitor", &mon])?;
+        let mut m = accept_within(&mon_l, Duration::from_secs(60))?;
+        m.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        monitor_answer(&mut m)?;
+        vm.wait_for("tick 2")?;
+        vm.expect("kbd", "1")?;
+        let bad = monitor_command(&mut m, "sendkey ctrl-hyper")?;
+        check!(bad.contains("unknown key"), "sendkey ctrl-hyper: {bad:?}");
+        let ok = monitor_command(&mut m, "sendkey ctrl-alt-delete")?;
+        check!(ok.trim().is_empty(), "sendkey ctrl-alt-delete: {ok:?}");
+        let status = wait_timeout(&mut vm.child, Duration::from_secs(60));
+        check!(
+            status.and_then(|s| s.code()) == Some(3),
+            "nixvm after ctrl-alt-delete: {status:?}\n{}",
+            vm.seen
+        );
         Ok(())
     });
     t.run_retry("qmp_quit_exits_0", || {

@@ -44,13 +44,14 @@ mod passt;
 mod storefs;
 mod systemd;
 mod usage;
+mod vde;
 #[path = "../support/virtiofsd.rs"]
 mod virtiofsd;
 mod vsock;
 
 use crate::{
     boot::*, console::HVC_NAMES, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*,
-    storefs::*, systemd::*, usage::*, vsock::*,
+    storefs::*, systemd::*, usage::*, vde::*, vsock::*,
 };
 /// Longest an L1 run may go without printing a line before it counts as frozen: more than a
 /// boot that stalls and is retried.
@@ -174,6 +175,7 @@ fn main() {
         "api_shutdown_forced_after_timeout",
         "qmp_status_stop_cont_powerdown_and_monitor",
         "qmp_quit_exits_0",
+        "monitor_sendkey_ctrl_alt_delete_reboots",
         "blk_flush_is_fdatasync",
     ];
     let boot_names: Vec<&str> = boot_names
@@ -187,6 +189,7 @@ fn main() {
         .chain(VSOCK_NAMES)
         .chain(SYSTEMD_NAMES)
         .chain(PASST_NAMES)
+        .chain(VDE_NAMES)
         .collect();
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),

@@ -177,6 +177,47 @@ pub(crate) fn usage_tests(t: &mut Runner, kernel: Option<&Path>) {
             &format!("nothing listens on vhost-user socket {}", sock.display()),
         )
     });
+    t.run("usage_qemu_option_unsupported", || {
+        one_line_usage_error(
+            &["--kernel", k, "--", "-serial", "stdio", "-vga", "std"],
+            &[],
+            "the QEMU option `-vga` has no nixvm equivalent",
+        )
+    });
+    t.run("dry_run_maps_the_test_drivers_qemu_options", || {
+        // Exactly what the NixOS test driver appends to a start script, and a vlan NIC.
+        let d = tmp.display();
+        let driver = format!(
+            "-qmp unix:{d}/qmp,server=on,wait=off -monitor unix:{d}/monitor \
+             -chardev socket,id=shell,path={d}/shell -device virtio-serial \
+             -device virtconsole,chardev=shell -device virtio-rng-pci -serial stdio -no-reboot \
+             -nographic -device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:01 \
+             -netdev vde,id=vlan1,sock={d}/vde1.ctl"
+        );
+        let mut args = vec!["--kernel", k, "--rng", "off", "--dry-run", "--"];
+        args.extend(driver.split_whitespace());
+        let r = nixvm(&args, &[], Duration::from_secs(30));
+        check!(r.code() == Some(0), "dry run failed: {}", r.describe());
+        let v: serde_json::Value =
+            serde_json::from_str(&r.stdout).map_err(|e| format!("not JSON: {e}: {}", r.stdout))?;
+        let want = serde_json::json!({
+            "qmp": format!("{d}/qmp"),
+            "monitor": format!("connect={d}/monitor"),
+            "console": format!("connect={d}/shell"),
+            "serial": "stdio",
+            "rng": true,
+            "on_reboot": "exit",
+            "nets": [{"vde": format!("{d}/vde1.ctl"), "mac": "52:54:00:12:01:01"}],
+        });
+        for (key, value) in want.as_object().unwrap() {
+            check!(
+                &v[key] == value,
+                "{key}: {} (wanted {value}) in {v}",
+                v[key]
+            );
+        }
+        Ok(())
+    });
     t.run("dry_run_prints_resolved_config", || {
         let cfg = tmp.join("vm.json");
         std::fs::write(

@@ -6,14 +6,16 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nixvm_devices::i8042::I8042;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::{self, Request};
+use crate::device_manager::Transport;
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::unix::Listener;
 use crate::{hmp, qmp};
@@ -81,6 +83,8 @@ pub struct Control {
     clients: HashMap<RawFd, Client>,
     /// Connections waiting for the VM to end (a `shutdown` request each).
     waiters: Vec<UnixStream>,
+    keyboard: Option<Arc<Mutex<I8042>>>,
+    nics: Vec<Transport>,
 }
 
 /// What the control side of a VM is made of (the VM builds it).
@@ -101,6 +105,10 @@ pub struct ControlParts {
     pub qmp_listener: Option<Listener>,
     /// `--monitor`: where the human monitor is.
     pub monitor: Option<MonitorEnd>,
+    /// The keyboard `sendkey` types on.
+    pub keyboard: Option<Arc<Mutex<I8042>>>,
+    /// The network devices' transports, in `--net` order (`set_link`).
+    pub nics: Vec<Transport>,
 }
 
 /// The human monitor's socket: nixvm listens on it, or connected to it.
@@ -132,6 +140,8 @@ impl Control {
             hmp_connected,
             clients: HashMap::new(),
             waiters: Vec::new(),
+            keyboard: p.keyboard,
+            nics: p.nics,
         }
     }
 
@@ -472,6 +482,26 @@ impl Control {
                 log::info!("monitor: quit");
                 self.exit.request_exit(Exit::Quit);
                 return;
+            }
+            hmp::Command::SendKey(keys) => match &self.keyboard {
+                Some(k) => {
+                    let names: Vec<&str> = keys.split('-').collect();
+                    let sent = nixvm_devices::lock(k).send_keys(&names);
+                    sent.err()
+                        .map(|e| format!("sendkey: {e}"))
+                        .unwrap_or_default()
+                }
+                None => "sendkey: the guest has no keyboard".into(),
+            },
+            hmp::Command::SetLink { name, up } => {
+                match hmp::nic_index(&name).and_then(|i| self.nics.get(i)) {
+                    Some(t) => {
+                        log::info!("monitor: set_link {name} {}", if up { "on" } else { "off" });
+                        nixvm_devices::lock(t).set_link(up);
+                        String::new()
+                    }
+                    None => format!("Device '{name}' not found"),
+                }
             }
             hmp::Command::Cannot(why) => why,
             hmp::Command::Unknown(cmd) => format!("unknown command: '{cmd}'"),

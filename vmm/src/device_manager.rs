@@ -36,6 +36,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot join the VDE switch {}", dir.display())]
+    NetVde {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up network stream {name}")]
     NetStream {
         name: String,
@@ -66,7 +72,7 @@ impl Error {
     /// Errors that are the user's to fix (exit status 2), as opposed to failures.
     pub fn is_usage(&self) -> bool {
         match self {
-            Error::Disk(_) | Error::NetSocket { .. } => true,
+            Error::Disk(_) | Error::NetSocket { .. } | Error::NetVde { .. } => true,
             Error::Passt(e) => e.is_usage(),
             Error::Net(e) => !matches!(e, net::Error::TapSetup { .. }),
             Error::Fs(e) => !matches!(e, fs::Error::Handshake { .. }),
@@ -94,6 +100,8 @@ pub struct Devices {
     /// `nixvm storefs` processes serving `path=` shares: the VM stops them after everything
     /// else.
     pub backends: Vec<storefs::Process>,
+    /// The keyboard a monitor's `sendkey` types on (only with `--monitor`).
+    pub keyboard: Option<Arc<Mutex<I8042>>>,
 }
 
 impl Devices {
@@ -108,9 +116,13 @@ impl Devices {
     ) -> Result<Devices> {
         let (serial, serial_drained) = create_serial(vm, console_out)?;
         let mut buses = Buses::default();
-        add_legacy_devices(&mut buses, exit, serial.clone());
+        let keyboard = match config.monitor {
+            Some(_) => Some(create_keyboard(vm, exit)?),
+            None => None,
+        };
+        add_legacy_devices(&mut buses, exit, serial.clone(), keyboard.clone());
         let mut backends = Vec::new();
-        let (aml, cmdline, transports) = add_virtio_devices(
+        let (mut aml, cmdline, transports) = add_virtio_devices(
             vm,
             &mut buses,
             mem,
@@ -119,6 +131,9 @@ impl Devices {
             virtio_console,
             vsock_listener,
         )?;
+        if keyboard.is_some() {
+            aml.extend(acpi::i8042_keyboard_aml());
+        }
         Ok(Devices {
             buses,
             serial,
@@ -127,21 +142,35 @@ impl Devices {
             aml,
             cmdline,
             backends,
+            keyboard,
         })
     }
 }
 
-/// The fixed PC devices on the port-I/O bus.
-fn add_legacy_devices(buses: &mut Buses, exit: &Arc<ExitState>, serial: Arc<Mutex<SerialDevice>>) {
+/// The i8042 with a keyboard on IRQ 1.
+fn create_keyboard(vm: &VmFd, exit: &Arc<ExitState>) -> Result<Arc<Mutex<I8042>>> {
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&irq, layout::I8042_IRQ)
+        .map_err(kvm_err("connect the keyboard interrupt"))?;
+    Ok(Arc::new(Mutex::new(I8042::with_keyboard(
+        exit.clone(),
+        irq,
+    ))))
+}
+
+/// The fixed PC devices on the port-I/O bus; the i8042 is `keyboard` when there is one.
+fn add_legacy_devices(
+    buses: &mut Buses,
+    exit: &Arc<ExitState>,
+    serial: Arc<Mutex<SerialDevice>>,
+    keyboard: Option<Arc<Mutex<I8042>>>,
+) {
     let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
     type Device = Arc<Mutex<dyn BusDevice>>;
+    let i8042: Device = keyboard.unwrap_or_else(|| Arc::new(Mutex::new(I8042::new(exit.clone()))));
     let devices: [(u16, u64, Device); 4] = [
         (layout::COM1_PORT, 8, serial),
-        (
-            layout::I8042_PORT,
-            layout::I8042_PORTS,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        ),
+        (layout::I8042_PORT, layout::I8042_PORTS, i8042),
         (
             layout::CMOS_PORT,
             layout::CMOS_PORTS,
@@ -192,10 +221,10 @@ fn add_virtio_devices(
         devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
     }
     for (i, n) in config.nets.iter().enumerate() {
-        let backend: net::Backend = match (&n.tap, n.fd, &n.socket, &n.passt) {
+        let backend: net::Backend = match (&n.tap, n.fd, &n.socket, &n.vde, &n.passt) {
             (Some(name), ..) => net::Tap::open(name)?.into(),
             (_, Some(fd), ..) => net::Tap::from_fd(fd)?.into(),
-            (.., Some(path), _) => {
+            (_, _, Some(path), ..) => {
                 let conn = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
                     Error::NetSocket {
                         path: path.clone(),
@@ -204,12 +233,18 @@ fn add_virtio_devices(
                 })?;
                 stream(conn, &path.display().to_string())?.into()
             }
+            (.., Some(dir), _) => net::Vde::connect(dir)
+                .map_err(|source| Error::NetVde {
+                    dir: dir.clone(),
+                    source,
+                })?
+                .into(),
             (.., Some(program)) => {
                 let (process, conn) = passt::spawn(program, &n.forward)?;
                 backends.push(process);
                 stream(conn.into(), &format!("passt{i}"))?.into()
             }
-            _ => unreachable!("validated: one of tap, fd, socket, passt"),
+            _ => unreachable!("validated: one of tap, fd, socket, vde, passt"),
         };
         devices.push(Box::new(net::Net::new(backend, n.mac.map(|m| m.0))));
     }

@@ -9,7 +9,9 @@
 //! | `system_powerdown` | presses the ACPI power button |
 //! | `system_reset` | resets the machine (exit 3, or a new boot with `--on-reboot restart`) |
 //! | `quit` (`q`) | stops the VM at once; nixvm exits 0 |
-//! | `screendump`, `sendkey`, `set_link`, `hostfwd_add`, … | a sentence saying nixvm cannot |
+//! | `sendkey KEYS` | presses and releases keys (`ctrl-alt-delete`) on the PS/2 keyboard |
+//! | `set_link virtio-net-pci.N on\|off` | the link of the Nth `--net` (from 0), as the guest sees it |
+//! | `screendump`, `hostfwd_add`, … | a sentence saying nixvm cannot |
 
 /// The banner a monitor client reads first, then the prompt.
 pub const BANNER: &str = "QEMU 7.2.0 monitor - nixvm - type 'help' for more information\r\n";
@@ -26,6 +28,13 @@ pub enum Command {
     Powerdown,
     Reset,
     Quit,
+    /// Keys joined by `-`, QEMU's names.
+    SendKey(String),
+    /// A network interface's name and whether its link goes up.
+    SetLink {
+        name: String,
+        up: bool,
+    },
     /// A command nixvm knows of but cannot do; the sentence says why.
     Cannot(String),
     Unknown(String),
@@ -46,17 +55,39 @@ pub fn parse(line: &str) -> Command {
         ("system_reset", _) => Command::Reset,
         ("quit" | "q", _) => Command::Quit,
         ("screendump", _) => Command::Cannot(
-            "screendump: nixvm has no display (a VM without graphics has no screen to dump)"
-                .into(),
+            "screendump: nixvm has no display (a VM without graphics has no screen to dump)".into(),
         ),
-        ("sendkey", _) => Command::Cannot(
-            "sendkey: nixvm has no keyboard for the guest (use the serial console or QMP system_powerdown/system_reset)".into(),
-        ),
-        ("set_link" | "hostfwd_add" | "hostfwd_remove" | "device_add" | "device_del"
-        | "migrate" | "savevm" | "loadvm", _) => {
-            Command::Cannot(format!("{cmd}: not supported by nixvm"))
+        ("sendkey", Some(keys)) => Command::SendKey(keys.to_owned()),
+        ("sendkey", None) => {
+            Command::Cannot("sendkey: which keys? (sendkey ctrl-alt-delete)".into())
         }
+        ("set_link", Some(name)) => match words.next() {
+            Some("on") => Command::SetLink {
+                name: name.to_owned(),
+                up: true,
+            },
+            Some("off") => Command::SetLink {
+                name: name.to_owned(),
+                up: false,
+            },
+            _ => Command::Cannot("set_link: set_link NAME on|off".into()),
+        },
+        (
+            "set_link" | "hostfwd_add" | "hostfwd_remove" | "device_add" | "device_del" | "migrate"
+            | "savevm" | "loadvm",
+            _,
+        ) => Command::Cannot(format!("{cmd}: not supported by nixvm")),
         _ => Command::Unknown(cmd.to_owned()),
+    }
+}
+
+/// Which `--net` (from 0) a NIC name means: QEMU's names for the Nth virtio-net device,
+/// `virtio-net-pci.N` (what the NixOS test driver uses) or `virtio-net-device.N`.
+pub fn nic_index(name: &str) -> Option<usize> {
+    let (model, n) = name.rsplit_once('.')?;
+    match model {
+        "virtio-net-pci" | "virtio-net-device" => n.parse().ok(),
+        _ => None,
     }
 }
 
@@ -69,6 +100,8 @@ pub fn help() -> String {
         "system_powerdown -- press the power button",
         "system_reset -- reset the machine",
         "quit|q -- stop the VM at once",
+        "sendkey keys -- press and release keys, e.g. ctrl-alt-delete",
+        "set_link name on|off -- the link of virtio-net-pci.N, the Nth --net from 0",
     ]
     .join("\r\n")
 }
@@ -86,14 +119,27 @@ mod tests {
         assert!(
             matches!(parse("screendump /tmp/x.ppm"), Command::Cannot(s) if s.contains("no display"))
         );
-        assert!(matches!(
-            parse("sendkey ctrl-alt-delete"),
-            Command::Cannot(_)
-        ));
-        assert!(matches!(
+        assert_eq!(
+            parse("sendkey ctrl-alt-delete 200"),
+            Command::SendKey("ctrl-alt-delete".into())
+        );
+        assert!(matches!(parse("sendkey"), Command::Cannot(_)));
+        assert_eq!(
             parse("set_link virtio-net-pci.1 off"),
+            Command::SetLink {
+                name: "virtio-net-pci.1".into(),
+                up: false
+            }
+        );
+        assert!(matches!(parse("set_link x maybe"), Command::Cannot(_)));
+        assert!(matches!(
+            parse("hostfwd_add tcp::22-:22"),
             Command::Cannot(_)
         ));
+        assert_eq!(nic_index("virtio-net-pci.1"), Some(1));
+        assert_eq!(nic_index("virtio-net-device.0"), Some(0));
+        assert_eq!(nic_index("e1000.0"), None);
+        assert_eq!(nic_index("virtio-net-pci.x"), None);
         assert_eq!(parse("frobnicate 1"), Command::Unknown("frobnicate".into()));
         assert_eq!(parse("info"), Command::Unknown("info".into()));
     }

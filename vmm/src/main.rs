@@ -53,6 +53,10 @@ struct Cli {
     /// Check everything, print the resolved configuration as JSON, and exit.
     #[arg(long)]
     dry_run: bool,
+    /// QEMU options (what the NixOS test driver appends to a start script), each mapped to
+    /// its nixvm setting; one nixvm cannot honour is an error naming it.
+    #[arg(last = true, value_name = "QEMU_OPTION")]
+    qemu: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +201,14 @@ fn resolve(cli: &Cli) -> Result<VmConfig, Error> {
         None => Settings::default(),
     };
     let mut settings = file.merge(cli.settings.clone());
+    if !cli.qemu.is_empty() {
+        let mut qemu = config::qemu::settings(&cli.qemu).map_err(config::Error::from)?;
+        let nets = qemu.nets.take();
+        settings = settings.merge(qemu);
+        if let Some(nets) = nets {
+            settings.nets.get_or_insert_with(Vec::new).extend(nets);
+        }
+    }
     // Run as a Type=notify unit: the guest's readiness is the unit's.
     if settings.notify_socket.is_none() {
         settings.notify_socket = std::env::var("NOTIFY_SOCKET").ok();

@@ -432,6 +432,7 @@ impl Vm {
             aml: device_aml,
             cmdline,
             backends,
+            keyboard,
         } = Devices::create(
             &vm,
             &mem,
@@ -475,6 +476,13 @@ impl Vm {
             irqchips.push(chip);
         }
         let pit = vm.get_pit2().map_err(kvm_err("read the PIT"))?;
+        let nics = transports
+            .iter()
+            .filter(|t| {
+                nixvm_devices::lock(t).device_type() == nixvm_devices::virtio::VIRTIO_ID_NET
+            })
+            .cloned()
+            .collect();
         let reset = ResetState {
             config: config.clone(),
             cmdline,
@@ -511,6 +519,8 @@ impl Vm {
             listener: api_listener,
             qmp_listener,
             monitor,
+            keyboard,
+            nics,
         })));
         Ok(Vm {
             vcpus,

@@ -9,6 +9,7 @@ use nixvm_devices::seccomp::Mode;
 use nixvm_devices::virtio::block;
 use serde::{Deserialize, Serialize};
 
+pub mod qemu;
 mod specs;
 pub use specs::*;
 
@@ -82,7 +83,7 @@ pub enum Error {
     TapName(String),
     #[error("fd {0} of a network interface is not a file descriptor number")]
     NetFd(i32),
-    #[error("a network interface needs exactly one of tap=, fd=, socket= and passt")]
+    #[error("a network interface needs exactly one of tap=, fd=, socket=, vde= and passt")]
     NetKind,
     #[error("forward= is for passt network interfaces (--net passt,forward=...)")]
     ForwardWithoutPasst,
@@ -156,6 +157,8 @@ pub enum Error {
         room = nixvm_boot::smbios::OEM_STRINGS_ROOM
     )]
     SmbiosTooLarge(usize),
+    #[error(transparent)]
+    Qemu(#[from] qemu::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -200,10 +203,11 @@ pub struct Settings {
     pub disks: Option<Vec<DiskConfig>>,
     /// A virtio-net interface: on an existing TAP, tap=NAME; on an inherited TAP/macvtap fd,
     /// fd=N; on a UNIX stream socket speaking QEMU's -netdev stream protocol, socket=PATH
-    /// (passt --socket); or on a passt that nixvm starts, no root needed,
-    /// passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] (host ports to
-    /// the guest). Each [,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the MAC is 02:
-    /// and five bytes of a hash of the TAP's name, socket's path or "passt".
+    /// (passt --socket); on a port of a vde_switch, vde=DIR (the switch's -s directory, as
+    /// QEMU's -netdev vde,sock=DIR); or on a passt that nixvm starts, passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] (host ports to
+    /// the guest); vde= and passt need no root. Each [,mac=MAC]; repeatable: eth0, eth1, ...
+    /// Without mac= the MAC is 02: and five bytes of a hash of the TAP's name, socket's
+    /// path, "vde:DIR" or "passt".
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Option<Vec<NetConfig>>,
     /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
@@ -223,7 +227,7 @@ pub struct Settings {
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
     /// QEMU's human monitor (the commands test drivers type): socket=PATH (nixvm listens)
-    /// or connect=PATH (nixvm connects).
+    /// or connect=PATH (nixvm connects). The VM then has a PS/2 keyboard its sendkey types on.
     #[arg(long, value_name = "socket=PATH|connect=PATH")]
     pub monitor: Option<MonitorConfig>,
     /// Seconds a guest has to power off after the power button (SIGTERM, `ctl shutdown`)
@@ -618,7 +622,7 @@ fn parent_dir_exists(p: &Path) -> bool {
         .is_dir()
 }
 
-/// One of tap=, fd=, socket= and passt, a name an interface can have, forwards only for
+/// One of tap=, fd=, socket=, vde= and passt, a name an interface can have, forwards only for
 /// passt and each host port once, a unicast MAC. Whether the TAP exists and may be
 /// attached, or the socket listens, is found when the VM starts (a running VM may hold it
 /// now).

@@ -304,7 +304,8 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// One `--net`: `tap=NAME`, `fd=N`, `socket=PATH` or `passt[=PROGRAM][,forward=PORTS]`,
+/// One `--net`: `tap=NAME`, `fd=N`, `socket=PATH`, `vde=DIR` or
+/// `passt[=PROGRAM][,forward=PORTS]`,
 /// each `[,mac=MAC]`; in JSON an object with the same names (`{"tap": "tap0", "mac":
 /// "52:54:00:12:34:56"}`, `{"passt": "passt", "forward": ["2222:22"]}`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,6 +319,9 @@ pub struct NetConfig {
     /// (`passt --socket`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// A `vde_switch`'s directory (`vde_switch -s DIR`): a port on that switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vde: Option<PathBuf>,
     /// The passt program nixvm starts for this interface (bare `passt`: from PATH).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passt: Option<PathBuf>,
@@ -329,12 +333,13 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// How many of tap, fd, socket and passt are given (one is right).
+    /// How many of tap, fd, socket, vde and passt are given (one is right).
     pub fn kinds(&self) -> usize {
         [
             self.tap.is_some(),
             self.fd.is_some(),
             self.socket.is_some(),
+            self.vde.is_some(),
             self.passt.is_some(),
         ]
         .into_iter()
@@ -342,7 +347,7 @@ impl NetConfig {
         .count()
     }
 
-    pub const SYNTAX: &'static str = "tap=NAME, fd=N, socket=PATH or \
+    pub const SYNTAX: &'static str = "tap=NAME, fd=N, socket=PATH, vde=DIR or \
         passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]], each [,mac=MAC]";
 }
 
@@ -428,6 +433,7 @@ impl FromStr for NetConfig {
                 "tap" if !v.is_empty() => net.tap = Some(v.to_owned()),
                 "fd" => net.fd = Some(v.parse().map_err(|_| err())?),
                 "socket" if !v.is_empty() => net.socket = Some(v.into()),
+                "vde" if !v.is_empty() => net.vde = Some(v.into()),
                 "passt" => net.passt = Some(if v.is_empty() { "passt" } else { v }.into()),
                 "forward" => {
                     net.forward = v

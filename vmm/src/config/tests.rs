@@ -127,6 +127,9 @@ fn net_specs() {
         "socket=",
         "passt,tap=t",
         "socket=/s,passt",
+        "vde=",
+        "vde=/v,tap=t",
+        "vde=/v,forward=22",
         "tap=t,forward=22",
         "passt,forward=",
         "passt,forward=0",
@@ -158,6 +161,13 @@ fn net_specs() {
         .parse()
         .unwrap();
     assert_eq!(s.socket.as_deref(), Some(Path::new("/run/passt.sock")));
+    let v: NetConfig = "vde=/tmp/vde1.ctl,mac=52:54:00:12:01:01".parse().unwrap();
+    assert_eq!(v.vde.as_deref(), Some(Path::new("/tmp/vde1.ctl")));
+    assert!(check_net(&v).is_ok());
+    assert_eq!(
+        serde_json::to_string(&v).unwrap(),
+        r#"{"vde":"/tmp/vde1.ctl","mac":"52:54:00:12:01:01"}"#
+    );
     let twice: NetConfig =
         serde_json::from_str(r#"{"passt":"passt","forward":["22","22:23"]}"#).unwrap();
     assert!(matches!(check_net(&twice), Err(Error::DuplicateForward(_))));
