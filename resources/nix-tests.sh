@@ -254,7 +254,7 @@ if wants script/fake-toplevel; then
   name=script/fake-toplevel
   d=$TMP/fake-toplevel
   mkdir -p "$d"
-  printf '#!/bin/sh\nexec "$REAL_NIXVM" "$@" --dry-run\n' > "$d/dry-nixvm"
+  printf '#!/bin/sh\nexec "$REAL_NIXVM" --dry-run "$@"\n' > "$d/dry-nixvm"
   chmod +x "$d/dry-nixvm"
   if [ -z "$have_vm" ]; then
     skip_or_fail "$name" "$why"
@@ -264,6 +264,29 @@ if wants script/fake-toplevel; then
     failed "$name" "the rendered runner failed with --dry-run:" "$out"
   elif [[ $out != *"nixvm.action=poweroff init=$d/vm/system/init regInfo=$d/vm/closure-info/registration console=ttyS0 reboot=k panic=-1"* ]]; then
     failed "$name" "unexpected configuration:" "$out"
+  else
+    ok "$name"
+  fi
+fi
+
+# The same runner given QEMU options, as the NixOS test driver gives them (and $QEMU_OPTS):
+# nixvm maps them; one it cannot map stops it, named.
+if wants script/qemu-options; then
+  name=script/qemu-options
+  d=$TMP/fake-toplevel
+  if [ -z "$have_vm" ]; then
+    skip_or_fail "$name" "$why"
+  elif [ ! -x "$d/vm/bin/run-fake-vm" ]; then
+    failed "$name" "script/fake-toplevel did not render the runner"
+  elif ! out=$(cd "$d/vm" && QEMU_OPTS=-nographic REAL_NIXVM=$NIXVM NIXVM=$d/dry-nixvm \
+      ./bin/run-fake-vm -serial none -device virtio-rng-pci -no-reboot 2>&1 </dev/null); then
+    failed "$name" "the runner refused the test driver's QEMU options:" "$out"
+  elif [[ $out != *'"serial": "off"'* || $out != *'"on_reboot": "exit"'* ]]; then
+    failed "$name" "the QEMU options did not become nixvm's settings:" "$out"
+  elif out=$(cd "$d/vm" && REAL_NIXVM=$NIXVM NIXVM=$d/dry-nixvm ./bin/run-fake-vm -vga std 2>&1 </dev/null); then
+    failed "$name" "the runner took -vga:" "$out"
+  elif [[ $out != *'`-vga`'* ]]; then
+    failed "$name" "-vga was refused without naming it:" "$out"
   else
     ok "$name"
   fi

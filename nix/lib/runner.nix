@@ -57,7 +57,8 @@
 # The result: argv (argv[0] = nixvm), script (the runner: creates missing volumes, opens
 # macvtap fds, starts a virtiofsd per share with backend virtiofsd unless
 # NIXVM_SKIP_VIRTIOFSD=1, runs nixvm with argv and then the script's own arguments, as
-# qemu-vm.nix's run-<name>-vm passes "$@" to QEMU; with no share it simply execs nixvm),
+# qemu-vm.nix's run-<name>-vm passes "$@" to QEMU; QEMU options, and $QEMU_OPTS, go after
+# `--`, where nixvm maps them; with no share it simply execs nixvm),
 # shutdownArgv (nixvm ctl … shutdown, or null without a socket), shutdownScript, cmdline,
 # command and shutdownCommand (the argvs quoted for sh), volumesScript and macvtapScript (the
 # script's parts that create volumes and open macvtap fds), and the description with its
@@ -280,6 +281,12 @@ let
     # nixvm need neither: nixvm serves them itself.
     set -eu
     NIXVM=''${NIXVM:-${q c.nixvm}}
+    # QEMU options (what the NixOS test driver appends, and $QEMU_OPTS as qemu-vm.nix's
+    # runner takes it): nixvm maps them after `--`. nixvm's own options start with `--`.
+    case "''${1-}" in
+      --*) ;;
+      *) set -- -- "$@" ''${QEMU_OPTS-} ;;
+    esac
   '' + pathLine + c.preStart + "\n"
   + volumesScript
   + macvtapScript

@@ -34,6 +34,16 @@ pub(crate) fn temp_dir() -> PathBuf {
 
 pub(crate) type TestResult = Result<(), String>;
 
+/// Whether `program` runs (with `arg`, which makes it print and exit).
+pub(crate) fn installed(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
 /// Runs tests, prints `test NAME ... ok|FAILED|skipped`, and counts.
 #[derive(Default)]
 pub(crate) struct Runner {

@@ -195,13 +195,13 @@ if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
 
 /// A QMP client as a test driver's (`nixos/lib/test-driver/.../qmp.py`): JSON lines, the
 /// answers and the events apart.
-struct Qmp {
+pub(crate) struct Qmp {
     r: std::io::BufReader<std::os::unix::net::UnixStream>,
     events: Vec<serde_json::Value>,
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
+    pub(crate) fn connect(path: &Path) -> Result<Qmp, String> {
         let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| format!("qmp: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(|e| e.to_string())?;
@@ -222,7 +222,7 @@ impl Qmp {
     }
 
     /// The next line that is not an event (events are kept).
-    fn answer(&mut self) -> Result<serde_json::Value, String> {
+    pub(crate) fn answer(&mut self) -> Result<serde_json::Value, String> {
         loop {
             let v = self.line()?;
             if v.get("event").is_none() {
@@ -232,7 +232,7 @@ impl Qmp {
         }
     }
 
-    fn execute(&mut self, cmd: &str) -> Result<serde_json::Value, String> {
+    pub(crate) fn execute(&mut self, cmd: &str) -> Result<serde_json::Value, String> {
         let line = format!("{}\n", serde_json::json!({"execute": cmd, "id": cmd}));
         self.r
             .get_mut()

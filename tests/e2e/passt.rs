@@ -20,12 +20,7 @@ const BYTES: usize = 4 << 20;
 
 /// Whether passt is installed (dev.sh installs it).
 pub(crate) fn have_passt() -> bool {
-    Command::new("passt")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    installed("passt", "--version")
 }
 
 /// A network namespace with a TAP (held open, so that its link is up) and a default route

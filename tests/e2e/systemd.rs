@@ -1,7 +1,10 @@
 //! A real systemd guest (Debian trixie, systemd 257, from `resources/systemd-guest.sh`) under
 //! nixvm: credentials from SMBIOS, readiness relayed to a notify socket, the RTC, the power
 //! button through logind, a clean power-off, a root shell on hvc0 as the NixOS test
-//! driver's backdoor, and `systemctl reboot` coming back (`--on-reboot restart`).
+//! driver's backdoor, and `systemctl reboot` coming back (`--on-reboot restart`). The VM is
+//! started as the NixOS test driver starts a machine: its start script run by `sh -c` in a
+//! state directory with the driver's QEMU options appended, the monitor and the shell
+//! sockets listened on by the test, QMP negotiated, commands run with the driver's protocol.
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -10,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::lifecycle::{Qmp, monitor_answer, monitor_command};
 
-pub(crate) const SYSTEMD_NAMES: [&str; 7] = [
+pub(crate) const SYSTEMD_NAMES: [&str; 8] = [
     "systemd_guest_reaches_multi_user",
     "systemd_credential_imported",
     "systemd_ready_relayed_after_default_target",
@@ -19,6 +23,7 @@ pub(crate) const SYSTEMD_NAMES: [&str; 7] = [
     "systemd_power_button_powers_off_cleanly",
     "systemd_hvc0_backdoor_shell",
     "systemd_reboot_comes_back",
+    "systemd_test_driver_contract",
 ];
 
 /// The backdoor's banner on hvc0 (as NixOS's test instrumentation prints it).
@@ -41,14 +46,60 @@ fn backdoor(l: &UnixListener) -> Result<BufReader<UnixStream>, String> {
             Err(e) => return Err(format!("no banner on hvc0 ({e}); read {seen:?}")),
         }
     }
-    r.get_mut()
-        .write_all(b"echo \"HVC-$((6 * 7))-$(id -u)\"\n")
-        .map_err(|e| e.to_string())?;
-    line.clear();
-    r.read_line(&mut line)
-        .map_err(|e| format!("no answer on hvc0: {e}"))?;
-    check!(line == "HVC-42-0\n", "the backdoor shell answered {line:?}");
+    let (status, out) = execute(&mut r, r#"echo "HVC-$((6 * 7))-$(id -u)""#)?;
+    check!(
+        status == 0 && out == "HVC-42-0\n",
+        "the backdoor shell answered {out:?} ({status})"
+    );
     Ok(r)
+}
+
+/// Runs a command on the backdoor as the test driver's `execute` does: its output comes back
+/// base64-encoded on one line, then its exit status.
+fn execute(r: &mut BufReader<UnixStream>, command: &str) -> Result<(i32, String), String> {
+    let quoted = format!("'{}'", command.replace('\'', r"'\''"));
+    let line =
+        format!("timeout 900 bash -c {quoted} | (base64 -w 0; echo)\necho ${{PIPESTATUS[0]}}\n");
+    r.get_mut()
+        .write_all(line.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    r.read_line(&mut out)
+        .map_err(|e| format!("no output of {command:?} on hvc0: {e}"))?;
+    let mut status = String::new();
+    r.read_line(&mut status)
+        .map_err(|e| format!("no status of {command:?} on hvc0: {e}"))?;
+    let bytes = base64_decode(out.trim_end())
+        .ok_or_else(|| format!("the output of {command:?} is not base64: {out:?}"))?;
+    let status = status
+        .trim()
+        .parse()
+        .map_err(|_| format!("the status of {command:?} is {status:?}"))?;
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Standard base64, as `base64 -w 0` writes it.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in s {
+        acc = (acc << 6) | u32::from(val(c)?);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).ok()?);
+        }
+    }
+    Some(out)
 }
 
 /// Where `resources/systemd-guest.sh` puts the guest (built on the host, before L1).
@@ -131,9 +182,11 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     let shell_l = UnixListener::bind(&shell).map_err(e)?;
     let shell_talk = std::thread::spawn(move || backdoor(&shell_l));
     let api = tmp.join("api.sock");
+    let monitor = tmp.join("monitor.sock");
+    let mon_l = UnixListener::bind(&monitor).map_err(e)?;
+    let qmp = tmp.join("qmp.sock");
     let initrd = dir.join("initrd.img");
     let d = format!("path={}", img.display());
-    let con = format!("connect={}", shell.display());
     let args = [
         "--kernel",
         &g.vmlinuz,
@@ -153,12 +206,62 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         notify_path.to_str().unwrap_or(""),
         "--api-socket",
         api.to_str().unwrap_or(""),
-        "--console",
-        &con,
         "--on-reboot",
         "restart",
     ];
-    let mut vm = Streaming::spawn(&args)?;
+    // The machine's start script, as a NixOS system.build.vm's run-<name>-vm: nixvm with the
+    // machine's settings, and whatever QEMU options it is given after them.
+    let runner = tmp.join("run-trixie-vm");
+    let quoted: Vec<String> = std::iter::once(NIXVM)
+        .chain(args)
+        .map(|a| format!("'{a}'"))
+        .collect();
+    std::fs::write(
+        &runner,
+        format!("#!/bin/sh\nexec {} -- \"$@\"\n", quoted.join(" ")),
+    )
+    .map_err(e)?;
+    std::fs::set_permissions(&runner, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(e)?;
+    // What the test driver runs (QemuStartCommand.cmd, allow_reboot): the script and its
+    // options, by `sh -c` in the machine's state directory, with its environment.
+    let state = tmp.join("vm-state-trixie");
+    let shared = tmp.join("shared-xchg");
+    std::fs::create_dir_all(&state).map_err(e)?;
+    std::fs::create_dir_all(&shared).map_err(e)?;
+    let start = format!(
+        "{} -qmp unix:{},server=on,wait=off -monitor unix:{} -chardev socket,id=shell,path={} \
+         -device virtio-serial -device virtconsole,chardev=shell -device virtio-rng-pci \
+         -serial stdio -nographic",
+        runner.display(),
+        qmp.display(),
+        monitor.display(),
+        shell.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(start)
+        .current_dir(&state)
+        .env("TMPDIR", &state)
+        .env("SHARED_DIR", &shared)
+        .env("USE_TMPDIR", "1")
+        .stdin(std::process::Stdio::piped());
+    let mut vm = Streaming::spawn_command(cmd)?;
+    // The driver accepts the monitor, reads up to its prompt, and negotiates QMP at once.
+    let driver = (|| {
+        let mut m = accept_within(&mon_l, Duration::from_secs(60))?;
+        m.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        monitor_answer(&mut m)?;
+        let mut q = Qmp::connect(&qmp)?;
+        let hello = q.answer()?;
+        check!(hello.get("QMP").is_some(), "QMP greeting: {hello}");
+        let caps = q.execute("qmp_capabilities")?;
+        check!(caps.get("return").is_some(), "qmp_capabilities: {caps}");
+        let st = monitor_command(&mut m, "info status")?;
+        check!(st.contains("running"), "info status: {st:?}");
+        Ok((m, q))
+    })();
     vm.wait_for_within("NIXVM-TEST: unit-start", Duration::from_secs(600))?;
     let unit_started = Instant::now();
     let done = vm.wait_for_within("NIXVM-TEST: unit-done", Duration::from_secs(120));
@@ -170,9 +273,23 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
             tail(&vm.seen, 40)
         ));
     }
-    let hvc = shell_talk
+    let mut hvc = shell_talk
         .join()
         .unwrap_or_else(|_| Err("the backdoor thread panicked".into()));
+    // More of the driver's protocol: a command's exit status, a unit's state.
+    let contract = driver.map(drop).and_then(|()| {
+        let r = hvc
+            .as_mut()
+            .map_err(|e| format!("no backdoor shell: {e}"))?;
+        let (status, _) = execute(r, "echo on stdout; echo on stderr >&2; exit 3")?;
+        check!(status == 3, "a command's exit status came back as {status}");
+        let (status, out) = execute(r, "systemctl is-active multi-user.target")?;
+        check!(
+            status == 0 && out == "active\n",
+            "systemctl is-active multi-user.target: {out:?} ({status})"
+        );
+        Ok(())
+    });
     // systemd says READY=1 once the default target is reached, after the unit.
     let deadline = Instant::now() + Duration::from_secs(120);
     let ready_at = loop {
@@ -285,5 +402,6 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         poweroff,
         hvc.map(drop),
         reboot,
+        contract,
     ])
 }

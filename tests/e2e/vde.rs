@@ -13,16 +13,11 @@ pub(crate) const VDE_NAMES: [&str; 3] = [
     "vde_set_link_off_blocks_on_restores",
 ];
 
-/// Bytes the second VM sends the first over TCP.
+/// Bytes the first VM fetches from the second (HTTP over TCP).
 const VDE_BYTES: usize = 1 << 20;
 
 pub(crate) fn have_vde_switch() -> bool {
-    Command::new("vde_switch")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    installed("vde_switch", "--help")
 }
 
 /// A `vde_switch -s DIR` as the driver starts it (its console on a pipe we hold open),
