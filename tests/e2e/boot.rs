@@ -238,11 +238,11 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
     }
 
     if SYSTEMD_NAMES.iter().any(|n| t.wants(n)) {
-        match systemd_guest_missing() {
-            None => group(t, &SYSTEMD_NAMES, "the systemd guest boot", || {
-                systemd_boot(g)
+        match systemd_guest_missing().map_or_else(|| build_static("vsock-io"), Err) {
+            Ok(tool) => group(t, &SYSTEMD_NAMES, "the systemd guest boot", || {
+                systemd_boot(g, &tool)
             }),
-            Some(why) => {
+            Err(why) => {
                 for name in SYSTEMD_NAMES {
                     t.skip(name, &why);
                 }

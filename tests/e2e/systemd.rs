@@ -5,17 +5,18 @@
 //! started as the NixOS test driver starts a machine: its start script run by `sh -c` in a
 //! state directory with the driver's QEMU options appended, the monitor and the shell
 //! sockets listened on by the test, QMP negotiated, commands run with the driver's protocol.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use crate::lifecycle::{Qmp, monitor_answer, monitor_command};
+use crate::vsock::{big, sha_server};
 
-pub(crate) const SYSTEMD_NAMES: [&str; 8] = [
+pub(crate) const SYSTEMD_NAMES: [&str; 10] = [
     "systemd_guest_reaches_multi_user",
     "systemd_credential_imported",
     "systemd_ready_relayed_after_default_target",
@@ -24,6 +25,8 @@ pub(crate) const SYSTEMD_NAMES: [&str; 8] = [
     "systemd_hvc0_backdoor_shell",
     "systemd_reboot_comes_back",
     "systemd_test_driver_contract",
+    "systemd_vsock_guest_to_host_64m",
+    "systemd_vsock_host_to_guest_64m",
 ];
 
 /// The backdoor's banner on hvc0 (as NixOS's test instrumentation prints it).
@@ -150,7 +153,8 @@ pub(crate) fn build_systemd_guest() {
     let _ = std::fs::write(skip, why);
 }
 
-pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+/// `tool` is resources/vsock-io, built static: the guest gets it on /dev/vdb.
+pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, String> {
     let e = |e: std::io::Error| e.to_string();
     let dir = systemd_guest_dir();
     let tmp = temp_dir().join("systemd");
@@ -187,6 +191,11 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     let qmp = tmp.join("qmp.sock");
     let initrd = dir.join("initrd.img");
     let d = format!("path={}", img.display());
+    let (exe, copy_exe) = exe_disk(tool, "vdb")?;
+    let d_exe = format!("path={},readonly=on", exe.display());
+    let vsock = tmp.join("v.sock");
+    let v = format!("cid=3,socket={}", vsock.display());
+    sha_server(&tmp.join("v.sock_6000"))?;
     let args = [
         "--kernel",
         &g.vmlinuz,
@@ -200,6 +209,10 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         "1G",
         "--disk",
         &d,
+        "--disk",
+        &d_exe,
+        "--vsock",
+        &v,
         "--credential",
         "nixvm.greeting=hello from the host",
         "--notify-socket",
@@ -290,6 +303,14 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         );
         Ok(())
     });
+    // vsock both ways, 64 MiB each, driven through the backdoor.
+    let (vsock_up, vsock_down) = match hvc.as_mut() {
+        Err(e) => (
+            Err(format!("no backdoor shell: {e}")),
+            Err(format!("no backdoor shell: {e}")),
+        ),
+        Ok(r) => vsock_both_ways(r, &copy_exe, &vsock),
+    };
     // systemd says READY=1 once the default target is reached, after the unit.
     let deadline = Instant::now() + Duration::from_secs(120);
     let ready_at = loop {
@@ -403,5 +424,77 @@ pub(crate) fn systemd_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
         hvc.map(drop),
         reboot,
         contract,
+        vsock_up,
+        vsock_down,
     ])
+}
+
+/// Guest → host: 64 MiB to a host program listening on `<vsock>_6000`, which answers with
+/// their sha256; host → guest: 64 MiB into a guest listener on port 7000 through
+/// `CONNECT 7000`. The guest's side runs as backdoor commands.
+fn vsock_both_ways(
+    r: &mut BufReader<UnixStream>,
+    copy_exe: &str,
+    vsock: &Path,
+) -> (TestResult, TestResult) {
+    let big = big();
+    let up = (|| {
+        let (status, out) = execute(r, copy_exe)?;
+        check!(
+            status == 0,
+            "copying vsock-io into the guest: {out:?} ({status})"
+        );
+        let (status, out) = execute(
+            r,
+            &format!(
+                "head -c {big} /dev/urandom > /tmp/up && sha256sum < /tmp/up | cut -d' ' -f1 \
+                 && /tmp/vsock-io connect 2 6000 < /tmp/up; rm -f /tmp/up"
+            ),
+        )?;
+        let lines: Vec<&str> = out.lines().collect();
+        check!(
+            status == 0 && lines.len() == 2 && lines[0].len() == 64 && lines[0] == lines[1],
+            "guest to host: the guest's sha256 and the host's answer: {out:?} ({status})"
+        );
+        Ok(())
+    })();
+    let down = (|| {
+        let (status, out) = execute(
+            r,
+            "/tmp/vsock-io listen 7000 < /dev/null > /tmp/down & echo $! > /tmp/down.pid; sleep 1",
+        )?;
+        check!(
+            status == 0,
+            "starting the guest's listener: {out:?} ({status})"
+        );
+        let data: Vec<u8> = (0..big)
+            .map(|i| u8::try_from((i * 13 + i / 4096) % 256).unwrap_or(0))
+            .collect();
+        let mut c = UnixStream::connect(vsock).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| e.to_string())?;
+        c.write_all(b"CONNECT 7000\n").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&c)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        check!(line.starts_with("OK "), "answer to CONNECT 7000: {line:?}");
+        c.write_all(&data).map_err(|e| e.to_string())?;
+        c.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+        let (status, out) = execute(
+            r,
+            "p=$(cat /tmp/down.pid); for i in $(seq 600); do [ -e /proc/$p ] || break; sleep 0.2; done; \
+             sha256sum < /tmp/down | cut -d' ' -f1",
+        )?;
+        check!(
+            status == 0 && out.trim() == sha256_bytes(&data),
+            "host to guest: the guest's sha256 {out:?} ({status}), sent {}",
+            sha256_bytes(&data)
+        );
+        Ok(())
+    })();
+    (up, down)
 }

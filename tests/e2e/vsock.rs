@@ -15,7 +15,7 @@ pub(crate) const VSOCK_NAMES: [&str; 4] = [
 ];
 
 /// Bytes each way (NIXVM_E2E_VSOCK_BYTES: less, when debugging).
-fn big() -> usize {
+pub(crate) fn big() -> usize {
     std::env::var("NIXVM_E2E_VSOCK_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -30,7 +30,7 @@ fn answer_sha(mut s: UnixStream) -> std::io::Result<()> {
 }
 
 /// Serves every connection to `path` with [`answer_sha`], each in its own thread.
-fn sha_server(path: &Path) -> Result<(), String> {
+pub(crate) fn sha_server(path: &Path) -> Result<(), String> {
     let l = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
