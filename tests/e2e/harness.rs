@@ -44,6 +44,34 @@ pub(crate) fn installed(program: &str, arg: &str) -> bool {
         .is_ok()
 }
 
+/// What the boot tests are doing, and since when (for the heartbeat).
+static WORKING_ON: Mutex<Option<(String, Instant)>> = Mutex::new(None);
+
+/// Longest one piece of work (a test, or a boot with its retry) may take before the heartbeat
+/// stops vouching for it: then the caller outside L1 sees silence and takes the L1 run for
+/// stuck, as it would a frozen L1.
+const STUCK: Duration = Duration::from_secs(25 * 60);
+
+/// Tells the heartbeat what runs now.
+pub(crate) fn working_on(what: &str) {
+    *WORKING_ON.lock().unwrap() = Some((what.to_owned(), Instant::now()));
+}
+
+/// Inside L1: says once a minute what runs and for how long. The caller outside watches for
+/// silence to find a frozen L1 guest; with this, silence means that L1 stopped (or a test ran
+/// past `STUCK`), not that a host-side step (building a tree, hashing it) took long.
+pub(crate) fn start_heartbeat() {
+    std::thread::spawn(|| {
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+            let now = WORKING_ON.lock().unwrap().clone();
+            if let Some((what, since)) = now.filter(|(_, since)| since.elapsed() < STUCK) {
+                println!("e2e: alive: {what} for {} s", since.elapsed().as_secs());
+            }
+        }
+    });
+}
+
 /// Runs tests, prints `test NAME ... ok|FAILED|skipped`, and counts.
 #[derive(Default)]
 pub(crate) struct Runner {
@@ -62,6 +90,7 @@ impl Runner {
     }
 
     pub(crate) fn record(&mut self, name: &str, result: TestResult) {
+        working_on(&format!("what follows {name}"));
         match result {
             Ok(()) => {
                 println!("test {name} ... ok");
@@ -79,6 +108,7 @@ impl Runner {
 
     pub(crate) fn run(&mut self, name: &str, f: impl FnOnce() -> TestResult) {
         if self.wants(name) {
+            working_on(name);
             let r = f();
             self.record(name, r);
         }
@@ -323,6 +353,7 @@ pub(crate) fn retry_stalled<T>(
     mut f: impl FnMut() -> T,
     stalled: impl Fn(&T) -> bool,
 ) -> T {
+    working_on(what);
     let first = f();
     if !stalled(&first) {
         return first;
@@ -330,6 +361,7 @@ pub(crate) fn retry_stalled<T>(
     println!(
         "e2e: {what} stalled or the guest reset without asking (known hazards of the nested-KVM route); once more"
     );
+    working_on(what);
     f()
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 /// Inside the route that can boot: run the boot tests, print their lines.
 fn inside(filter: Option<String>) -> i32 {
+    start_heartbeat();
     let mut t = Runner {
         filter,
         ..Default::default()
@@ -53,16 +54,21 @@ use crate::{
     boot::*, console::HVC_NAMES, disks::*, fs::*, harness::*, hostile::*, net::*, passt::*,
     storefs::*, systemd::*, usage::*, vde::*, vsock::*,
 };
-/// Longest an L1 run may go without printing a line before it counts as frozen: more than a
-/// boot that stalls and is retried.
+/// Longest an L1 run may go without printing a line before it counts as frozen (inside, the
+/// heartbeat prints a line a minute while work goes on).
 const L1_SILENCE: Duration = Duration::from_secs(420);
+/// The whole L1 run's limit (l1run.sh -t): the boot tests take about 25 min there.
+const L1_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// Runs the boot tests matching `filter` inside one L1 guest, counting their results into `t`
 /// and their names into `seen`. Returns how the L1 run ended.
 fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
     let exe = std::env::current_exe().expect("own path");
+    let started = std::time::Instant::now();
     let mut child = Command::new(root().join("resources/l1run.sh"))
         .current_dir(root())
+        .arg("-t")
+        .arg(L1_TIMEOUT.as_secs().to_string())
         .arg("--")
         .arg(exe)
         .arg(filter)
@@ -100,6 +106,7 @@ fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
             }
         }
     }
+    println!("e2e: the L1 run took {} s", started.elapsed().as_secs());
     match child.wait() {
         Ok(status) => format!("ended with {status}"),
         Err(e) => format!("could not be waited for: {e}"),
