@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-30}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(mmio_devices storefs_requests kernel_loader pio_devices)
+[ ${#targets[@]} -gt 0 ] || targets=(mmio_devices storefs_requests kernel_loader pio_devices local_net)
 
 skip() {
   echo "fuzz: skipped: $*"

@@ -42,6 +42,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the gateway of a local network interface")]
+    NetLocal(#[source] std::io::Error),
     #[error("cannot set up network stream {name}")]
     NetStream {
         name: String,
@@ -244,7 +246,11 @@ fn add_virtio_devices(
                 backends.push(process);
                 stream(conn.into(), &format!("passt{i}"))?.into()
             }
-            _ => unreachable!("validated: one of tap, fd, socket, vde, passt"),
+            _ if n.local => {
+                let conn = net::local::spawn(&format!("local{i}")).map_err(Error::NetLocal)?;
+                stream(conn, &format!("local{i}"))?.into()
+            }
+            _ => unreachable!("validated: one of tap, fd, socket, vde, passt, local"),
         };
         devices.push(Box::new(net::Net::new(backend, n.mac.map(|m| m.0))));
     }

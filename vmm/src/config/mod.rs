@@ -83,7 +83,7 @@ pub enum Error {
     TapName(String),
     #[error("fd {0} of a network interface is not a file descriptor number")]
     NetFd(i32),
-    #[error("a network interface needs exactly one of tap=, fd=, socket=, vde= and passt")]
+    #[error("a network interface needs exactly one of tap=, fd=, socket=, vde=, passt and local")]
     NetKind,
     #[error("forward= is for passt network interfaces (--net passt,forward=...)")]
     ForwardWithoutPasst,
@@ -204,10 +204,12 @@ pub struct Settings {
     /// A virtio-net interface: on an existing TAP, tap=NAME; on an inherited TAP/macvtap fd,
     /// fd=N; on a UNIX stream socket speaking QEMU's -netdev stream protocol, socket=PATH
     /// (passt --socket); on a port of a vde_switch, vde=DIR (the switch's -s directory, as
-    /// QEMU's -netdev vde,sock=DIR); or on a passt that nixvm starts, passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] (host ports to
-    /// the guest); vde= and passt need no root. Each [,mac=MAC]; repeatable: eth0, eth1, ...
-    /// Without mac= the MAC is 02: and five bytes of a hash of the TAP's name, socket's
-    /// path, "vde:DIR" or "passt".
+    /// QEMU's -netdev vde,sock=DIR); on a passt that nixvm starts, passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] (host ports to
+    /// the guest); or on a link to nixvm alone, local (it answers DHCP with 10.0.2.15/24,
+    /// and ARP and ping for the gateway 10.0.2.2; nothing else goes anywhere). vde=, passt
+    /// and local need no root. Each [,mac=MAC]; repeatable: eth0, eth1, ... Without mac= the
+    /// MAC is 02: and five bytes of a hash of the TAP's name, socket's path, "vde:DIR",
+    /// "passt" or "local" with the interface's index.
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Option<Vec<NetConfig>>,
     /// A virtio-fs share: tag=TAG,path=DIR,readonly=on serves DIR read-only with nixvm's own
@@ -622,7 +624,7 @@ fn parent_dir_exists(p: &Path) -> bool {
         .is_dir()
 }
 
-/// One of tap=, fd=, socket=, vde= and passt, a name an interface can have, forwards only for
+/// One of tap=, fd=, socket=, vde=, passt and local, a name an interface can have, forwards only for
 /// passt and each host port once, a unicast MAC. Whether the TAP exists and may be
 /// attached, or the socket listens, is found when the VM starts (a running VM may hold it
 /// now).

@@ -304,10 +304,10 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// One `--net`: `tap=NAME`, `fd=N`, `socket=PATH`, `vde=DIR` or
-/// `passt[=PROGRAM][,forward=PORTS]`,
+/// One `--net`: `tap=NAME`, `fd=N`, `socket=PATH`, `vde=DIR`,
+/// `passt[=PROGRAM][,forward=PORTS]` or `local`,
 /// each `[,mac=MAC]`; in JSON an object with the same names (`{"tap": "tap0", "mac":
-/// "52:54:00:12:34:56"}`, `{"passt": "passt", "forward": ["2222:22"]}`).
+/// "52:54:00:12:34:56"}`, `{"passt": "passt", "forward": ["2222:22"]}`, `{"local": true}`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
@@ -328,12 +328,16 @@ pub struct NetConfig {
     /// Host ports passt forwards to the guest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward: Vec<Forward>,
+    /// A link that reaches only nixvm, which answers DHCP, ARP and ping as the gateway of
+    /// 10.0.2.0/24 (`devices::virtio::net::local`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
 }
 
 impl NetConfig {
-    /// How many of tap, fd, socket, vde and passt are given (one is right).
+    /// How many of tap, fd, socket, vde, passt and local are given (one is right).
     pub fn kinds(&self) -> usize {
         [
             self.tap.is_some(),
@@ -341,14 +345,16 @@ impl NetConfig {
             self.socket.is_some(),
             self.vde.is_some(),
             self.passt.is_some(),
+            self.local,
         ]
         .into_iter()
         .filter(|&b| b)
         .count()
     }
 
-    pub const SYNTAX: &'static str = "tap=NAME, fd=N, socket=PATH, vde=DIR or \
-        passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]], each [,mac=MAC]";
+    pub const SYNTAX: &'static str = "tap=NAME, fd=N, socket=PATH, vde=DIR, \
+        passt[=PROGRAM][,forward=[udp:][ADDR/]HOSTPORT[:GUESTPORT][+...]] or local, each \
+        [,mac=MAC]";
 }
 
 /// A host port passt forwards to the guest: `[tcp:|udp:][ADDR/]HOSTPORT[:GUESTPORT]`, the
@@ -435,6 +441,7 @@ impl FromStr for NetConfig {
                 "socket" if !v.is_empty() => net.socket = Some(v.into()),
                 "vde" if !v.is_empty() => net.vde = Some(v.into()),
                 "passt" => net.passt = Some(if v.is_empty() { "passt" } else { v }.into()),
+                "local" if v.is_empty() => net.local = true,
                 "forward" => {
                     net.forward = v
                         .split('+')

@@ -138,6 +138,9 @@ fn net_specs() {
         "passt,forward=sctp:22",
         "passt,forward=nothost/22",
         "passt,forward=22+x",
+        "local=x",
+        "local,tap=t",
+        "local,forward=22",
     ] {
         assert!(bad.parse::<NetConfig>().is_err(), "{bad:?}");
     }
@@ -167,6 +170,12 @@ fn net_specs() {
     assert_eq!(
         serde_json::to_string(&v).unwrap(),
         r#"{"vde":"/tmp/vde1.ctl","mac":"52:54:00:12:01:01"}"#
+    );
+    let l: NetConfig = "local,mac=52:54:00:12:34:56".parse().unwrap();
+    assert!(l.local && check_net(&l).is_ok());
+    assert_eq!(
+        serde_json::to_string(&l).unwrap(),
+        r#"{"local":true,"mac":"52:54:00:12:34:56"}"#
     );
     let twice: NetConfig =
         serde_json::from_str(r#"{"passt":"passt","forward":["22","22:23"]}"#).unwrap();

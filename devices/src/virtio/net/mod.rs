@@ -24,6 +24,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
+pub mod local;
 mod stream;
 mod tap;
 mod vde;
