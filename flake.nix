@@ -45,6 +45,11 @@
         imports = [ ./nix/modules/vm.nix ];
         virtualisation.nixvm.package = lib.mkDefault (nixvmFor pkgs);
       };
+      # NixOS tests: `defaults.imports = [ nixvm.nixosModules.test ];` runs the nodes on nixvm.
+      nixosModules.test = { pkgs, lib, ... }: {
+        imports = [ ./nix/modules/test.nix ];
+        virtualisation.nixvm.package = lib.mkDefault (nixvmFor pkgs);
+      };
       # microvm.nix: beside its guest module, microvm.hypervisor = "nixvm".
       nixosModules.microvm = { pkgs, lib, ... }: {
         imports = [ ./nix/modules/microvm.nix ];

@@ -292,6 +292,35 @@ if wants script/qemu-options; then
   fi
 fi
 
+# A test machine's NICs: eth0 on nixvm's local network, a vlan NIC on the vde_switch whose
+# directory the driver puts in QEMU_VDE_SOCKET_<n> (read when the runner starts; a clear
+# message when it is not set).
+if wants script/vde-socket-env; then
+  name=script/vde-socket-env
+  d=$TMP/vde-socket-env
+  mkdir -p "$d"
+  printf '#!/bin/sh\nexec "$REAL_NIXVM" --dry-run "$@"\n' > "$d/dry-nixvm"
+  chmod +x "$d/dry-nixvm"
+  desc="{ name = \"v\"; kernel = $(nstr "$ASSETS/vmlinuz"); nixvm = $(nstr "$d/dry-nixvm"); socket = null;
+    interfaces = [ { type = \"local\"; id = \"user0\"; mac = \"52:54:00:12:34:56\"; }
+      { type = \"vde\"; id = \"eth1\"; socketEnv = \"QEMU_VDE_SOCKET_1\"; mac = \"52:54:00:12:01:02\"; } ]; }"
+  if [ -z "$have_vm" ]; then
+    skip_or_fail "$name" "$why"
+  elif ! render "$d/run" "$desc"; then
+    failed "$name" "the runner did not render"
+  elif ! out=$(cd "$d" && QEMU_VDE_SOCKET_1="$d/vde 1.ctl" REAL_NIXVM=$NIXVM ./run -no-reboot 2>&1 </dev/null); then
+    failed "$name" "the runner failed:" "$out"
+  elif [[ $out != *'"local": true'* || $out != *"\"vde\": \"$d/vde 1.ctl\""* || $out != *'"mac": "52:54:00:12:01:02"'* ]]; then
+    failed "$name" "the NICs are not the driver's:" "$out"
+  elif out=$(cd "$d" && REAL_NIXVM=$NIXVM ./run 2>&1 </dev/null); then
+    failed "$name" "the runner started without QEMU_VDE_SOCKET_1:" "$out"
+  elif [[ $out != *'QEMU_VDE_SOCKET_1 (the vde_switch of interface eth1) is not set'* ]]; then
+    failed "$name" "no clear message without QEMU_VDE_SOCKET_1:" "$out"
+  else
+    ok "$name"
+  fi
+fi
+
 # ---------------------------------------------------------------- modules
 
 MODULE_TESTS=$ROOT/nix/tests/modules.nix

@@ -24,9 +24,15 @@
 #                      "virtiofsd": a virtiofsd listening on `socket` (--fs tag=…,socket=…),
 #                        with --readonly when readOnly;
 #                    socket ? "<name>-virtiofs-<tag>.sock" (backend virtiofsd only); … }]
-#   interfaces    [{ type = "tap" | "macvtap" | "user"; id; mac ? null (nixvm derives one); … }]
+#   interfaces    [{ type = "tap" | "macvtap" | "user" | "local" | "vde"; id; mac ? null (nixvm
+#                 derives one); … }]
 #                 "user": user-mode networking through a passt nixvm starts (--net passt),
-#                 no root or TAP needed (microvm.nix's and QEMU's SLiRP "user" type)
+#                 no root or TAP needed (microvm.nix's and QEMU's SLiRP "user" type);
+#                 "local": a link to nixvm alone, which answers DHCP, ARP and ping as the
+#                 gateway 10.0.2.2 (--net local; where passt cannot run, e.g. the build sandbox);
+#                 "vde": a port on a vde_switch (--net vde=DIR), DIR given as `socket`, or as
+#                 `socketEnv`, an environment variable the script reads when it runs (the
+#                 NixOS test driver's QEMU_VDE_SOCKET_<vlan>)
 #   forwardPorts  host ports to the guest through the "user" interface, in qemu-vm.nix's
 #                 and microvm.nix's form: [{ from ? "host"; proto ? "tcp"; host.address ?
 #                 ""; host.port; guest.address ? ""; guest.port }]                  []
@@ -120,8 +126,9 @@ let
     else if s == "" then fail "${what} is empty"
     else s;
 
-  # Single-quote for sh.
-  q = s: "'" + replaceStrings [ "'" ] [ "'\\''" ] (str s) + "'";
+  # Single-quote for sh. An argument the script computes when it runs is { shell; } (sh text
+  # that is one word), put in the script as it is.
+  q = s: if builtins.isAttrs s then s.shell else "'" + replaceStrings [ "'" ] [ "'\\''" ] (str s) + "'";
 
   kernelParams = if isString c.kernelParams then [ c.kernelParams ] else c.kernelParams;
   cmdline = concatStringsSep " " (filter (p: p != "") (map str (kernelParams ++ c.bootParams)));
@@ -183,7 +190,15 @@ let
       + (if users == [ ] || (builtins.head users).id != i.id || c.forwardPorts == [ ] then ""
          else ",forward=${concatStringsSep "+" (map forwardSpec c.forwardPorts)}")
       + macOpt i
-    else fail "interface `${i.id}`: type ${i.type} is not supported by nixvm (tap, macvtap or user)";
+    else if i.type == "local" then "local${macOpt i}"
+    else if i.type == "vde" then
+      if (i.socket or null) != null && (i.socketEnv or null) == null then "vde=${specValue "VDE socket" i.socket}${macOpt i}"
+      else if (i.socket or null) == null && builtins.match "[A-Za-z_][A-Za-z0-9_]*" (i.socketEnv or "") != null then {
+        # The variable's value is the switch's directory; nixvm names it if it is no switch.
+        shell = "vde=\"\${${i.socketEnv}:?run-${name}-vm: ${i.socketEnv} (the vde_switch of interface ${i.id}) is not set}\"${macOpt i}";
+      }
+      else fail "interface `${i.id}`: type vde needs `socket` or `socketEnv` (a variable name), one of them"
+    else fail "interface `${i.id}`: type ${i.type} is not supported by nixvm (tap, macvtap, user, local or vde)";
 
   # forwardPorts go to the first "user" interface, as QEMU's go to its one user netdev.
   users = filter (i: (i.type or null) == "user") c.interfaces;
@@ -232,7 +247,8 @@ let
   vsockSpec = "cid=${str c.vsock.cid}"
     + (if (c.vsock.socket or null) == null then "" else ",socket=${specValue "vsock socket" c.vsock.socket}");
 
-  argv = [ (str c.nixvm) ] ++ args;
+  # The script's computed words appear as their sh text.
+  argv = [ (str c.nixvm) ] ++ map (a: if builtins.isAttrs a then a.shell else a) args;
 
   shutdownArgv =
     if c.socket == null then null

@@ -33,7 +33,8 @@ let
     closureInfo = { rootPaths }: drv "closure-info" { inherit rootPaths; };
     writeScript = name: text: drv name { inherit text; };
     writeShellScript = name: text: drv name { inherit text; };
-    runCommand = name: attrs: buildCommand: drv name ((attrs.passthru or { }) // { inherit buildCommand; });
+    runCommand = name: attrs: buildCommand:
+      drv name ((attrs.passthru or { }) // { inherit buildCommand; meta = attrs.meta or { }; });
     # The host module evaluates `nixvm.vms.<name>.config` with pkgs.nixos.
     nixos = m: evalGuest [ m ];
   };
@@ -425,7 +426,7 @@ let
   in expect [
     { what = "packages"; got = f.packages.x86_64-linux.nixvm.name; want = "nixvm-0.1.0"; }
     { what = "cargoLock"; got = baseNameOf (toString f.packages.x86_64-linux.nixvm.cargoLock.lockFile); want = "Cargo.lock"; }
-    { what = "modules"; got = builtins.attrNames f.nixosModules; want = [ "guest" "host" "microvm" "vm" ]; }
+    { what = "modules"; got = builtins.attrNames f.nixosModules; want = [ "guest" "host" "microvm" "test" "vm" ]; }
     { what = "guest module uses the flake's nixvm"; got = lib.head g.config.nixvm.runner.argv; want = "${store "nixvm-0.1.0"}/bin/nixvm"; }
     { what = "lib.runner"; got = (f.lib.runner { kernel = "/k"; }).argv; want = [ "nixvm" "--kernel" "/k" "--cmdline" tail "--cpus" "1" "--memory" "512M" "--api-socket" "nixvm.sock" ]; }
   ];

@@ -10,11 +10,21 @@
 #   vm-real-rejects  options nixvm cannot honour fail evaluation, naming the option;
 #   vm-real-options  every virtualisation.* option qemu-vm.nix declares is honoured, rejected,
 #                    or named here as QEMU's own: a new option upstream fails this test until
-#                    it is sorted.
+#                    it is sorted;
+#   test-real-nodes  nixosModules.test on NixOS test nodes made as nixos/lib/testing/nodes.nix
+#                    makes them (qemu-vm.nix, then the test network's modules from the real
+#                    nixos/lib/testing/network.nix): each node's system.build.vm is a nixvm
+#                    runner whose NICs are the ones the real network module gives QEMU (eth0,
+#                    then per vlan the same MACs in the same order, on $QEMU_VDE_SOCKET_<vlan>),
+#                    with the backdoor's drivers; lib.getExe of it is run-<name>-vm, the
+#                    driver's start_script; named interfaces too; forwardPorts rejected;
+#                    a container (no qemu-vm.nix) left alone.
+# The newest stored network.nix expects a qemu-vm.nix with virtualisation.allInterfaces,
+# newer than the stored one: a stand-in declares it as network.nix uses it.
 # The rest of NixOS is the stand-ins of nix/tests/modules.nix.
 { lib ? null, nixpkgs ? null, names ? false }:
 let
-  testNames = [ "vm-real-runner" "vm-real-rejects" "vm-real-options" ];
+  testNames = [ "vm-real-runner" "vm-real-rejects" "vm-real-options" "test-real-nodes" ];
 in
 if names then testNames else
 let
@@ -145,5 +155,91 @@ let
   vm-real-options = expect [
     { what = "virtualisation.* options nobody sorted"; got = unsorted; want = [ ]; }
   ];
+
+  # The test framework's part: network.nix's modules, for a test with nodes alice and bob.
+  testEval = lib.evalModules {
+    modules = [
+      {
+        options.extraBaseModules = lib.mkOption { type = lib.types.deferredModule; default = { }; };
+        options.extraBaseNodeModules = lib.mkOption { type = lib.types.deferredModule; default = { }; };
+        config._module.args.allMachines = { alice = { }; bob = { }; };
+      }
+      (np "nixos/lib/testing/network.nix")
+    ];
+  };
+  # Stand-in: newer qemu-vm.nix's virtualisation.allInterfaces (eth<N> per vlans entry, with
+  # an address, then the named interfaces).
+  allInterfaces = { config, ... }: with lib; {
+    options.virtualisation.allInterfaces = mkOption {
+      type = types.attrsOf (types.submodule {
+        options.name = mkOption { type = types.str; };
+        options.vlan = mkOption { type = types.ints.unsigned; };
+        options.assignIP = mkOption { type = types.bool; default = false; };
+      });
+      default = listToAttrs (imap1 (i: vlan: nameValuePair "eth${toString i}" { name = "eth${toString i}"; inherit vlan; assignIP = true; }) config.virtualisation.vlans)
+        // mapAttrs (n: i: { name = n; inherit (i) vlan assignIP; }) config.virtualisation.interfaces;
+    };
+  };
+  # What qemu.options (which network.nix adds to) reads of pkgs beyond the stand-ins.
+  nodePkgs = pkgs // {
+    inherit lib;
+    stdenv.hostPlatform = { system = "x86_64-linux"; isx86 = true; isAarch = false; isLinux = true; };
+    OVMF.override = _: { fd = drv "OVMF-fd" { systemManagementModeRequired = false; }; };
+  };
+  nodeEval = name: extra: lib.evalModules {
+    modules = [
+      t.nixosStandIns
+      nixosExtra
+      { _module.args = { pkgs = nodePkgs; inherit name; }; }
+      (np "nixos/modules/virtualisation/qemu-vm.nix")
+      allInterfaces
+      # Where network.nix's udev rules go (NixOS's initrd module declares it).
+      { options.boot.initrd.services.udev.rules = lib.mkOption { type = lib.types.lines; default = ""; }; }
+      testEval.config.extraBaseModules
+      testEval.config.extraBaseNodeModules
+      ../modules/test.nix
+      { virtualisation.nixvm.package = drv "nixvm" { }; }
+      extra
+    ];
+  };
+  alice = (nodeEval "alice" { virtualisation.vlans = [ 1 2 ]; }).config;
+  bob = (nodeEval "bob" { virtualisation.vlans = [ 1 ]; virtualisation.interfaces.enp7s0.vlan = 3; }).config;
+  # The values of `--net`, and the MACs of QEMU's -device flags from the real network module.
+  nets = c: map (i: lib.elemAt c.system.build.vm.argv (i + 1))
+    (lib.filter (i: lib.elemAt c.system.build.vm.argv i == "--net") (lib.range 0 (lib.length c.system.build.vm.argv - 1)));
+  macOf = s: let m = builtins.match ".*mac=([0-9a-f:]+).*" s; in if m == null then null else lib.head m;
+  qemuMacs = c: map macOf (lib.filter (lib.hasPrefix "-device virtio-net-pci") c.virtualisation.qemu.options);
+  vde = vlan: mac: "vde=\"\${QEMU_VDE_SOCKET_${toString vlan}:?run-${"alice"}-vm: QEMU_VDE_SOCKET_${toString vlan} (the vde_switch of interface eth${toString vlan}) is not set}\",mac=${mac}";
+  # Older nixpkgs (the stored qemu-vm.nix's time): no allInterfaces; eth<N> per vlans entry,
+  # then the named interfaces.
+  older = (lib.evalModules {
+    modules = [
+      t.nixosStandIns nixosExtra { _module.args.pkgs = nodePkgs; }
+      (np "nixos/modules/virtualisation/qemu-vm.nix")
+      { options.virtualisation.test.nodeNumber = lib.mkOption { type = lib.types.int; }; }
+      ../modules/test.nix
+      { virtualisation.nixvm.package = drv "nixvm" { }; virtualisation.test.nodeNumber = 3;
+        virtualisation.vlans = [ 2 ]; virtualisation.interfaces.enp7s0.vlan = 5; }
+    ];
+  }).config;
+  container = lib.evalModules {
+    modules = [ t.nixosStandIns nixosExtra { _module.args.pkgs = pkgs; } ../modules/test.nix ];
+  };
+  test-real-nodes = expect [
+    { what = "alice's NICs"; got = nets alice; want = [ "local,mac=52:54:00:12:34:56" (vde 1 "52:54:00:12:01:01") (vde 2 "52:54:00:12:02:01") ]; }
+    { what = "alice's vlan MACs are QEMU's"; got = map macOf (lib.tail (nets alice)); want = qemuMacs alice; }
+    { what = "bob's vlan MACs are QEMU's"; got = map macOf (lib.tail (nets bob)); want = qemuMacs bob; }
+    # allInterfaces is by name: enp7s0 comes before eth1, in QEMU's order and in nixvm's.
+    { what = "bob: node 2, the named interface on vlan 3 and vlan 1"; got = qemuMacs bob; want = [ "52:54:00:12:03:02" "52:54:00:12:01:02" ]; }
+    { what = "udev names alice's eth1 by its MAC"; got = lib.hasInfix ''ATTR{address}=="52:54:00:12:01:01",NAME="eth1"'' alice.boot.initrd.services.udev.rules; want = true; }
+    { what = "the driver's start_script"; got = lib.getExe alice.system.build.vm; want = "${alice.system.build.vm}/bin/run-alice-vm"; }
+    { what = "the backdoor's drivers"; got = lib.all (m: lib.elem m alice.boot.initrd.kernelModules) [ "virtio_mmio" "virtio_console" "virtio_rng" "virtiofs" ]; want = true; }
+    { what = "the store, xchg and shared dir"; got = lib.filter (a: lib.hasPrefix "tag=" a) alice.system.build.vm.argv;
+      want = [ "tag=nix-store,path=/nix/store,readonly=on" "tag=shared,socket=virtiofs-shared.sock" "tag=xchg,socket=virtiofs-xchg.sock" ]; }
+    (has "the driver's QEMU options go after --" alice.system.build.vm.runnerScript "set -- -- \"$@\" \${QEMU_OPTS-}")
+    { what = "forwardPorts rejected on a test node"; got = !(builtins.tryEval (builtins.deepSeq (nodeEval "alice" { virtualisation.forwardPorts = [ { from = "host"; host.port = 8080; guest.port = 80; } ]; }).config.system.build.vm.argv true)).success; want = true; }
+    { what = "a container is left alone"; got = container.config.system.build ? vm; want = false; }
+    { what = "older nixpkgs: vlans, then interfaces"; got = map macOf (lib.tail (nets older)); want = [ "52:54:00:12:02:03" "52:54:00:12:05:03" ]; }
+  ];
 in
-{ inherit vm-real-runner vm-real-rejects vm-real-options; }
+{ inherit vm-real-runner vm-real-rejects vm-real-options test-real-nodes; }
