@@ -11,7 +11,7 @@
 #   vm-real-options  every virtualisation.* option qemu-vm.nix declares is honoured, rejected,
 #                    or named here as QEMU's own: a new option upstream fails this test until
 #                    it is sorted;
-#   test-real-nodes  nixosModules.test on NixOS test nodes made as nixos/lib/testing/nodes.nix
+#   vm-real-test-nodes  nixosModules.test on NixOS test nodes made as nixos/lib/testing/nodes.nix
 #                    makes them (qemu-vm.nix, then the test network's modules from the real
 #                    nixos/lib/testing/network.nix): each node's system.build.vm is a nixvm
 #                    runner whose NICs are the ones the real network module gives QEMU (eth0,
@@ -24,7 +24,7 @@
 # The rest of NixOS is the stand-ins of nix/tests/modules.nix.
 { lib ? null, nixpkgs ? null, names ? false }:
 let
-  testNames = [ "vm-real-runner" "vm-real-rejects" "vm-real-options" "test-real-nodes" ];
+  testNames = [ "vm-real-runner" "vm-real-rejects" "vm-real-options" "vm-real-test-nodes" ];
 in
 if names then testNames else
 let
@@ -225,7 +225,7 @@ let
   container = lib.evalModules {
     modules = [ t.nixosStandIns nixosExtra { _module.args.pkgs = pkgs; } ../modules/test.nix ];
   };
-  test-real-nodes = expect [
+  vm-real-test-nodes = expect [
     { what = "alice's NICs"; got = nets alice; want = [ "local,mac=52:54:00:12:34:56" (vde 1 "52:54:00:12:01:01") (vde 2 "52:54:00:12:02:01") ]; }
     { what = "alice's vlan MACs are QEMU's"; got = map macOf (lib.tail (nets alice)); want = qemuMacs alice; }
     { what = "bob's vlan MACs are QEMU's"; got = map macOf (lib.tail (nets bob)); want = qemuMacs bob; }
@@ -242,4 +242,4 @@ let
     { what = "older nixpkgs: vlans, then interfaces"; got = map macOf (lib.tail (nets older)); want = [ "52:54:00:12:02:03" "52:54:00:12:05:03" ]; }
   ];
 in
-{ inherit vm-real-runner vm-real-rejects vm-real-options test-real-nodes; }
+{ inherit vm-real-runner vm-real-rejects vm-real-options vm-real-test-nodes; }
