@@ -56,7 +56,10 @@ use crate::{
 };
 /// Longest an L1 run may go without printing a line before it counts as frozen (inside, the
 /// heartbeat prints a line a minute while work goes on).
-const L1_SILENCE: Duration = Duration::from_secs(420);
+const L1_SILENCE: Duration = Duration::from_secs(300);
+/// L1 guests a run may take: the nested route freezes one now and then (seen about once per
+/// full run), and the tests it had not finished run again in the next.
+const L1_ATTEMPTS: usize = 5;
 /// The whole L1 run's limit (l1run.sh -t): the boot tests take about 25 min there.
 const L1_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -204,8 +207,8 @@ fn main() {
             let mut seen: Vec<String> = Vec::new();
             let mut ended = String::new();
             // The nested route sometimes freezes the whole L1 guest: then the tests it had
-            // not finished run again in a fresh one (up to three L1 guests in all).
-            for attempt in 0..3 {
+            // not finished run again in a fresh one.
+            for attempt in 0..L1_ATTEMPTS {
                 let todo: Vec<&str> = boot_names
                     .iter()
                     .copied()
