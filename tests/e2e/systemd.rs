@@ -1,10 +1,13 @@
 //! A real systemd guest (Debian trixie, systemd 257, from `resources/systemd-guest.sh`) under
 //! nixvm: credentials from SMBIOS, readiness relayed to a notify socket, the RTC, the power
 //! button through logind, a clean power-off, a root shell on hvc0 as the NixOS test
-//! driver's backdoor, and `systemctl reboot` coming back (`--on-reboot restart`). The VM is
-//! started as the NixOS test driver starts a machine: its start script run by `sh -c` in a
-//! state directory with the driver's QEMU options appended, the monitor and the shell
-//! sockets listened on by the test, QMP negotiated, commands run with the driver's protocol.
+//! driver's backdoor, and the driver's `reboot()` (ctrl-alt-delete on the monitor) coming
+//! back (`--on-reboot restart`). The VM is started as the NixOS test driver starts a machine:
+//! its start script, rendered by nix/lib/runner.nix (with a virtiofsd for the driver's shared
+//! directory), run by `sh -c` in a state directory with the driver's QEMU options appended,
+//! the monitor and the shell sockets listened on by the test, QMP negotiated, commands run
+//! with the driver's protocol, files copied through the shared directory both ways, and
+//! `send_console` text read from the serial console in the guest.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -16,17 +19,19 @@ use crate::harness::*;
 use crate::lifecycle::{Qmp, monitor_answer, monitor_command};
 use crate::vsock::{big, sha_server};
 
-pub(crate) const SYSTEMD_NAMES: [&str; 10] = [
+pub(crate) const SYSTEMD_NAMES: [&str; 12] = [
     "systemd_guest_reaches_multi_user",
     "systemd_credential_imported",
     "systemd_ready_relayed_after_default_target",
     "systemd_rtc_and_power_button",
     "systemd_power_button_powers_off_cleanly",
     "systemd_hvc0_backdoor_shell",
-    "systemd_reboot_comes_back",
+    "systemd_ctrl_alt_delete_reboots",
     "systemd_test_driver_contract",
     "systemd_vsock_guest_to_host_64m",
     "systemd_vsock_host_to_guest_64m",
+    "systemd_copy_through_shared_dir",
+    "systemd_send_console",
 ];
 
 /// The backdoor's banner on hvc0 (as NixOS's test instrumentation prints it).
@@ -190,50 +195,48 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
     let mon_l = UnixListener::bind(&monitor).map_err(e)?;
     let qmp = tmp.join("qmp.sock");
     let initrd = dir.join("initrd.img");
-    let d = format!("path={}", img.display());
     let (exe, copy_exe) = exe_disk(tool, "vdb")?;
-    let d_exe = format!("path={},readonly=on", exe.display());
     let vsock = tmp.join("v.sock");
-    let v = format!("cid=3,socket={}", vsock.display());
     sha_server(&tmp.join("v.sock_6000"))?;
-    let args = [
-        "--kernel",
-        &g.vmlinuz,
-        "--initrd",
-        initrd.to_str().unwrap_or(""),
-        "--cmdline",
-        "console=ttyS0 root=/dev/vda rw quiet panic=-1",
-        "--cpus",
-        "2",
-        "--memory",
-        "1G",
-        "--disk",
-        &d,
-        "--disk",
-        &d_exe,
-        "--vsock",
-        &v,
-        "--credential",
-        "nixvm.greeting=hello from the host",
-        "--notify-socket",
-        notify_path.to_str().unwrap_or(""),
-        "--api-socket",
-        api.to_str().unwrap_or(""),
-        "--on-reboot",
-        "restart",
-    ];
-    // The machine's start script, as a NixOS system.build.vm's run-<name>-vm: nixvm with the
-    // machine's settings, and whatever QEMU options it is given after them.
+    let greeting = tmp.join("greeting");
+    std::fs::write(&greeting, "hello from the host").map_err(e)?;
+    let virtiofsd = crate::virtiofsd::find()
+        .ok_or("no virtiofsd for the shared directory (cargo install virtiofsd --locked)")?;
+    // The machine's start script, as a NixOS system.build.vm's run-<name>-vm: rendered by
+    // nix/lib/runner.nix as the test module renders a node's, with the driver's shared
+    // directory ($SHARED_DIR, linked where the runner starts) on a virtiofsd it starts.
+    let p = |p: &Path| nix_string(&p.display().to_string());
+    let description = format!(
+        r#"{{
+          name = "trixie"; nixvm = {nixvm};
+          kernel = {kernel}; initrd = {initrd};
+          kernelParams = [ "console=ttyS0" "root=/dev/vda" "rw" "quiet" "panic=-1" ];
+          bootParams = [ ]; vcpu = 2; mem = 1024;
+          volumes = [ {{ image = {img}; }} {{ image = {exe}; readOnly = true; }} ];
+          preStart = "ln -sfn \"\$SHARED_DIR\" share-shared";
+          shares = [ {{ tag = "shared"; source = "share-shared"; mountPoint = "/tmp/shared";
+            backend = "virtiofsd"; socket = "virtiofs-shared.sock"; }} ];
+          virtiofsd = {virtiofsd};
+          # Inside L1 the root is a chroot, where the namespace sandbox cannot pivot_root.
+          virtiofsdArgs = [ "--sandbox" "chroot" "--log-level" "error" ];
+          vsock = {{ cid = 3; socket = {vsock}; }};
+          credentials = {{ "nixvm.greeting" = {greeting}; }};
+          socket = {api}; onReboot = "restart";
+          extraArgs = [ "--notify-socket" {notify} ];
+        }}"#,
+        nixvm = nix_string(NIXVM),
+        kernel = nix_string(&g.vmlinuz),
+        initrd = p(&initrd),
+        img = p(&img),
+        exe = p(&exe),
+        virtiofsd = p(&virtiofsd),
+        vsock = p(&vsock),
+        greeting = p(&greeting),
+        api = p(&api),
+        notify = p(&notify_path),
+    );
     let runner = tmp.join("run-trixie-vm");
-    let quoted: Vec<String> = std::iter::once(NIXVM)
-        .chain(args)
-        .map(|a| format!("'{a}'"))
-        .collect();
-    std::fs::write(
-        &runner,
-        format!("#!/bin/sh\nexec {} -- \"$@\"\n", quoted.join(" ")),
-    )
-    .map_err(e)?;
+    std::fs::write(&runner, render_runner(&description)?).map_err(e)?;
     std::fs::set_permissions(&runner, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .map_err(e)?;
     // What the test driver runs (QemuStartCommand.cmd, allow_reboot): the script and its
@@ -261,7 +264,7 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         .stdin(std::process::Stdio::piped());
     let mut vm = Streaming::spawn_command(cmd)?;
     // The driver accepts the monitor, reads up to its prompt, and negotiates QMP at once.
-    let driver = (|| {
+    let mut driver = (|| {
         let mut m = accept_within(&mon_l, Duration::from_secs(60))?;
         m.set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(|e| e.to_string())?;
@@ -290,19 +293,23 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         .join()
         .unwrap_or_else(|_| Err("the backdoor thread panicked".into()));
     // More of the driver's protocol: a command's exit status, a unit's state.
-    let contract = driver.map(drop).and_then(|()| {
-        let r = hvc
-            .as_mut()
-            .map_err(|e| format!("no backdoor shell: {e}"))?;
-        let (status, _) = execute(r, "echo on stdout; echo on stderr >&2; exit 3")?;
-        check!(status == 3, "a command's exit status came back as {status}");
-        let (status, out) = execute(r, "systemctl is-active multi-user.target")?;
-        check!(
-            status == 0 && out == "active\n",
-            "systemctl is-active multi-user.target: {out:?} ({status})"
-        );
-        Ok(())
-    });
+    let contract = driver
+        .as_ref()
+        .map(drop)
+        .map_err(Clone::clone)
+        .and_then(|()| {
+            let r = hvc
+                .as_mut()
+                .map_err(|e| format!("no backdoor shell: {e}"))?;
+            let (status, _) = execute(r, "echo on stdout; echo on stderr >&2; exit 3")?;
+            check!(status == 3, "a command's exit status came back as {status}");
+            let (status, out) = execute(r, "systemctl is-active multi-user.target")?;
+            check!(
+                status == 0 && out == "active\n",
+                "systemctl is-active multi-user.target: {out:?} ({status})"
+            );
+            Ok(())
+        });
     // vsock both ways, 64 MiB each, driven through the backdoor.
     let (vsock_up, vsock_down) = match hvc.as_mut() {
         Err(e) => (
@@ -310,6 +317,17 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
             Err(format!("no backdoor shell: {e}")),
         ),
         Ok(r) => vsock_both_ways(r, &copy_exe, &vsock),
+    };
+    // copy_from_host and copy_from_vm: through the shared directory, which the guest mounts
+    // where qemu-vm.nix mounts it.
+    let copy = match hvc.as_mut() {
+        Err(e) => Err(format!("no backdoor shell: {e}")),
+        Ok(r) => copy_both_ways(r, &shared),
+    };
+    // send_console: the driver writes to the start script's stdin, the serial console's input.
+    let console = match hvc.as_mut() {
+        Err(e) => Err(format!("no backdoor shell: {e}")),
+        Ok(r) => send_console(r, &mut vm),
     };
     // systemd says READY=1 once the default target is reached, after the unit.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -325,16 +343,15 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    // `systemctl reboot` through the backdoor: a clean reboot, and nixvm boots the guest
-    // again in place; it reaches multi-user once more.
+    // The driver's reboot(): ctrl-alt-delete on the monitor, through the PS/2 keyboard;
+    // systemd's ctrl-alt-del.target reboots cleanly, and nixvm boots the guest again in
+    // place; it reaches multi-user once more.
     let reboot = (|| {
-        let mut shell = hvc
-            .as_ref()
-            .map_err(|e| format!("no backdoor shell to reboot through: {e}"))?
-            .get_ref();
-        shell
-            .write_all(b"systemctl reboot\n")
-            .map_err(|e| e.to_string())?;
+        let (m, _) = driver
+            .as_mut()
+            .map_err(|e| format!("no monitor to reboot through: {e}"))?;
+        let said = monitor_command(m, "sendkey ctrl-alt-delete")?;
+        check!(said.trim().is_empty(), "sendkey ctrl-alt-delete: {said:?}");
         vm.wait_for_within("reboot: Restarting system", Duration::from_secs(300))?;
         vm.wait_for_within("NIXVM-TEST: unit-done", Duration::from_secs(900))?;
         let boots = vm.seen.matches("NIXVM-TEST: unit-start").count();
@@ -426,12 +443,116 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         contract,
         vsock_up,
         vsock_down,
+        copy,
+        console,
     ])
 }
 
 /// Guest → host: 64 MiB to a host program listening on `<vsock>_6000`, which answers with
 /// their sha256; host → guest: 64 MiB into a guest listener on port 7000 through
 /// `CONNECT 7000`. The guest's side runs as backdoor commands.
+fn copy_both_ways(r: &mut BufReader<UnixStream>, shared: &Path) -> TestResult {
+    let (status, out) = execute(
+        r,
+        "mkdir -p /tmp/shared && mount -t virtiofs shared /tmp/shared",
+    )?;
+    check!(
+        status == 0,
+        "mounting the shared directory: {out:?} ({status})"
+    );
+    let data: Vec<u8> = (0..1usize << 20)
+        .map(|i| u8::try_from((i * 7 + i / 977) % 256).unwrap_or(0))
+        .collect();
+    std::fs::write(shared.join("from-host.bin"), &data).map_err(|e| e.to_string())?;
+    let (status, out) = execute(
+        r,
+        "cp /tmp/shared/from-host.bin /root/ && sha256sum < /root/from-host.bin | cut -d' ' -f1",
+    )?;
+    check!(
+        status == 0 && out.trim() == sha256_bytes(&data),
+        "copy_from_host: the guest's copy hashes to {out:?} ({status})"
+    );
+    let (status, out) = execute(
+        r,
+        "head -c 1048576 /dev/urandom > /root/out.bin && cp /root/out.bin /tmp/shared/from-vm.bin \
+         && sync && sha256sum < /root/out.bin | cut -d' ' -f1",
+    )?;
+    let got = std::fs::read(shared.join("from-vm.bin")).unwrap_or_default();
+    check!(
+        status == 0 && out.trim() == sha256_bytes(&got),
+        "copy_from_vm: the guest wrote {out:?} ({status}), the host has {} bytes hashing to {}",
+        got.len(),
+        sha256_bytes(&got)
+    );
+    Ok(())
+}
+
+/// A line written to the start script's stdin arrives on the guest's /dev/ttyS0.
+fn send_console(r: &mut BufReader<UnixStream>, vm: &mut Streaming) -> TestResult {
+    // The getty systemd starts on the console would read it first.
+    let (status, out) = execute(
+        r,
+        "systemctl stop serial-getty@ttyS0.service; \
+         setsid sh -c 'timeout 120 head -n 1 /dev/ttyS0 > /tmp/from-serial' \
+         < /dev/null > /dev/null 2>&1 & sleep 2",
+    )?;
+    check!(
+        status == 0,
+        "reading ttyS0 in the guest: {out:?} ({status})"
+    );
+    vm.child
+        .stdin
+        .as_mut()
+        .ok_or("the start script has no stdin")?
+        .write_all(b"send-console-42\n")
+        .map_err(|e| e.to_string())?;
+    let (status, out) = execute(
+        r,
+        "for i in $(seq 150); do [ -s /tmp/from-serial ] && break; sleep 0.2; done; \
+         cat /tmp/from-serial",
+    )?;
+    check!(
+        status == 0 && out.trim_end() == "send-console-42",
+        "the guest read {out:?} ({status}) on ttyS0"
+    );
+    Ok(())
+}
+
+/// `s` as a Nix string literal.
+fn nix_string(s: &str) -> String {
+    format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('$', "\\$")
+    )
+}
+
+/// The runner script nix/lib/runner.nix renders from `description` (a Nix expression),
+/// evaluated without a store (`nix eval --store dummy://`, as nix-runner-boot.sh does).
+fn render_runner(description: &str) -> Result<String, String> {
+    let expr = format!(
+        "((import {}) ({description})).script",
+        nix_string(&root().join("nix/lib/runner.nix").display().to_string())
+    );
+    let out = Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "--store",
+            "dummy://",
+        ])
+        .args(["eval", "--impure", "--raw", "--expr", &expr])
+        .output()
+        .map_err(|e| format!("nix (to render the runner): {e}"))?;
+    check!(
+        out.status.success(),
+        "nix/lib/runner.nix did not render the runner: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).map_err(|e| e.to_string())
+}
+
 fn vsock_both_ways(
     r: &mut BufReader<UnixStream>,
     copy_exe: &str,
