@@ -8,7 +8,7 @@
 //! the monitor and the shell sockets listened on by the test, QMP negotiated, commands run
 //! with the driver's protocol, files copied through the shared directory both ways, and
 //! `send_console` text read from the serial console in the guest.
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 use crate::lifecycle::{Qmp, monitor_answer, monitor_command};
-use crate::vsock::{big, sha_server};
+use crate::vsock::{big, send_to_guest_port, sha_server};
 
 pub(crate) const SYSTEMD_NAMES: [&str; 12] = [
     "systemd_guest_reaches_multi_user",
@@ -591,20 +591,7 @@ fn vsock_both_ways(
         let data: Vec<u8> = (0..big)
             .map(|i| u8::try_from((i * 13 + i / 4096) % 256).unwrap_or(0))
             .collect();
-        let mut c = UnixStream::connect(vsock).map_err(|e| e.to_string())?;
-        c.set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(|e| e.to_string())?;
-        c.write_all(b"CONNECT 7000\n").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&c)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        check!(line.starts_with("OK "), "answer to CONNECT 7000: {line:?}");
-        c.write_all(&data).map_err(|e| e.to_string())?;
-        c.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+        send_to_guest_port(vsock, 7000, &data)?;
         let (status, out) = execute(
             r,
             "p=$(cat /tmp/down.pid); for i in $(seq 600); do [ -e /proc/$p ] || break; sleep 0.2; done; \

@@ -30,6 +30,31 @@ fn answer_sha(mut s: UnixStream) -> std::io::Result<()> {
 }
 
 /// Serves every connection to `path` with [`answer_sha`], each in its own thread.
+/// Host → guest as a host program does it: connects to the vsock device's socket `sock`,
+/// asks for guest `port` (`CONNECT <port>`, answered `OK …`), sends `data`, ends its side
+/// and reads until the guest closes.
+pub(crate) fn send_to_guest_port(sock: &Path, port: u32, data: &[u8]) -> Result<(), String> {
+    let mut c = UnixStream::connect(sock).map_err(|e| e.to_string())?;
+    c.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&c)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    check!(
+        line.starts_with("OK "),
+        "answer to CONNECT {port}: {line:?}"
+    );
+    c.write_all(data).map_err(|e| e.to_string())?;
+    c.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 pub(crate) fn sha_server(path: &Path) -> Result<(), String> {
     let l = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
     std::thread::spawn(move || {
@@ -107,23 +132,7 @@ sleep 5
         .map(|i| u8::try_from((i * 7 + i / 4096) % 256).unwrap())
         .collect();
     let down_sha = sha256_bytes(&down);
-    let host_to_guest = (|| -> Result<(), String> {
-        let mut c = UnixStream::connect(&sock).map_err(|e| e.to_string())?;
-        c.set_read_timeout(Some(Duration::from_secs(120)))
-            .map_err(|e| e.to_string())?;
-        c.write_all(b"CONNECT 7000\n").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&c)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        check!(line.starts_with("OK "), "answer to CONNECT: {line:?}");
-        c.write_all(&down).map_err(|e| e.to_string())?;
-        c.shutdown(std::net::Shutdown::Write)
-            .map_err(|e| e.to_string())?;
-        let mut rest = Vec::new();
-        c.read_to_end(&mut rest).map_err(|e| e.to_string())?;
-        Ok(())
-    })();
+    let host_to_guest = send_to_guest_port(&sock, 7000, &down);
     vm.wait_for("NIXVM-TEST: done")?;
     // The guest's sockets are closed: nixvm holds no more than before (poll: the last
     // RSTs may still be on their way).
