@@ -74,7 +74,12 @@ fn bench() -> Result<()> {
         }
     }
     match common::route()? {
-        Route::Here => measure(&root, &guest).and(measure_vlan(&root, &dir)),
+        Route::Here => {
+            let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+            // Both tables, even when the first has failed runs.
+            let machine = measure(&root, &guest, runs);
+            measure_vlan(&root, &dir, runs).and(machine)
+        }
         Route::Skipped(why) => {
             println!("skipped: {why}");
             Ok(())
@@ -83,8 +88,7 @@ fn bench() -> Result<()> {
     }
 }
 
-fn measure(root: &Path, guest: &Path) -> Result<()> {
-    let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
     let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kernel = root.join("target/e2e-assets/vmlinuz");
     let initrd = guest.join("initrd.img");
@@ -139,11 +143,6 @@ fn measure(root: &Path, guest: &Path) -> Result<()> {
          2 vCPUs, 1 GiB, cmdline `{CMDLINE}`"
     );
     println!("- {runs} rounds, the VMMs in turn\n");
-    let cell = |s: Option<(f64, f64, f64)>| {
-        s.map_or("–".to_owned(), |(med, lo, hi)| {
-            format!("{med:.2} s ({lo:.2}–{hi:.2})")
-        })
-    };
     println!(
         "| median (min–max) | {} | nixvm / {} |",
         vmms.iter().map(|v| v.name).collect::<Vec<_>>().join(" | "),
@@ -155,13 +154,10 @@ fn measure(root: &Path, guest: &Path) -> Result<()> {
         .enumerate()
     {
         let s: Vec<_> = results.iter().map(|r| stats(r[row].clone())).collect();
-        let ratio = match (s[0], s[1]) {
-            (Some((a, _, _)), Some((b, _, _))) => format!("**{:.2}**", a / b),
-            _ => "–".to_owned(),
-        };
         println!(
-            "| {label} | {} | {ratio} |",
-            s.iter().map(|x| cell(*x)).collect::<Vec<_>>().join(" | ")
+            "| {label} | {} | {} |",
+            s.iter().map(|x| cell(*x)).collect::<Vec<_>>().join(" | "),
+            ratio(s[0], s[1])
         );
     }
     println!(
@@ -269,6 +265,21 @@ fn run(vmm: &Vmm, guest: &Path, dir: &Path) -> Result<(f64, f64)> {
     used
 }
 
+/// A table cell: median seconds with min and max, or a dash without runs.
+fn cell(s: Option<(f64, f64, f64)>) -> String {
+    s.map_or("–".to_owned(), |(med, lo, hi)| {
+        format!("{med:.2} s ({lo:.2}–{hi:.2})")
+    })
+}
+
+/// nixvm's median over QEMU's, in bold, or a dash.
+fn ratio(nixvm: Option<(f64, f64, f64)>, qemu: Option<(f64, f64, f64)>) -> String {
+    match (nixvm, qemu) {
+        (Some((a, _, _)), Some((b, _, _))) => format!("**{:.2}**", a / b),
+        _ => "–".to_owned(),
+    }
+}
+
 /// Each machine of the vlan test: an address, a ping to the other until it answers.
 const PING: &str = r#"
 ip link set lo up
@@ -282,8 +293,7 @@ sleep 2
 "#;
 
 /// The two-machine vlan test, nixvm and QEMU in turn.
-fn measure_vlan(root: &Path, dir: &Path) -> Result<()> {
-    let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(3), |n| n.parse())?;
+fn measure_vlan(root: &Path, dir: &Path, runs: usize) -> Result<()> {
     let assets = root.join("target/e2e-assets");
     let (kernel, initrd) = (assets.join("vmlinuz"), assets.join("initramfs.cpio.gz"));
     let cmdline = "console=ttyS0 quiet nixvm.action=script";
@@ -347,19 +357,11 @@ fn measure_vlan(root: &Path, dir: &Path) -> Result<()> {
     );
     println!("|---|---|---|---|");
     let (a, b) = (stats(results[0].clone()), stats(results[1].clone()));
-    let cell = |s: Option<(f64, f64, f64)>| {
-        s.map_or("–".to_owned(), |(med, lo, hi)| {
-            format!("{med:.2} s ({lo:.2}–{hi:.2})")
-        })
-    };
-    let ratio = match (a, b) {
-        (Some((x, _, _)), Some((y, _, _))) => format!("**{:.2}**", x / y),
-        _ => "–".to_owned(),
-    };
     println!(
-        "| start → both pinged and exited | {} | {} | {ratio} |",
+        "| start → both pinged and exited | {} | {} | {} |",
         cell(a),
-        cell(b)
+        cell(b),
+        ratio(a, b)
     );
     println!(
         "| runs ok | {}/{runs} | {}/{runs} | |",
