@@ -320,8 +320,23 @@ sleep 1
             .set_read_timeout(Some(BOOT_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let mut big = vec![0u8; HVC_BIG];
-        c.read_exact(&mut big)
-            .map_err(|e| format!("reading 4 MiB from the console socket: {e}"))?;
+        if let Err(e) = c.read_exact(&mut big) {
+            // The socket closes early when nixvm ends: say how (a guest that reset by
+            // itself is the route's hazard, retried).
+            let until = Instant::now() + Duration::from_secs(10);
+            while let Ok(l) = vm.lines.recv_timeout(Duration::from_secs(1)) {
+                vm.seen.push_str(&l);
+                vm.seen.push('\n');
+                if Instant::now() > until {
+                    break;
+                }
+            }
+            return Err(format!(
+                "reading 4 MiB from the console socket: {e}; {}; {}",
+                vm.ending(),
+                vm.console()
+            ));
+        }
         vm.wait_for("NIXVM-TEST: big_sent")?;
         vm.expect("big_sha", &sha256_bytes(&big))
     })();

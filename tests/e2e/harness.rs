@@ -347,22 +347,29 @@ pub(crate) fn spontaneous_reset(code: Option<i32>, console: &str, stderr: &str) 
 /// What nixvm says on stderr when the guest triple-faults (vmm/src/vcpu.rs).
 const TRIPLE_FAULT: &str = "triple fault in the guest";
 
-/// Runs `f`, and once more if `stalled` says its result is a stall.
+/// How many times a stalled run is tried in all.
+const ATTEMPTS: usize = 3;
+
+/// Runs `f`, and again (up to [`ATTEMPTS`] in all) while `stalled` says its result is a
+/// stall.
 pub(crate) fn retry_stalled<T>(
     what: &str,
     mut f: impl FnMut() -> T,
     stalled: impl Fn(&T) -> bool,
 ) -> T {
     working_on(what);
-    let first = f();
-    if !stalled(&first) {
-        return first;
+    let mut result = f();
+    for _ in 1..ATTEMPTS {
+        if !stalled(&result) {
+            break;
+        }
+        println!(
+            "e2e: {what} stalled or the guest reset without asking (known hazards of the nested-KVM route); once more"
+        );
+        working_on(what);
+        result = f();
     }
-    println!(
-        "e2e: {what} stalled or the guest reset without asking (known hazards of the nested-KVM route); once more"
-    );
-    working_on(what);
-    f()
+    result
 }
 
 pub(crate) fn expect_markers(r: &Run, want: &[&str]) -> TestResult {
@@ -460,6 +467,66 @@ pub(crate) fn accept_within(l: &UnixListener, timeout: Duration) -> Result<UnixS
     }
 }
 
+/// What every thread of `pid` and of its descendants is doing: its state, the system call
+/// it is in and the CPU time it used. When a guest stops making progress, this tells a vCPU
+/// thread that is runnable and inside KVM_RUN (the nested route not running the guest) from
+/// one of nixvm's threads waiting on something.
+pub(crate) fn threads_report(pid: u32) -> String {
+    // Parent of each process, from /proc/N/stat (the field after the command's ")").
+    let stat = |path: &Path| -> Option<(String, Vec<String>)> {
+        let s = std::fs::read_to_string(path).ok()?;
+        let (head, rest) = s.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        Some((comm, rest.split_whitespace().map(str::to_owned).collect()))
+    };
+    let mut family = vec![pid];
+    let mut procs: Vec<(u32, u32)> = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some((_, f)) = stat(&e.path().join("stat")) {
+            if let Some(ppid) = f.get(1).and_then(|p| p.parse().ok()) {
+                procs.push((n, ppid));
+            }
+        }
+    }
+    let mut i = 0;
+    while i < family.len() {
+        let parent = family[i];
+        family.extend(
+            procs
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(n, _)| *n),
+        );
+        i += 1;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let ticks =
+        f64::from(u32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
+    let mut out = String::from("e2e: threads of the VM's processes (state, system call, CPU s):");
+    for p in family {
+        let tasks = Path::new("/proc").join(p.to_string()).join("task");
+        for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let Some((comm, f)) = stat(&t.path().join("stat")) else {
+                continue;
+            };
+            let cpu = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            let syscall = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            let syscall = syscall.split_whitespace().next().unwrap_or("?").to_owned();
+            let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            out.push_str(&format!(
+                "\n  {p}/{} {comm} {} syscall {syscall} wchan {wchan} cpu {:.1}",
+                t.file_name().to_string_lossy(),
+                f.first().map_or("?", String::as_str),
+                (cpu(11) + cpu(12)) / ticks,
+            ));
+        }
+    }
+    out
+}
+
 /// nixvm running with stdout read line by line in the background.
 pub(crate) struct Streaming {
     pub(crate) child: std::process::Child,
@@ -532,6 +599,7 @@ impl Streaming {
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             if Instant::now() >= say {
                 println!("e2e: still waiting for {want:?}");
+                println!("{}", threads_report(self.child.id()));
                 say += Duration::from_secs(120);
             }
             match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
@@ -549,24 +617,37 @@ impl Streaming {
                 }
             }
         }
-        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let how = if ended {
-            let status = wait_timeout(&mut self.child, Duration::from_secs(5));
-            let code = status.and_then(|s| s.code());
-            if spontaneous_reset(code, &self.seen, &err) {
-                // The nested route's hazard: retried like a stall.
-                format!("{STALLED} (the guest reset without asking)")
-            } else {
-                format!("before the output ended ({status:?})")
-            }
+            format!("before the output ended {}", self.ending())
         } else {
             STALLED.to_owned()
         };
-        Err(format!(
-            "{want:?} never appeared {how}; console:\n{}\nstderr (tail):\n{}",
+        Err(format!("{want:?} never appeared {how}; {}", self.console()))
+    }
+
+    /// How nixvm ended (waiting a little for it): its exit status, or, when the guest reset
+    /// without asking, the mark of a stall, which the nested route's hazard is retried as.
+    pub(crate) fn ending(&mut self) -> String {
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(5));
+        let code = status.and_then(|s| s.code());
+        if spontaneous_reset(code, &self.seen, &err) {
+            format!("{STALLED} (the guest reset without asking)")
+        } else if let Some(status) = status {
+            format!("({status})")
+        } else {
+            "(nixvm still runs)".to_owned()
+        }
+    }
+
+    /// The console so far and the tail of nixvm's stderr, for a failure.
+    pub(crate) fn console(&self) -> String {
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!(
+            "console:\n{}\nstderr (tail):\n{}",
             self.seen,
             tail(&err, 15)
-        ))
+        )
     }
 
     /// The marker `key` has the value `want`; the console in the failure.

@@ -432,7 +432,7 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         );
         Ok(())
     })();
-    Ok(vec![
+    let results = vec![
         multi_user,
         cred,
         ready,
@@ -445,7 +445,20 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         vsock_down,
         copy,
         console,
-    ])
+    ];
+    // The guest's kernel saw a CPU not run for many seconds (a soft lockup, an RCU stall):
+    // what went wrong after that is the nested route's, and the boot runs once more. The
+    // report of nixvm's threads, printed while the test waited, tells whose it was.
+    let starved = ["soft lockup - CPU#", "rcu_preempt detected stalls"]
+        .iter()
+        .find(|m| vm.seen.contains(*m));
+    if let (Some(m), Some(Err(e))) = (starved, results.iter().find(|r| r.is_err())) {
+        return Err(format!(
+            "{e}\n{STALLED} (the guest's kernel reported {m:?}); console:\n{}",
+            tail(&vm.seen, 40)
+        ));
+    }
+    Ok(results)
 }
 
 /// Guest → host: 64 MiB to a host program listening on `<vsock>_6000`, which answers with
