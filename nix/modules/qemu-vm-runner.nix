@@ -8,7 +8,8 @@
 #           10.0.2.15, the gateway answers ARP and ping; the build sandbox has no network for
 #           passt to give), then one NIC per vlan, in the order and with the MACs nixpkgs'
 #           test network (nixos/lib/testing/network.nix) gives QEMU's, each on the vde_switch
-#           the driver names in $QEMU_VDE_SOCKET_<vlan>.
+#           the driver names in $QEMU_VDE_SOCKET_<vlan>; SIGTERM (the driver's clean-up)
+#           stops it at once, as it stops QEMU.
 { config, options, lib, pkgs, ... }:
 let
   inherit (lib) mkDefault mkForce;
@@ -121,6 +122,12 @@ let
     shell = pkgs.runtimeShell;
     path = map (p: "${p}/bin") [ pkgs.coreutils pkgs.e2fsprogs ];
     inherit (cfg.nixvm) extraArgs;
+    # The driver ends a test by SIGTERM to each machine's start command, where QEMU stops at
+    # once: a test machine's power button gets no grace time either.
+    shutdownTimeout = if testMachine then 0 else null;
+    # QEMU's: a guest that reboots boots again; the test driver's -no-reboot (every start but
+    # start(allow_reboot=True)) makes it exit instead.
+    onReboot = "restart";
   };
 in
 {

@@ -96,6 +96,8 @@ let
         "--fs" "tag=data,socket=virtiofs-data.sock"
         "--fs" "tag=shared,socket=virtiofs-shared.sock"
         "--fs" "tag=xchg,socket=virtiofs-xchg.sock"
+        # QEMU reboots a guest that reboots.
+        "--on-reboot" "restart"
       ];
     }
     (has "bin/run-web-vm" vm.buildCommand "$out/bin/run-web-vm")
@@ -233,6 +235,10 @@ let
     { what = "bob: node 2, the named interface on vlan 3 and vlan 1"; got = qemuMacs bob; want = [ "52:54:00:12:03:02" "52:54:00:12:01:02" ]; }
     { what = "udev names alice's eth1 by its MAC"; got = lib.hasInfix ''ATTR{address}=="52:54:00:12:01:01",NAME="eth1"'' alice.boot.initrd.services.udev.rules; want = true; }
     { what = "the driver's start_script"; got = lib.getExe alice.system.build.vm; want = "${alice.system.build.vm}/bin/run-alice-vm"; }
+    { what = "the driver's SIGTERM stops a test node at once, a reboot boots again (-no-reboot: exits)";
+      got = lib.filter (p: lib.elem p [ "--shutdown-timeout=0" "--on-reboot=restart" ])
+        (lib.zipListsWith (a: b: "${a}=${b}") alice.system.build.vm.argv (lib.tail alice.system.build.vm.argv));
+      want = [ "--shutdown-timeout=0" "--on-reboot=restart" ]; }
     { what = "the backdoor's drivers"; got = lib.all (m: lib.elem m alice.boot.initrd.kernelModules) [ "virtio_mmio" "virtio_console" "virtio_rng" "virtiofs" ]; want = true; }
     { what = "the store, xchg and shared dir"; got = lib.filter (a: lib.hasPrefix "tag=" a) alice.system.build.vm.argv;
       want = [ "tag=nix-store,path=/nix/store,readonly=on" "tag=shared,socket=virtiofs-shared.sock" "tag=xchg,socket=virtiofs-xchg.sock" ]; }
