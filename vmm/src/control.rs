@@ -503,8 +503,17 @@ impl Control {
                     None => format!("Device '{name}' not found"),
                 }
             }
-            hmp::Command::Cannot(why) => why,
-            hmp::Command::Unknown(cmd) => format!("unknown command: '{cmd}'"),
+            // Also on stderr: a test driver drops the monitor's answer (the NixOS driver's
+            // screenshot() goes on to convert a file that is not there), and its log shows
+            // nixvm's stderr.
+            hmp::Command::Cannot(why) => {
+                log::warn!("monitor: {why}");
+                why
+            }
+            hmp::Command::Unknown(cmd) => {
+                log::warn!("monitor: unknown command '{cmd}'");
+                format!("unknown command: '{cmd}'")
+            }
         };
         let out = if out.is_empty() {
             out
