@@ -43,6 +43,7 @@ macro_rules! arg1 {
 }
 arg1! {
     KVM_RUN = kvm(NONE, 0x80, 0);
+    KVM_GET_REGS = kvm(R, 0x81, size_of::<kvm_regs>());
     KVM_SET_REGS = kvm(W, 0x82, size_of::<kvm_regs>());
     KVM_GET_SREGS = kvm(R, 0x83, size_of::<kvm_sregs>());
     KVM_SET_SREGS = kvm(W, 0x84, size_of::<kvm_sregs>());
@@ -113,9 +114,12 @@ const WORKER: &[Allow] = &[
     when(libc::SYS_ioctl, FIONBIO),
 ];
 
-/// vCPU threads: KVM_RUN; device activation (threads, vhost-user connections, TAP offloads).
+/// vCPU threads: KVM_RUN (and reading their registers); device activation (threads, vhost-user connections, TAP offloads).
 const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, KVM_RUN),
+    // Where a triple fault left the vCPU, for the warning that reports it.
+    when(libc::SYS_ioctl, KVM_GET_REGS),
+    when(libc::SYS_ioctl, KVM_GET_SREGS),
     when(libc::SYS_ioctl, TUNSETOFFLOAD),
     when(libc::SYS_ioctl, TUNSETVNETHDRSZ),
     any(libc::SYS_clone3),

@@ -282,7 +282,10 @@ pub fn run(
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 // At most once per boot: the reset ends this run of the guest.
-                log::warn!("vCPU {id}: triple fault in the guest; resetting it");
+                log::warn!(
+                    "vCPU {id}: triple fault in the guest{}; resetting it",
+                    where_it_stopped(&vcpu)
+                );
                 exit.request_exit(Exit::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
@@ -310,6 +313,28 @@ pub fn run(
         }
     }
     vcpu
+}
+
+/// Where the vCPU stopped (for the triple-fault warning): " at RIP … (…)", or nothing if
+/// KVM would not say.
+fn where_it_stopped(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            " at RIP {:#x} (RSP {:#x}, CR0 {:#x}, CR2 {:#x}, CR3 {:#x}, CR4 {:#x}, EFER {:#x}, \
+             IDT {:#x}+{:#x}, CS {:#x})",
+            r.rip,
+            r.rsp,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit,
+            s.cs.selector
+        ),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]
