@@ -28,7 +28,7 @@ rm -rf "$out"
 mkdir -p "$out"
 tree=$out/tree
 mmdebstrap --quiet --variant=minbase \
-  --include=systemd,systemd-sysv,udev,dbus,kmod,initramfs-tools,zstd \
+  --include=systemd,systemd-sysv,udev,dbus,kmod,initramfs-tools,zstd,iproute2,iputils-ping,netcat-openbsd \
   trixie "$tree"
 mkdir -p "$tree/usr/lib/modules"
 cp -a "$assets/root/lib/modules/$kver" "$tree/usr/lib/modules/"
@@ -91,6 +91,14 @@ KillSignal=SIGHUP
 [Install]
 WantedBy=multi-user.target
 EOF
+# As a NixOS test node: the driver's shared directory on /tmp/shared (qemu-vm.nix's
+# fileSystems entry), and the first NIC (nixvm's --net local, QEMU's user network in the
+# driver) configured by DHCP; the vlan NICs are the test's.
+mkdir -p "$tree/tmp/shared"
+echo "shared /tmp/shared virtiofs nofail,x-systemd.device-timeout=5s 0 0" >> "$tree/etc/fstab"
+mkdir -p "$tree/etc/systemd/network"
+printf '[Match]\nName=eth0\n[Network]\nDHCP=ipv4\n' > "$tree/etc/systemd/network/10-eth0.network"
+chroot "$tree" systemctl enable systemd-networkd >/dev/null 2>&1
 # No getty on the consoles: its vhangup() would cut the unit's output off, and hvc0 is the
 # backdoor's.
 ln -sf /dev/null "$tree/etc/systemd/system/serial-getty@ttyS0.service"

@@ -222,6 +222,8 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
           vsock = {{ cid = 3; socket = {vsock}; }};
           credentials = {{ "nixvm.greeting" = {greeting}; }};
           socket = {api}; onReboot = "restart";
+          # A clean power-off of this guest takes tens of seconds inside L1.
+          shutdownTimeout = 150;
           extraArgs = [ "--notify-socket" {notify} ];
         }}"#,
         nixvm = nix_string(NIXVM),
@@ -461,17 +463,13 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
     Ok(results)
 }
 
-/// Guest → host: 64 MiB to a host program listening on `<vsock>_6000`, which answers with
-/// their sha256; host → guest: 64 MiB into a guest listener on port 7000 through
-/// `CONNECT 7000`. The guest's side runs as backdoor commands.
+/// The driver's copy_from_host and copy_from_vm: files through the shared directory, which
+/// the guest's fstab mounts on /tmp/shared as qemu-vm.nix's fileSystems do.
 fn copy_both_ways(r: &mut BufReader<UnixStream>, shared: &Path) -> TestResult {
-    let (status, out) = execute(
-        r,
-        "mkdir -p /tmp/shared && mount -t virtiofs shared /tmp/shared",
-    )?;
+    let (status, out) = execute(r, "findmnt -n -o FSTYPE,SOURCE /tmp/shared")?;
     check!(
-        status == 0,
-        "mounting the shared directory: {out:?} ({status})"
+        status == 0 && out.trim() == "virtiofs shared",
+        "the shared directory on /tmp/shared: {out:?} ({status})"
     );
     let data: Vec<u8> = (0..1usize << 20)
         .map(|i| u8::try_from((i * 7 + i / 977) % 256).unwrap_or(0))
@@ -566,6 +564,9 @@ fn render_runner(description: &str) -> Result<String, String> {
     String::from_utf8(out.stdout).map_err(|e| e.to_string())
 }
 
+/// Guest → host: 64 MiB to a host program listening on `<vsock>_6000`, which answers with
+/// their sha256; host → guest: 64 MiB into a guest listener on port 7000 through
+/// `CONNECT 7000`. The guest's side runs as backdoor commands.
 fn vsock_both_ways(
     r: &mut BufReader<UnixStream>,
     copy_exe: &str,
