@@ -323,14 +323,6 @@ sleep 1
         if let Err(e) = c.read_exact(&mut big) {
             // The socket closes early when nixvm ends: say how (a guest that reset by
             // itself is the route's hazard, retried).
-            let until = Instant::now() + Duration::from_secs(10);
-            while let Ok(l) = vm.lines.recv_timeout(Duration::from_secs(1)) {
-                vm.seen.push_str(&l);
-                vm.seen.push('\n');
-                if Instant::now() > until {
-                    break;
-                }
-            }
             return Err(format!(
                 "reading 4 MiB from the console socket: {e}; {}; {}",
                 vm.ending(),

@@ -627,7 +627,16 @@ impl Streaming {
 
     /// How nixvm ended (waiting a little for it): its exit status, or, when the guest reset
     /// without asking, the mark of a stall, which the nested route's hazard is retried as.
+    /// Judged on the whole console: its remaining lines are read first (for up to 10 s).
     pub(crate) fn ending(&mut self) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(1)) {
+            self.seen.push_str(&l);
+            self.seen.push('\n');
+            if Instant::now() > until {
+                break;
+            }
+        }
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let status = wait_timeout(&mut self.child, Duration::from_secs(5));
         let code = status.and_then(|s| s.code());

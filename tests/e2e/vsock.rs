@@ -29,7 +29,6 @@ fn answer_sha(mut s: UnixStream) -> std::io::Result<()> {
     s.write_all(format!("{}\n", sha256_bytes(&all)).as_bytes())
 }
 
-/// Serves every connection to `path` with [`answer_sha`], each in its own thread.
 /// Host → guest as a host program does it: connects to the vsock device's socket `sock`,
 /// asks for guest `port` (`CONNECT <port>`, answered `OK …`), sends `data`, ends its side
 /// and reads until the guest closes.
@@ -55,6 +54,7 @@ pub(crate) fn send_to_guest_port(sock: &Path, port: u32, data: &[u8]) -> Result<
     Ok(())
 }
 
+/// Serves every connection to `path` with [`answer_sha`], each in its own thread.
 pub(crate) fn sha_server(path: &Path) -> Result<(), String> {
     let l = UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
     std::thread::spawn(move || {

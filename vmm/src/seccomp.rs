@@ -114,7 +114,8 @@ const WORKER: &[Allow] = &[
     when(libc::SYS_ioctl, FIONBIO),
 ];
 
-/// vCPU threads: KVM_RUN (and reading their registers); device activation (threads, vhost-user connections, TAP offloads).
+/// vCPU threads: KVM_RUN (and reading their registers); device activation (threads,
+/// vhost-user connections, TAP offloads).
 const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, KVM_RUN),
     // Where a triple fault left the vCPU, for the warning that reports it.
