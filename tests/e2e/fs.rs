@@ -64,7 +64,7 @@ pub(crate) const H_BUSYBOX: &str = "2r4q8k1hn7x1gsd7kmhv0jq5d4c1bfsz-busybox-1.3
 pub(crate) const H_BIG: &str = "3x5lv0nw7dj5b0gq0m5h4k7ka9a7rwxf-big";
 
 /// A tree laid out like a Nix store: store paths with nested directories and 10 000 small
-/// files, relative and absolute symlinks, an executable, one 256 MiB file.
+/// files, relative and absolute symlinks, an executable, one 64 MiB file.
 pub(crate) fn make_store(dir: &Path, busybox: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{PermissionsExt, symlink};
     let _ = std::fs::remove_dir_all(dir);
@@ -99,7 +99,7 @@ pub(crate) fn make_store(dir: &Path, busybox: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::create(big.join("data.bin"))?;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..256 {
+    for _ in 0..64 {
         for c in chunk.chunks_exact_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -176,7 +176,7 @@ echo "NIXVM-TEST: after_kill=$r"
     let mut cmd = Command::new(NIXVM);
     cmd.args(&args).stdin(Stdio::null());
     let mut vm = Streaming::spawn_command(cmd)?;
-    // Checksumming 10 000 files and 256 MiB through nested KVM takes minutes.
+    // Checksumming 10 000 files and 64 MiB through nested KVM takes minutes.
     vm.wait_for_within("NIXVM-TEST: kill-data-backend", Duration::from_secs(900))?;
     data_d.0.kill().map_err(|e| e.to_string())?;
     let _ = data_d.0.wait();
