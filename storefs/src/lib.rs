@@ -37,9 +37,11 @@
 //! - Files and directories are opened for reading by reopening the node's O_PATH descriptor
 //!   through /proc/self/fd (only after checking it is a regular file or a directory, so
 //!   FIFOs, devices and symlinks are never opened), so /proc must be mounted.
-//! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`] and
-//!   files are opened with FOPEN_KEEP_CACHE. Failed lookups are plain ENOENT errors (no
-//!   negative entry is cached), so files that appear on the host later are found.
+//! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`],
+//!   files are opened with FOPEN_KEEP_CACHE and directories below the root with
+//!   FOPEN_CACHE_DIR (the guest lists them once). Failed lookups are plain ENOENT errors (no
+//!   negative entry is cached) and the root is listed afresh at each open, so store paths
+//!   that appear on the host later are found and listed.
 // Tests build fixtures with plain casts; the library code is checked without this.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 

@@ -476,13 +476,16 @@ impl StoreFs {
             (libc::S_IFREG, false) => {
                 (Handle::File(reopen_file(fd.as_raw_fd())?), FOPEN_KEEP_CACHE)
             }
+            // Below the share's top, a directory's listing is part of an immutable store
+            // path: the guest keeps it in its page cache. The top itself (the store, which
+            // gains paths) is listed afresh at each open.
             (libc::S_IFDIR, true) => (
                 Handle::Dir {
                     node,
                     fd,
                     entries: Mutex::new(None),
                 },
-                0,
+                if node == ROOT_ID { 0 } else { FOPEN_CACHE_DIR },
             ),
             (_, true) => return Err(libc::ENOTDIR),
             (libc::S_IFDIR, false) => return Err(libc::EISDIR),

@@ -77,7 +77,7 @@ echo "NIXVM-TEST: escape=$(readlink /nix/.ro-store/{H_HELLO}/escape),$(ls /nix/.
 echo "NIXVM-TEST: add-a-path"
 i=0
 while [ ! -e /nix/.ro-store/added-later ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i + 1)); done
-echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
+echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null),$(ls /nix/.ro-store | grep -cx added-later)"
 "#
         ),
     );
@@ -112,7 +112,7 @@ echo "NIXVM-TEST: added=$(cat /nix/.ro-store/added-later/msg 2>/dev/null)"
     let sums = is("mounted", "ro-store").and(is("store", &format!("403,{host_sha}")));
     let links = is("links", "../libexec/hello-real,hello-from-store,static-ok");
     let erofs = is("write", "refused,1");
-    let added = is("added", "appeared").and_then(|()| {
+    let added = is("added", "appeared,1").and_then(|()| {
         check!(
             status.and_then(|s| s.code()) == Some(0),
             "nixvm with storefs: {status:?}"

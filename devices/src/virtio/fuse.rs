@@ -76,6 +76,7 @@ pub const INIT_EXT: u32 = 1 << 30;
 
 // fuse_open_out.open_flags.
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
 
 /// Directory entries are padded to this.
 pub const DIRENT_ALIGN: usize = 8;
