@@ -1,5 +1,6 @@
 //! vCPUs: their initial state (CPUID, MSRs, FPU, LAPIC, and for the boot vCPU the registers
 //! at the kernel entry) and the thread that runs each one, handling its exits.
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -250,12 +251,18 @@ pub fn run(
             crate::lifecycle::started().elapsed().as_millis()
         );
     }
+    // Exits by kind, logged when the thread ends (NIXVM_LOG=debug; issue 18's breakdown).
+    let mut counts = log::log_enabled!(log::Level::Debug).then(ExitCounts::default);
     while !stop.load(Ordering::Acquire) {
         gate.wait_while_paused();
         if stop.load(Ordering::Acquire) {
             break;
         }
-        match vcpu.run() {
+        let result = vcpu.run();
+        if let Some(c) = &mut counts {
+            c.count(&result);
+        }
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !bus.pio.read(u64::from(port), data) {
                     log::trace!("vcpu{id}: read of unknown port {port:#x}");
@@ -312,7 +319,68 @@ pub fn run(
             break;
         }
     }
+    if let Some(c) = counts {
+        log::debug!("vcpu{id}: exits: {c}");
+    }
     vcpu
+}
+
+/// How many exits of each kind a vCPU took: port I/O by port, MMIO by 4 KiB page, the rest
+/// by kind.
+#[derive(Default)]
+struct ExitCounts {
+    pio: BTreeMap<u16, u64>,
+    mmio: BTreeMap<u64, u64>,
+    hlt: u64,
+    intr: u64,
+    other: u64,
+}
+
+impl ExitCounts {
+    fn count(&mut self, exit: &Result<VcpuExit, kvm_ioctls::Error>) {
+        match exit {
+            Ok(VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _)) => {
+                *self.pio.entry(*port).or_default() += 1;
+            }
+            Ok(VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _)) => {
+                *self.mmio.entry(addr & !0xfff).or_default() += 1;
+            }
+            Ok(VcpuExit::Hlt) => self.hlt += 1,
+            Ok(VcpuExit::Intr) | Err(_) => self.intr += 1,
+            Ok(_) => self.other += 1,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitCounts {
+    /// "N in all; port I/O N (0x3f8 ×N, …); MMIO N (0xd0000000 ×N, …); HLT N; …", the
+    /// busiest ports and pages first.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn busiest<K: std::fmt::LowerHex + Copy>(m: &BTreeMap<K, u64>) -> String {
+            let mut v: Vec<(K, u64)> = m.iter().map(|(k, n)| (*k, *n)).collect();
+            v.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+            let shown: Vec<String> = v
+                .iter()
+                .take(12)
+                .map(|(k, n)| format!("{k:#x} ×{n}"))
+                .collect();
+            shown.join(", ")
+        }
+        let (pio, mmio) = (
+            self.pio.values().sum::<u64>(),
+            self.mmio.values().sum::<u64>(),
+        );
+        write!(
+            f,
+            "{} in all; port I/O {pio} ({}); MMIO {mmio} ({}); HLT {}; signals/interrupted {}; other {}",
+            pio + mmio + self.hlt + self.intr + self.other,
+            busiest(&self.pio),
+            busiest(&self.mmio),
+            self.hlt,
+            self.intr,
+            self.other
+        )
+    }
 }
 
 /// Where the vCPU stopped (for the triple-fault warning): " at RIP … (…)", or nothing if
