@@ -20,8 +20,11 @@ use nixvm_boot::{acpi, cpu, kernel, layout, params, smbios};
 use nixvm_devices::console::{ConsoleOut, SocketConsole};
 use nixvm_devices::virtio::GuestMemoryMmap;
 use nixvm_devices::virtio::console::ConsoleInput;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -203,35 +206,120 @@ pub fn open_kvm() -> Result<Kvm> {
 }
 
 /// Guest RAM, split around the 32-bit MMIO gap: one memfd mapped shared when `shared` (so
-/// vhost-user back ends can map it), else private anonymous memory.
+/// vhost-user back ends can map it), else private anonymous memory. Each region is mapped at a
+/// 2 MiB-aligned address and advised for transparent huge pages (as QEMU and Cloud Hypervisor
+/// do): KVM maps the guest with 2 MiB pages only where the host's mapping is huge and aligned
+/// like the guest address, and 4 KiB mappings cost a fault per page (issue 18: ~20 000 of
+/// them while the test guest boots, where QEMU took under 200).
 fn create_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
-    if !shared {
-        let ranges: Vec<_> = layout::ram_regions(size)
-            .into_iter()
-            .map(|(addr, len)| (addr, usize::try_from(len).expect("64-bit host")))
-            .collect();
-        return GuestMemoryMmap::from_ranges(&ranges).map_err(Error::MapMemory);
-    }
-    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below.
-    let fd = unsafe { libc::memfd_create(c"nixvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::Memory(size, std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|e| Error::Memory(size, e))?;
-    let file = Arc::new(file);
+    let file = if shared {
+        // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked below.
+        let fd = unsafe { libc::memfd_create(c"nixvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::Memory(size, std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(|e| Error::Memory(size, e))?;
+        Some(Arc::new(file))
+    } else {
+        None
+    };
     let mut offset = 0;
-    let ranges: Vec<_> = layout::ram_regions(size)
-        .into_iter()
-        .map(|(addr, len)| {
-            let len = usize::try_from(len).expect("64-bit host");
-            let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
-            offset += len as u64;
-            r
-        })
-        .collect();
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::MapMemory)
+    let mut regions = Vec::new();
+    for (addr, len) in layout::ram_regions(size) {
+        let file_offset = file
+            .as_ref()
+            .map(|f| FileOffset::from_arc(f.clone(), offset));
+        offset += len;
+        let len = usize::try_from(len).expect("64-bit host");
+        let region = map_huge_aligned(len, file_offset).map_err(|e| Error::Memory(size, e))?;
+        let region = GuestRegionMmap::new(region, addr)
+            .ok_or(Error::MapMemory(FromRangesError::InvalidGuestRegion))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| Error::MapMemory(FromRangesError::Collection(e)))
+}
+
+/// Maps `len` bytes (of `file` if given, shared; else private anonymous memory) at a 2 MiB
+/// boundary, advised for transparent huge pages. The mapping stays for the life of the
+/// process (the guest's memory does).
+fn map_huge_aligned(
+    len: usize,
+    file: Option<FileOffset>,
+) -> std::io::Result<MmapRegion<AtomicBitmap>> {
+    use std::os::fd::AsRawFd;
+    const HUGE: usize = 2 << 20;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = match file {
+        Some(_) => libc::MAP_SHARED,
+        None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+    };
+    let os = std::io::Error::last_os_error;
+    // SAFETY: a fresh inaccessible reservation at an address the kernel picks; nothing else
+    // refers to it.
+    let reserved = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len + HUGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if reserved == libc::MAP_FAILED {
+        return Err(os());
+    }
+    let start = reserved as usize;
+    let aligned = start.next_multiple_of(HUGE);
+    let (fd, off) = match &file {
+        Some(f) => (
+            f.file().as_raw_fd(),
+            libc::off_t::try_from(f.start()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        ),
+        None => (-1, 0),
+    };
+    // SAFETY: MAP_FIXED inside our own reservation (aligned + len <= start + len + HUGE), which
+    // nothing else uses; then the reservation's unused head and tail are returned.
+    let addr = unsafe {
+        let addr = libc::mmap(
+            aligned as *mut libc::c_void,
+            len,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd,
+            off,
+        );
+        if addr != libc::MAP_FAILED {
+            if aligned > start {
+                libc::munmap(reserved, aligned - start);
+            }
+            let end = aligned + len;
+            if start + len + HUGE > end {
+                libc::munmap(end as *mut libc::c_void, start + len + HUGE - end);
+            }
+            // Only advice: a kernel without transparent huge pages says EINVAL.
+            libc::madvise(addr, len, libc::MADV_HUGEPAGE);
+        } else {
+            libc::munmap(reserved, len + HUGE);
+        }
+        addr
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(os());
+    }
+    let mut builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
+        .with_mmap_prot(prot)
+        .with_mmap_flags(flags);
+    if let Some(f) = file {
+        builder = builder.with_file_offset(f);
+    }
+    // SAFETY: addr..addr + len is the mapping made above, which is never unmapped.
+    unsafe { builder.with_raw_mmap_pointer(addr.cast()) }
+        .build()
+        .map_err(std::io::Error::other)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
@@ -709,4 +797,25 @@ fn open_console(config: &ConsoleConfig, which: &'static str) -> Result<(ConsoleO
             (ConsoleOut::Stream(out), Input::Stream(stream))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn guest_memory_is_huge_page_aligned() {
+        for shared in [false, true] {
+            // 5 GiB: two regions, around the 32-bit MMIO gap (reserved, not touched).
+            let mem = create_memory(5 << 30, shared).unwrap();
+            assert_eq!(mem.num_regions(), 2);
+            for r in mem.iter() {
+                assert_eq!(r.as_ptr() as usize % (2 << 20), 0, "shared: {shared}");
+                assert_eq!(r.file_offset().is_some(), shared);
+            }
+            mem.write_obj(0xabcd_u64, GuestAddress(4 << 30)).unwrap();
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(4 << 30)).unwrap(), 0xabcd);
+        }
+    }
 }
