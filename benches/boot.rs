@@ -1,9 +1,11 @@
-//! Boot benchmark: nixvm beside QEMU microvm, same guest, same run.
+//! Boot benchmark: nixvm beside QEMU microvm and, when `CLOUD_HYPERVISOR=` and
+//! `FIRECRACKER=` name their binaries, Cloud Hypervisor and Firecracker: same guest, same run.
 //!
 //! `cargo bench -p nixvm --bench boot`. NIXVM_BENCH_RUNS (default 6) boots of each VMM,
 //! interleaved: process spawn → the guest init's `NIXVM-TEST: init` line, spawn → exit,
-//! nixvm's own setup time (its `first KVM_RUN` log line) and the child's peak RSS.
-//! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
+//! nixvm's own setup time (its `first KVM_RUN` log line), the child's peak RSS and, where the
+//! kernel's debugfs is readable (it is mounted if need be), KVM's count of the VM's exits by
+//! kind. Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 
 use std::path::Path;
 use std::process::Command;
@@ -12,13 +14,15 @@ use std::time::Duration;
 #[path = "common.rs"]
 mod common;
 
-use common::{Result, git_commit, output, stats};
+use common::{KVM_STATS, Result, git_commit, output, stats};
 
 const MARKER: &str = "NIXVM-TEST: init";
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=poweroff";
+/// Firecracker ends when the guest reboots, not when it powers off.
+const FC_CMDLINE: &str = "console=ttyS0 quiet nixvm.action=reboot reboot=k panic=1";
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The table's rows: name, unit, and whether to print the nixvm/QEMU ratio.
+/// The table's rows: name, unit, and whether to print ratios; then one row per KVM counter.
 const ROWS: [(&str, &str, bool); 4] = [
     ("boot → init", "s", true),
     ("total (spawn → exit)", "s", false),
@@ -26,10 +30,17 @@ const ROWS: [(&str, &str, bool); 4] = [
     ("peak RSS", "MiB", true),
 ];
 
-/// One boot of one VMM: its values for ROWS, and why it failed.
+/// One boot of one VMM: its values for ROWS and KVM_STATS, and why it failed.
 struct Run {
-    values: [Option<f64>; 4],
+    values: Vec<Option<f64>>,
     failure: Option<String>,
+}
+
+/// A VMM compared: a column of the table.
+struct Vmm {
+    name: &'static str,
+    command: Command,
+    runs: Vec<Run>,
 }
 
 fn main() {
@@ -75,6 +86,7 @@ fn bench() -> Result<()> {
 
 fn measure(root: &Path, assets: &Path) -> Result<()> {
     let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(6), |n| n.parse())?;
+    common::mount_debugfs();
     let (kernel, initrd) = (assets.join("vmlinux"), assets.join("initramfs.cpio.gz"));
     let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
     nixvm.env("NIXVM_LOG", "info").arg("--kernel").arg(&kernel);
@@ -89,28 +101,73 @@ fn measure(root: &Path, assets: &Path) -> Result<()> {
     qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));
     qemu.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
     qemu.args(["-append", CMDLINE]);
+    let vmm = |name, command| Vmm {
+        name,
+        command,
+        runs: Vec::new(),
+    };
+    let mut vmms = vec![vmm("nixvm", nixvm), vmm("QEMU microvm", qemu)];
+    match std::env::var_os("CLOUD_HYPERVISOR") {
+        Some(p) => {
+            let mut ch = Command::new(p);
+            ch.arg("--kernel")
+                .arg(&kernel)
+                .arg("--initramfs")
+                .arg(&initrd);
+            ch.args([
+                "--cmdline",
+                CMDLINE,
+                "--cpus",
+                "boot=1",
+                "--memory",
+                "size=256M",
+            ]);
+            ch.args(["--serial", "tty", "--console", "off"]);
+            vmms.push(vmm("Cloud Hypervisor", ch));
+        }
+        None => eprintln!("boot bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    }
+    match std::env::var_os("FIRECRACKER") {
+        Some(p) => {
+            let config = std::env::temp_dir().join("nixvm-boot-bench-fc.json");
+            let json = |p: &Path| format!("{:?}", p.display().to_string());
+            std::fs::write(
+                &config,
+                format!(
+                    r#"{{"boot-source": {{"kernel_image_path": {}, "initrd_path": {}, "boot_args": "{FC_CMDLINE}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}}, "drives": []}}"#,
+                    json(&kernel),
+                    json(&initrd)
+                ),
+            )?;
+            let mut fc = Command::new(p);
+            fc.arg("--no-api").arg("--config-file").arg(&config);
+            vmms.push(vmm("Firecracker", fc));
+        }
+        None => eprintln!("boot bench: FIRECRACKER is not set: no Firecracker column"),
+    }
 
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for i in 1..=runs {
-        for (name, cmd, results) in [
-            ("nixvm", &mut nixvm, &mut ours),
-            ("qemu", &mut qemu, &mut theirs),
-        ] {
-            let run = boot(cmd)?;
-            let [init, total, ..] = run.values.map(Option::unwrap_or_default);
+        for v in &mut vmms {
+            let run = boot(&mut v.command)?;
+            let [init, total] = [0, 1].map(|n| run.values[n].unwrap_or_default());
             match &run.failure {
-                Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
-                None => eprintln!("run {i} {name}: init {init:.2} s, exit {total:.2} s"),
+                Some(why) => eprintln!("run {i} {}: FAILED: {why}", v.name),
+                None => eprintln!("run {i} {}: init {init:.2} s, exit {total:.2} s", v.name),
             }
-            results.push(run);
+            v.runs.push(run);
         }
     }
 
     header(root, assets, runs)?;
-    table(&ours, &theirs);
-    let failed = 2 * runs - ok(&ours).count() - ok(&theirs).count();
+    for v in &vmms {
+        println!("- {}: `{}`", v.name, common::command_line(&v.command, root));
+    }
+    println!();
+    table(&vmms);
+    let all: usize = vmms.iter().map(|v| v.runs.len()).sum();
+    let failed = all - vmms.iter().map(|v| ok(&v.runs).count()).sum::<usize>();
     if failed > 0 {
-        return Err(format!("{failed} of {} runs failed", 2 * runs).into());
+        return Err(format!("{failed} of {all} runs failed").into());
     }
     Ok(())
 }
@@ -131,7 +188,13 @@ fn boot(cmd: &mut Command) -> Result<Run> {
     // ru_maxrss is in KiB on Linux.
     let rss_mib = c.max_rss_kib as f64 / 1024.0;
     let secs = |d: Duration| d.as_secs_f64();
-    let values = [boot.map(secs), Some(secs(c.total)), setup_ms, Some(rss_mib)];
+    let mut values = vec![boot.map(secs), Some(secs(c.total)), setup_ms, Some(rss_mib)];
+    values.extend(KVM_STATS.iter().map(|(file, _)| {
+        c.kvm
+            .iter()
+            .find(|(f, _)| f == file)
+            .map(|(_, n)| *n as f64)
+    }));
     Ok(Run {
         values,
         failure: c.failure,
@@ -147,31 +210,63 @@ fn header(root: &Path, assets: &Path, runs: usize) -> Result<()> {
         "- guest: Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB",
         kver.trim()
     );
-    println!("- cmdline: `{CMDLINE}`; {runs} runs of each VMM, interleaved\n");
+    println!(
+        "- cmdline: `{CMDLINE}` (Firecracker: `{FC_CMDLINE}`); {runs} runs of each VMM, interleaved"
+    );
     Ok(())
 }
 
-/// Prints the Markdown table; failed runs are left out of the statistics.
-fn table(ours: &[Run], theirs: &[Run]) {
-    println!("| median (min–max) | nixvm | QEMU microvm | nixvm / QEMU |");
-    println!("|---|---|---|---|");
-    for (row, (name, unit, ratio)) in ROWS.into_iter().enumerate() {
-        let cell = |runs: &[Run]| stats(ok(runs).filter_map(|r| r.values[row]).collect());
-        let (a, b) = (cell(ours), cell(theirs));
-        let show = |s: Option<(f64, f64, f64)>| match s {
+/// Prints the Markdown table, nixvm first, then each other VMM, then nixvm / each other;
+/// failed runs are left out of the statistics, and counters no run had are left out.
+fn table(vmms: &[Vmm]) {
+    let others = &vmms[1..];
+    let names: Vec<&str> = vmms.iter().map(|v| v.name).collect();
+    let ratios: Vec<String> = others
+        .iter()
+        .map(|v| format!("nixvm / {}", v.name))
+        .collect();
+    println!(
+        "| median (min–max) | {} | {} |",
+        names.join(" | "),
+        ratios.join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(vmms.len() + others.len()));
+    let rows = ROWS
+        .into_iter()
+        .chain(KVM_STATS.iter().map(|(_, name)| (*name, "", true)));
+    for (row, (name, unit, ratio)) in rows.enumerate() {
+        let cells: Vec<Option<(f64, f64, f64)>> = vmms
+            .iter()
+            .map(|v| stats(ok(&v.runs).filter_map(|r| r.values[row]).collect()))
+            .collect();
+        if row >= ROWS.len() && cells.iter().all(Option::is_none) {
+            continue;
+        }
+        let show = |s: &Option<(f64, f64, f64)>| match *s {
             Some((m, lo, hi)) if unit == "s" => format!("{m:.2} s ({lo:.2}–{hi:.2})"),
+            Some((m, lo, hi)) if unit.is_empty() => format!("{m:.0} ({lo:.0}–{hi:.0})"),
             Some((m, lo, hi)) => format!("{m:.1} {unit} ({lo:.1}–{hi:.1})"),
             None => "–".into(),
         };
-        let r = match (a, b) {
-            (Some((x, ..)), Some((y, ..))) if ratio => format!("**{:.2}**", x / y),
-            _ => String::new(),
-        };
-        println!("| {name} | {} | {} | {r} |", show(a), show(b));
+        let shown: Vec<String> = cells.iter().map(show).collect();
+        let r: Vec<String> = cells[1..]
+            .iter()
+            .map(|other| match (cells[0], other) {
+                (Some((x, ..)), Some((y, ..))) if ratio && *y > 0.0 => format!("**{:.2}**", x / y),
+                _ => String::new(),
+            })
+            .collect();
+        println!("| {name} | {} | {} |", shown.join(" | "), r.join(" | "));
     }
-    let (n, m) = (ours.len(), theirs.len());
-    let (a, b) = (ok(ours).count(), ok(theirs).count());
-    println!("| runs ok | {a}/{n} | {b}/{m} | |");
+    let counts: Vec<String> = vmms
+        .iter()
+        .map(|v| format!("{}/{}", ok(&v.runs).count(), v.runs.len()))
+        .collect();
+    println!(
+        "| runs ok | {} | {} |",
+        counts.join(" | "),
+        vec![""; others.len()].join(" | ")
+    );
 }
 
 /// The runs that succeeded.

@@ -113,6 +113,9 @@ pub struct Console {
     pub max_rss_kib: i64,
     pub stderr: String,
     pub failure: Option<String>,
+    /// KVM's own counters of the VM ([`KVM_STATS`]), as last read while it ran; empty where
+    /// the kernel's debugfs is not readable.
+    pub kvm: Vec<(&'static str, u64)>,
 }
 
 impl Console {
@@ -198,6 +201,8 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) 
         String::from_utf8_lossy(&text).into_owned()
     });
 
+    let (kvm_stop, kvm_done) = mpsc::channel::<()>();
+    let kvm = thread::spawn(move || watch_kvm_stats(id, &kvm_done));
     // Kills the child at `timeout`; gives up on it 10 s later. Stopped by dropping `stop`.
     let (stop, wait) = mpsc::channel::<()>();
     let watchdog = thread::spawn(move || {
@@ -223,6 +228,8 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) 
     }
     let total = start.elapsed();
     drop(stop);
+    drop(kvm_stop);
+    let kvm = kvm.join().map_err(|_| "KVM stats reader panicked")?;
     let timed_out = watchdog.join().map_err(|_| "watchdog panicked")?;
     let mut status = 0;
     // SAFETY: all-zero bytes are a valid `rusage` (plain integers and timevals).
@@ -262,7 +269,69 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) 
         max_rss_kib: usage.ru_maxrss,
         stderr,
         failure,
+        kvm,
     })
+}
+
+/// The counters read from a VM's debugfs directory, with the names the tables give them.
+pub const KVM_STATS: [(&str, &str); 7] = [
+    ("exits", "KVM exits, all"),
+    ("io_exits", "port I/O exits"),
+    ("mmio_exits", "MMIO exits"),
+    ("halt_exits", "HLT exits"),
+    ("pf_fixed", "guest page faults KVM mapped"),
+    ("irq_exits", "host interrupt exits"),
+    ("insn_emulation", "instructions emulated by KVM"),
+];
+
+/// Reads the KVM counters of process `pid`'s VM every 100 ms until `done` is dropped;
+/// returns the last reading (the directory goes with the VM). The directory is
+/// `/sys/kernel/debug/kvm/<tid>-<fd>/`, `tid` the thread that created the VM (Cloud
+/// Hypervisor's is not its main thread).
+fn watch_kvm_stats(pid: u32, done: &mpsc::Receiver<()>) -> Vec<(&'static str, u64)> {
+    let dir = Path::new("/sys/kernel/debug/kvm");
+    let mut last = Vec::new();
+    while done.recv_timeout(Duration::from_millis(100)) == Err(mpsc::RecvTimeoutError::Timeout) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return last;
+        };
+        let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|t| format!("{}-", t.file_name().to_string_lossy()))
+            .collect();
+        let vm = entries.flatten().find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            tids.iter().any(|t| name.starts_with(t.as_str()))
+        });
+        let Some(vm) = vm else { continue };
+        let read: Option<Vec<(&'static str, u64)>> = KVM_STATS
+            .iter()
+            .map(|(file, _)| {
+                let text = std::fs::read_to_string(vm.path().join(file)).ok()?;
+                Some((*file, text.trim().parse().ok()?))
+            })
+            .collect();
+        if let Some(read) = read {
+            last = read;
+        }
+    }
+    last
+}
+
+/// Makes KVM's per-VM counters readable (mounts debugfs where it is not, as inside L1);
+/// says so when it cannot.
+pub fn mount_debugfs() {
+    let kvm = Path::new("/sys/kernel/debug/kvm");
+    if !kvm.exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "debugfs", "debugfs", "/sys/kernel/debug"])
+            .status();
+    }
+    if !kvm.exists() {
+        eprintln!("bench: no /sys/kernel/debug/kvm: no KVM exit counts");
+    }
 }
 
 /// A disk holding a guest script (the test guest runs its last disk's script), padded with
