@@ -7,10 +7,11 @@
 //! (each round begins with the next setup);
 //! a fresh back end for every run. The guest mounts the share and reads one 256 MiB file,
 //! runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's caches
-//! warm), then `stat`s every file twice. Times are taken on the host, from when the guest's
-//! marker lines arrive; "start → share mounted" counts from starting the back end (virtiofsd)
-//! or nixvm (which starts its own). Where /dev/kvm cannot boot Linux it re-runs itself
-//! inside L1 (resources/l1run.sh).
+//! warm), then `stat`s every file twice, then copies the small files into its own tmpfs and
+//! runs the same `find` there (what the guest's own work costs, without virtio-fs). Times
+//! are taken on the host, from when the guest's marker lines arrive; "start → share mounted"
+//! counts from starting the back end (virtiofsd) or nixvm (which starts its own). Where
+//! /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 
 #[path = "common.rs"]
 mod common;
@@ -41,12 +42,16 @@ echo "NIXVM-BENCH: stats=$(find /mnt/t -type f | xargs stat -c %s | wc -l)"
 echo "NIXVM-BENCH: stat-end"
 echo "NIXVM-BENCH: stats2=$(find /mnt/t -type f | xargs stat -c %s | wc -l)"
 echo "NIXVM-BENCH: stat2-end"
+cp -a /mnt/t /tmp/t
+echo "NIXVM-BENCH: copied"
+echo "NIXVM-BENCH: files3=$(find /tmp/t | wc -l)"
+echo "NIXVM-BENCH: floor-end"
 echo "NIXVM-BENCH: done"
 "#;
 
 /// The table's rows: name, unit, and how to get the value from a run.
 type Measure = fn(&Console) -> Option<f64>;
-const ROWS: [(&str, &str, Measure); 6] = [
+const ROWS: [(&str, &str, Measure); 7] = [
     ("start → share mounted", "s", |c| {
         Some(c.at("read-start")?.as_secs_f64() + c.value("backend-start")?)
     }),
@@ -82,6 +87,17 @@ const ROWS: [(&str, &str, Measure); 6] = [
                 .as_secs_f64(),
         )
     }),
+    (
+        "find over a copy in the guest's tmpfs (no virtio-fs)",
+        "s",
+        |c| {
+            Some(
+                c.at("floor-end")?
+                    .checked_sub(c.at("copied")?)?
+                    .as_secs_f64(),
+            )
+        },
+    ),
 ];
 
 /// A configuration compared: a column of the table.
@@ -275,7 +291,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
                 .push((Duration::ZERO, format!("backend-start={backend_start}")));
             let got = |k: &str| c.value(k).unwrap_or(0.0);
             let (files, stats) = (got("files"), got("stats2"));
-            if files != 10_101.0 || stats != 10_000.0 {
+            if files != 10_101.0 || stats != 10_000.0 || got("files3") != 10_101.0 {
                 c.fail(format!(
                     "the guest saw {files} entries and {stats} files, not 10101 and 10000"
                 ));

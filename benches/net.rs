@@ -6,7 +6,8 @@
 //! guest (10.77.0.2, iperf3 from this host's Debian package added to its initramfs) measures
 //! TCP throughput guest → host and host → guest (`iperf3 -c`, `-R`), SECONDS each, and the
 //! round-trip time of 20 pings. QEMU runs with `vhost=off` (its own virtio-net, in user space
-//! like nixvm's) and, where /dev/vhost-net exists, with `vhost=on` (the kernel's vhost-net).
+//! like nixvm's) and, where /dev/vhost-net exists, with `vhost=on` (the kernel's vhost-net);
+//! Cloud Hypervisor (its virtio-net in user space) when `CLOUD_HYPERVISOR=` names its binary.
 //! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 //! Needs root (network namespaces); installs Debian's iperf3 when there is none.
 
@@ -74,6 +75,8 @@ const ROWS: [(&str, &str, &str); 4] = [
 struct Run {
     values: Vec<Option<f64>>,
     failure: Option<String>,
+    /// KVM's counters for the whole run, for the run's line ([`common::KVM_STATS`]).
+    kvm: String,
 }
 
 /// The files the runs share, all under target/net-bench.
@@ -278,6 +281,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         return Ok(());
     }
     which("iperf3")?;
+    common::mount_debugfs();
     let kernel = assets.join("vmlinux");
     let mut nixvm = NetNs::command(&files.nixvm);
     nixvm
@@ -316,6 +320,28 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     } else {
         eprintln!("net bench: no /dev/vhost-net: no vhost=on column");
     }
+    match std::env::var_os("CLOUD_HYPERVISOR") {
+        Some(p) => {
+            let mut ch = NetNs::command(p);
+            ch.arg("--kernel")
+                .arg(&kernel)
+                .arg("--initramfs")
+                .arg(&files.initrd);
+            ch.args([
+                "--cmdline",
+                CMDLINE,
+                "--cpus",
+                "boot=1",
+                "--memory",
+                "size=256M",
+            ]);
+            ch.args(["--serial", "tty", "--console", "off", "--net"]);
+            ch.arg(format!("tap={TAP}")).arg("--disk");
+            ch.arg(path_arg("path=", &files.script, ",readonly=on"));
+            vmms.push(("Cloud Hypervisor", ch));
+        }
+        None => eprintln!("net bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    }
 
     let ns = NetNs::new()?;
     let mut results: Vec<Vec<Run>> = vmms.iter().map(|_| Vec::new()).collect();
@@ -330,8 +356,9 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
                 None => {
                     let v: Vec<f64> = run.values.iter().map(|v| v.unwrap_or_default()).collect();
                     eprintln!(
-                        "run {i} {name}: up {:.1} Mbit/s, down {:.1} Mbit/s, ping avg {:.3} ms",
-                        v[0], v[1], v[2]
+                        "run {i} {name}: up {:.1} Mbit/s, down {:.1} Mbit/s, ping avg {:.3} ms; \
+                         KVM: {}",
+                        v[0], v[1], v[2], run.kvm
                     );
                 }
             }
@@ -374,9 +401,11 @@ fn run(cmd: &mut Command) -> Result<Run> {
     } else if c.value("ping_received").is_some_and(|n| n < 20.0) {
         c.fail(format!("pings lost: {:?}", c.marks));
     }
+    let kvm: Vec<String> = c.kvm.iter().map(|(k, n)| format!("{k} {n}")).collect();
     Ok(Run {
         values,
         failure: c.failure,
+        kvm: kvm.join(", "),
     })
 }
 
