@@ -330,6 +330,7 @@ pub fn run(opts: &Options) -> Result<(), Error> {
     // longer remove it; the next start replaces it.)
     drop(listener);
     let served = daemon.wait();
+    backend.fs.log_served();
     for (_, n) in &backend.exits {
         let _ = n.notify();
     }

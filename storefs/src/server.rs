@@ -103,6 +103,54 @@ pub struct StoreFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     listings: Listings,
+    /// Requests served, by opcode (the last slot counts opcodes beyond it), logged at the
+    /// end with NIXVM_LOG=debug.
+    served: [AtomicU64; 64],
+}
+
+impl StoreFs {
+    /// Logs how many requests of each kind were served (NIXVM_LOG=debug).
+    pub fn log_served(&self) {
+        if !log::log_enabled!(log::Level::Debug) {
+            return;
+        }
+        let served: Vec<String> = (0u32..)
+            .zip(&self.served)
+            .filter_map(|(op, n)| match n.load(Ordering::Relaxed) {
+                0 => None,
+                n => Some(format!("{} ×{n}", opcode_name(op))),
+            })
+            .collect();
+        log::debug!("storefs: requests served: {}", served.join(", "));
+    }
+}
+
+/// A FUSE opcode's name, for the counts.
+fn opcode_name(op: u32) -> String {
+    let name = match op {
+        fuse::LOOKUP => "LOOKUP",
+        fuse::FORGET => "FORGET",
+        fuse::GETATTR => "GETATTR",
+        fuse::READLINK => "READLINK",
+        fuse::OPEN => "OPEN",
+        fuse::READ => "READ",
+        fuse::STATFS => "STATFS",
+        fuse::RELEASE => "RELEASE",
+        fuse::FLUSH => "FLUSH",
+        fuse::INIT => "INIT",
+        fuse::OPENDIR => "OPENDIR",
+        fuse::READDIR => "READDIR",
+        fuse::RELEASEDIR => "RELEASEDIR",
+        fuse::ACCESS => "ACCESS",
+        fuse::BATCH_FORGET => "BATCH_FORGET",
+        fuse::READDIRPLUS => "READDIRPLUS",
+        fuse::GETXATTR => "GETXATTR",
+        fuse::LISTXATTR => "LISTXATTR",
+        fuse::LSEEK => "LSEEK",
+        fuse::DESTROY => "DESTROY",
+        _ => return format!("opcode {op}"),
+    };
+    name.to_owned()
 }
 
 impl StoreFs {
@@ -138,6 +186,7 @@ impl StoreFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             listings: Listings::default(),
+            served: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
 
@@ -155,6 +204,7 @@ impl StoreFs {
             nixvm_devices::guest_warn!("storefs: request of {} bytes is too short", request.len());
             return Some(error_reply(0, libc::EINVAL));
         };
+        self.count(h.opcode);
         let forget = h.opcode == fuse::FORGET || h.opcode == fuse::BATCH_FORGET;
         if usize::try_from(h.len).ok() != Some(request.len()) {
             nixvm_devices::guest_warn!(
@@ -196,6 +246,7 @@ impl StoreFs {
             Some((h, body))
                 if h.opcode == fuse::READ && usize::try_from(h.len).ok() == Some(request.len()) =>
             {
+                self.count(h.opcode);
                 let room = max_reply.saturating_sub(OUT_HEADER);
                 Some(match self.read_with(body, room, read_into) {
                     Ok(n) => {
@@ -209,6 +260,12 @@ impl StoreFs {
             }
             _ => self.handle(request, max_reply),
         }
+    }
+
+    fn count(&self, opcode: u32) {
+        let last = self.served.len() - 1;
+        let slot = usize::try_from(opcode).map_or(last, |o| o.min(last));
+        self.served[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     fn dispatch(&self, h: &InHeader, body: &[u8], room: usize) -> Res<Vec<u8>> {
@@ -477,15 +534,20 @@ impl StoreFs {
                 (Handle::File(reopen_file(fd.as_raw_fd())?), FOPEN_KEEP_CACHE)
             }
             // Below the share's top, a directory's listing is part of an immutable store
-            // path: the guest keeps it in its page cache. The top itself (the store, which
-            // gains paths) is listed afresh at each open.
+            // path: the guest keeps it in its page cache (CACHE_DIR), and across opens
+            // (KEEP_CACHE: else Linux drops it at each open). The top itself (the store,
+            // which gains paths) is listed afresh at each open.
             (libc::S_IFDIR, true) => (
                 Handle::Dir {
                     node,
                     fd,
                     entries: Mutex::new(None),
                 },
-                if node == ROOT_ID { 0 } else { FOPEN_CACHE_DIR },
+                if node == ROOT_ID {
+                    0
+                } else {
+                    FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+                },
             ),
             (_, true) => return Err(libc::ENOTDIR),
             (libc::S_IFDIR, false) => return Err(libc::EISDIR),

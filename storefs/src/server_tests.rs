@@ -482,7 +482,7 @@ fn storefs_new_host_files_appear() {
     let (_, b) = call(&fs, READDIR, 0, &read_in(o.fh, 0, 4096));
     assert_eq!(parse_dir(&b, false).len(), 2);
     // The guest caches the listings below the root, not the root's, which gains paths.
-    assert_eq!(o.open_flags, FOPEN_CACHE_DIR);
+    assert_eq!(o.open_flags, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE);
     assert_eq!(open(&fs, OPENDIR, ROOT_ID, 0).unwrap().open_flags, 0);
     std::fs::write(t.0.join("later"), b"new").unwrap();
     std::fs::write(t.0.join("empty/new"), b"new").unwrap();
