@@ -249,9 +249,7 @@ impl crate::bus::BusDevice for MmioTransport {
                 }
                 None => crate::guest_warn!("virtio-mmio: notify of unknown queue {v}"),
             },
-            INTERRUPT_ACK => {
-                self.irq.status.fetch_and(!v, Ordering::SeqCst);
-            }
+            INTERRUPT_ACK => self.irq.acknowledge(v),
             STATUS => self.set_status(v),
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_AVAIL_LOW | QUEUE_AVAIL_HIGH
             | QUEUE_USED_LOW | QUEUE_USED_HIGH => {

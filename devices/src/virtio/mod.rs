@@ -76,11 +76,33 @@ impl MmioInterrupt {
     }
 }
 
-impl Interrupt for MmioInterrupt {
-    fn trigger(&self, status: u32) {
-        self.status.fetch_or(status, Ordering::SeqCst);
+impl MmioInterrupt {
+    /// Raises the line (the irqfd is an edge; the status word is the level).
+    fn raise(&self) {
         if let Err(e) = self.evt.write(1) {
             crate::guest_warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// The driver acknowledged the bits `acked`; what is still pending is raised again, as a
+    /// level-triggered line stays up (so no notification waits on an acknowledgement that
+    /// never comes).
+    pub fn acknowledge(&self, acked: u32) {
+        if self.status.fetch_and(!acked, Ordering::SeqCst) & !acked != 0 {
+            self.raise();
+        }
+    }
+}
+
+impl Interrupt for MmioInterrupt {
+    /// Raises the interrupt only for bits not already pending: while they are, the driver
+    /// has an interrupt on its way and sees the new work when it handles it (it acknowledges
+    /// before it looks at the rings). A second edge would only cost it another interrupt and
+    /// two more exits (reading the status, acknowledging it), as a level-triggered line
+    /// (QEMU's) does not.
+    fn trigger(&self, status: u32) {
+        if self.status.fetch_or(status, Ordering::SeqCst) & status != status {
+            self.raise();
         }
     }
     fn needs_reset(&self) {
@@ -392,6 +414,28 @@ mod tests {
     use virtio_queue::desc::{RawDescriptor, split::Descriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn mmio_interrupts_are_raised_like_a_level_line() {
+        let irq = MmioInterrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let edges = || irq.evt.read().unwrap_or(0);
+        let (vring, config) = (VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_CONFIG);
+        // Pending bits raise nothing more; a new bit does.
+        irq.trigger(vring);
+        irq.trigger(vring);
+        assert_eq!(edges(), 1);
+        irq.trigger(config);
+        assert_eq!(edges(), 1);
+        // What the driver did not acknowledge is raised again; a clean acknowledgement raises
+        // nothing, and the next notification raises the line anew.
+        irq.acknowledge(vring);
+        assert_eq!(edges(), 1);
+        irq.acknowledge(config);
+        assert_eq!(edges(), 0);
+        irq.trigger(vring);
+        assert_eq!(edges(), 1);
+        assert_eq!(irq.status.load(Ordering::SeqCst), vring);
+    }
 
     /// Waits until `cond` holds, for at most 5 s.
     fn wait_for(cond: impl Fn() -> bool) -> bool {
