@@ -66,6 +66,63 @@ where
     }
 }
 
+/// Completes the chains `used` (head, bytes written) together: their used elements are
+/// written first, then the used index moves past all of them in one store, so the driver
+/// never sees part of them (a frame spread over several receive buffers must arrive whole:
+/// Linux drops a mergeable frame whose buffers are not all in the used ring yet). The queue's
+/// own [`QueueT::needs_notification`] does not count these: ask [`needs_notification_since`].
+pub fn add_used_together<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    used: &[(u16, u32)],
+) -> Result<(), QueueError> {
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress};
+    let (ring, size) = (queue.used_ring(), queue.size());
+    let mut next = queue.next_used();
+    for &(head, len) in used {
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
+        }
+        // The used ring: flags and index (2 bytes each), then 8-byte elements.
+        let slot = ring + 4 + u64::from(next % size) * 8;
+        // An element: the chain's head and the bytes written, little-endian.
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, GuestAddress(slot))
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        next = next.wrapping_add(1);
+    }
+    mem.store(next.to_le(), GuestAddress(ring + 2), Ordering::Release)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    queue.set_next_used(next);
+    Ok(())
+}
+
+/// Whether the driver wants an interrupt for what was completed since the used index was
+/// `old` (EVENT_IDX: its used_event lies in between; without it, always, as
+/// [`QueueT::needs_notification`] answers). Unreadable rings say yes.
+pub fn needs_notification_since<M: GuestMemory>(queue: &Queue, mem: &M, old: u16) -> bool {
+    use std::sync::atomic::{Ordering, fence};
+    use vm_memory::{Bytes, GuestAddress};
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    let new = queue.next_used();
+    // Every used element and the index are written before used_event is read.
+    fence(Ordering::SeqCst);
+    // used_event follows the available ring's flags, index and `size` entries.
+    let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
+    match mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
+        Ok(event) => {
+            let event = u16::from_le(event);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        }
+        Err(_) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +144,40 @@ mod tests {
         mock.add_desc_chains(&descs, 0).unwrap();
         let q: Queue = mock.create_queue().unwrap();
         (mock, q)
+    }
+
+    #[test]
+    fn chains_completed_together_appear_at_once() {
+        use std::sync::atomic::Ordering;
+        let mem = memory(1 << 20);
+        let (_mock, mut q) = queue_with(&mem, 3);
+        let used_idx = |q: &Queue| {
+            mem.load::<u16>(GuestAddress(q.used_ring() + 2), Ordering::Acquire)
+                .unwrap()
+        };
+        add_used_together(&mut q, &mem, &[(0, 10), (1, 20), (2, 0)]).unwrap();
+        assert_eq!((used_idx(&q), q.next_used()), (3, 3));
+        let elem = |i: u64| {
+            let at = GuestAddress(q.used_ring() + 4 + i * 8);
+            (
+                mem.read_obj::<u32>(at).unwrap(),
+                mem.read_obj::<u32>(at.unchecked_add(4)).unwrap(),
+            )
+        };
+        assert_eq!([elem(0), elem(1), elem(2)], [(0, 10), (1, 20), (2, 0)]);
+        // A head beyond the ring completes nothing.
+        assert!(add_used_together(&mut q, &mem, &[(16, 0)]).is_err());
+        assert_eq!((used_idx(&q), q.next_used()), (3, 3));
+        // EVENT_IDX: an interrupt only when used_event was passed since `old`.
+        q.set_event_idx(true);
+        let used_event = GuestAddress(q.avail_ring() + 4 + 2 * u64::from(q.size()));
+        mem.write_obj(1u16, used_event).unwrap();
+        assert!(needs_notification_since(&q, &mem, 0));
+        assert!(!needs_notification_since(&q, &mem, 2));
+        mem.write_obj(5u16, used_event).unwrap();
+        assert!(!needs_notification_since(&q, &mem, 0));
+        q.set_event_idx(false);
+        assert!(needs_notification_since(&q, &mem, 3));
     }
 
     #[test]

@@ -425,6 +425,7 @@ impl DataPath {
             crate::guest_warn!("virtio-net: bad rx used ring: {e}");
             return;
         }
+        let used_before = self.rxq.next_used();
         loop {
             if self.pending == 0 {
                 match self.wire.tap.recv(&mut self.frame) {
@@ -477,7 +478,7 @@ impl DataPath {
                 }
             }
         }
-        if used_any && self.rxq.needs_notification(&*mem).unwrap_or(true) {
+        if used_any && queue::needs_notification_since(&self.rxq, &*mem, used_before) {
             self.irq.trigger(VIRTIO_MMIO_INT_VRING);
         }
     }
@@ -528,16 +529,20 @@ impl DataPath {
             room += total(&bufs.writable);
             chains.push((head, bufs.writable));
         }
+        // Completed all at once, when the frame is in place: the driver must never see the
+        // frame's first buffer before the rest.
+        let mut used: Vec<(u16, u32)> = Vec::with_capacity(chains.len() + malformed.len());
         for head in malformed {
             crate::guest_warn!(
                 "virtio-net: rx chain {head} has device-readable buffers; returned empty"
             );
-            let _ = self.rxq.add_used(mem, head, 0);
+            used.push((head, 0));
         }
         if room < len {
             // Without mergeable buffers a frame larger than the guest's buffer cannot go in.
-            for (head, _) in chains {
-                let _ = self.rxq.add_used(mem, head, 0);
+            used.extend(chains.iter().map(|(head, _)| (*head, 0)));
+            if let Err(e) = queue::add_used_together(&mut self.rxq, mem, &used) {
+                return Rx::Broken(e);
             }
             self.wire
                 .stats
@@ -560,9 +565,10 @@ impl DataPath {
                     done = len + 1; // the frame is lost; the rest go back empty
                 }
             }
-            if let Err(e) = self.rxq.add_used(mem, head, written) {
-                crate::guest_warn!("virtio-net: cannot complete rx descriptor {head}: {e}");
-            }
+            used.push((head, written));
+        }
+        if let Err(e) = queue::add_used_together(&mut self.rxq, mem, &used) {
+            return Rx::Broken(e);
         }
         if done != len {
             self.wire
