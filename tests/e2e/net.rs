@@ -168,6 +168,9 @@ nc -l -p 5002 > /tmp/in &
 echo "NIXVM-TEST: listening"
 wait
 echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f1)"
+# Frames the guest's driver threw away (a mergeable frame whose buffers it saw only in part).
+s=/sys/class/net/eth0/statistics
+echo "NIXVM-TEST: rx_errors=$(cat $s/rx_length_errors),$(cat $s/rx_frame_errors)"
 "#,
     );
     let cl = cmdline("script");
@@ -219,6 +222,7 @@ echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f
         .join()
         .map_err(|_| "receiver panicked".to_owned())?;
     received?;
+    let rx_errors = vm.wait_for("NIXVM-TEST: rx_errors=").map(drop);
     wait_timeout(&mut vm.child, BOOT_TIMEOUT);
 
     let is = |key: &str, want: &str| vm.expect(key, want);
@@ -231,7 +235,9 @@ echo "NIXVM-TEST: received=$(wc -c < /tmp/in),$(sha256sum /tmp/in | cut -d' ' -f
         is(
             "received",
             &format!("{NET_BYTES},{}", sha256_hex(&sent_path)),
-        )
+        )?;
+        rx_errors?;
+        is("rx_errors", "0,0")
     });
     let order = is(
         "mac_eth0",
