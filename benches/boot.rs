@@ -107,25 +107,10 @@ fn measure(root: &Path, assets: &Path) -> Result<()> {
         runs: Vec::new(),
     };
     let mut vmms = vec![vmm("nixvm", nixvm), vmm("QEMU microvm", qemu)];
-    match std::env::var_os("CLOUD_HYPERVISOR") {
-        Some(p) => {
-            let mut ch = Command::new(p);
-            ch.arg("--kernel")
-                .arg(&kernel)
-                .arg("--initramfs")
-                .arg(&initrd);
-            ch.args([
-                "--cmdline",
-                CMDLINE,
-                "--cpus",
-                "boot=1",
-                "--memory",
-                "size=256M",
-            ]);
-            ch.args(["--serial", "tty", "--console", "off"]);
-            vmms.push(vmm("Cloud Hypervisor", ch));
-        }
-        None => eprintln!("boot bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    if let Some(ch) =
+        common::cloud_hypervisor("boot", Command::new, &kernel, &initrd, CMDLINE, "size=256M")
+    {
+        vmms.push(vmm("Cloud Hypervisor", ch));
     }
     match std::env::var_os("FIRECRACKER") {
         Some(p) => {

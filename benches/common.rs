@@ -273,6 +273,32 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) 
     })
 }
 
+/// Cloud Hypervisor from `CLOUD_HYPERVISOR` (None, with a note that `bench` goes without its
+/// column, when it is not set), made by `command` (`Command::new`, or one that runs it in a
+/// network namespace): `kernel` and `initrd` booted with `cmdline` on 1 vCPU, `memory` its
+/// `--memory` value, the serial console on stdout, no virtio-console. The caller adds devices.
+pub fn cloud_hypervisor(
+    bench: &str,
+    command: impl FnOnce(std::ffi::OsString) -> Command,
+    kernel: &Path,
+    initrd: &Path,
+    cmdline: &str,
+    memory: &str,
+) -> Option<Command> {
+    let Some(program) = std::env::var_os("CLOUD_HYPERVISOR") else {
+        eprintln!("{bench} bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column");
+        return None;
+    };
+    let mut ch = command(program);
+    ch.arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initrd);
+    ch.args(["--cmdline", cmdline, "--cpus", "boot=1", "--memory", memory]);
+    ch.args(["--serial", "tty", "--console", "off"]);
+    Some(ch)
+}
+
 /// The counters read from a VM's debugfs directory, with the names the tables give them.
 pub const KVM_STATS: [(&str, &str); 7] = [
     ("exits", "KVM exits, all"),

@@ -249,25 +249,17 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         setup("nixvm + virtiofsd", nixvm, true, true),
         setup("QEMU + virtiofsd", qemu, true, false),
     ];
-    match std::env::var_os("CLOUD_HYPERVISOR") {
-        Some(p) => {
-            let mut ch = Command::new(p);
-            ch.arg("--kernel")
-                .arg(&kernel)
-                .arg("--initramfs")
-                .arg(&initrd);
-            ch.args(["--cmdline", CMDLINE, "--cpus", "boot=1"]);
-            ch.args(["--memory", "size=256M,shared=on"]);
-            ch.args(["--serial", "tty", "--console", "off", "--fs"]);
-            ch.arg(format!(
-                "tag=ro-store,socket={},num_queues=1,queue_size=1024",
-                socket.display()
-            ));
-            ch.arg("--disk")
-                .arg(format!("path={},readonly=on", script.display()));
-            setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
-        }
-        None => eprintln!("fs bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    let memory = "size=256M,shared=on";
+    if let Some(mut ch) =
+        common::cloud_hypervisor("fs", Command::new, &kernel, &initrd, CMDLINE, memory)
+    {
+        ch.arg("--fs").arg(format!(
+            "tag=ro-store,socket={},num_queues=1,queue_size=1024",
+            socket.display()
+        ));
+        ch.arg("--disk")
+            .arg(format!("path={},readonly=on", script.display()));
+        setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
     }
 
     let mut results: Vec<Vec<Console>> = setups.iter().map(|_| Vec::new()).collect();

@@ -320,27 +320,13 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     } else {
         eprintln!("net bench: no /dev/vhost-net: no vhost=on column");
     }
-    match std::env::var_os("CLOUD_HYPERVISOR") {
-        Some(p) => {
-            let mut ch = NetNs::command(p);
-            ch.arg("--kernel")
-                .arg(&kernel)
-                .arg("--initramfs")
-                .arg(&files.initrd);
-            ch.args([
-                "--cmdline",
-                CMDLINE,
-                "--cpus",
-                "boot=1",
-                "--memory",
-                "size=256M",
-            ]);
-            ch.args(["--serial", "tty", "--console", "off", "--net"]);
-            ch.arg(format!("tap={TAP}")).arg("--disk");
-            ch.arg(path_arg("path=", &files.script, ",readonly=on"));
-            vmms.push(("Cloud Hypervisor", ch));
-        }
-        None => eprintln!("net bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    let initrd = &files.initrd;
+    if let Some(mut ch) =
+        common::cloud_hypervisor("net", NetNs::command, &kernel, initrd, CMDLINE, "size=256M")
+    {
+        ch.arg("--net").arg(format!("tap={TAP}")).arg("--disk");
+        ch.arg(path_arg("path=", &files.script, ",readonly=on"));
+        vmms.push(("Cloud Hypervisor", ch));
     }
 
     let ns = NetNs::new()?;

@@ -166,30 +166,21 @@ fn measure(root: &Path, f: &Files) -> Result<()> {
     } else {
         eprintln!("vsock bench: no /dev/vhost-vsock here: no QEMU column");
     }
-    match std::env::var_os("CLOUD_HYPERVISOR") {
-        Some(p) => {
-            let mut ch = Command::new(p);
-            ch.arg("--kernel")
-                .arg(&kernel)
-                .arg("--initramfs")
-                .arg(&f.initrd);
-            ch.args([
-                "--cmdline",
-                cmdline,
-                "--cpus",
-                "boot=1",
-                "--memory",
-                "size=256M",
-            ]);
-            ch.args(["--serial", "tty", "--console", "off", "--disk", &script_ro]);
-            ch.args(["--vsock", &format!("cid={CID},socket={}", sock.display())]);
-            vmms.push(Vmm {
-                name: "Cloud Hypervisor",
-                command: ch,
-                host: HostSide::Unix,
-            });
-        }
-        None => eprintln!("vsock bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column"),
+    if let Some(mut ch) = common::cloud_hypervisor(
+        "vsock",
+        Command::new,
+        &kernel,
+        &f.initrd,
+        cmdline,
+        "size=256M",
+    ) {
+        ch.args(["--disk", &script_ro]);
+        ch.args(["--vsock", &format!("cid={CID},socket={}", sock.display())]);
+        vmms.push(Vmm {
+            name: "Cloud Hypervisor",
+            command: ch,
+            host: HostSide::Unix,
+        });
     }
     let mut results = vec![[Vec::new(), Vec::new()]; vmms.len()];
     let mut failed = 0;
