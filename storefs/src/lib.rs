@@ -39,9 +39,9 @@
 //!   FIFOs, devices and symlinks are never opened), so /proc must be mounted.
 //! - The store is immutable, so entries and attributes are valid for [`TIMEOUT_SECS`],
 //!   files are opened with FOPEN_KEEP_CACHE and directories below the root with
-//!   FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE (the guest lists them once). Failed lookups are plain ENOENT errors (no
-//!   negative entry is cached) and the root is listed afresh at each open, so store paths
-//!   that appear on the host later are found and listed.
+//!   FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE (the guest lists them once). Failed lookups are
+//!   plain ENOENT errors (no negative entry is cached) and the root is listed afresh at each
+//!   open, so store paths that appear on the host later are found and listed.
 // Tests build fixtures with plain casts; the library code is checked without this.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
