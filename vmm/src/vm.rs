@@ -256,6 +256,13 @@ fn map_huge_aligned(
         Some(_) => libc::MAP_SHARED,
         None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
     };
+    let (fd, off) = match &file {
+        Some(f) => (
+            f.file().as_raw_fd(),
+            libc::off_t::try_from(f.start()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        ),
+        None => (-1, 0),
+    };
     let os = std::io::Error::last_os_error;
     // SAFETY: a fresh inaccessible reservation at an address the kernel picks; nothing else
     // refers to it.
@@ -274,13 +281,6 @@ fn map_huge_aligned(
     }
     let start = reserved as usize;
     let aligned = start.next_multiple_of(HUGE);
-    let (fd, off) = match &file {
-        Some(f) => (
-            f.file().as_raw_fd(),
-            libc::off_t::try_from(f.start()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
-        ),
-        None => (-1, 0),
-    };
     // SAFETY: MAP_FIXED inside our own reservation (aligned + len <= start + len + HUGE), which
     // nothing else uses; then the reservation's unused head and tail are returned.
     let addr = unsafe {
