@@ -97,7 +97,10 @@ filter() {
   done
 }
 
-# QEMU's stderr goes to ours (less the TCG warnings), the console to filter.
+# QEMU's stderr goes to ours (less the TCG warnings), the console to filter. L1's kernel
+# prints its emergencies (loglevel=1: a panic, a soft lockup), so that an L1 guest that stops
+# by itself (a panic reboots it, and -no-reboot ends QEMU with status 0) says why; not more,
+# since its lines share the console with the command's.
 # In the background, so that a signal to this script can stop QEMU at once;
 # fd 3 hands it our stdin (a background job would get /dev/null).
 exec 3<&0 || exec 3</dev/null
@@ -107,7 +110,7 @@ exec 3<&0 || exec 3</dev/null
     -cpu EPYC,+svm,+npt -smp 2 -m "$MEM" \
     -display none -no-reboot -nodefaults -serial stdio -monitor none -pidfile "$T/qemu.pid" \
     -kernel "$ASSETS/vmlinuz" -initrd "$ASSETS/l1-initrd.gz" \
-    -append "console=ttyS0 quiet loglevel=0 panic=-1 l1work=$W" \
+    -append "console=ttyS0 quiet loglevel=1 panic=-1 l1work=$W" \
     -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$W,mount_tag=work,security_model=none" \
     <&3 3<&- 2> >(grep -v "TCG doesn't support" >&2) || qrc=$?

@@ -66,10 +66,33 @@ pub(crate) fn start_heartbeat() {
             std::thread::sleep(Duration::from_secs(60));
             let now = WORKING_ON.lock().unwrap().clone();
             if let Some((what, since)) = now.filter(|(_, since)| since.elapsed() < STUCK) {
-                println!("e2e: alive: {what} for {} s", since.elapsed().as_secs());
+                println!(
+                    "e2e: alive: {what} for {} s ({})",
+                    since.elapsed().as_secs(),
+                    memory_left()
+                );
             }
         }
     });
+}
+
+/// The machine's available memory, as /proc/meminfo says: an L1 guest that ran out of memory
+/// stops without a word, so the heartbeat says how much was left.
+fn memory_left() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(format!("{} MiB available", kib / 1024))
+        })
+        .unwrap_or_else(|| "available memory unknown".to_owned())
 }
 
 /// Runs tests, prints `test NAME ... ok|FAILED|skipped`, and counts.
@@ -347,8 +370,8 @@ pub(crate) fn spontaneous_reset(code: Option<i32>, console: &str, stderr: &str) 
 /// What nixvm says on stderr when the guest triple-faults (vmm/src/vcpu.rs).
 const TRIPLE_FAULT: &str = "triple fault in the guest";
 
-/// How many times a stalled run is tried in all.
-const ATTEMPTS: usize = 3;
+/// How many times a stalled run is tried in all (a stall of the systemd boot costs minutes).
+const ATTEMPTS: usize = 2;
 
 /// Runs `f`, and again (up to [`ATTEMPTS`] in all) while `stalled` says its result is a
 /// stall.
