@@ -61,15 +61,22 @@ demo() {
   esac
 }
 
+# Runs a step and says how long it took (CI machines differ several-fold in speed).
+timed() {
+  local start=$SECONDS
+  "$@"
+  log "$* took $((SECONDS - start)) s"
+}
+
 test_all() {
-  deps
-  virtiofsd_dep
-  cargo fmt --all -- --check
-  cargo clippy --workspace --all-targets -- -D warnings
-  cargo test --workspace
+  timed deps
+  timed virtiofsd_dep
+  timed cargo fmt --all -- --check
+  timed cargo clippy --workspace --all-targets -- -D warnings
+  timed cargo test --workspace
   # Each fuzz target briefly (a smoke run); longer runs: resources/fuzz.sh SECONDS.
-  resources/fuzz.sh 30
-  resources/nix-tests.sh
+  timed resources/fuzz.sh 20
+  timed resources/nix-tests.sh
 }
 
 case ${1:-} in

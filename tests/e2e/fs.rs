@@ -63,13 +63,13 @@ pub(crate) const H_LINKS: &str = "1b9p07z77phvv2hf6gm9f28syp39f99i-links";
 pub(crate) const H_BUSYBOX: &str = "2r4q8k1hn7x1gsd7kmhv0jq5d4c1bfsz-busybox-1.36";
 pub(crate) const H_BIG: &str = "3x5lv0nw7dj5b0gq0m5h4k7ka9a7rwxf-big";
 
-/// A tree laid out like a Nix store: store paths with nested directories and 10 000 small
-/// files, relative and absolute symlinks, an executable, one 64 MiB file.
+/// A tree laid out like a Nix store: store paths with nested directories and 2 000 small
+/// files, relative and absolute symlinks, an executable, one 32 MiB file.
 pub(crate) fn make_store(dir: &Path, busybox: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{PermissionsExt, symlink};
     let _ = std::fs::remove_dir_all(dir);
     for p in 0..100 {
-        for d in 0..10 {
+        for d in 0..2 {
             let sub = dir.join(format!("{p:032}-pkg-{p}/share/d{d}"));
             std::fs::create_dir_all(&sub)?;
             for f in 0..10 {
@@ -99,7 +99,7 @@ pub(crate) fn make_store(dir: &Path, busybox: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::create(big.join("data.bin"))?;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..64 {
+    for _ in 0..32 {
         for c in chunk.chunks_exact_mut(8) {
             x ^= x << 13;
             x ^= x >> 7;
@@ -176,7 +176,7 @@ echo "NIXVM-TEST: after_kill=$r"
     let mut cmd = Command::new(NIXVM);
     cmd.args(&args).stdin(Stdio::null());
     let mut vm = Streaming::spawn_command(cmd)?;
-    // Checksumming 10 000 files and 64 MiB through nested KVM takes minutes.
+    // Checksumming 2 000 files and 32 MiB through nested KVM takes a minute or more.
     vm.wait_for_within("NIXVM-TEST: kill-data-backend", Duration::from_secs(900))?;
     data_d.0.kill().map_err(|e| e.to_string())?;
     let _ = data_d.0.wait();
@@ -185,7 +185,7 @@ echo "NIXVM-TEST: after_kill=$r"
     let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
 
     let is = |key: &str, want: &str| vm.expect(key, want);
-    let sums = is("mounted", "ro-store").and(is("store", &format!("10004,{host_sha}")));
+    let sums = is("mounted", "ro-store").and(is("store", &format!("2004,{host_sha}")));
     let links = is(
         "links",
         "../libexec/hello-real,hello-from-store,hello-from-store",
