@@ -1,5 +1,6 @@
-//! Block I/O benchmark: nixvm's virtio-blk beside QEMU microvm's, same guest, same image,
-//! same run, and the host's own throughput on that image as the limit.
+//! Block I/O benchmark: nixvm's virtio-blk beside QEMU microvm's and, when
+//! `CLOUD_HYPERVISOR=/path/to/cloud-hypervisor` is set, Cloud Hypervisor's: same guest, same
+//! image, same run, and the host's own throughput on that image as the limit.
 //!
 //! `cargo bench -p nixvm --bench block`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved.
 //! Each run measures, with `benches/guest-io.c` (static, added to the guest's initramfs), on
@@ -7,7 +8,7 @@
 //! random reads with 1 and with 8 threads (IOPS), each for SECONDS of wall time. The guest
 //! sees the image as /dev/vda and runs the script on its last disk (`nixvm.action=script`);
 //! the host runs the same script on the file. Where /dev/kvm cannot boot Linux it re-runs
-//! itself inside L1 (resources/l1run.sh), where all three run.
+//! itself inside L1 (resources/l1run.sh), where all of them run.
 
 use std::fs::File;
 use std::io::Write;
@@ -120,12 +121,8 @@ fn prepare(root: &Path, assets: &Path, dir: &Path, files: &Files) -> Result<()> 
         image.sync_all()?;
     }
 
-    // Padded with newlines to 64 KiB, so that the kernel's partition probes stay inside it.
     let script = format!("IO=/bin/guest-io DEV=/dev/vda\n{}", script_text());
-    let mut disk = script.into_bytes();
-    disk.resize(64 << 10, b'\n');
-    std::fs::write(&files.script, disk)?;
-    Ok(())
+    common::script_disk(&files.script, &script)
 }
 
 fn script_text() -> String {
@@ -171,14 +168,26 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     host.args(["-c", &script_text()]);
     host.env("IO", &files.tool).env("DEV", &files.image);
 
-    let mut results: [Vec<Run>; 3] = Default::default();
+    // The columns: the VMMs (nixvm first), then the host's limit.
+    let mut columns: Vec<(&str, Command)> = vec![("nixvm", nixvm), ("QEMU microvm", qemu)];
+    if let Some(mut ch) = common::cloud_hypervisor(
+        "block",
+        Command::new,
+        &kernel,
+        &files.initrd,
+        CMDLINE,
+        "size=256M",
+    ) {
+        // O_DIRECT as nixvm's direct=on and QEMU's cache=none; the script disk last (vdb).
+        ch.arg("--disk")
+            .arg(disk_arg("path=", &files.image, ",direct=on"))
+            .arg(disk_arg("path=", &files.script, ",readonly=on"));
+        columns.push(("Cloud Hypervisor", ch));
+    }
+    columns.push(("host (limit)", host));
+    let mut results: Vec<Vec<Run>> = columns.iter().map(|_| Vec::new()).collect();
     for i in 1..=runs {
-        let [ours, theirs, limit] = &mut results;
-        for (name, cmd, results) in [
-            ("nixvm", &mut nixvm, ours),
-            ("qemu", &mut qemu, theirs),
-            ("host", &mut host, limit),
-        ] {
+        for ((name, cmd), results) in columns.iter_mut().zip(results.iter_mut()) {
             let run = run(cmd)?;
             match &run.failure {
                 Some(why) => eprintln!("run {i} {name}: FAILED: {why}"),
@@ -195,12 +204,13 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     }
 
     header(root, assets, files, runs, commit.as_deref())?;
-    for (name, cmd) in [("nixvm", &nixvm), ("QEMU", &qemu)] {
+    for (name, cmd) in &columns[..columns.len() - 1] {
         println!("- {name}: `{}`", command_line(cmd, root));
     }
     println!();
-    table(&results);
-    let total = 3 * runs;
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    table(&names, &results);
+    let total = results.iter().map(Vec::len).sum::<usize>();
     let failed = total - results.iter().map(|r| ok(r).count()).sum::<usize>();
     if failed > 0 {
         return Err(format!("{failed} of {total} runs failed").into());
@@ -256,7 +266,7 @@ fn header(
         Err(_) => println!("- kernel (uname -r): {uname}"),
     }
     if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
-        println!("- route: l1, both VMMs and the host row inside an L1 QEMU guest on TCG-emulated");
+        println!("- route: l1, the VMMs and the host row inside an L1 QEMU guest on TCG-emulated");
         println!(
             "  AMD SVM: absolute figures are far below a real host's, only ratios mean anything"
         );
@@ -296,39 +306,49 @@ fn mount_type(path: &Path) -> Option<String> {
     best.map(|(_, kind)| kind)
 }
 
-/// Prints the Markdown table; failed runs are left out of the statistics.
-fn table(results: &[Vec<Run>; 3]) {
+/// Prints the Markdown table, one column per entry of `names` (nixvm first, the host's limit
+/// last), with nixvm's ratio to the best other VMM and to the host; failed runs are left out
+/// of the statistics.
+fn table(names: &[&str], results: &[Vec<Run>]) {
+    let vmms = names.len() - 1;
     println!(
-        "| median (min–max) | nixvm | QEMU microvm | host (limit) | nixvm / QEMU | nixvm / host |"
+        "| median (min–max) | {} | nixvm / best other VMM | nixvm / host |",
+        names.join(" | ")
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|{}---|---|", "---|".repeat(names.len()));
     for (row, (name, unit, _)) in ROWS.into_iter().enumerate() {
-        let cell = |runs: &[Run]| stats(ok(runs).filter_map(|r| r.values[row]).collect());
-        let [a, b, c] = [0, 1, 2].map(|i| cell(&results[i]));
-        let show = |s: Option<(f64, f64, f64)>| match s {
+        let cells: Vec<Option<(f64, f64, f64)>> = results
+            .iter()
+            .map(|runs| stats(ok(runs).filter_map(|r| r.values[row]).collect()))
+            .collect();
+        let show = |s: &Option<(f64, f64, f64)>| match s {
             Some((m, lo, hi)) if unit == "IOPS" => format!("{m:.0} {unit} ({lo:.0}–{hi:.0})"),
             Some((m, lo, hi)) => format!("{m:.1} {unit} ({lo:.1}–{hi:.1})"),
             None => "–".into(),
         };
-        let ratio = |x: Option<(f64, f64, f64)>, y: Option<(f64, f64, f64)>| match (x, y) {
-            (Some((x, ..)), Some((y, ..))) if y > 0.0 => format!("**{:.2}**", x / y),
+        // Higher is better in every row.
+        let best_other = cells[1..vmms]
+            .iter()
+            .flatten()
+            .map(|(m, ..)| *m)
+            .reduce(f64::max);
+        let ratio = |y: Option<f64>| match (cells[0], y) {
+            (Some((x, ..)), Some(y)) if y > 0.0 => format!("**{:.2}**", x / y),
             _ => String::new(),
         };
-        let (ra, rb) = (ratio(a, b), ratio(a, c));
+        let shown: Vec<String> = cells.iter().map(show).collect();
         println!(
-            "| {name} | {} | {} | {} | {ra} | {rb} |",
-            show(a),
-            show(b),
-            show(c)
+            "| {name} | {} | {} | {} |",
+            shown.join(" | "),
+            ratio(best_other),
+            ratio(cells[vmms].map(|(m, ..)| m))
         );
     }
-    let counts = results
-        .each_ref()
-        .map(|r| format!("{}/{}", ok(r).count(), r.len()));
-    println!(
-        "| runs ok | {} | {} | {} | | |",
-        counts[0], counts[1], counts[2]
-    );
+    let counts: Vec<String> = results
+        .iter()
+        .map(|r| format!("{}/{}", ok(r).count(), r.len()))
+        .collect();
+    println!("| runs ok | {} | | |", counts.join(" | "));
 }
 
 /// The runs that succeeded.
