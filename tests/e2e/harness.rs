@@ -674,12 +674,18 @@ impl Streaming {
 
     /// The console so far and the tail of nixvm's stderr, for a failure.
     pub(crate) fn console(&self) -> String {
+        self.report("console", &self.seen)
+    }
+
+    /// The console's last `n` lines and the tail of nixvm's stderr (where it says why it
+    /// reset a guest), for a failure in a long run.
+    pub(crate) fn tails(&self, n: usize) -> String {
+        self.report(&format!("console (last {n} lines)"), &tail(&self.seen, n))
+    }
+
+    fn report(&self, what: &str, console: &str) -> String {
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        format!(
-            "console:\n{}\nstderr (tail):\n{}",
-            self.seen,
-            tail(&err, 15)
-        )
+        format!("{what}:\n{console}\nstderr (tail):\n{}", tail(&err, 15))
     }
 
     /// The marker `key` has the value `want`; the console in the failure.
