@@ -402,7 +402,7 @@ pub fn header(commit: Option<&str>) -> Result<()> {
         Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
         Err(_) => println!("- kernel (uname -r): {uname}"),
     }
-    if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
+    if in_l1() {
         println!("- route: l1, the VMMs inside an L1 QEMU guest on TCG-emulated AMD SVM:");
         println!("  absolute figures are far below a real host's, only ratios mean anything");
     } else {
@@ -410,6 +410,11 @@ pub fn header(commit: Option<&str>) -> Result<()> {
     }
     println!("- commit: {}", commit.unwrap_or("unknown"));
     Ok(())
+}
+
+/// Whether this bench runs inside the L1 guest ([`route`] re-ran it there).
+pub fn in_l1() -> bool {
+    std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1")
 }
 
 /// Runs `cmd` and returns its trimmed stdout; an error if it fails.

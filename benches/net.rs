@@ -408,7 +408,7 @@ fn header(assets: &Path, runs: usize, commit: Option<&str>) -> Result<()> {
         Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
         Err(_) => println!("- kernel (uname -r): {uname}"),
     }
-    if std::env::var("NIXVM_BENCH_ROUTE").is_ok_and(|r| r == "l1") {
+    if common::in_l1() {
         println!("- route: l1, the VMMs and the iperf3 server inside an L1 QEMU guest on");
         println!("  TCG-emulated AMD SVM: absolute figures are far below a real host's");
     } else {
