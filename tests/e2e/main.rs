@@ -57,11 +57,15 @@ use crate::{
 /// Longest an L1 run may go without printing a line before it counts as frozen (inside, the
 /// heartbeat prints a line a minute while work goes on).
 const L1_SILENCE: Duration = Duration::from_secs(180);
-/// L1 guests a run may take: the nested route freezes one now and then (seen about once per
-/// full run), and the tests it had not finished run again in the next, unless a guest
-/// finished none (then the first of them is what stops L1, and another guest would only
-/// spend the time again).
+/// L1 guests a run may take: the nested route freezes or kills one now and then (seen about
+/// once per full run; L1's kernel overflowed a vCPU thread's stack, once within a minute), and
+/// the tests it had not finished run again in the next, unless two guests in a row finished
+/// none (then the first of those tests is what stops L1, and another guest would only spend
+/// the time again), or the guests have taken `L1_BUDGET`.
 const L1_ATTEMPTS: usize = 4;
+/// No new L1 guest after this long in L1 guests: CI has 90 min in all, and a slow CI machine
+/// takes about 50 min for one full pass.
+const L1_BUDGET: Duration = Duration::from_secs(55 * 60);
 /// The whole L1 run's limit (l1run.sh -t): the boot tests take about 25 min there.
 const L1_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
@@ -208,6 +212,8 @@ fn main() {
         "l1" if boot_names.iter().any(|n| t.wants(n)) => {
             let mut seen: Vec<String> = Vec::new();
             let mut ended = String::new();
+            let started = std::time::Instant::now();
+            let mut fruitless = 0;
             // The nested route sometimes freezes the whole L1 guest: then the tests it had
             // not finished run again in a fresh one.
             for attempt in 0..L1_ATTEMPTS {
@@ -220,12 +226,21 @@ fn main() {
                     break;
                 }
                 if attempt > 0 {
+                    if started.elapsed() > L1_BUDGET {
+                        ended.push_str(" when the L1 guests had taken all their time");
+                        break;
+                    }
                     println!("e2e: the L1 guest {ended}; running the rest in a new one");
                 }
                 let before = seen.len();
                 ended = run_in_l1(&todo.join(","), &mut t, &mut seen);
-                if seen.len() == before {
-                    ended.push_str(" before finishing any test");
+                fruitless = if seen.len() == before {
+                    fruitless + 1
+                } else {
+                    0
+                };
+                if fruitless == 2 {
+                    ended.push_str(", the second in a row to finish no test");
                     break;
                 }
             }
