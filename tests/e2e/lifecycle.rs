@@ -142,9 +142,14 @@ pub(crate) fn lifecycle_tests(t: &mut Runner, g: &Guest) {
         );
         Ok(())
     });
+    let mut attempt = 0;
     t.run_retry("on_reboot_restart_boots_again", || {
+        // Each attempt with files of its own: inside L1 a stalled attempt's nixvm once outlived
+        // SIGKILL, holding its socket and its image's lock.
+        attempt += 1;
+        let name = format!("restart{attempt}");
         // A counter on the first disk: the guest reboots twice, then powers off.
-        let counter = disk_image("reboot-counter.img", 4096, |_| 0);
+        let counter = disk_image(&format!("{name}-counter.img"), 4096, |_| 0);
         let c = format!("path={}", counter.display());
         let script = r#"
 n=$(head -c 8 /dev/vda | tr -dc 0-9)
@@ -154,12 +159,8 @@ dd if=/tmp/c of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
 echo "NIXVM-TEST: boot_count=$n"
 if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
 "#;
-        let (mut vm, _sock) = api_guest(
-            g,
-            "restart",
-            script,
-            &["--on-reboot", "restart", "--disk", &c],
-        )?;
+        let (mut vm, _sock) =
+            api_guest(g, &name, script, &["--on-reboot", "restart", "--disk", &c])?;
         vm.wait_for("NIXVM-TEST: boot_count=3")?;
         let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
         let boots = vm.seen.matches("NIXVM-TEST: init").count();
