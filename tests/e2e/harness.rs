@@ -445,8 +445,13 @@ pub(crate) fn group(
             }
         }
         Err(e) => {
+            // Said once in full: CI shows only the tail of the output, which a dozen copies
+            // of the same console would fill.
+            let mut why = e;
             for name in names {
-                t.run(name, || Err(e.clone()));
+                t.run(name, || {
+                    Err(std::mem::replace(&mut why, format!("as above: {what}")))
+                });
             }
         }
     }
@@ -538,6 +543,9 @@ pub(crate) fn threads_report(pid: u32) -> String {
     let ticks =
         f64::from(u32::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100));
     let mut out = String::from("e2e: threads of the VM's processes (state, system call, CPU s):");
+    // Threads asleep that used under a second (device workers waiting for work) are counted,
+    // not listed: the report is for the ones that run.
+    let mut idle = 0;
     for p in family {
         let tasks = Path::new("/proc").join(p.to_string()).join("task");
         for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
@@ -548,15 +556,96 @@ pub(crate) fn threads_report(pid: u32) -> String {
             let syscall = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
             let syscall = syscall.split_whitespace().next().unwrap_or("?").to_owned();
             let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+            let state = f.first().map_or("?", String::as_str);
+            if state == "S" && cpu(11) + cpu(12) < ticks {
+                idle += 1;
+                continue;
+            }
             out.push_str(&format!(
                 "\n  {p}/{} {comm} {} syscall {syscall} wchan {wchan} cpu {:.1}",
                 t.file_name().to_string_lossy(),
-                f.first().map_or("?", String::as_str),
+                state,
                 (cpu(11) + cpu(12)) / ticks,
             ));
         }
     }
+    out.push_str(&format!("\n  and {idle} asleep, under 1 CPU s each"));
     out
+}
+
+/// What the guest's vCPUs did for two seconds, as L1's KVM saw it (its `kvm_exit` trace
+/// events, by vCPU: how many exits, of which kinds, at which guest addresses). A vCPU with
+/// no exits while its thread runs is one the route does not run; one exiting at the same
+/// few addresses is a guest in a loop. Inside L1 only (its tracefs, mounted if need be).
+pub(crate) fn kvm_exits_report() -> Option<String> {
+    std::env::var_os(INSIDE)?;
+    let dir = Path::new("/sys/kernel/tracing");
+    if !dir.join("trace").exists() {
+        Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(dir)
+            .status()
+            .ok()?;
+    }
+    let enable = dir.join("events/kvm/kvm_exit/enable");
+    std::fs::write(dir.join("trace"), "").ok()?;
+    std::fs::write(&enable, "1").ok()?;
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(&enable, "0").ok()?;
+    let mut trace = String::new();
+    std::fs::File::open(dir.join("trace"))
+        .ok()?
+        .take(8 << 20)
+        .read_to_string(&mut trace)
+        .ok()?;
+    // "... kvm_exit: vcpu 0 reason hlt rip 0xffffffff81c3e1b5 info1 ..." (SVM, Linux 6.1).
+    let mut by_vcpu: std::collections::BTreeMap<String, Vec<(String, String)>> =
+        std::collections::BTreeMap::new();
+    for l in trace.lines() {
+        let Some((_, ev)) = l.split_once("kvm_exit: ") else {
+            continue;
+        };
+        let w: Vec<&str> = ev.split_whitespace().collect();
+        let after = |k: &str| {
+            w.iter()
+                .position(|x| *x == k)
+                .and_then(|i| w.get(i + 1))
+                .map_or_else(|| "?".to_owned(), |v| (*v).to_owned())
+        };
+        by_vcpu
+            .entry(after("vcpu"))
+            .or_default()
+            .push((after("reason"), after("rip")));
+    }
+    // The most frequent values, "value×count", at most `n`.
+    let top = |vals: Vec<&String>, n: usize| {
+        let mut counts: std::collections::HashMap<&String, usize> =
+            std::collections::HashMap::new();
+        for v in vals {
+            *counts.entry(v).or_default() += 1;
+        }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        counts
+            .iter()
+            .take(n)
+            .map(|(v, c)| format!("{v}×{c}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = String::from("e2e: the guests' exits in 2 s (L1's kvm_exit trace):");
+    if by_vcpu.is_empty() {
+        out.push_str(" none");
+    }
+    for (vcpu, exits) in &by_vcpu {
+        out.push_str(&format!(
+            "\n  vcpu {vcpu}: {} exits; {}; rip {}",
+            exits.len(),
+            top(exits.iter().map(|e| &e.0).collect(), 5),
+            top(exits.iter().map(|e| &e.1).collect(), 4)
+        ));
+    }
+    Some(out)
 }
 
 /// nixvm running with stdout read line by line in the background.
@@ -632,6 +721,9 @@ impl Streaming {
             if Instant::now() >= say {
                 println!("e2e: still waiting for {want:?}");
                 println!("{}", threads_report(self.child.id()));
+                if let Some(exits) = kvm_exits_report() {
+                    println!("{exits}");
+                }
                 say += Duration::from_secs(120);
             }
             match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
@@ -713,9 +805,26 @@ impl Streaming {
         self.seen.lines().find_map(|l| {
             l.trim_end_matches('\r')
                 .strip_prefix(prefix.as_str())
-                .map(str::to_owned)
+                .map(|v| without_kernel_message(v).to_owned())
         })
     }
+}
+
+/// A console line up to a kernel message that the kernel wrote into it (the guest's own
+/// console output and printk share the serial port: "value[   92.37] platform ...").
+fn without_kernel_message(line: &str) -> &str {
+    let stamped = |rest: &str| {
+        let rest = rest.trim_start();
+        let (secs, after) = rest.split_once('.').unwrap_or(("", ""));
+        let digits = after.split_once(']').map_or("", |(d, _)| d);
+        !secs.is_empty()
+            && secs.bytes().all(|b| b.is_ascii_digit())
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+    };
+    line.match_indices('[')
+        .find(|(i, _)| stamped(&line[i + 1..]))
+        .map_or(line, |(i, _)| &line[..i])
 }
 
 impl Drop for Streaming {
