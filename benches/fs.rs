@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved
 //! (each round begins with the next setup);
-//! a fresh back end for every run. The guest mounts the share and reads one 256 MiB file,
+//! a fresh back end for every run. The guest mounts the share read-only (`-o ro`, as the
+//! NixOS guest module mounts /nix/.ro-store) and reads one 256 MiB file,
 //! runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's caches
 //! warm), then `stat`s every file twice, then copies the small files into its own tmpfs and
 //! runs the same `find` there (what the guest's own work costs, without virtio-fs). Times
@@ -30,7 +31,7 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 const BIG_MIB: usize = 256;
 const SCRIPT: &str = r#"
 mkdir -p /mnt
-mount -t virtiofs ro-store /mnt || echo "NIXVM-BENCH: error=mount"
+mount -t virtiofs -o ro ro-store /mnt || echo "NIXVM-BENCH: error=mount"
 echo "NIXVM-BENCH: read-start"
 cat /mnt/big.bin > /dev/null
 echo "NIXVM-BENCH: read-end"
