@@ -2,35 +2,98 @@
 //! `FIRECRACKER=` name their binaries, Cloud Hypervisor and Firecracker: same guest, same run.
 //!
 //! `cargo bench -p nixvm --bench boot`. NIXVM_BENCH_RUNS (default 6) boots of each VMM,
-//! interleaved: process spawn → the guest init's `NIXVM-TEST: init` line, spawn → exit,
-//! nixvm's own setup time (its `first KVM_RUN` log line), the child's peak RSS and, where the
-//! kernel's debugfs is readable (it is mounted if need be), KVM's count of the VM's exits by
-//! kind. Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
+//! interleaved: process spawn → the guest's marker line, spawn → exit, nixvm's own setup
+//! time (its `first KVM_RUN` log line), the child's peak RSS and, where the kernel's debugfs
+//! is readable (it is mounted if need be), KVM's count of the VM's exits by kind. Two
+//! guests, a table each: the busybox test guest (to its init's `NIXVM-TEST: init`, then it
+//! powers off), and the Debian systemd guest of `resources/systemd-guest.sh` (built on the
+//! host; it needs root and Debian's mirror, the table is skipped without it) with its root
+//! on a read-only virtio-blk disk: to its report unit's start (multi-user's last unit), then
+//! it powers off through systemd. Where /dev/kvm cannot boot Linux it re-runs itself
+//! inside L1 (resources/l1run.sh).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 #[path = "common.rs"]
 mod common;
 
-use common::{KVM_STATS, Result, git_commit, output, stats};
+use common::{KVM_STATS, Result, Route, git_commit, stats};
 
-const MARKER: &str = "NIXVM-TEST: init";
-const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=poweroff";
-/// Firecracker ends when the guest reboots, not when it powers off.
-const FC_CMDLINE: &str = "console=ttyS0 quiet nixvm.action=reboot reboot=k panic=1";
-const TIMEOUT: Duration = Duration::from_secs(120);
+/// A guest every VMM boots, and what its table calls its rows.
+struct Guest {
+    what: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// The root disk's image (/dev/vda), if the guest has one: each boot gets a fresh copy
+    /// ([`scratch_disk`]) to write to.
+    disk: Option<PathBuf>,
+    cmdline: String,
+    /// Firecracker ends when the guest resets, not when it powers off.
+    fc_cmdline: String,
+    memory_mib: u32,
+    /// The console line that ends the boot.
+    marker: &'static str,
+    timeout: Duration,
+    /// The table's rows: name, unit, and whether to print ratios; then one row per KVM
+    /// counter.
+    rows: [(&'static str, &'static str, bool); 4],
+}
 
-/// The table's rows: name, unit, and whether to print ratios; then one row per KVM counter.
-const ROWS: [(&str, &str, bool); 4] = [
-    ("boot → init", "s", true),
-    ("total (spawn → exit)", "s", false),
-    ("setup (start → first KVM_RUN)", "ms", false),
-    ("peak RSS", "MiB", true),
-];
+/// The busybox test guest: init, a marker, power-off.
+fn busybox(assets: &Path) -> Guest {
+    let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
+    Guest {
+        what: format!(
+            "Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB",
+            kver.trim()
+        ),
+        kernel: assets.join("vmlinux"),
+        initrd: assets.join("initramfs.cpio.gz"),
+        disk: None,
+        cmdline: "console=ttyS0 quiet nixvm.action=poweroff".into(),
+        fc_cmdline: "console=ttyS0 quiet nixvm.action=reboot reboot=k panic=1".into(),
+        memory_mib: 256,
+        marker: "NIXVM-TEST: init",
+        timeout: Duration::from_secs(120),
+        rows: [
+            ("boot → init", "s", true),
+            ("total (spawn → exit)", "s", false),
+            ("setup (start → first KVM_RUN)", "ms", false),
+            ("peak RSS", "MiB", true),
+        ],
+    }
+}
 
-/// One boot of one VMM: its values for ROWS and KVM_STATS, and why it failed.
+/// The Debian systemd guest (`resources/systemd-guest.sh`): its initrd mounts the root, systemd
+/// boots to multi-user, whose report unit powers off.
+fn systemd(assets: &Path, dir: &Path) -> Guest {
+    // No hvc0 for the backdoor shell's unit to wait for (it is the test driver's).
+    let root = "console=ttyS0 root=/dev/vda rw quiet systemd.mask=nixvm-backdoor.service";
+    Guest {
+        what: "Debian trixie (systemd 257) from resources/systemd-guest.sh, the same vmlinux, \
+               its initramfs-tools initrd, root on virtio-blk (a fresh copy of the image for \
+               each boot), 1 vCPU, 1 GiB"
+            .into(),
+        kernel: assets.join("vmlinux"),
+        initrd: dir.join("initrd.img"),
+        disk: Some(dir.join("root.img")),
+        cmdline: format!("{root} panic=-1 nixvm.action=poweroff"),
+        fc_cmdline: format!("{root} panic=1 nixvm.action=reboot reboot=k"),
+        memory_mib: 1024,
+        marker: "NIXVM-TEST: unit-start",
+        timeout: Duration::from_secs(900),
+        rows: [
+            ("boot → multi-user (its report unit)", "s", true),
+            ("spawn → exit (systemd powered off)", "s", true),
+            ("setup (start → first KVM_RUN)", "ms", false),
+            ("peak RSS", "MiB", true),
+        ],
+    }
+}
+
+/// One boot of one VMM: its values for the rows and KVM_STATS, and why it failed.
 struct Run {
     values: Vec<Option<f64>>,
     failure: Option<String>,
@@ -51,77 +114,154 @@ fn main() {
 }
 
 fn bench() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no root")?;
-    let assets = root.join("target/e2e-assets");
-    if std::env::var_os("NIXVM_BENCH_INSIDE").is_some() {
-        return measure(root, &assets);
+    let root = common::root();
+    let systemd_dir = root.join("target/systemd-guest");
+    if std::env::var_os("NIXVM_BENCH_INSIDE").is_none() {
+        // Built on the host (it needs Debian's mirror); L1 sees the tree read-only.
+        let assets = common::build_assets()?;
+        let built = Command::new(root.join("resources/systemd-guest.sh"))
+            .arg(&assets)
+            .arg(&systemd_dir)
+            .status()?;
+        if !built.success() {
+            eprintln!("boot bench: resources/systemd-guest.sh could not build its guest");
+        }
     }
-    let built = Command::new(root.join("resources/assets.sh"))
-        .arg(&assets)
-        .status()?;
-    if !built.success() {
-        return Err(format!("resources/assets.sh failed: {built}").into());
+    match common::route()? {
+        Route::Here => measure(&root, &systemd_dir),
+        Route::Skipped(why) => {
+            println!("skipped: {why}");
+            Ok(())
+        }
+        Route::RanInL1(code) => std::process::exit(code),
     }
-    let route = output(&mut Command::new(root.join("resources/kvm-route.sh")))?;
-    if let Some(why) = route.strip_prefix("none") {
-        println!("skipped: {}", why.trim_start_matches(':').trim());
-        return Ok(());
-    } else if route != "l1" {
-        return measure(root, &assets);
-    }
-    // Run this very executable again inside L1; l1run.sh exports the NIXVM_* variables.
-    let mut l1 = Command::new(root.join("resources/l1run.sh"));
-    l1.current_dir(root).arg("--").arg(std::env::current_exe()?);
-    let host = output(Command::new("uname").arg("-r"))?;
-    l1.env("NIXVM_BENCH_INSIDE", "1")
-        .env("NIXVM_BENCH_ROUTE", "l1");
-    l1.env("NIXVM_BENCH_HOST_KERNEL", host);
-    if let Some(commit) = git_commit(root) {
-        l1.env("NIXVM_BENCH_COMMIT", commit);
-    }
-    std::process::exit(l1.status()?.code().unwrap_or(125));
 }
 
-fn measure(root: &Path, assets: &Path) -> Result<()> {
+fn measure(root: &Path, systemd_dir: &Path) -> Result<()> {
     let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(6), |n| n.parse())?;
     common::mount_debugfs();
-    let (kernel, initrd) = (assets.join("vmlinux"), assets.join("initramfs.cpio.gz"));
+    let assets = root.join("target/e2e-assets");
+    let mut guests = vec![busybox(&assets)];
+    if systemd_dir.join("stamp").exists() {
+        guests.push(systemd(&assets, systemd_dir));
+    } else {
+        eprintln!("boot bench: no systemd guest (resources/systemd-guest.sh): one table");
+    }
+    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
+    let mut tables = Vec::new();
+    let (mut all, mut failed) = (0, 0);
+    for g in &guests {
+        let mut vmms = vmms(g)?;
+        for i in 1..=runs {
+            for v in &mut vmms {
+                if let Some(image) = &g.disk {
+                    copy_sparse(image, &scratch_disk())?;
+                }
+                let run = boot(&mut v.command, g)?;
+                let [up, total] = [0, 1].map(|n| run.values[n].unwrap_or_default());
+                match &run.failure {
+                    Some(why) => eprintln!("run {i} {}: FAILED: {why}", v.name),
+                    None => eprintln!("run {i} {}: up {up:.2} s, exit {total:.2} s", v.name),
+                }
+                v.runs.push(run);
+            }
+        }
+        if g.disk.is_some() {
+            let _ = std::fs::remove_file(scratch_disk());
+        }
+        all += vmms.iter().map(|v| v.runs.len()).sum::<usize>();
+        failed += vmms
+            .iter()
+            .map(|v| v.runs.len() - ok(&v.runs).count())
+            .sum::<usize>();
+        tables.push(vmms);
+    }
+
+    common::header(commit.as_deref())?;
+    println!("- {runs} runs of each VMM, interleaved");
+    for (g, vmms) in guests.iter().zip(&tables) {
+        println!("\n- guest: {}", g.what);
+        println!(
+            "- cmdline: `{}` (Firecracker: `{}`)",
+            g.cmdline, g.fc_cmdline
+        );
+        for v in vmms {
+            println!("- {}: `{}`", v.name, common::command_line(&v.command, root));
+        }
+        println!();
+        table(vmms, &g.rows);
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {all} runs failed").into());
+    }
+    Ok(())
+}
+
+/// The VMMs that boot `g`: nixvm, QEMU microvm, and Cloud Hypervisor and Firecracker when
+/// their binaries are named.
+fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
+    let mem = g.memory_mib;
     let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
-    nixvm.env("NIXVM_LOG", "info").arg("--kernel").arg(&kernel);
     nixvm
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--cmdline")
-        .arg(CMDLINE);
-    nixvm.args("--cpus 1 --memory 256M --serial stdio".split(' '));
+        .env("NIXVM_LOG", "info")
+        .arg("--kernel")
+        .arg(&g.kernel);
+    nixvm.arg("--initrd").arg(&g.initrd);
+    nixvm.args(["--cmdline", &g.cmdline, "--memory", &format!("{mem}M")]);
+    nixvm.args("--cpus 1 --serial stdio".split(' '));
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args("-M microvm,rtc=on -accel kvm -cpu host -m 256 -smp 1 -nodefaults".split(' '));
+    qemu.args("-M microvm,rtc=on -accel kvm -cpu host -smp 1 -nodefaults".split(' '));
+    qemu.args(["-m", &mem.to_string()]);
     qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));
-    qemu.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
-    qemu.args(["-append", CMDLINE]);
+    qemu.arg("-kernel")
+        .arg(&g.kernel)
+        .arg("-initrd")
+        .arg(&g.initrd);
+    qemu.args(["-append", &g.cmdline]);
+    let ch = common::cloud_hypervisor(
+        "boot",
+        Command::new,
+        &g.kernel,
+        &g.initrd,
+        &g.cmdline,
+        &format!("size={mem}M"),
+    );
+    let disk = g.disk.as_ref().map(|_| scratch_disk());
+    if let Some(disk) = &disk {
+        nixvm.arg("--disk").arg(format!("path={}", disk.display()));
+        qemu.arg("-drive")
+            .arg(format!("file={},if=none,id=d0,format=raw", disk.display()));
+        qemu.args(["-device", "virtio-blk-device,drive=d0"]);
+    }
     let vmm = |name, command| Vmm {
         name,
         command,
         runs: Vec::new(),
     };
     let mut vmms = vec![vmm("nixvm", nixvm), vmm("QEMU microvm", qemu)];
-    if let Some(ch) =
-        common::cloud_hypervisor("boot", Command::new, &kernel, &initrd, CMDLINE, "size=256M")
-    {
+    if let Some(mut ch) = ch {
+        if let Some(disk) = &disk {
+            ch.arg("--disk").arg(format!("path={}", disk.display()));
+        }
         vmms.push(vmm("Cloud Hypervisor", ch));
     }
     match std::env::var_os("FIRECRACKER") {
         Some(p) => {
-            let config = std::env::temp_dir().join("nixvm-boot-bench-fc.json");
+            let config = std::env::temp_dir().join(format!("nixvm-boot-bench-fc-{mem}.json"));
             let json = |p: &Path| format!("{:?}", p.display().to_string());
+            let drives = disk.as_deref().map_or(String::new(), |d| {
+                format!(
+                    r#"{{"drive_id": "root", "path_on_host": {}, "is_root_device": false, "is_read_only": false}}"#,
+                    json(d)
+                )
+            });
             std::fs::write(
                 &config,
                 format!(
-                    r#"{{"boot-source": {{"kernel_image_path": {}, "initrd_path": {}, "boot_args": "{FC_CMDLINE}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 256}}, "drives": []}}"#,
-                    json(&kernel),
-                    json(&initrd)
+                    r#"{{"boot-source": {{"kernel_image_path": {}, "initrd_path": {}, "boot_args": "{}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {mem}}}, "drives": [{drives}]}}"#,
+                    json(&g.kernel),
+                    json(&g.initrd),
+                    g.fc_cmdline
                 ),
             )?;
             let mut fc = Command::new(p);
@@ -130,40 +270,34 @@ fn measure(root: &Path, assets: &Path) -> Result<()> {
         }
         None => eprintln!("boot bench: FIRECRACKER is not set: no Firecracker column"),
     }
+    Ok(vmms)
+}
 
-    for i in 1..=runs {
-        for v in &mut vmms {
-            let run = boot(&mut v.command)?;
-            let [init, total] = [0, 1].map(|n| run.values[n].unwrap_or_default());
-            match &run.failure {
-                Some(why) => eprintln!("run {i} {}: FAILED: {why}", v.name),
-                None => eprintln!("run {i} {}: init {init:.2} s, exit {total:.2} s", v.name),
-            }
-            v.runs.push(run);
-        }
-    }
+/// Where a guest's root disk is copied for each boot (inside L1, its own tmpfs).
+fn scratch_disk() -> PathBuf {
+    std::env::temp_dir().join("nixvm-boot-bench-root.img")
+}
 
-    header(root, assets, runs)?;
-    for v in &vmms {
-        println!("- {}: `{}`", v.name, common::command_line(&v.command, root));
-    }
-    println!();
-    table(&vmms);
-    let all: usize = vmms.iter().map(|v| v.runs.len()).sum();
-    let failed = all - vmms.iter().map(|v| ok(&v.runs).count()).sum::<usize>();
-    if failed > 0 {
-        return Err(format!("{failed} of {all} runs failed").into());
+/// Copies a disk image, keeping it sparse.
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    let cp = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(from)
+        .arg(to)
+        .status()?;
+    if !cp.success() {
+        return Err(format!("cannot copy {} to {}", from.display(), to.display()).into());
     }
     Ok(())
 }
 
-/// Runs `cmd` ([`common::run_vm`]): the time to the init marker and to its exit, nixvm's
+/// Runs `cmd` ([`common::run_vm`]): the time to the guest's marker and to its exit, nixvm's
 /// set-up time and the peak RSS.
-fn boot(cmd: &mut Command) -> Result<Run> {
-    let mut c = common::run_vm(cmd, TIMEOUT, &[MARKER], common::Done::Exit)?;
+fn boot(cmd: &mut Command, g: &Guest) -> Result<Run> {
+    let mut c = common::run_vm(cmd, g.timeout, &[g.marker], common::Done::Exit)?;
     let boot = c.seen[0];
     if boot.is_none() {
-        c.fail(format!("no `{MARKER}` line"));
+        c.fail(format!("no `{}` line", g.marker));
     }
     // nixvm logs "vcpu0: first KVM_RUN <N> ms after start".
     let setup_ms = c.stderr.lines().find_map(|l| {
@@ -186,24 +320,9 @@ fn boot(cmd: &mut Command) -> Result<Run> {
     })
 }
 
-/// The facts around the table: when, where, what.
-fn header(root: &Path, assets: &Path, runs: usize) -> Result<()> {
-    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
-    let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
-    common::header(commit.as_deref())?;
-    println!(
-        "- guest: Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB",
-        kver.trim()
-    );
-    println!(
-        "- cmdline: `{CMDLINE}` (Firecracker: `{FC_CMDLINE}`); {runs} runs of each VMM, interleaved"
-    );
-    Ok(())
-}
-
 /// Prints the Markdown table, nixvm first, then each other VMM, then nixvm / each other;
 /// failed runs are left out of the statistics, and counters no run had are left out.
-fn table(vmms: &[Vmm]) {
+fn table(vmms: &[Vmm], rows: &[(&str, &str, bool)]) {
     let others = &vmms[1..];
     let names: Vec<&str> = vmms.iter().map(|v| v.name).collect();
     let ratios: Vec<String> = others
@@ -216,15 +335,16 @@ fn table(vmms: &[Vmm]) {
         ratios.join(" | ")
     );
     println!("|---|{}", "---|".repeat(vmms.len() + others.len()));
-    let rows = ROWS
-        .into_iter()
+    let all = rows
+        .iter()
+        .copied()
         .chain(KVM_STATS.iter().map(|(_, name)| (*name, "", true)));
-    for (row, (name, unit, ratio)) in rows.enumerate() {
+    for (row, (name, unit, ratio)) in all.enumerate() {
         let cells: Vec<Option<(f64, f64, f64)>> = vmms
             .iter()
             .map(|v| stats(ok(&v.runs).filter_map(|r| r.values[row]).collect()))
             .collect();
-        if row >= ROWS.len() && cells.iter().all(Option::is_none) {
+        if row >= rows.len() && cells.iter().all(Option::is_none) {
             continue;
         }
         let show = |s: &Option<(f64, f64, f64)>| match *s {

@@ -7,7 +7,8 @@
 #   OUT/initrd.img
 # The guest runs nixvm-test.service once it is up (WantedBy=multi-user.target): it prints
 # "NIXVM-TEST: ..." lines on ttyS0 (a credential, the RTC, its journal's warnings), sleeps,
-# and says "unit-done"; the default target is reached only after it. nixvm-backdoor.service
+# and says "unit-done" (then powers off with nixvm.action=poweroff on the kernel command
+# line, reboots with nixvm.action=reboot); the default target is reached only after it. nixvm-backdoor.service
 # runs a root shell on hvc0 as the NixOS test driver's backdoor does.
 # Needs root, mmdebstrap and Debian's package mirror; does nothing when OUT is up to date
 # (OUT/stamp: this script's hash and the kernel version).
@@ -52,6 +53,14 @@ echo "NIXVM-TEST: powerkey=$(grep -l 'Power Button' /sys/class/input/input*/name
 journalctl -b -p warning --no-pager -q -o cat | sed 's/^/NIXVM-TEST: journal: /'
 sleep 5
 echo "NIXVM-TEST: unit-done"
+# nixvm.action= as the busybox test init reads it: the boot bench's guest powers off (or,
+# for Firecracker, which ends on a reset, reboots) once it is up.
+for a in $(cat /proc/cmdline); do
+  case $a in
+    nixvm.action=poweroff) systemctl poweroff --no-block ;;
+    nixvm.action=reboot) systemctl reboot --no-block ;;
+  esac
+done
 EOF
 chmod +x "$tree/usr/local/bin/nixvm-test"
 cat > "$tree/etc/systemd/system/nixvm-test.service" <<'EOF'
