@@ -118,12 +118,7 @@ fn bench() -> Result<()> {
     let systemd_dir = root.join("target/systemd-guest");
     if std::env::var_os("NIXVM_BENCH_INSIDE").is_none() {
         // Built on the host (it needs Debian's mirror); L1 sees the tree read-only.
-        let assets = common::build_assets()?;
-        let built = Command::new(root.join("resources/systemd-guest.sh"))
-            .arg(&assets)
-            .arg(&systemd_dir)
-            .status()?;
-        if !built.success() {
+        if common::build_systemd_guest(&common::build_assets()?)?.is_none() {
             eprintln!("boot bench: resources/systemd-guest.sh could not build its guest");
         }
     }

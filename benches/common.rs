@@ -43,6 +43,18 @@ pub fn build_assets() -> Result<PathBuf> {
     Ok(assets)
 }
 
+/// Builds the Debian systemd guest into `target/systemd-guest` (`resources/systemd-guest.sh`,
+/// on the host: it needs root and Debian's mirror; nothing to do when it is up to date) and
+/// returns its directory, or None when it could not be built.
+pub fn build_systemd_guest(assets: &Path) -> Result<Option<PathBuf>> {
+    let dir = root().join("target/systemd-guest");
+    let built = Command::new(root().join("resources/systemd-guest.sh"))
+        .arg(assets)
+        .arg(&dir)
+        .status()?;
+    Ok(built.success().then_some(dir))
+}
+
 /// Writes to `out` the test guest's initramfs with `bin` added as `/bin/NAME`: a second newc
 /// archive after the first, which the kernel unpacks too. `scratch` is a directory to use.
 pub fn initrd_with(

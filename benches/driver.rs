@@ -56,7 +56,7 @@ fn bench() -> Result<()> {
     let dir = root.join("target/driver-bench");
     if std::env::var_os("NIXVM_BENCH_INSIDE").is_none() {
         // Built on the host (it needs Debian's mirror); L1 sees the tree read-only.
-        common::build_assets()?;
+        let assets = common::build_assets()?;
         std::fs::create_dir_all(&dir)?;
         for me in [1, 2] {
             let script = PING
@@ -64,11 +64,7 @@ fn bench() -> Result<()> {
                 .replace("PEER", &(3 - me).to_string());
             common::script_disk(&dir.join(format!("ping{me}.img")), &script)?;
         }
-        let built = Command::new(root.join("resources/systemd-guest.sh"))
-            .arg(root.join("target/e2e-assets"))
-            .arg(&guest)
-            .status()?;
-        if !built.success() {
+        if common::build_systemd_guest(&assets)?.is_none() {
             println!("skipped: resources/systemd-guest.sh could not build the guest");
             return Ok(());
         }
