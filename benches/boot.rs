@@ -150,7 +150,7 @@ fn measure(root: &Path, systemd_dir: &Path) -> Result<()> {
         for i in 1..=runs {
             for v in &mut vmms {
                 if let Some(image) = &g.disk {
-                    copy_sparse(image, &scratch_disk())?;
+                    common::copy_sparse(image, &scratch_disk())?;
                 }
                 let run = boot(&mut v.command, g)?;
                 let [up, total] = [0, 1].map(|n| run.values[n].unwrap_or_default());
@@ -271,19 +271,6 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
 /// Where a guest's root disk is copied for each boot (inside L1, its own tmpfs).
 fn scratch_disk() -> PathBuf {
     std::env::temp_dir().join("nixvm-boot-bench-root.img")
-}
-
-/// Copies a disk image, keeping it sparse.
-fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    let cp = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .status()?;
-    if !cp.success() {
-        return Err(format!("cannot copy {} to {}", from.display(), to.display()).into());
-    }
-    Ok(())
 }
 
 /// Runs `cmd` ([`common::run_vm`]): the time to the guest's marker and to its exit, nixvm's
