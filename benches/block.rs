@@ -1,7 +1,6 @@
 //! Block I/O benchmark: nixvm's virtio-blk beside QEMU microvm's and, when
-//! `CLOUD_HYPERVISOR=/path/to/cloud-hypervisor` is set, Cloud Hypervisor's (not inside L1,
-//! where its O_DIRECT writes to the 9p-hosted image fail): same guest, same image, same run,
-//! and the host's own throughput on that image as the limit.
+//! `CLOUD_HYPERVISOR=/path/to/cloud-hypervisor` is set, Cloud Hypervisor's: same guest, same
+//! image, same run, and the host's own throughput on that image as the limit.
 //!
 //! `cargo bench -p nixvm --bench block`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved.
 //! Each run measures, with `benches/guest-io.c` (static, added to the guest's initramfs), on
@@ -9,7 +8,8 @@
 //! random reads with 1 and with 8 threads (IOPS), each for SECONDS of wall time. The guest
 //! sees the image as /dev/vda and runs the script on its last disk (`nixvm.action=script`);
 //! the host runs the same script on the file. Where /dev/kvm cannot boot Linux it re-runs
-//! itself inside L1 (resources/l1run.sh), where all of them run.
+//! itself inside L1 (resources/l1run.sh), where all of them run on a loop device over a copy
+//! of the image in L1's memory ([`LoopDevice`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -20,8 +20,8 @@ use std::time::Duration;
 #[path = "common.rs"]
 mod common;
 
-use common::command_line;
 use common::{Result, Route, git_commit, output, stats};
+use common::{command_line, path_arg};
 
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -135,6 +135,12 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     // Before the runs: the checkout may change while they go on.
     let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kernel = assets.join("vmlinux");
+    let loop_device = if common::in_l1() {
+        Some(LoopDevice::attach(&files.image)?)
+    } else {
+        None
+    };
+    let image = loop_device.as_ref().map_or(&files.image, |l| &l.device);
     let mut nixvm = Command::new(env!("CARGO_BIN_EXE_nixvm"));
     nixvm
         .arg("--kernel")
@@ -143,9 +149,9 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         .arg(&files.initrd);
     nixvm.args(["--cmdline", CMDLINE]);
     nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off --disk".split(' '));
-    nixvm.arg(disk_arg("path=", &files.image, ",direct=on"));
+    nixvm.arg(path_arg("path=", image, ",direct=on"));
     nixvm.arg("--disk");
-    nixvm.arg(disk_arg("path=", &files.script, ",readonly=on"));
+    nixvm.arg(path_arg("path=", &files.script, ",readonly=on"));
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args("-M microvm,rtc=on -accel kvm -cpu host -m 256 -smp 1 -nodefaults".split(' '));
     qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));
@@ -155,10 +161,9 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         .arg(&files.initrd);
     qemu.args(["-append", CMDLINE]);
     let drive = ",if=none,id=d0,format=raw,cache=none,aio=threads";
-    qemu.arg("-drive")
-        .arg(disk_arg("file=", &files.image, drive));
+    qemu.arg("-drive").arg(path_arg("file=", image, drive));
     qemu.args(["-device", "virtio-blk-device,drive=d0", "-drive"]);
-    qemu.arg(disk_arg(
+    qemu.arg(path_arg(
         "file=",
         &files.script,
         ",if=none,id=d1,format=raw,readonly=on",
@@ -167,19 +172,11 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     // The host: the same script, on the image file itself.
     let mut host = Command::new("sh");
     host.args(["-c", &script_text()]);
-    host.env("IO", &files.tool).env("DEV", &files.image);
+    host.env("IO", &files.tool).env("DEV", image);
 
     // The columns: the VMMs (nixvm first), then the host's limit.
     let mut columns: Vec<(&str, Command)> = vec![("nixvm", nixvm), ("QEMU microvm", qemu)];
-    if common::in_l1() && std::env::var_os("CLOUD_HYPERVISOR").is_some() {
-        // Seen 2026-11-29 (v53.0): its O_DIRECT writes to the image, which L1 sees over 9p,
-        // fail and the guest gets EIO, with and without io_uring (`_disable_io_uring`,
-        // `_disable_aio`); nixvm's and QEMU's succeed on the same file.
-        eprintln!(
-            "block bench: no Cloud Hypervisor column inside L1: its O_DIRECT writes to the \
-             image on 9p fail (the guest gets EIO)"
-        );
-    } else if let Some(mut ch) = common::cloud_hypervisor(
+    if let Some(mut ch) = common::cloud_hypervisor(
         "block",
         Command::new,
         &kernel,
@@ -189,8 +186,8 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     ) {
         // O_DIRECT as nixvm's direct=on and QEMU's cache=none; the script disk last (vdb).
         ch.arg("--disk")
-            .arg(disk_arg("path=", &files.image, ",direct=on"))
-            .arg(disk_arg("path=", &files.script, ",readonly=on"));
+            .arg(common::ch_disk(image, ",direct=on"))
+            .arg(common::ch_disk(&files.script, ",readonly=on"));
         columns.push(("Cloud Hypervisor", ch));
     }
     columns.push(("host (limit)", host));
@@ -212,7 +209,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         }
     }
 
-    header(root, assets, files, runs, commit.as_deref())?;
+    header(root, assets, image, runs, commit.as_deref())?;
     for (name, cmd) in &columns[..columns.len() - 1] {
         println!("- {name}: `{}`", command_line(cmd, root));
     }
@@ -227,12 +224,36 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     Ok(())
 }
 
-/// `prefix` + `path` + `suffix`, for --disk and -drive values.
-fn disk_arg(prefix: &str, path: &Path, suffix: &str) -> std::ffi::OsString {
-    let mut s = std::ffi::OsString::from(prefix);
-    s.push(path);
-    s.push(suffix);
-    s
+/// The data image on a loop device, inside L1. The image file is on L1's 9p share, where every
+/// request is a round trip to the outer QEMU's 9p server (which serves O_DIRECT from the
+/// development machine's page cache) through TCG, a cost that swamped the VMMs' differences;
+/// L1's tmpfs has no O_DIRECT (a 6.1 kernel). A loop device over a copy in tmpfs takes
+/// O_DIRECT from every column, the host row too. Detached and the copy removed when dropped.
+struct LoopDevice {
+    device: PathBuf,
+    copy: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(image: &Path) -> Result<Self> {
+        let copy = std::env::temp_dir().join("nixvm-block-bench-data.img");
+        std::fs::copy(image, &copy)?;
+        let mut losetup = Command::new("losetup");
+        let device = output(losetup.args(["--find", "--show"]).arg(&copy)).map_err(|e| {
+            format!("no loop device in L1 (resources/assets.sh loads the `loop` module): {e}")
+        })?;
+        Ok(Self {
+            device: PathBuf::from(device),
+            copy,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = std::fs::remove_file(&self.copy);
+    }
 }
 
 /// Runs `cmd` ([`common::run_vm`]) and reads the rows' values from its marks.
@@ -255,20 +276,28 @@ fn run(cmd: &mut Command) -> Result<Run> {
 fn header(
     root: &Path,
     assets: &Path,
-    files: &Files,
+    image: &Path,
     runs: usize,
     commit: Option<&str>,
 ) -> Result<()> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
     let uname = output(Command::new("uname").arg("-r"))?;
     let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
-    let mut stat = Command::new("stat");
-    let statfs = output(stat.args(["-f", "-c", "%T"]).arg(&files.image))?;
-    let fs = match mount_type(&files.image) {
-        Some(mount) if mount != statfs => format!("{mount} mount, statfs says {statfs}"),
-        _ => statfs,
+    let place = if common::in_l1() {
+        format!(
+            "on {}, a loop device over a copy in L1's memory (tmpfs)",
+            image.display()
+        )
+    } else {
+        let mut stat = Command::new("stat");
+        let statfs = output(stat.args(["-f", "-c", "%T"]).arg(image))?;
+        let fs = match mount_type(image) {
+            Some(mount) if mount != statfs => format!("{mount} mount, statfs says {statfs}"),
+            _ => statfs,
+        };
+        let file = image.strip_prefix(root).unwrap_or(image);
+        format!("file {} ({fs})", file.display())
     };
-    let image = files.image.strip_prefix(root).unwrap_or(&files.image);
     println!("\n- date: {date}");
     match std::env::var("NIXVM_BENCH_HOST_KERNEL") {
         Ok(host) => println!("- kernel (uname -r): host {host}, L1 {uname}"),
@@ -288,9 +317,8 @@ fn header(
         kver.trim()
     );
     println!(
-        "- image: {IMAGE_MIB} MiB raw file {} ({fs}), /dev/vda in the guest; {SECONDS} s per \
-         row and run; runs of each: {runs}, interleaved",
-        image.display()
+        "- image: {IMAGE_MIB} MiB raw {place}, /dev/vda in the guest; {SECONDS} s per row \
+         and run; runs of each: {runs}, interleaved"
     );
     println!("- cmdline: `{CMDLINE}`");
     Ok(())

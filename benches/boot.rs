@@ -236,7 +236,7 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
     let mut vmms = vec![vmm("nixvm", nixvm), vmm("QEMU microvm", qemu)];
     if let Some(mut ch) = ch {
         if let Some(disk) = &disk {
-            ch.arg("--disk").arg(format!("path={}", disk.display()));
+            ch.arg("--disk").arg(common::ch_disk(disk, ""));
         }
         vmms.push(vmm("Cloud Hypervisor", ch));
     }

@@ -169,7 +169,8 @@ fn ch_args(f: &Files, r: &Spec) -> Vec<String> {
         hvc.map_or("off".into(), |h| format!("file={}", s(h))),
     ]);
     if let Some(d) = disk {
-        a.extend(["--disk".into(), format!("path={},readonly=on", s(d))]);
+        let disk = common::ch_disk(d, ",readonly=on");
+        a.extend(["--disk".into(), disk.to_string_lossy().into_owned()]);
     }
     a
 }

@@ -259,7 +259,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
             socket.display()
         ));
         ch.arg("--disk")
-            .arg(format!("path={},readonly=on", script.display()));
+            .arg(common::ch_disk(&script, ",readonly=on"));
         setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
     }
 

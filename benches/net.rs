@@ -11,7 +11,7 @@
 //! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 //! Needs root (network namespaces); installs Debian's iperf3 when there is none.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -19,8 +19,8 @@ use std::time::Duration;
 #[path = "common.rs"]
 mod common;
 
-use common::command_line;
 use common::{Result, git_commit, output, stats};
+use common::{command_line, path_arg};
 
 const CMDLINE: &str = "console=ttyS0 quiet nixvm.action=script";
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -325,7 +325,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         common::cloud_hypervisor("net", NetNs::command, &kernel, initrd, CMDLINE, "size=256M")
     {
         ch.arg("--net").arg(format!("tap={TAP}")).arg("--disk");
-        ch.arg(path_arg("path=", &files.script, ",readonly=on"));
+        ch.arg(common::ch_disk(&files.script, ",readonly=on"));
         vmms.push(("Cloud Hypervisor", ch));
     }
 
@@ -365,14 +365,6 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         return Err(format!("{failed} of {total} runs failed").into());
     }
     Ok(())
-}
-
-/// `prefix` + `path` + `suffix`, for --disk and -drive values.
-fn path_arg(prefix: &str, path: &Path, suffix: &str) -> OsString {
-    let mut s = OsString::from(prefix);
-    s.push(path);
-    s.push(suffix);
-    s
 }
 
 /// Runs `cmd` ([`common::run_vm`]) and reads the rows' values from its marks.

@@ -174,7 +174,8 @@ fn measure(root: &Path, f: &Files) -> Result<()> {
         cmdline,
         "size=256M",
     ) {
-        ch.args(["--disk", &script_ro]);
+        ch.arg("--disk")
+            .arg(common::ch_disk(&f.script, ",readonly=on"));
         ch.args(["--vsock", &format!("cid={CID},socket={}", sock.display())]);
         vmms.push(Vmm {
             name: "Cloud Hypervisor",

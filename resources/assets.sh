@@ -15,8 +15,9 @@ set -euo pipefail
 
 # Modules the test guest loads (with their dependencies).
 GUEST_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtiofs vmw_vsock_virtio_transport button evdev"
-# Modules the L1 guest loads: KVM on emulated SVM, 9p for the host's files, VMM backends.
-L1_MODULES="kvm-amd 9p 9pnet_virtio virtio_pci tun vhost_net vhost_vsock overlay fuse virtio_net"
+# Modules the L1 guest loads: KVM on emulated SVM, 9p for the host's files, VMM backends,
+# loop devices (the block bench's image).
+L1_MODULES="kvm-amd 9p 9pnet_virtio virtio_pci tun vhost_net vhost_vsock overlay fuse virtio_net loop"
 
 die() { echo "assets.sh: $*" >&2; exit 1; }
 warn() { echo "assets.sh: warning: $*" >&2; }
