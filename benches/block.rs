@@ -50,10 +50,12 @@ const ROWS: [(&str, &str, &str); 4] = [
     ),
 ];
 
-/// One run of the script by one VMM (or the host): its values for ROWS, and why it failed.
+/// One run of the script by one VMM (or the host): its values for ROWS, why it failed, and
+/// KVM's counters for the whole run (empty for the host).
 struct Run {
     values: [Option<f64>; 4],
     failure: Option<String>,
+    kvm: String,
 }
 
 /// The files the runs share, all under target/block-bench.
@@ -135,6 +137,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     // Before the runs: the checkout may change while they go on.
     let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let kernel = assets.join("vmlinux");
+    common::mount_debugfs();
     let loop_device = if common::in_l1() {
         Some(LoopDevice::attach(&files.image)?)
     } else {
@@ -200,8 +203,8 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
                 None => {
                     let v = run.values.map(Option::unwrap_or_default);
                     eprintln!(
-                        "run {i} {name}: {:.1} / {:.1} MB/s, {:.0} / {:.0} IOPS",
-                        v[0], v[1], v[2], v[3]
+                        "run {i} {name}: {:.1} / {:.1} MB/s, {:.0} / {:.0} IOPS; KVM: {}",
+                        v[0], v[1], v[2], v[3], run.kvm
                     );
                 }
             }
@@ -268,6 +271,7 @@ fn run(cmd: &mut Command) -> Result<Run> {
     }
     Ok(Run {
         values,
+        kvm: c.kvm_line(),
         failure: c.failure,
     })
 }

@@ -144,6 +144,12 @@ pub struct Console {
 }
 
 impl Console {
+    /// KVM's counters as one line: "exits 5669, io_exits 901, …" (empty without debugfs).
+    pub fn kvm_line(&self) -> String {
+        let kvm: Vec<String> = self.kvm.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        kvm.join(", ")
+    }
+
     /// When the mark `m` arrived.
     pub fn at(&self, m: &str) -> Option<Duration> {
         self.marks.iter().find(|(_, x)| x == m).map(|(t, _)| *t)

@@ -379,11 +379,10 @@ fn run(cmd: &mut Command) -> Result<Run> {
     } else if c.value("ping_received").is_some_and(|n| n < 20.0) {
         c.fail(format!("pings lost: {:?}", c.marks));
     }
-    let kvm: Vec<String> = c.kvm.iter().map(|(k, n)| format!("{k} {n}")).collect();
     Ok(Run {
         values,
+        kvm: c.kvm_line(),
         failure: c.failure,
-        kvm: kvm.join(", "),
     })
 }
 
