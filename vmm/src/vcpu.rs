@@ -387,27 +387,46 @@ impl std::fmt::Display for ExitCounts {
 /// KVM would not say.
 fn where_it_stopped(vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
-        (Ok(r), Ok(s)) => format!(
-            " at RIP {:#x} (RSP {:#x}, CR0 {:#x}, CR2 {:#x}, CR3 {:#x}, CR4 {:#x}, EFER {:#x}, \
-             IDT {:#x}+{:#x}, CS {:#x})",
-            r.rip,
-            r.rsp,
-            s.cr0,
-            s.cr2,
-            s.cr3,
-            s.cr4,
-            s.efer,
-            s.idt.base,
-            s.idt.limit,
-            s.cs.selector
-        ),
+        (Ok(r), Ok(s)) => stopped_at(&r, &s),
         _ => String::new(),
     }
+}
+
+/// [`where_it_stopped`] from the registers. KVM on AMD (SVM) puts a vCPU that triple-faulted
+/// into its INIT state before it reports the shutdown (the VMCB is undefined after a SHUTDOWN
+/// intercept: `shutdown_interception` in arch/x86/kvm/svm/svm.c), so the reset vector there
+/// says nothing about where the guest was.
+fn stopped_at(r: &kvm_regs, s: &kvm_bindings::kvm_sregs) -> String {
+    if r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cs.base == 0xffff_0000 {
+        return " (where is unknown: KVM left the vCPU in its INIT state, as it does on AMD)"
+            .into();
+    }
+    format!(
+        " at RIP {:#x} (RSP {:#x}, CR0 {:#x}, CR2 {:#x}, CR3 {:#x}, CR4 {:#x}, EFER {:#x}, \
+         IDT {:#x}+{:#x}, CS {:#x})",
+        r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn triple_fault_place_unless_init_state() {
+        let mut r = kvm_regs {
+            rip: 0xffff_ffff_8100_1234,
+            ..Default::default()
+        };
+        let mut s = kvm_bindings::kvm_sregs::default();
+        s.cs.selector = 0x10;
+        assert!(stopped_at(&r, &s).starts_with(" at RIP 0xffffffff81001234 "));
+        // What KVM on AMD reports after a triple fault: the INIT state.
+        r.rip = 0xfff0;
+        s.cs.selector = 0xf000;
+        s.cs.base = 0xffff_0000;
+        assert!(stopped_at(&r, &s).contains("unknown"));
+    }
 
     #[test]
     fn lvt_mode_keeps_other_bits() {
