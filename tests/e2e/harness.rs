@@ -810,6 +810,13 @@ impl Streaming {
     }
 }
 
+/// Whether `line` is a kernel message ("[  377.38] watchdog: ..."): in the L1 run's output,
+/// L1's own console, which a frozen L1 guest fills with its soft-lockup reports.
+pub(crate) fn is_kernel_message(line: &str) -> bool {
+    let line = line.trim_start();
+    !line.is_empty() && without_kernel_message(line).is_empty()
+}
+
 /// A console line up to a kernel message that the kernel wrote into it (the guest's own
 /// console output and printk share the serial port: "value[   92.37] platform ...").
 fn without_kernel_message(line: &str) -> &str {
