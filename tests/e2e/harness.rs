@@ -376,6 +376,50 @@ pub(crate) fn spontaneous_reset(code: Option<i32>, console: &str, stderr: &str) 
     code == Some(3) && (before_init || (stderr.contains(TRIPLE_FAULT) && !asked))
 }
 
+/// L1's tracefs, mounted if need be; None outside L1 or where it cannot be had.
+fn tracefs() -> Option<&'static Path> {
+    std::env::var_os(INSIDE)?;
+    let dir = Path::new("/sys/kernel/tracing");
+    if !dir.join("trace").exists() {
+        Command::new("mount")
+            .args(["-t", "tracefs", "nodev"])
+            .arg(dir)
+            .status()
+            .ok()?;
+    }
+    Some(dir)
+}
+
+/// A trace instance of L1's (its own buffer; [`kvm_exits_report`] uses the main one) that
+/// keeps its guests' shutdown exits (triple faults) and the exceptions KVM injected into
+/// them. On AMD, KVM puts a vCPU that triple-faulted into its INIT state before nixvm can
+/// ask where it was (vmm/src/vcpu.rs); the exit's trace event still has the guest's RIP.
+const SHUTDOWN_TRACE: &str = "instances/nixvm-e2e-shutdowns";
+
+/// Starts [`SHUTDOWN_TRACE`] inside L1 (best effort: a run without it only says less).
+pub(crate) fn trace_shutdowns() {
+    let Some(dir) = tracefs() else { return };
+    let dir = dir.join(SHUTDOWN_TRACE);
+    let _ = std::fs::create_dir(&dir);
+    let exit = dir.join("events/kvm/kvm_exit");
+    // SVM_EXIT_SHUTDOWN: L1's KVM runs on (emulated) AMD SVM.
+    let _ = std::fs::write(exit.join("filter"), "exit_reason == 127");
+    let _ = std::fs::write(exit.join("enable"), "1");
+    let _ = std::fs::write(dir.join("events/kvm/kvm_inj_exception/enable"), "1");
+}
+
+/// The last `n` events of [`SHUTDOWN_TRACE`] ("kvm_exit: vcpu 0 reason shutdown rip 0x…",
+/// "kvm_inj_exception: #GP (0x0)"), for a guest that reset without asking.
+pub(crate) fn shutdown_trace(n: usize) -> Option<String> {
+    let trace = std::fs::read_to_string(tracefs()?.join(SHUTDOWN_TRACE).join("trace")).ok()?;
+    let events: Vec<&str> = trace.lines().filter(|l| !l.starts_with('#')).collect();
+    let last = &events[events.len().saturating_sub(n)..];
+    Some(format!(
+        "e2e: L1's last shutdown exits and injected exceptions ({SHUTDOWN_TRACE}):\n{}",
+        last.join("\n")
+    ))
+}
+
 /// What nixvm says on stderr when the guest triple-faults (vmm/src/vcpu.rs).
 const TRIPLE_FAULT: &str = "triple fault in the guest";
 
@@ -398,6 +442,9 @@ pub(crate) fn retry_stalled<T>(
         println!(
             "e2e: {what} stalled or the guest reset without asking (known hazards of the nested-KVM route); once more"
         );
+        if let Some(trace) = shutdown_trace(12) {
+            println!("{trace}");
+        }
         working_on(what);
         result = f();
     }
@@ -578,15 +625,7 @@ pub(crate) fn threads_report(pid: u32) -> String {
 /// no exits while its thread runs is one the route does not run; one exiting at the same
 /// few addresses is a guest in a loop. Inside L1 only (its tracefs, mounted if need be).
 pub(crate) fn kvm_exits_report() -> Option<String> {
-    std::env::var_os(INSIDE)?;
-    let dir = Path::new("/sys/kernel/tracing");
-    if !dir.join("trace").exists() {
-        Command::new("mount")
-            .args(["-t", "tracefs", "nodev"])
-            .arg(dir)
-            .status()
-            .ok()?;
-    }
+    let dir = tracefs()?;
     let enable = dir.join("events/kvm/kvm_exit/enable");
     std::fs::write(dir.join("trace"), "").ok()?;
     std::fs::write(&enable, "1").ok()?;

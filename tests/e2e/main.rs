@@ -15,6 +15,7 @@ use std::time::Duration;
 /// Inside the route that can boot: run the boot tests, print their lines.
 fn inside(filter: Option<String>) -> i32 {
     start_heartbeat();
+    trace_shutdowns();
     let mut t = Runner {
         filter,
         ..Default::default()
