@@ -150,7 +150,7 @@ fn measure(root: &Path, systemd_dir: &Path) -> Result<()> {
         for i in 1..=runs {
             for v in &mut vmms {
                 if let Some(image) = &g.disk {
-                    common::copy_sparse(image, &scratch_disk())?;
+                    common::images::copy_sparse(image, &scratch_disk())?;
                 }
                 let run = boot(&mut v.command, g)?;
                 let [up, total] = [0, 1].map(|n| run.values[n].unwrap_or_default());

@@ -55,18 +55,9 @@ pub fn build_systemd_guest(assets: &Path) -> Result<Option<PathBuf>> {
     Ok(built.success().then_some(dir))
 }
 
-/// Copies a disk image, keeping it sparse.
-pub fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    let cp = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .status()?;
-    if !cp.success() {
-        return Err(format!("cannot copy {} to {}", from.display(), to.display()).into());
-    }
-    Ok(())
-}
+/// Disk image helpers shared with the e2e tests (`images::copy_sparse`).
+#[path = "../tests/support/images.rs"]
+pub mod images;
 
 /// Writes to `out` the test guest's initramfs with `bin` added as `/bin/NAME`: a second newc
 /// archive after the first, which the kernel unpacks too. `scratch` is a directory to use.

@@ -174,7 +174,7 @@ fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
 /// command and to the script's exit after `poweroff`.
 fn run(vmm: &Vmm, guest: &Path, dir: &Path) -> Result<(f64, f64)> {
     std::fs::create_dir_all(dir.join("shared"))?;
-    common::copy_sparse(&guest.join("root.img"), &dir.join("root.img"))?;
+    common::images::copy_sparse(&guest.join("root.img"), &dir.join("root.img"))?;
     let script = dir.join("run-trixie-vm");
     std::fs::write(&script, format!("#!/bin/sh\n{}\n", vmm.script))?;
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;

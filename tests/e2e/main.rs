@@ -40,6 +40,8 @@ mod disks;
 mod fs;
 mod harness;
 mod hostile;
+#[path = "../support/images.rs"]
+mod images;
 mod lifecycle;
 mod net;
 mod passt;

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::images::copy_sparse;
 use crate::lifecycle::{Qmp, monitor_answer, monitor_command};
 use crate::vsock::{big, send_to_guest_port, sha_server};
 
@@ -167,13 +168,7 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
     std::fs::create_dir_all(&tmp).map_err(e)?;
     // A writable copy of the root (the build's stays as it is), holes kept.
     let img = tmp.join("root.img");
-    let cp = Command::new("cp")
-        .args(["--sparse=always"])
-        .arg(dir.join("root.img"))
-        .arg(&img)
-        .status()
-        .map_err(e)?;
-    check!(cp.success(), "cannot copy the systemd guest's root.img");
+    copy_sparse(&dir.join("root.img"), &img).map_err(e)?;
     let notify_path = tmp.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).map_err(e)?;
     let heard: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
