@@ -637,8 +637,10 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
         .take(8 << 20)
         .read_to_string(&mut trace)
         .ok()?;
-    // "... kvm_exit: vcpu 0 reason hlt rip 0xffffffff81c3e1b5 info1 ..." (SVM, Linux 6.1).
-    let mut by_vcpu: std::collections::BTreeMap<String, Vec<(String, String)>> =
+    // "... kvm_exit: vcpu 0 reason hlt rip 0xffffffff81c3e1b5 info1 ..." (SVM, Linux 6.1);
+    // for a nested page fault (npf) info1 is the error code and info2 the guest physical
+    // address (an MMIO register of nixvm's, or RAM: then L1's KVM had to map or emulate).
+    let mut by_vcpu: std::collections::BTreeMap<String, Vec<(String, String, String)>> =
         std::collections::BTreeMap::new();
     for l in trace.lines() {
         let Some((_, ev)) = l.split_once("kvm_exit: ") else {
@@ -651,10 +653,16 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
                 .and_then(|i| w.get(i + 1))
                 .map_or_else(|| "?".to_owned(), |v| (*v).to_owned())
         };
+        let reason = after("reason");
+        let gpa = if reason == "npf" {
+            format!("{} (error {})", after("info2"), after("info1"))
+        } else {
+            String::new()
+        };
         by_vcpu
             .entry(after("vcpu"))
             .or_default()
-            .push((after("reason"), after("rip")));
+            .push((reason, after("rip"), gpa));
     }
     // The most frequent values, "value×count", at most `n`.
     let top = |vals: Vec<&String>, n: usize| {
@@ -683,6 +691,14 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
             top(exits.iter().map(|e| &e.0).collect(), 5),
             top(exits.iter().map(|e| &e.1).collect(), 4)
         ));
+        let npf: Vec<&String> = exits
+            .iter()
+            .map(|e| &e.2)
+            .filter(|g| !g.is_empty())
+            .collect();
+        if !npf.is_empty() {
+            out.push_str(&format!("; npf at {}", top(npf, 3)));
+        }
     }
     Some(out)
 }
