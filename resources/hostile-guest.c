@@ -208,11 +208,26 @@ static uint16_t wait_used(struct dev *d, int qi, uint16_t want, int ms)
 	return __atomic_load_n(&d->q[qi].used->idx, __ATOMIC_ACQUIRE);
 }
 
-static const char *needs_reset(struct dev *d)
+/* Whether the device set DEVICE_NEEDS_RESET within `ms` (polled: a device whose worker is
+ * slow to take the kick under load still counts; a quiet device costs the whole wait). */
+static const char *needs_reset_within(struct dev *d, int ms)
 {
-	sleep_ms(200);
+	for (int i = 0; i < ms / 5; i++) {
+		if (rd(d, STATUS) & S_NEEDS_RESET)
+			return "needs_reset";
+		sleep_ms(5);
+	}
 	return (rd(d, STATUS) & S_NEEDS_RESET) ? "needs_reset" : "quiet";
 }
+
+/* After a game the device has answered (its used index moved), a short grace is enough. */
+static const char *needs_reset(struct dev *d)
+{
+	return needs_reset_within(d, 200);
+}
+
+/* After a game only DEVICE_NEEDS_RESET answers: wait long enough for a loaded host. */
+#define RESET_WAIT_MS 3000
 
 /* The queue the games play with: TX for net (served at every kick), the first otherwise. */
 #define GAMEQ (d->id == ID_NET ? 1 : 0)
@@ -226,7 +241,7 @@ static void game_ahead(struct dev *d)
 	driver_ok(d);
 	d->q[GAMEQ].avail->idx = 0x4000;
 	wr(d, QUEUE_NOTIFY, GAMEQ);
-	result(d, "ahead", "%s", needs_reset(d));
+	result(d, "ahead", "%s", needs_reset_within(d, RESET_WAIT_MS));
 	reset(d);
 }
 
@@ -312,7 +327,7 @@ static void game_wild_address(struct dev *d)
 		wr(d, QUEUE_READY, 1);
 		driver_ok(d);
 		wr(d, QUEUE_NOTIFY, GAMEQ);
-		result(d, "wild_ring", "%s", needs_reset(d));
+		result(d, "wild_ring", "%s", needs_reset_within(d, RESET_WAIT_MS));
 	}
 	reset(d);
 }
