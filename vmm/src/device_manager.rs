@@ -307,6 +307,11 @@ fn add_virtio_devices(
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY), q)
                 .map_err(kvm_err("register a virtio queue notifier"))?;
         }
+        for v in mmio::ACK_VALUES {
+            let ack = IoEventAddress::Mmio(base + mmio::INTERRUPT_ACK);
+            vm.register_ioevent(transport.ack_sink(), &ack, v)
+                .map_err(kvm_err("register a virtio interrupt acknowledgement"))?;
+        }
         buses
             .mmio
             .insert(base, layout::VIRTIO_MMIO_SIZE, {

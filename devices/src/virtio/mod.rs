@@ -57,8 +57,8 @@ pub trait Interrupt: Send + Sync {
     }
 }
 
-/// The virtio-mmio interrupt: a status word the driver reads and acknowledges, and an
-/// eventfd wired to the device's GSI.
+/// The virtio-mmio interrupt: a status word the driver reads (which acknowledges it, see
+/// [`MmioInterrupt::take`]), and an eventfd wired to the device's GSI.
 pub struct MmioInterrupt {
     pub status: AtomicU32,
     pub evt: EventFd,
@@ -84,22 +84,24 @@ impl MmioInterrupt {
         }
     }
 
-    /// The driver acknowledged the bits `acked`; what is still pending is raised again, as a
-    /// level-triggered line stays up (so no notification waits on an acknowledgement that
-    /// never comes).
-    pub fn acknowledge(&self, acked: u32) {
-        if self.status.fetch_and(!acked, Ordering::SeqCst) & !acked != 0 {
-            self.raise();
-        }
+    /// The driver reads InterruptStatus: it gets the pending bits, and they are cleared, as
+    /// virtio-pci's ISR register is read-to-clear. Every driver acknowledges what it read
+    /// before it looks at the rings (Linux writes InterruptACK with the value it read, right
+    /// after reading), so this is the acknowledgement one exit earlier, and the write itself
+    /// never reaches nixvm: the vmm sinks it in a KVM ioeventfd ([`mmio::ACK_VALUES`]). A
+    /// notification after the read finds nothing pending and raises a new edge; one before
+    /// it is in the value read.
+    pub fn take(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
     }
 }
 
 impl Interrupt for MmioInterrupt {
     /// Raises the interrupt only for bits not already pending: while they are, the driver
-    /// has an interrupt on its way and sees the new work when it handles it (it acknowledges
-    /// before it looks at the rings). A second edge would only cost it another interrupt and
-    /// two more exits (reading the status, acknowledging it), as a level-triggered line
-    /// (QEMU's) does not.
+    /// has an interrupt on its way and sees the new work when it handles it (it reads the
+    /// status before it looks at the rings). A second edge would only cost it another
+    /// interrupt and another exit (reading the status), as a level-triggered line (QEMU's)
+    /// does not.
     fn trigger(&self, status: u32) {
         if self.status.fetch_or(status, Ordering::SeqCst) & status != status {
             self.raise();
@@ -426,15 +428,13 @@ mod tests {
         assert_eq!(edges(), 1);
         irq.trigger(config);
         assert_eq!(edges(), 1);
-        // What the driver did not acknowledge is raised again; a clean acknowledgement raises
-        // nothing, and the next notification raises the line anew.
-        irq.acknowledge(vring);
-        assert_eq!(edges(), 1);
-        irq.acknowledge(config);
+        // The driver's read takes both bits and raises nothing; the next notification finds
+        // nothing pending and raises the line anew.
+        assert_eq!(irq.take(), vring | config);
         assert_eq!(edges(), 0);
         irq.trigger(vring);
         assert_eq!(edges(), 1);
-        assert_eq!(irq.status.load(Ordering::SeqCst), vring);
+        assert_eq!(irq.take(), vring);
     }
 
     /// Waits until `cond` holds, for at most 5 s.
