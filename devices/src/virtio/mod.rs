@@ -277,6 +277,8 @@ pub type OwnedChain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
 /// when it wants to know. At most the queue's size of chains are taken and not yet completed
 /// (a driver cannot have more outstanding; one that republishes heads waits in the ring):
 /// the worker stops taking chains there, and the thread that completes one wakes it again.
+/// The last chain of each pass the worker serves itself: a lone request (queue depth one)
+/// then costs no hand-off to another thread, only the wake-up of the worker by the kick.
 /// Dropping the pool finishes the requests in flight first.
 pub struct QueuePool {
     worker: Option<worker::Worker>,
@@ -306,23 +308,22 @@ impl QueuePool {
             .ok_or(ActivateError::BadQueue(0))?
             .try_clone()
             .map_err(ActivateError::Thread)?;
-        let kick = Arc::new(kick);
         let (tx, rx) = mpsc::channel::<OwnedChain>();
         let rx = Arc::new(Mutex::new(rx));
         let handle = Arc::new(handle);
+        let done = Arc::new(Completion {
+            queue: queue.clone(),
+            irq: irq.clone(),
+            in_flight: in_flight.clone(),
+            limit,
+            kick,
+        });
         let mut pool = QueuePool {
             worker: None,
             threads: Vec::new(),
         };
         for i in 0..threads {
-            let (rx, queue, mem, irq, handle) = (
-                rx.clone(),
-                queue.clone(),
-                mem.clone(),
-                irq.clone(),
-                handle.clone(),
-            );
-            let (in_flight, kick) = (in_flight.clone(), kick.clone());
+            let (rx, mem, handle, done) = (rx.clone(), mem.clone(), handle.clone(), done.clone());
             let t = worker::spawn_thread(format!("{name}-io{i}"), move || {
                 loop {
                     // The receiver is locked only to take one chain: the threads run
@@ -333,19 +334,7 @@ impl QueuePool {
                     let head = chain.head_index();
                     let m = mem.memory();
                     let len = handle(chain, &m);
-                    let mut q = lock(&queue);
-                    if let Err(e) = q.add_used(&*m, head, len) {
-                        crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
-                    }
-                    let notify = q.needs_notification(&*m).unwrap_or(true);
-                    drop(q);
-                    if notify {
-                        irq.trigger(VIRTIO_MMIO_INT_VRING);
-                    }
-                    // The worker stopped taking chains at the limit: room again.
-                    if in_flight.fetch_sub(1, Ordering::SeqCst) == limit {
-                        let _ = kick.write(1);
-                    }
+                    done.complete(&m, head, len);
                 }
             })
             .map_err(ActivateError::Thread)?;
@@ -357,9 +346,14 @@ impl QueuePool {
             }
             let m = mem.memory();
             let mut q = lock(&queue);
-            // The pool threads outlive this thread, so the channel stays open.
+            // Each chain goes to the pool when the next one shows that there is more; the
+            // last stays here. The pool threads outlive this thread, so the channel stays
+            // open.
+            let mut last: Option<OwnedChain> = None;
             let served = queue::for_each_chain(&mut q, m.clone(), |_, chain| {
-                let _ = tx.send(chain);
+                if let Some(earlier) = last.replace(chain) {
+                    let _ = tx.send(earlier);
+                }
                 if in_flight.fetch_add(1, Ordering::SeqCst) + 1 >= limit {
                     ControlFlow::Break(())
                 } else {
@@ -369,10 +363,45 @@ impl QueuePool {
             if let Err(e) = served {
                 broken_queue(&mut q, irq.as_ref(), &e);
             }
+            drop(q);
+            if let Some(chain) = last {
+                let head = chain.head_index();
+                let len = handle(chain, &m);
+                done.complete(&m, head, len);
+            }
         })
         .map_err(ActivateError::Thread)?;
         pool.worker = Some(w);
         Ok(pool)
+    }
+}
+
+/// What completing one of a [`QueuePool`]'s chains takes, shared by its threads.
+struct Completion {
+    queue: Arc<Mutex<Queue>>,
+    irq: Arc<dyn Interrupt>,
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+    /// The worker's queue eventfd.
+    kick: EventFd,
+}
+
+impl Completion {
+    /// Puts the chain at `head` in the used ring with `len` bytes written, interrupts the
+    /// driver if it wants to know, and wakes the worker if it had stopped at the limit.
+    fn complete(&self, m: &GuestMemoryMmap, head: u16, len: u32) {
+        let mut q = lock(&self.queue);
+        if let Err(e) = q.add_used(m, head, len) {
+            crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
+        }
+        let notify = q.needs_notification(m).unwrap_or(true);
+        drop(q);
+        if notify {
+            self.irq.trigger(VIRTIO_MMIO_INT_VRING);
+        }
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == self.limit {
+            let _ = self.kick.write(1);
+        }
     }
 }
 
