@@ -212,7 +212,8 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         }
     }
 
-    header(root, assets, image, runs, commit.as_deref())?;
+    let looped = loop_device.is_some();
+    header(root, assets, image, looped, runs, commit.as_deref())?;
     for (name, cmd) in &columns[..columns.len() - 1] {
         println!("- {name}: `{}`", command_line(cmd, root));
     }
@@ -276,18 +277,20 @@ fn run(cmd: &mut Command) -> Result<Run> {
     })
 }
 
-/// The facts around the table: when, where, what.
+/// The facts around the table: when, where, what. `looped`: `image` is the loop device
+/// `measure` attached.
 fn header(
     root: &Path,
     assets: &Path,
     image: &Path,
+    looped: bool,
     runs: usize,
     commit: Option<&str>,
 ) -> Result<()> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
     let uname = output(Command::new("uname").arg("-r"))?;
     let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
-    let place = if common::in_l1() {
+    let place = if looped {
         format!(
             "on {}, a loop device over a copy in L1's memory (tmpfs)",
             image.display()
