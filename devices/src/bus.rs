@@ -9,6 +9,9 @@ use crate::lock;
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Puts the device back in its power-on state (a machine reset: reboot in place). What
+    /// a real machine keeps across a reset (CMOS RAM) stays.
+    fn reset(&mut self) {}
 }
 
 struct Range {
@@ -54,6 +57,13 @@ impl Bus {
             .iter()
             .find(|r| addr >= r.base && addr - r.base < r.len)
             .map(|r| (r, addr - r.base))
+    }
+
+    /// Resets every device on the bus ([`BusDevice::reset`]).
+    pub fn reset(&self) {
+        for r in &self.ranges {
+            lock(&r.device).reset();
+        }
     }
 
     /// A guest read; returns whether a device answered.

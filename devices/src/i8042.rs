@@ -45,6 +45,8 @@ const CTR_KBD_INT: u8 = 0x01;
 const CTR_SYS: u8 = 0x04;
 const CTR_AUX_DIS: u8 = 0x20;
 const CTR_XLATE: u8 = 0x40;
+/// The command byte at power-on (and after a machine reset).
+const CTR_POWER_ON: u8 = CTR_KBD_INT | CTR_SYS | CTR_AUX_DIS | CTR_XLATE;
 
 // Keyboard commands and replies.
 const KBD_SET_LEDS: u8 = 0xed;
@@ -248,7 +250,7 @@ impl I8042 {
         I8042 {
             exit,
             keyboard: None,
-            ctr: CTR_KBD_INT | CTR_SYS | CTR_AUX_DIS | CTR_XLATE,
+            ctr: CTR_POWER_ON,
             last_was_command: false,
             pending: None,
             out: VecDeque::new(),
@@ -416,6 +418,18 @@ impl I8042 {
 
 /// Registered at the data port (0x60) with a length of 5, covering the command port at offset 4.
 impl BusDevice for I8042 {
+    /// The power-on state: scanning on, nothing buffered or half-done.
+    fn reset(&mut self) {
+        self.ctr = CTR_POWER_ON;
+        self.last_was_command = false;
+        self.pending = None;
+        self.out.clear();
+        if let Some(k) = &mut self.keyboard {
+            k.pending = None;
+            k.enabled = true;
+        }
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if self.keyboard.is_none() {
             // Status 0: output buffer empty, input buffer empty. Data: nothing.
@@ -557,6 +571,24 @@ mod tests {
             Err(KeyError::Unknown("hyper".into()))
         );
         assert!(drain(&mut dev).is_empty(), "half a chord was sent");
+    }
+
+    #[test]
+    fn a_machine_reset_restores_the_power_on_state() {
+        let (mut dev, _irq) = keyboard();
+        // Before the reset: translation off, scanning off, a command half-written and a
+        // reply nobody read.
+        dev.write(4, &[CMD_WRITE_CTR]);
+        dev.write(0, &[CTR_KBD_INT | CTR_SYS]);
+        dev.write(0, &[0xf5]);
+        dev.write(0, &[KBD_GET_ID]);
+        dev.write(0, &[KBD_SET_LEDS]);
+        dev.reset();
+        assert!(drain(&mut dev).is_empty(), "nothing left buffered");
+        dev.send_keys(&["a"]).unwrap();
+        assert_eq!(drain(&mut dev), [0x1e, 0x9e], "scanning on, set 1 again");
+        dev.write(0, &[0x00]); // not the parameter of the LED command from before
+        assert_eq!(drain(&mut dev), [KBD_RESEND]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::config::{ConsoleConfig, MonitorConfig, OnReboot, VmConfig};
 use crate::console::{Controller, Input, Port};
 use crate::control::{Control, ControlParts, MonitorEnd, VmInfo};
-use crate::device_manager::{self, Devices, Transport};
+use crate::device_manager::{self, Devices};
 use crate::lifecycle::{self, Exit, ExitState, PauseGate};
 use crate::seccomp;
 use crate::unix::Listener;
@@ -368,7 +368,6 @@ struct ResetState {
     vcpus: Vec<vcpu::InitialState>,
     irqchips: Vec<kvm_bindings::kvm_irqchip>,
     pit: kvm_bindings::kvm_pit_state2,
-    transports: Vec<Transport>,
 }
 
 /// Loads the kernel, initrd, ACPI tables and boot parameters into guest memory; returns the
@@ -579,7 +578,6 @@ impl Vm {
             vcpus: initial,
             irqchips,
             pit,
-            transports,
         };
 
         let signal_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
@@ -731,9 +729,9 @@ impl Vm {
                 "a vCPU thread was lost",
             )));
         }
-        for t in &r.transports {
-            nixvm_devices::lock(t).reset();
-        }
+        // The virtio transports (MMIO) and the legacy devices (port I/O).
+        self.bus.mmio.reset();
+        self.bus.pio.reset();
         let mem = self.mem.memory();
         zero_memory(&mem).map_err(|e| Error::Memory(r.config.memory.0, e))?;
         load_guest(&mem, &r.config, &r.device_aml, &r.cmdline)?;

@@ -284,6 +284,10 @@ impl crate::bus::BusDevice for MmioTransport {
             _ => crate::guest_warn!("virtio-mmio: write {v:#x} to register {offset:#x} ignored"),
         }
     }
+
+    fn reset(&mut self) {
+        MmioTransport::reset(self);
+    }
 }
 
 impl MmioTransport {
