@@ -310,8 +310,8 @@ impl QueuePool {
             .map_err(ActivateError::Thread)?;
         let (tx, rx) = mpsc::channel::<OwnedChain>();
         let rx = Arc::new(Mutex::new(rx));
-        let handle = Arc::new(handle);
-        let done = Arc::new(Completion {
+        let server = Arc::new(Server {
+            handle,
             queue: queue.clone(),
             irq: irq.clone(),
             in_flight: in_flight.clone(),
@@ -323,7 +323,7 @@ impl QueuePool {
             threads: Vec::new(),
         };
         for i in 0..threads {
-            let (rx, mem, handle, done) = (rx.clone(), mem.clone(), handle.clone(), done.clone());
+            let (rx, mem, server) = (rx.clone(), mem.clone(), server.clone());
             let t = worker::spawn_thread(format!("{name}-io{i}"), move || {
                 loop {
                     // The receiver is locked only to take one chain: the threads run
@@ -331,10 +331,7 @@ impl QueuePool {
                     // sender, is gone.
                     let next = lock(&rx).recv();
                     let Ok(chain) = next else { break };
-                    let head = chain.head_index();
-                    let m = mem.memory();
-                    let len = handle(chain, &m);
-                    done.complete(&m, head, len);
+                    server.serve(chain, &mem.memory());
                 }
             })
             .map_err(ActivateError::Thread)?;
@@ -365,9 +362,7 @@ impl QueuePool {
             }
             drop(q);
             if let Some(chain) = last {
-                let head = chain.head_index();
-                let len = handle(chain, &m);
-                done.complete(&m, head, len);
+                server.serve(chain, &m);
             }
         })
         .map_err(ActivateError::Thread)?;
@@ -376,8 +371,9 @@ impl QueuePool {
     }
 }
 
-/// What completing one of a [`QueuePool`]'s chains takes, shared by its threads.
-struct Completion {
+/// What serving one of a [`QueuePool`]'s chains takes, shared by its threads.
+struct Server<H> {
+    handle: H,
     queue: Arc<Mutex<Queue>>,
     irq: Arc<dyn Interrupt>,
     in_flight: Arc<AtomicUsize>,
@@ -386,10 +382,12 @@ struct Completion {
     kick: EventFd,
 }
 
-impl Completion {
-    /// Puts the chain at `head` in the used ring with `len` bytes written, interrupts the
+impl<H: Fn(OwnedChain, &GuestMemoryMmap) -> u32> Server<H> {
+    /// Handles `chain`, puts it in the used ring with the bytes written, interrupts the
     /// driver if it wants to know, and wakes the worker if it had stopped at the limit.
-    fn complete(&self, m: &GuestMemoryMmap, head: u16, len: u32) {
+    fn serve(&self, chain: OwnedChain, m: &GuestMemoryMmap) {
+        let head = chain.head_index();
+        let len = (self.handle)(chain, m);
         let mut q = lock(&self.queue);
         if let Err(e) = q.add_used(m, head, len) {
             crate::guest_warn!("virtio: cannot complete descriptor {head}: {e}");
