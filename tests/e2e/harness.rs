@@ -640,7 +640,7 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
     // "... kvm_exit: vcpu 0 reason hlt rip 0xffffffff81c3e1b5 info1 ..." (SVM, Linux 6.1);
     // for a nested page fault (npf) info1 is the error code and info2 the guest physical
     // address (an MMIO register of nixvm's, or RAM: then L1's KVM had to map or emulate).
-    let mut by_vcpu: std::collections::BTreeMap<String, Vec<(String, String, String)>> =
+    let mut by_vcpu: std::collections::BTreeMap<String, Vec<(String, String, Option<String>)>> =
         std::collections::BTreeMap::new();
     for l in trace.lines() {
         let Some((_, ev)) = l.split_once("kvm_exit: ") else {
@@ -654,11 +654,8 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
                 .map_or_else(|| "?".to_owned(), |v| (*v).to_owned())
         };
         let reason = after("reason");
-        let gpa = if reason == "npf" {
-            format!("{} (error {})", after("info2"), after("info1"))
-        } else {
-            String::new()
-        };
+        let gpa =
+            (reason == "npf").then(|| format!("{} (error {})", after("info2"), after("info1")));
         by_vcpu
             .entry(after("vcpu"))
             .or_default()
@@ -691,11 +688,7 @@ pub(crate) fn kvm_exits_report() -> Option<String> {
             top(exits.iter().map(|e| &e.0).collect(), 5),
             top(exits.iter().map(|e| &e.1).collect(), 4)
         ));
-        let npf: Vec<&String> = exits
-            .iter()
-            .map(|e| &e.2)
-            .filter(|g| !g.is_empty())
-            .collect();
+        let npf: Vec<&String> = exits.iter().filter_map(|e| e.2.as_ref()).collect();
         if !npf.is_empty() {
             out.push_str(&format!("; npf at {}", top(npf, 3)));
         }
