@@ -17,6 +17,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 /// A guest buffer: address and length.
 pub type Segment = (GuestAddress, usize);
 
+/// The most iovecs one readv/preadv/pwritev takes (Linux's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+
 /// A chain's buffers in chain order: those the device reads (a request's header and data)
 /// and those it writes (a reply). The chain's own iterator stops after the queue size's
 /// worth of descriptors, so these stay bounded.
@@ -138,6 +141,39 @@ impl<'a> GuestIovecs<'a> {
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
+    /// readv from `fd` (a TAP: one frame) into the buffers and then one spare byte of
+    /// nixvm's, so that a frame longer than the buffers shows as a length beyond them
+    /// whether the kernel returns the frame's length or only what it wrote. Returns that
+    /// length. At most IOV_MAX - 1 buffers are filled.
+    pub fn readv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut spare = 0u8;
+        self.iovs.truncate(IOV_MAX - 1);
+        self.iovs.push(libc::iovec {
+            iov_base: (&raw mut spare).cast(),
+            iov_len: 1,
+        });
+        let count = libc::c_int::try_from(self.iovs.len()).expect("IOV_MAX");
+        // SAFETY: every iovec points into guest memory that `'a` keeps mapped, with the
+        // length get_slice checked (and marked dirty), or at `spare`, which outlives the
+        // call; readv writes only those bytes.
+        let n = unsafe { libc::readv(fd, self.iovs.as_ptr(), count) };
+        self.iovs.pop();
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// One datagram from the socket `fd` into the buffers; returns its whole length, more
+    /// than they hold if it was cut short (MSG_TRUNC).
+    pub fn recv_datagram(&self, fd: RawFd) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = self.iovs.as_ptr().cast_mut();
+        msg.msg_iovlen = self.iovs.len().min(IOV_MAX);
+        // SAFETY: the iovecs point into guest memory that `'a` keeps mapped, with the
+        // length get_slice checked; recvmsg writes only those bytes and reads `msg`.
+        let n = unsafe { libc::recvmsg(fd, &raw mut msg, libc::MSG_TRUNC) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+
     /// preadv or pwritev at `offset` until every byte has moved (the end of the file first
     /// is an UnexpectedEof error).
     pub fn transfer_all(&mut self, file: &File, offset: u64, write: bool) -> io::Result<()> {
@@ -157,7 +193,7 @@ impl<'a> GuestIovecs<'a> {
             iovs = &mut iovs[1..];
         }
         while !iovs.is_empty() {
-            let count = libc::c_int::try_from(iovs.len().min(1024)).expect("at most IOV_MAX");
+            let count = libc::c_int::try_from(iovs.len().min(IOV_MAX)).expect("IOV_MAX");
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             // SAFETY: every iovec points into guest memory that `'a` keeps mapped, with the

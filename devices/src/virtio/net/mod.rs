@@ -9,10 +9,14 @@
 //! carries frames without a header, so no offloads are offered on it; nor on a VDE port
 //! ([`Vde`]), whose datagrams are bare frames.
 //!
-//! One worker thread per device polls the two queues' eventfds and the TAP or socket. While
-//! the guest has no receive buffers, the TAP is not polled (frames wait in its own queue)
-//! until the guest adds buffers; while a socket takes no more, the guest's frames wait in
-//! its transmit queue. Bad frames from the guest are dropped and counted.
+//! One worker thread per device polls the two queues' eventfds and the TAP or socket. A
+//! frame from the TAP is read straight into the guest's receive buffers (one readv), which
+//! the device takes from the ring beforehand: with mergeable buffers, enough for the largest
+//! frame (or the whole ring, if it holds less). While the guest has not given that much, the
+//! TAP is not polled (frames wait in its own queue) until it adds buffers; while a socket
+//! takes no more, the guest's frames wait in its transmit queue. Bad frames from the guest
+//! are dropped and counted.
+use std::collections::VecDeque;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
@@ -21,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 pub mod local;
@@ -34,7 +38,7 @@ pub use tap::{Error, TUNSETOFFLOAD, TUNSETVNETHDRSZ, Tap, mac_from_name};
 use tap::{TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
 pub use vde::Vde;
 
-use super::buffers::{ChainBuffers, GuestIovecs, gather, scatter, split, total};
+use super::buffers::{ChainBuffers, GuestIovecs, IOV_MAX, Segment, gather, scatter, split, total};
 use super::queue;
 use super::worker::Worker;
 use super::{
@@ -122,17 +126,14 @@ impl Backend {
         }
     }
 
-    /// One received frame into `dst`, virtio-net header first: its length, or WouldBlock.
-    fn recv(&self, dst: &mut [u8]) -> io::Result<usize> {
+    /// Reads one frame, virtio-net header first, into the guest buffers `segs` (at most
+    /// IOV_MAX - 1): its length, or WouldBlock. A length beyond what `segs` hold means the
+    /// frame did not fit: it was cut short or not written, and is lost.
+    fn recv(&self, mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<usize> {
         match self {
-            Backend::Tap(t) => {
-                // SAFETY: reading into our own buffer of that length.
-                let n =
-                    unsafe { libc::read(t.file.as_raw_fd(), dst.as_mut_ptr().cast(), dst.len()) };
-                usize::try_from(n).map_err(|_| io::Error::last_os_error())
-            }
-            Backend::Stream(s) => s.recv(dst),
-            Backend::Vde(v) => v.recv(dst),
+            Backend::Tap(t) => GuestIovecs::new(mem, segs)?.readv(t.file.as_raw_fd()),
+            Backend::Stream(s) => s.recv(mem, segs),
+            Backend::Vde(v) => v.recv(mem, segs),
         }
     }
 
@@ -344,13 +345,19 @@ impl Drop for Net {
     }
 }
 
-/// What a receive attempt did with the frame.
-enum Rx {
-    Delivered,
-    NoBuffers,
-    Dropped,
-    /// The receive queue is broken: it is not served again until a reset.
-    Broken(queue::QueueError),
+/// Writes a frame that came without a header (from a stream) into guest buffers after a
+/// zeroed header; returns its length with the header, as a TAP read gives it (if that is
+/// more than `segs` hold, nothing is written). The buffers were checked to be in guest
+/// memory when they were taken.
+fn put_frame(mem: &GuestMemoryMmap, segs: &[Segment], frame: &[u8]) -> usize {
+    let len = HDR_LEN + frame.len();
+    if len <= total(segs)
+        && let Some((hdr, rest)) = split(segs, HDR_LEN)
+    {
+        scatter(mem, &hdr, &[0; HDR_LEN]);
+        scatter(mem, &rest, frame);
+    }
+    len
 }
 
 /// The queues and the TAP, owned by the worker thread.
@@ -360,11 +367,12 @@ struct DataPath {
     irq: Arc<dyn Interrupt>,
     rxq: Queue,
     txq: Queue,
-    /// One frame read from the TAP (header included) and its length; a frame that found no
-    /// buffers waits here until the guest adds some.
-    frame: Vec<u8>,
-    pending: usize,
-    /// The guest has no receive buffers: the TAP is not polled until it adds some.
+    /// Receive chains taken from the ring before a frame is there for them, in ring order,
+    /// with the bytes they hold together: the next frame is read straight into them.
+    held: VecDeque<(u16, Vec<Segment>)>,
+    held_room: usize,
+    /// The guest has no receive buffers (or too few): the TAP is not polled until it adds
+    /// some.
     rx_blocked: bool,
 }
 
@@ -376,8 +384,8 @@ impl DataPath {
             irq,
             rxq,
             txq,
-            frame: vec![0; HDR_LEN + MAX_FRAME],
-            pending: 0,
+            held: VecDeque::new(),
+            held_room: 0,
             rx_blocked: false,
         }
     }
@@ -411,7 +419,8 @@ impl DataPath {
         }
     }
 
-    /// Moves frames from the TAP into the guest's receive buffers until one side runs dry.
+    /// Reads frames from the TAP straight into the guest's receive buffers until one side
+    /// runs dry.
     fn process_rx(&mut self) {
         let mem = self.mem.memory();
         if !self.rxq.ready() {
@@ -420,163 +429,172 @@ impl DataPath {
             return;
         }
         self.rx_blocked = false;
-        let mut used_any = false;
         if let Err(e) = self.rxq.disable_notification(&*mem) {
             crate::guest_warn!("virtio-net: bad rx used ring: {e}");
             return;
         }
         let used_before = self.rxq.next_used();
         loop {
-            if self.pending == 0 {
-                match self.wire.tap.recv(&mut self.frame) {
-                    Ok(n) if n < HDR_LEN + ETH_HLEN => {
-                        self.wire.stats.drop_frame(true, "runt frame from the host");
-                        continue;
-                    }
-                    Ok(_) if !self.wire.link_up() => {
-                        self.wire
-                            .stats
-                            .drop_frame(true, "the link is down (set_link)");
-                        continue;
-                    }
-                    Ok(n) => self.pending = n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        if !matches!(*self.wire.tap, Backend::Tap(_)) {
-                            // Closed, out of step, or the switch is gone: nothing more can
-                            // be read from it.
-                            self.wire.gone(&e.to_string());
-                        } else {
-                            crate::guest_warn!(
-                                "virtio-net {}: TAP read: {e}",
-                                self.wire.tap.name()
-                            );
-                        }
-                        break;
-                    }
-                }
-            }
-            match self.deliver(&mem) {
-                Rx::Delivered => {
-                    self.pending = 0;
-                    used_any = true;
-                    self.wire.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                }
-                Rx::Dropped => {
-                    self.pending = 0;
-                    used_any = true;
-                }
-                Rx::NoBuffers => {
+            match self.hold_buffers(&mem) {
+                Ok(true) => {}
+                Ok(false) => {
                     self.rx_blocked = true;
                     break;
                 }
-                Rx::Broken(e) => {
+                Err(e) => {
                     super::broken_queue(&mut self.rxq, self.irq.as_ref(), &e);
                     self.rx_blocked = true;
                     return;
                 }
             }
+            // What the largest frame needs, in as many buffers as one readv takes.
+            let mut segs = Vec::new();
+            let mut room = 0;
+            for &seg in self.held.iter().flat_map(|(_, segs)| segs) {
+                if room >= HDR_LEN + MAX_FRAME || segs.len() == IOV_MAX - 1 {
+                    break;
+                }
+                segs.push(seg);
+                room += seg.1;
+            }
+            let n = match self.wire.tap.recv(&mem, &segs) {
+                Ok(n) if n < HDR_LEN + ETH_HLEN => {
+                    self.wire.stats.drop_frame(true, "runt frame from the host");
+                    continue;
+                }
+                Ok(_) if !self.wire.link_up() => {
+                    self.wire
+                        .stats
+                        .drop_frame(true, "the link is down (set_link)");
+                    continue;
+                }
+                Ok(n) if n > room => {
+                    // The buffers stay for the next frame.
+                    self.wire
+                        .stats
+                        .drop_frame(true, "larger than the guest's receive buffer");
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    if !matches!(*self.wire.tap, Backend::Tap(_)) {
+                        // Closed, out of step, or the switch is gone: nothing more can
+                        // be read from it.
+                        self.wire.gone(&e.to_string());
+                    } else {
+                        crate::guest_warn!("virtio-net {}: TAP read: {e}", self.wire.tap.name());
+                    }
+                    break;
+                }
+            };
+            if let Err(e) = self.complete_frame(&mem, n) {
+                super::broken_queue(&mut self.rxq, self.irq.as_ref(), &e);
+                self.rx_blocked = true;
+                return;
+            }
+            self.wire.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
         }
-        if used_any && queue::needs_notification_since(&self.rxq, &*mem, used_before) {
+        if self.rxq.next_used() != used_before
+            && queue::needs_notification_since(&self.rxq, &*mem, used_before)
+        {
             self.irq.trigger(VIRTIO_MMIO_INT_VRING);
         }
     }
 
-    /// Puts the pending frame into receive buffers: as many chains as it needs with mergeable
-    /// buffers, else one chain that must hold it whole.
-    fn deliver(&mut self, mem: &GuestMemoryMmap) -> Rx {
-        let len = self.pending;
+    /// Takes receive chains from the ring until they hold the largest frame (with mergeable
+    /// buffers; without, one chain holds one frame), or the guest has handed over the whole
+    /// ring. Ok(false) if that is not so yet: notifications are on, and the guest's next
+    /// buffers wake the worker. A chain that cannot take a frame (device-readable buffers,
+    /// no room for the header, outside guest memory) goes back empty at once.
+    fn hold_buffers(&mut self, mem: &GuestMemoryMmap) -> Result<bool, queue::QueueError> {
         let mergeable = self.wire.has(VIRTIO_NET_F_MRG_RXBUF);
-        let start = self.rxq.next_avail();
-        let mut chains: Vec<(u16, Vec<(GuestAddress, usize)>)> = Vec::new();
-        let mut room = 0usize;
-        let mut malformed = Vec::new();
-        // One frame never takes more chains than the ring holds (zero-length buffers would).
-        let limit = usize::from(self.rxq.size());
+        let size = usize::from(self.rxq.size());
+        let mut returned = Vec::new();
         let mut rechecked = false;
-        while room < len
-            && (mergeable || chains.is_empty())
-            && chains.len() + malformed.len() < limit
-        {
+        // Every pop takes a new ring entry, so at most a ring's worth of them.
+        let result = loop {
+            let enough = if mergeable {
+                self.held_room >= HDR_LEN + MAX_FRAME || self.held.len() >= size
+            } else {
+                !self.held.is_empty()
+            };
+            if enough {
+                break Ok(true);
+            }
+            if returned.len() >= size {
+                break Ok(false);
+            }
             let chain = match queue::pop(&mut self.rxq, mem) {
                 Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    match self.rxq.enable_notification(mem) {
-                        // Buffers arrived meanwhile: look once more.
-                        Ok(true) if !rechecked => {
-                            rechecked = true;
-                            continue;
-                        }
-                        Ok(true) => return Rx::Broken(queue::QueueError::Stuck),
-                        Ok(false) => {}
-                        Err(e) => return Rx::Broken(e.into()),
+                Ok(None) => match self.rxq.enable_notification(mem) {
+                    // Buffers arrived meanwhile: look once more.
+                    Ok(true) if !rechecked => {
+                        rechecked = true;
+                        continue;
                     }
-                    // Put back what was taken; the guest's next buffers wake us.
-                    self.rxq.set_next_avail(start);
-                    return Rx::NoBuffers;
-                }
-                Err(e) => return Rx::Broken(e),
+                    Ok(true) => break Err(queue::QueueError::Stuck),
+                    Ok(false) => break Ok(false),
+                    Err(e) => break Err(e.into()),
+                },
+                Err(e) => break Err(e),
             };
             rechecked = false;
             let head = chain.head_index();
             let bufs = ChainBuffers::of(chain);
-            if !bufs.readable.is_empty() {
-                // Handed back empty with this frame (not before: a rollback re-reads it).
-                malformed.push(head);
+            let room = total(&bufs.writable);
+            let why = if !bufs.readable.is_empty() {
+                Some("has device-readable buffers")
+            } else if room < HDR_LEN {
+                Some("is shorter than a header")
+            } else if GuestIovecs::new(mem, &bufs.writable).is_err() {
+                Some("is outside guest memory")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                crate::guest_warn!("virtio-net: rx chain {head} {why}; returned empty");
+                returned.push((head, 0));
                 continue;
             }
-            room += total(&bufs.writable);
-            chains.push((head, bufs.writable));
+            self.held_room += room;
+            self.held.push_back((head, bufs.writable));
+        };
+        if !returned.is_empty() {
+            queue::add_used_together(&mut self.rxq, mem, &returned)?;
         }
-        // Completed all at once, when the frame is in place: the driver must never see the
-        // frame's first buffer before the rest.
-        let mut used: Vec<(u16, u32)> = Vec::with_capacity(chains.len() + malformed.len());
-        for head in malformed {
-            crate::guest_warn!(
-                "virtio-net: rx chain {head} has device-readable buffers; returned empty"
-            );
-            used.push((head, 0));
-        }
-        if room < len {
-            // Without mergeable buffers a frame larger than the guest's buffer cannot go in.
-            used.extend(chains.iter().map(|(head, _)| (*head, 0)));
-            if let Err(e) = queue::add_used_together(&mut self.rxq, mem, &used) {
-                return Rx::Broken(e);
-            }
-            self.wire
-                .stats
-                .drop_frame(true, "larger than the guest's receive buffer");
-            return Rx::Dropped;
-        }
-        // At most the queue size (a u16), as `limit` keeps it.
-        let num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        self.frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+        result
+    }
+
+    /// Completes the held chains that the frame of `n` bytes, just read into them, filled
+    /// (`n` is at most what they hold): all at once, with their count in the header's
+    /// num_buffers, so that the driver never sees the frame's first buffer before the rest.
+    fn complete_frame(&mut self, mem: &GuestMemoryMmap, n: usize) -> Result<(), queue::QueueError> {
+        let mut used: Vec<(u16, u32)> = Vec::new();
         let mut done = 0;
-        for (head, segs) in chains {
-            let n = total(&segs).min(len - done);
-            let mut written = 0;
-            if done < len {
-                if scatter(mem, &segs, &self.frame[done..done + n]) {
-                    done += n;
-                    written = u32::try_from(n).unwrap_or(0); // at most 64 KiB
-                } else {
-                    crate::guest_warn!("virtio-net: rx buffer outside guest memory");
-                    done = len + 1; // the frame is lost; the rest go back empty
-                }
+        for (head, segs) in &self.held {
+            if done >= n {
+                break;
             }
-            used.push((head, written));
+            let take = total(segs).min(n - done);
+            done += take;
+            used.push((*head, u32::try_from(take).unwrap_or(u32::MAX))); // at most 64 KiB
         }
-        if let Err(e) = queue::add_used_together(&mut self.rxq, mem, &used) {
-            return Rx::Broken(e);
+        // At most the queue size (a u16), as the chains held are.
+        let num_buffers = u16::try_from(used.len()).unwrap_or(u16::MAX);
+        // The first chain holds the header (each holds at least one).
+        if let Some((_, first)) = self.held.front()
+            && let Some((_, at)) = split(first, 10)
+        {
+            scatter(mem, &at, &num_buffers.to_le_bytes());
         }
-        if done != len {
-            self.wire
-                .stats
-                .drop_frame(true, "receive buffer outside guest memory");
-            return Rx::Dropped;
+        for _ in 0..used.len() {
+            if let Some((_, segs)) = self.held.pop_front() {
+                self.held_room -= total(&segs);
+            }
         }
-        Rx::Delivered
+        queue::add_used_together(&mut self.rxq, mem, &used)
     }
 }
 
@@ -726,6 +744,23 @@ impl Wire {
         }
         Ok(())
     }
+}
+
+/// One frame that `recv` reads into `room` bytes of guest memory (the header's bytes set
+/// beforehand, to see them zeroed): what landed there, header included, or the error.
+#[cfg(test)]
+fn read_frame(
+    room: usize,
+    recv: impl FnOnce(&GuestMemoryMmap, &[Segment]) -> io::Result<usize>,
+) -> io::Result<Vec<u8>> {
+    use vm_memory::{Bytes, GuestAddress};
+    let m = super::test_utils::memory(1 << 20);
+    m.write_slice(&[0xff; HDR_LEN], GuestAddress(0)).unwrap();
+    let n = recv(&m, &[(GuestAddress(0), room)])?;
+    assert!(n <= room, "{n} bytes announced, {room} bytes of room");
+    let mut got = vec![0; n];
+    m.read_slice(&mut got, GuestAddress(0)).unwrap();
+    Ok(got)
 }
 
 #[cfg(test)]

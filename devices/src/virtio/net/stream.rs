@@ -13,7 +13,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{HDR_LEN, MAX_FRAME};
+use super::super::GuestMemoryMmap;
+use super::super::buffers::Segment;
+use super::{MAX_FRAME, put_frame};
 
 /// Received bytes kept at most: room for a whole largest frame and its length, and for a
 /// few small ones more per read.
@@ -73,7 +75,7 @@ impl Stream {
     /// the header, as a TAP read gives it. WouldBlock until a whole frame is there;
     /// UnexpectedEof once the peer closed; InvalidData if a length is larger than a frame
     /// can be (the stream is out of step and cannot be read further).
-    pub(super) fn recv(&self, dst: &mut [u8]) -> io::Result<usize> {
+    pub(super) fn recv(&self, mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<usize> {
         let mut s = self.state();
         // A whole frame always fits once what is there moves to the front, so two reads
         // take all the peer has sent; the third round only looks.
@@ -83,17 +85,16 @@ impl Stream {
                 let at = s.start;
                 let len = u32::from_be_bytes(s.inbuf[at..at + 4].try_into().expect("4"));
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > MAX_FRAME || HDR_LEN + len > dst.len() {
+                if len > MAX_FRAME {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("a frame of {len} bytes is announced (at most {MAX_FRAME})"),
                     ));
                 }
                 if have >= 4 + len {
-                    dst[..HDR_LEN].fill(0);
-                    dst[HDR_LEN..HDR_LEN + len].copy_from_slice(&s.inbuf[at + 4..at + 4 + len]);
+                    let n = put_frame(mem, segs, &s.inbuf[at + 4..at + 4 + len]);
                     s.start += 4 + len;
-                    return Ok(HDR_LEN + len);
+                    return Ok(n);
                 }
             }
             if round == 2 {
@@ -159,18 +160,27 @@ impl Stream {
 
 #[cfg(test)]
 mod tests {
+    use super::super::HDR_LEN;
     use super::*;
     use std::os::unix::net::UnixStream;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn pair() -> (Stream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         (Stream::new(a, "test").unwrap(), b)
     }
 
+    fn recv_into(s: &Stream, room: usize) -> io::Result<Vec<u8>> {
+        super::super::read_frame(room, |m, segs| s.recv(m, segs))
+    }
+
+    fn recv(s: &Stream) -> io::Result<Vec<u8>> {
+        recv_into(s, HDR_LEN + MAX_FRAME)
+    }
+
     #[test]
     fn frames_split_anywhere_are_put_together() {
         let (s, mut peer) = pair();
-        let mut dst = vec![0xffu8; HDR_LEN + MAX_FRAME];
         let f1: Vec<u8> = (0..60).collect();
         let f2 = vec![7u8; 1500];
         let mut bytes = Vec::new();
@@ -180,36 +190,39 @@ mod tests {
         }
         // The first frame's length in two pieces, the rest in one.
         peer.write_all(&bytes[..2]).unwrap();
-        assert_eq!(
-            s.recv(&mut dst).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        assert_eq!(recv(&s).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         peer.write_all(&bytes[2..]).unwrap();
-        assert_eq!(s.recv(&mut dst).unwrap(), HDR_LEN + 60);
-        assert_eq!(&dst[..HDR_LEN], &[0; HDR_LEN]);
-        assert_eq!(&dst[HDR_LEN..HDR_LEN + 60], &f1[..]);
-        assert_eq!(s.recv(&mut dst).unwrap(), HDR_LEN + 1500);
-        assert_eq!(&dst[HDR_LEN..HDR_LEN + 1500], &f2[..]);
-        assert_eq!(
-            s.recv(&mut dst).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        let got = recv(&s).unwrap();
+        assert_eq!(&got[..HDR_LEN], &[0; HDR_LEN]);
+        assert_eq!(&got[HDR_LEN..], &f1[..]);
+        assert_eq!(&recv(&s).unwrap()[HDR_LEN..], &f2[..]);
+        assert_eq!(recv(&s).unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(peer);
-        assert_eq!(
-            s.recv(&mut dst).unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(recv(&s).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
     fn oversized_length_is_an_error() {
         let (s, mut peer) = pair();
-        let mut dst = vec![0u8; HDR_LEN + MAX_FRAME];
         peer.write_all(&u32::MAX.to_be_bytes()).unwrap();
-        assert_eq!(
-            s.recv(&mut dst).unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(recv(&s).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_buffers_is_passed_over() {
+        let (s, mut peer) = pair();
+        for f in [vec![1u8; 100], vec![2u8; 50]] {
+            peer.write_all(&u32::try_from(f.len()).unwrap().to_be_bytes())
+                .unwrap();
+            peer.write_all(&f).unwrap();
+        }
+        let m = crate::virtio::test_utils::memory(1 << 20);
+        let n = s.recv(&m, &[(GuestAddress(0), HDR_LEN + 60)]).unwrap();
+        assert_eq!(n, HDR_LEN + 100, "its length, beyond the room");
+        let mut untouched = [0xffu8; 16];
+        m.read_slice(&mut untouched, GuestAddress(0)).unwrap();
+        assert_eq!(untouched, [0; 16], "nothing written");
+        assert_eq!(recv(&s).unwrap()[HDR_LEN..], [2u8; 50], "the next frame");
     }
 
     #[test]
@@ -222,12 +235,11 @@ mod tests {
                 peer.write_all(&vec![i; MAX_FRAME]).unwrap();
             }
         });
-        let mut dst = vec![0u8; HDR_LEN + MAX_FRAME];
         let mut got = 0u8;
         while got < 4 {
-            match s.recv(&mut dst) {
-                Ok(n) => {
-                    assert_eq!(n, HDR_LEN + MAX_FRAME);
+            match recv(&s) {
+                Ok(dst) => {
+                    assert_eq!(dst.len(), HDR_LEN + MAX_FRAME);
                     assert!(dst[HDR_LEN..].iter().all(|&b| b == got));
                     got += 1;
                 }

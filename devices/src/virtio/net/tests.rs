@@ -3,7 +3,7 @@ use crate::virtio::test_utils::{CountingIrq, memory};
 use std::fs::File;
 use virtio_queue::desc::{RawDescriptor, split::Descriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 
 const WRITE: u16 = 2;
 const NEXT: u16 = 1;
@@ -203,27 +203,50 @@ fn rx_merges_buffers_and_waits_for_them() {
     p.process_rx();
     assert!(p.rx_blocked);
     assert_eq!(rx.used().idx().load(), 0);
-    // Three 1500-byte buffers: the 3012 bytes take all three.
-    let d = |a: u64| RawDescriptor::from(Descriptor::new(a, 1500, WRITE, 0));
-    rx.add_desc_chains(&[d(0x10_0000), d(0x20_0000), d(0x30_0000)], 0)
-        .unwrap();
+    // 1500-byte buffers at 0x10_0000, 0x10_1000, ... (descriptor i at 0x10_0000 + i * 4 KiB).
+    let add = |from: u16, n: u16| {
+        let descs: Vec<RawDescriptor> = (from..from + n)
+            .map(|i| {
+                let at = 0x10_0000 + u64::from(i) * 0x1000;
+                RawDescriptor::from(Descriptor::new(at, 1500, WRITE, 0))
+            })
+            .collect();
+        rx.add_desc_chains(&descs, from).unwrap();
+    };
+    // Three: less than the largest frame needs, and the ring has room for more, so the
+    // frame still waits.
+    add(0, 3);
     p.process_rx();
-    assert!(!p.rx_blocked, "the TAP is empty, not the queue");
+    assert!(p.rx_blocked);
+    assert_eq!(rx.used().idx().load(), 0);
+    // The whole ring (16 x 1500 bytes): all the guest can give. The 3012 bytes go
+    // straight into the first three buffers.
+    add(3, 13);
+    p.process_rx();
     assert_eq!(rx.used().idx().load(), 3);
     let lens: Vec<u32> = (0..3)
         .map(|i| rx.used().ring().ref_at(i).unwrap().load().len())
         .collect();
     assert_eq!(lens, [1500, 1500, 12]);
     let mut got = vec![0u8; 3012];
-    for (i, a) in [0x10_0000u64, 0x20_0000, 0x30_0000].iter().enumerate() {
-        let n = usize::try_from(lens[i]).unwrap();
-        m.read_slice(&mut got[i * 1500..i * 1500 + n], GuestAddress(*a))
-            .unwrap();
+    for (i, n) in lens.iter().enumerate() {
+        let n = usize::try_from(*n).unwrap();
+        let at = GuestAddress(0x10_0000 + 0x1000 * u64::try_from(i).unwrap());
+        m.read_slice(&mut got[i * 1500..i * 1500 + n], at).unwrap();
     }
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
     assert_eq!(got[HDR_LEN..], big[HDR_LEN..]);
     assert_eq!(irq.0.lock().unwrap().len(), 1);
     assert_eq!(p.wire.stats.rx_frames.load(Ordering::Relaxed), 1);
+    // Thirteen buffers left, less than the next frame may need: the TAP is not read until
+    // the guest gives back the ring; then the next frame goes into the first one left.
+    assert!(p.rx_blocked);
+    let small = [vec![0u8; HDR_LEN], frame(100, 8)].concat();
+    send(&other, &small);
+    add(0, 3);
+    p.process_rx();
+    let e = rx.used().ring().ref_at(3).unwrap().load();
+    assert_eq!((e.id(), e.len()), (3, 112));
 }
 
 #[test]
@@ -247,22 +270,24 @@ fn rx_without_mergeable_buffers_drops_what_does_not_fit() {
     send(&other, &small);
     send(&other, &[5u8; 4]); // a runt
     p.process_rx();
-    // Big frame: dropped with buffer 0 returned empty; the readable chain 1 returned
-    // empty; the small frame in buffer 2.
-    assert_eq!(rx.used().idx().load(), 3);
+    // The big frame is dropped and its buffer 0 kept for the small one; the readable
+    // chain 1 goes back empty; buffer 2 waits for the next frame (the runt is dropped).
+    assert_eq!(rx.used().idx().load(), 2);
     let e = |i| rx.used().ring().ref_at(i).unwrap().load();
-    assert_eq!((e(0).id(), e(0).len()), (0, 0));
+    assert_eq!((e(0).id(), e(0).len()), (0, 72));
     assert_eq!((e(1).id(), e(1).len()), (1, 0));
-    assert_eq!((e(2).id(), e(2).len()), (2, 72));
     let mut got = vec![0u8; 72];
-    m.read_slice(&mut got, GuestAddress(0x30_0000)).unwrap();
+    m.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
     assert_eq!(got[HDR_LEN..], small[HDR_LEN..]);
     assert_eq!(p.wire.stats.rx_dropped.load(Ordering::Relaxed), 2);
+    send(&other, &small);
+    p.process_rx();
+    assert_eq!((e(2).id(), e(2).len()), (2, 72));
 }
 
 #[test]
-fn rx_zero_length_buffers_drop_the_frame_not_nixvm() {
+fn rx_buffers_too_short_for_a_header_go_back_empty() {
     let mem = Memory::new(memory(4 << 20));
     let m = mem.memory();
     let (rx, tx) = (
@@ -270,15 +295,21 @@ fn rx_zero_length_buffers_drop_the_frame_not_nixvm() {
         MockSplitQueue::create(&*m, GuestAddress(0x1_0000), 16),
     );
     let (mut p, other, _) = path(&mem, &rx, &tx, all_features());
-    // A full ring of zero-length buffers: the frame cannot go in, and no more than the
-    // ring's 16 chains are taken for it.
-    let d = |i: u64| RawDescriptor::from(Descriptor::new(0x10_0000 + i * 16, 0, WRITE, 0));
+    // A full ring of zero-length and 11-byte buffers, and one outside guest memory: no
+    // frame can go in, each goes back empty once, and the frame waits in the TAP.
+    let d = |i: u64| {
+        let len = if i % 2 == 0 { 0 } else { 11 };
+        let addr = if i == 15 { 1 << 40 } else { 0x10_0000 + i * 16 };
+        RawDescriptor::from(Descriptor::new(addr, len, WRITE, 0))
+    };
     let descs: Vec<RawDescriptor> = (0..16).map(d).collect();
     rx.add_desc_chains(&descs, 0).unwrap();
     send(&other, &[vec![0u8; HDR_LEN], frame(60, 1)].concat());
     p.process_rx();
     assert_eq!(rx.used().idx().load(), 16, "every chain returned empty");
-    assert_eq!(p.wire.stats.rx_dropped.load(Ordering::Relaxed), 1);
+    assert!(p.rx_blocked);
+    assert!(recv(&other).is_none(), "nothing came back");
+    assert!(p.rxq.ready(), "not broken");
 }
 
 #[test]
@@ -347,7 +378,8 @@ fn a_link_that_is_down_drops_frames_both_ways() {
         "a frame went out on a link that is down"
     );
     assert_eq!(tx.used().idx().load(), 1, "the chain still completes");
-    rx.add_desc_chains(&[d(0x20_0000, 1500, WRITE)], 0).unwrap();
+    rx.add_desc_chains(&[d(0x20_0000, 70_000, WRITE)], 0)
+        .unwrap();
     send(&other, &good);
     p.process_rx();
     assert_eq!(
@@ -448,7 +480,7 @@ fn stream_frames_both_ways_with_backpressure() {
     let mut bytes = 1000u32.to_be_bytes().to_vec();
     bytes.extend_from_slice(&incoming);
     std::io::Write::write_all(&mut peer, &bytes).unwrap();
-    rx.add_desc_chains(&[d(0x40_0000, 2048, WRITE, 0)], 0)
+    rx.add_desc_chains(&[d(0x40_0000, 70_000, WRITE, 0)], 0)
         .unwrap();
     p.process_rx();
     assert_eq!(rx.used().idx().load(), 1);
@@ -459,6 +491,8 @@ fn stream_frames_both_ways_with_backpressure() {
     assert_eq!(&got[HDR_LEN..], &incoming[..]);
     // The peer closes: the device stops using it and drops what the guest sends.
     drop(peer);
+    rx.add_desc_chains(&[d(0x50_0000, 70_000, WRITE, 0)], 1)
+        .unwrap();
     p.process_rx();
     assert!(p.wire.is_gone());
 }

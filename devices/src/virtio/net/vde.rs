@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use super::super::GuestMemoryMmap;
+use super::super::buffers::{GuestIovecs, Segment, scatter, split};
 use super::HDR_LEN;
 
 const SWITCH_MAGIC: u32 = 0xfeed_face;
@@ -107,11 +109,13 @@ impl Vde {
         !self.held().is_empty()
     }
 
-    /// One frame into `dst` after a zeroed virtio-net header: its length with the header,
-    /// as a TAP read gives it; WouldBlock when none waits.
-    pub(super) fn recv(&self, dst: &mut [u8]) -> io::Result<usize> {
-        let n = self.data.recv(&mut dst[HDR_LEN..])?;
-        dst[..HDR_LEN].fill(0);
+    /// One frame into the guest buffers `segs` after a zeroed virtio-net header: its length
+    /// with the header, as a TAP read gives it (more than `segs` hold: cut short);
+    /// WouldBlock when none waits.
+    pub(super) fn recv(&self, mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<usize> {
+        let (hdr, data) = split(segs, HDR_LEN).ok_or(io::ErrorKind::InvalidInput)?;
+        let n = GuestIovecs::new(mem, &data)?.recv_datagram(self.data.as_raw_fd())?;
+        scatter(mem, &hdr, &[0; HDR_LEN]);
         Ok(HDR_LEN + n)
     }
 }
@@ -191,6 +195,11 @@ fn handshake(ctl: &mut UnixStream, local: &Path) -> io::Result<PathBuf> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+    use vm_memory::GuestAddress;
+
+    fn recv_into(v: &Vde, room: usize) -> io::Result<Vec<u8>> {
+        super::super::read_frame(room, |m, segs| v.recv(m, segs))
+    }
 
     /// A switch's side of the handshake, as vde_switch answers it, then one frame each way.
     #[test]
@@ -226,14 +235,19 @@ mod tests {
             "the client's socket name was left behind"
         );
         switch_data.send(b"frame-to-guest").unwrap();
-        let mut buf = [0xffu8; 64];
-        let n = vde.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..HDR_LEN], &[0; HDR_LEN]);
-        assert_eq!(&buf[HDR_LEN..n], b"frame-to-guest");
+        let got = recv_into(&vde, 64).unwrap();
+        assert_eq!(&got[..HDR_LEN], &[0; HDR_LEN]);
+        assert_eq!(&got[HDR_LEN..], b"frame-to-guest");
         assert_eq!(
-            vde.recv(&mut buf).unwrap_err().kind(),
+            recv_into(&vde, 64).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
+        // A datagram longer than the buffers: its whole length, and only what fits.
+        switch_data.send(b"a longer frame to the guest").unwrap();
+        let m = crate::virtio::test_utils::memory(1 << 20);
+        let n = vde.recv(&m, &[(GuestAddress(0), HDR_LEN + 8)]).unwrap();
+        assert_eq!(n, HDR_LEN + 27);
+        let mut buf = [0xffu8; 64];
         vde.data.send(b"frame-from-guest").unwrap();
         let n = switch_data.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"frame-from-guest");
@@ -295,11 +309,10 @@ mod tests {
         frame.extend([2, 0, 0, 0, 0, 0xa]);
         frame.extend([0x88, 0xb5]);
         frame.extend(b"hello over vde");
-        let mut buf = [0u8; 128];
-        let got = |v: &Vde, buf: &mut [u8]| {
+        let got = |v: &Vde| {
             for _ in 0..500 {
-                match v.recv(buf) {
-                    Ok(n) => return n,
+                match recv_into(v, 2048) {
+                    Ok(got) => return got,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -309,21 +322,17 @@ mod tests {
             panic!("no frame came");
         };
         a.data.send(&frame).unwrap();
-        let n = got(&b, &mut buf);
-        assert_eq!(&buf[HDR_LEN..n], &frame[..]);
+        assert_eq!(&got(&b)[HDR_LEN..], &frame[..]);
         let mut back = frame[6..12].to_vec();
         back.extend([2, 0, 0, 0, 0, 0xb, 0x88, 0xb5]);
         back.extend(b"and back");
         b.data.send(&back).unwrap();
-        let n = got(&a, &mut buf);
-        assert_eq!(&buf[HDR_LEN..n], &back[..]);
+        assert_eq!(&got(&a)[HDR_LEN..], &back[..]);
         // A full-sized frame (1500 bytes of payload), as TCP sends them.
         let mut big = back[..14].to_vec();
         big.extend((0..1500u32).map(|i| i as u8));
         b.data.send(&big).unwrap();
-        let mut large = vec![0u8; 2048];
-        let n = got(&a, &mut large);
-        assert_eq!(&large[HDR_LEN..n], &big[..]);
+        assert_eq!(&got(&a)[HDR_LEN..], &big[..]);
         let _ = child.kill();
         let _ = child.wait();
     }
