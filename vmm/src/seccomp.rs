@@ -112,10 +112,12 @@ const WORKER: &[Allow] = &[
     any(libc::SYS_sendto),
     any(libc::SYS_recvfrom),
     when(libc::SYS_ioctl, FIONBIO),
+    // virtio-blk's reads and writes on io_uring: submitted, and waited for at a reset.
+    any(libc::SYS_io_uring_enter),
 ];
 
 /// vCPU threads: KVM_RUN (and reading their registers); device activation (threads,
-/// vhost-user connections, TAP offloads).
+/// vhost-user connections, TAP offloads, io_uring).
 const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, KVM_RUN),
     // Where a triple fault left the vCPU, for the warning that reports it.
@@ -125,6 +127,9 @@ const VCPU: &[Allow] = &[
     when(libc::SYS_ioctl, TUNSETVNETHDRSZ),
     any(libc::SYS_clone3),
     when(libc::SYS_clone, THREADS_ONLY),
+    // A disk's io_uring and its completion eventfd, made where the disk is activated.
+    any(libc::SYS_io_uring_setup),
+    any(libc::SYS_io_uring_register),
     // UNIX sockets for vhost-user connections: in WORKER, which vCPU threads have too.
 ];
 

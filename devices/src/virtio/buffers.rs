@@ -132,6 +132,13 @@ impl<'a> GuestIovecs<'a> {
         })
     }
 
+    /// The iovecs themselves, for a submission that outlives this borrow (io_uring): whoever
+    /// hands them to the kernel keeps the guest memory they point into mapped until it is
+    /// done with them.
+    pub fn into_raw(self) -> Vec<libc::iovec> {
+        self.iovs
+    }
+
     /// writev to `fd` (a TAP: one frame); returns the bytes written.
     pub fn writev(&self, fd: RawFd) -> io::Result<usize> {
         let count = libc::c_int::try_from(self.iovs.len()).unwrap_or(libc::c_int::MAX);

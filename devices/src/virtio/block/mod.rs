@@ -1,8 +1,9 @@
 //! virtio-blk on a raw image file or block device.
 //!
-//! Requests never run on a vCPU: the device's worker thread takes them off the queue and a
-//! pool of IO_THREADS threads serves them, several in flight at once, each moving data
-//! straight between the file and guest memory (preadv/pwritev). Every malformed
+//! Requests never run on a vCPU: the device's worker thread takes them off the queue and
+//! submits the reads and writes to an io_uring ([`uring`]), several in flight at once, each
+//! moving data straight between the file and guest memory; where io_uring cannot be set up,
+//! a pool of IO_THREADS threads serves them with preadv/pwritev. Every malformed
 //! request completes with VIRTIO_BLK_S_IOERR or UNSUPP, or (when it has no room for a
 //! status byte) is dropped with a warning.
 use std::fs::{File, OpenOptions};
@@ -157,6 +158,36 @@ fn ofd_lock(
     Ok(cmd == libc::F_OFD_GETLK && libc::c_int::from(fl.l_type) != libc::F_UNLCK)
 }
 
+/// A read or write: the guest buffers, the byte offset on the disk, the direction.
+struct Transfer {
+    segs: Vec<Segment>,
+    offset: u64,
+    write: bool,
+}
+
+/// What a request asks for once taken apart: a transfer still to run, or its result (the
+/// status and the bytes of data written into the chain).
+enum Request {
+    Transfer(Transfer),
+    Done(u8, usize),
+}
+
+/// A request's chain taken apart: where its status byte goes, and what it asks for.
+struct Parsed {
+    status_at: Vec<Segment>,
+    request: Request,
+}
+
+/// Writes a request's status byte; returns the bytes written into its chain (data +
+/// status), or 0 if the status byte is outside guest memory (the request is dropped).
+fn finish(mem: &GuestMemoryMmap, status_at: &[Segment], status: u8, written: usize) -> u32 {
+    if !scatter(mem, status_at, &[status]) {
+        crate::guest_warn!("virtio-blk: request whose status byte is outside guest memory dropped");
+        return 0;
+    }
+    u32::try_from(written + 1).unwrap_or(u32::MAX)
+}
+
 /// An open, locked disk image.
 pub struct Disk {
     file: File,
@@ -212,67 +243,76 @@ impl Disk {
     where
         M: Deref<Target = GuestMemoryMmap>,
     {
+        let Some(parsed) = self.parse(chain, mem) else {
+            return 0;
+        };
+        let (status, written) = match parsed.request {
+            Request::Transfer(t) => self.run(mem, &t),
+            Request::Done(status, written) => (status, written),
+        };
+        finish(mem, &parsed.status_at, status, written)
+    }
+
+    /// Takes a chain apart and serves it, all but a read or write, which it returns for the
+    /// caller to run (in place or on io_uring). None if the chain has no room for a status
+    /// byte: it is dropped with a warning.
+    fn parse<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Option<Parsed>
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
         let bufs = ChainBuffers::of(chain);
         let Some(data_len) = total(&bufs.writable).checked_sub(1) else {
             crate::guest_warn!("virtio-blk: request without a status byte dropped");
-            return 0;
+            return None;
         };
         let (data_w, status_at) = split(&bufs.writable, data_len).expect("data_len < total");
-        let (status, written) = if bufs.misordered {
+        let request = if bufs.misordered {
             crate::guest_warn!("virtio-blk: request with readable buffers after writable ones");
-            (S_IOERR, 0)
+            Request::Done(S_IOERR, 0)
         } else {
-            self.request(mem, &bufs.readable, &data_w)
+            self.request(mem, &bufs.readable, data_w)
         };
-        if !scatter(mem, &status_at, &[status]) {
-            crate::guest_warn!(
-                "virtio-blk: request whose status byte is outside guest memory dropped"
-            );
-            return 0;
-        }
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        Some(Parsed { status_at, request })
     }
 
     /// Runs the request whose header and data for the device are in `readable`, and whose
-    /// data for the driver goes to `data_w`. Returns the status and the bytes of data written.
+    /// data for the driver goes to `data_w`, all but a read or write, which it returns.
     fn request(
         &self,
         mem: &GuestMemoryMmap,
         readable: &[Segment],
-        data_w: &[Segment],
-    ) -> (u8, usize) {
+        data_w: Vec<Segment>,
+    ) -> Request {
         let mut header = [0u8; 16];
         let Some((h, data_r)) = split(readable, header.len()) else {
-            return (S_IOERR, 0);
+            return Request::Done(S_IOERR, 0);
         };
         if !gather(mem, &h, &mut header) {
-            return (S_IOERR, 0);
+            return Request::Done(S_IOERR, 0);
         }
         let ty = u32::from_le_bytes(header[0..4].try_into().expect("4"));
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8"));
-        match ty {
+        let (status, written) = match ty {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let write = ty == VIRTIO_BLK_T_OUT;
-                let segs = if write { &data_r[..] } else { data_w };
-                let len = total(segs);
+                let segs = if write { data_r } else { data_w };
+                let len = total(&segs);
                 if (write && self.readonly) || len == 0 || len > MAX_REQUEST {
-                    return (S_IOERR, 0);
+                    return Request::Done(S_IOERR, 0);
                 }
                 let Some(offset) = self.range(sector, len as u64) else {
                     log::debug!("virtio-blk: {len} bytes at sector {sector} are off the disk");
-                    return (S_IOERR, 0);
+                    return Request::Done(S_IOERR, 0);
                 };
-                match self.transfer(mem, segs, offset, write) {
-                    Ok(()) => (S_OK, if write { 0 } else { len }),
-                    Err(e) => {
-                        crate::guest_warn!("virtio-blk: {len} bytes at {offset}: {e}");
-                        (S_IOERR, 0)
-                    }
-                }
+                return Request::Transfer(Transfer {
+                    segs,
+                    offset,
+                    write,
+                });
             }
             VIRTIO_BLK_T_FLUSH => {
                 if self.readonly {
-                    return (S_OK, 0);
+                    return Request::Done(S_OK, 0);
                 }
                 match self.file.sync_data() {
                     Ok(()) => (S_OK, 0),
@@ -283,8 +323,8 @@ impl Disk {
                 }
             }
             VIRTIO_BLK_T_GET_ID => {
-                let n = total(data_w).min(self.id.len());
-                let (to, _) = split(data_w, n).expect("n <= total");
+                let n = total(&data_w).min(self.id.len());
+                let (to, _) = split(&data_w, n).expect("n <= total");
                 if scatter(mem, &to, &self.id[..n]) {
                     (S_OK, n)
                 } else {
@@ -295,11 +335,11 @@ impl Disk {
                 // The guest's length is checked before anything is allocated for it.
                 let len = total(&data_r);
                 if len > MAX_DISCARD_SEG as usize * 16 {
-                    return (S_IOERR, 0);
+                    return Request::Done(S_IOERR, 0);
                 }
                 let mut segments = vec![0u8; len];
                 if !gather(mem, &data_r, &mut segments) {
-                    return (S_IOERR, 0);
+                    return Request::Done(S_IOERR, 0);
                 }
                 let zero = ty == VIRTIO_BLK_T_WRITE_ZEROES;
                 (self.discard_or_zero(zero, &mut segments.as_slice()), 0)
@@ -309,7 +349,27 @@ impl Disk {
                 log::debug!("virtio-blk: unsupported request type {other}");
                 (S_UNSUPP, 0)
             }
+        };
+        Request::Done(status, written)
+    }
+
+    /// Runs a read or write in place: its status and the bytes of data written.
+    fn run(&self, mem: &GuestMemoryMmap, t: &Transfer) -> (u8, usize) {
+        let len = total(&t.segs);
+        match self.transfer(mem, &t.segs, t.offset, t.write) {
+            Ok(()) => (S_OK, if t.write { 0 } else { len }),
+            Err(e) => {
+                crate::guest_warn!("virtio-blk: {len} bytes at {}: {e}", t.offset);
+                (S_IOERR, 0)
+            }
         }
+    }
+
+    /// Whether a transfer can go straight between the file and guest memory: always, but
+    /// with O_DIRECT only for buffers whole sectors long at sector-aligned addresses.
+    fn direct_ok(&self, segs: &[Segment]) -> bool {
+        let aligned = |(a, l): &Segment| a.0 % SECTOR_SIZE == 0 && *l as u64 % SECTOR_SIZE == 0;
+        !self.direct || segs.iter().all(aligned)
     }
 
     /// Reads the disk at `offset` into the guest buffers `segs`, or writes them there.
@@ -322,8 +382,7 @@ impl Disk {
         offset: u64,
         write: bool,
     ) -> io::Result<()> {
-        let aligned = |(a, l): &Segment| a.0 % SECTOR_SIZE == 0 && *l as u64 % SECTOR_SIZE == 0;
-        if !self.direct || segs.iter().all(aligned) {
+        if self.direct_ok(segs) {
             let mut iovs = GuestIovecs::new(mem, segs)?;
             match iovs.transfer_all(&self.file, offset, write) {
                 // The device wants more alignment than a sector: bounce.
@@ -453,11 +512,19 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// What serves an activated disk's queue (until dropped).
+enum Serving {
+    Ring { _worker: super::worker::Worker },
+    Pool { _pool: QueuePool },
+}
+
 /// The virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
     config: [u8; 60],
-    pool: Option<QueuePool>,
+    serving: Option<Serving>,
+    /// Whether to try io_uring (tests turn it off to exercise the pool).
+    ring: bool,
 }
 
 impl Block {
@@ -477,7 +544,8 @@ impl Block {
         Block {
             disk: Arc::new(disk),
             config,
-            pool: None,
+            serving: None,
+            ring: true,
         }
     }
 }
@@ -512,17 +580,43 @@ impl VirtioDevice for Block {
         queues: Vec<(Queue, EventFd)>,
     ) -> Result<(), ActivateError> {
         let disk = self.disk.clone();
-        let pool = QueuePool::spawn("virtio-blk", IO_THREADS, mem, irq, queues, move |c, m| {
-            disk.handle(c, m)
-        })?;
-        self.pool = Some(pool);
+        let ring = if self.ring {
+            uring::Ring::new()
+                .inspect_err(|e| {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        log::info!(
+                            "virtio-blk: no io_uring ({e}): requests run on {IO_THREADS} threads"
+                        );
+                    });
+                })
+                .ok()
+        } else {
+            None
+        };
+        self.serving = Some(match ring {
+            Some(ring) => Serving::Ring {
+                _worker: uring::spawn(disk, ring, mem, irq, queues)?,
+            },
+            None => Serving::Pool {
+                _pool: QueuePool::spawn(
+                    "virtio-blk",
+                    IO_THREADS,
+                    mem,
+                    irq,
+                    queues,
+                    move |c, m| disk.handle(c, m),
+                )?,
+            },
+        });
         Ok(())
     }
     fn reset(&mut self) -> bool {
-        self.pool.take();
+        self.serving.take();
         true
     }
 }
 
 #[cfg(test)]
 mod tests;
+mod uring;

@@ -385,15 +385,21 @@ fn direct_io_bounces_through_aligned_buffers() {
     assert_eq!(guest(&mem, DATA, 512), [0xcd; 512]);
 }
 
+/// On io_uring, and on the pool of threads where io_uring is not there.
 #[test]
 fn requests_are_served_in_parallel_and_all_complete() {
+    served_in_parallel(true);
+    served_in_parallel(false);
+}
+
+fn served_in_parallel(ring: bool) {
     use crate::virtio::test_utils::CountingIrq;
     use vm_memory::GuestAddressSpace;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
     const N: u16 = 12;
     let atomic = Memory::new(memory(1 << 20));
     let mem = atomic.memory();
-    let (d, _) = disk("pool", false);
+    let (d, _) = disk(if ring { "ring" } else { "pool" }, false);
     let vq = MockSplitQueue::new(&*mem, 64);
     let mut descs = Vec::new();
     for i in 0..N {
@@ -421,6 +427,7 @@ fn requests_are_served_in_parallel_and_all_complete() {
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = Arc::new(CountingIrq::default());
     let mut b = Block::new(d);
+    b.ring = ring;
     b.activate(
         atomic.clone(),
         irq.clone(),
@@ -436,7 +443,13 @@ fn requests_are_served_in_parallel_and_all_complete() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    assert!(b.reset(), "the pool stops");
+    if ring {
+        assert!(
+            matches!(b.serving, Some(Serving::Ring { .. })),
+            "io_uring is there"
+        );
+    }
+    assert!(b.reset(), "the worker stops");
     let mut heads: Vec<u32> = (0..N)
         .map(|k| vq.used().ring().ref_at(k.into()).unwrap().load().id())
         .collect();
