@@ -583,3 +583,19 @@ fn locks_exclude_qemu() {
         "reader under QEMU's writer"
     );
 }
+
+/// A host where io_uring cannot be set up (here: a seccomp filter that refuses it, as
+/// container profiles do) gives an error where the disk is activated, not a panic; the disk
+/// then runs on the pool of threads (`served_in_parallel(false)` above).
+#[test]
+fn no_io_uring_is_an_error_the_pool_covers() {
+    std::thread::spawn(|| {
+        use crate::seccomp::{RUNTIME, any, apply, compile_errno};
+        let p = compile_errno(&[RUNTIME, &[any(libc::SYS_eventfd2)]]).unwrap();
+        apply(Some(&p)).unwrap();
+        let e = super::uring::Ring::new().err().expect("io_uring refused");
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    })
+    .join()
+    .unwrap();
+}
