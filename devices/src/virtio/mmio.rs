@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::bus::BusDevice;
 use crate::lock;
 
 use super::{
@@ -165,7 +166,7 @@ impl MmioTransport {
     }
 }
 
-impl crate::bus::BusDevice for MmioTransport {
+impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
             lock(&self.device).read_config(offset - CONFIG, data);
@@ -285,8 +286,29 @@ impl crate::bus::BusDevice for MmioTransport {
         }
     }
 
+    /// Resets the device as a driver writing 0 to Status does, and for a machine reset.
     fn reset(&mut self) {
-        MmioTransport::reset(self);
+        self.settle();
+        if self.active && !lock(&self.device).reset() {
+            crate::guest_warn!(
+                "virtio-mmio: device type {} cannot be reset",
+                self.device_type
+            );
+            self.irq.needs_reset();
+            return;
+        }
+        self.active = false;
+        self.queues = fresh_queues(&self.queue_max_sizes);
+        for e in &self.queue_evts {
+            let _ = e.read();
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.irq.status.store(0, Ordering::SeqCst);
+        self.irq.broken.store(false, Ordering::SeqCst);
     }
 }
 
@@ -410,32 +432,6 @@ impl MmioTransport {
         if let Some(h) = self.activation.take() {
             let _ = h.join();
         }
-    }
-
-    /// Resets the device as a driver writing 0 to Status does (also used for a machine
-    /// reset).
-    pub fn reset(&mut self) {
-        self.settle();
-        if self.active && !lock(&self.device).reset() {
-            crate::guest_warn!(
-                "virtio-mmio: device type {} cannot be reset",
-                self.device_type
-            );
-            self.irq.needs_reset();
-            return;
-        }
-        self.active = false;
-        self.queues = fresh_queues(&self.queue_max_sizes);
-        for e in &self.queue_evts {
-            let _ = e.read();
-        }
-        self.status = 0;
-        self.acked_features = 0;
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.irq.status.store(0, Ordering::SeqCst);
-        self.irq.broken.store(false, Ordering::SeqCst);
     }
 }
 
