@@ -16,7 +16,7 @@ fn image(name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 /// 4 sectors, each filled with its own number.
-fn disk(name: &str, readonly: bool) -> (Disk, PathBuf) {
+pub(super) fn disk(name: &str, readonly: bool) -> (Disk, PathBuf) {
     let bytes: Vec<u8> = (0..4u8).flat_map(|s| [s + 1; 512]).collect();
     let path = image(name, &bytes);
     let opts = DiskOptions {

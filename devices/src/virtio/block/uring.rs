@@ -39,6 +39,40 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Queues `t` as submission `slot`: one readv or writev straight between the file and
+    /// guest memory. Returns its iovecs, which must stay (with the memory they point into)
+    /// until the completion of `slot` is reaped; None if it could not be queued (a buffer
+    /// outside guest memory, a full ring): then it is the caller's to run in place.
+    fn push(
+        &mut self,
+        disk: &Disk,
+        m: &GuestMemoryMmap,
+        t: &Transfer,
+        slot: usize,
+    ) -> Option<Vec<libc::iovec>> {
+        let iovs = GuestIovecs::new(m, &t.segs).ok()?.into_raw();
+        let fd = types::Fd(disk.file.as_raw_fd());
+        // At most the queue size of descriptors, far below u32::MAX.
+        let count = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
+        let entry = if t.write {
+            opcode::Writev::new(fd, iovs.as_ptr(), count)
+                .offset(t.offset)
+                .build()
+        } else {
+            opcode::Readv::new(fd, iovs.as_ptr(), count)
+                .offset(t.offset)
+                .build()
+        };
+        let entry = entry.user_data(slot as u64);
+        // SAFETY: the caller keeps the iovecs (their heap buffer does not move with the Vec)
+        // and the guest memory they point into until the completion of `slot` is reaped;
+        // dropping the server waits for every completion first.
+        unsafe { self.ring.submission().push(&entry) }.ok()?;
+        Some(iovs)
+    }
+}
+
 /// A submission's iovecs: pointers into guest memory that the [`InFlight`] holding them keeps
 /// mapped.
 struct Iovecs {
@@ -88,16 +122,7 @@ pub(super) fn spawn(
         (kick.as_raw_fd(), libc::POLLIN),
         (ring.done.as_raw_fd(), libc::POLLIN),
     ];
-    let n = usize::from(QUEUE_SIZE);
-    let mut server = Server {
-        disk,
-        ring,
-        queue,
-        irq,
-        mem,
-        slots: (0..n).map(|_| None).collect(),
-        free: (0..n).rev().collect(),
-    };
+    let mut server = Server::new(disk, ring, queue, irq, mem);
     Worker::spawn_poll("virtio-blk".to_owned(), fds, move |ready, _| {
         if ready[0] != 0 {
             let _ = kick.read();
@@ -113,16 +138,40 @@ pub(super) fn spawn(
 }
 
 impl Server {
+    fn new(
+        disk: Arc<Disk>,
+        ring: Ring,
+        queue: Queue,
+        irq: Arc<dyn Interrupt>,
+        mem: Memory,
+    ) -> Self {
+        let n = usize::from(QUEUE_SIZE);
+        Server {
+            disk,
+            ring,
+            queue,
+            irq,
+            mem,
+            slots: (0..n).map(|_| None).collect(),
+            free: (0..n).rev().collect(),
+        }
+    }
+
     /// Takes the requests the driver queued, as long as there is a free slot (at most the
     /// queue size in flight: a driver cannot have more outstanding; one that republishes
     /// heads waits in the ring until completions free slots), submits the reads and writes
     /// in one call and completes the rest in place.
     fn take(&mut self) {
+        if self.free.is_empty() {
+            return; // a completion frees one and comes back here
+        }
         let m = self.mem.memory();
         let (disk, ring, queue) = (&self.disk, &mut self.ring, &mut self.queue);
         let (slots, free) = (&mut self.slots, &mut self.free);
         let mut done = Vec::new();
         let mut submitted = false;
+        // A chain is taken only with a free slot: there is one now, and the loop stops
+        // when a submission takes the last.
         let served = queue::for_each_chain(queue, m.clone(), |_, chain| {
             let head = chain.head_index();
             let Some(parsed) = disk.parse(chain, &m) else {
@@ -132,52 +181,30 @@ impl Server {
             let (status, written) = match parsed.request {
                 Request::Done(status, written) => (status, written),
                 Request::Transfer(t) if !disk.direct_ok(&t.segs) => disk.run(&m, &t),
-                Request::Transfer(t) => {
-                    let slot = free.pop().expect("a chain is taken only with a free slot");
-                    let fd = types::Fd(disk.file.as_raw_fd());
-                    match GuestIovecs::new(&m, &t.segs).map(GuestIovecs::into_raw) {
-                        Ok(iovs) => {
-                            // At most the queue size of descriptors, far below u32::MAX.
-                            let count = u32::try_from(iovs.len()).unwrap_or(u32::MAX);
-                            let entry = if t.write {
-                                opcode::Writev::new(fd, iovs.as_ptr(), count)
-                                    .offset(t.offset)
-                                    .build()
+                Request::Transfer(t) => match free.pop() {
+                    Some(slot) => match ring.push(disk, &m, &t, slot) {
+                        Some(iovs) => {
+                            slots[slot] = Some(InFlight {
+                                head,
+                                status_at: parsed.status_at,
+                                transfer: t,
+                                _iovs: Iovecs { _iovs: iovs },
+                                _mem: m.clone(),
+                            });
+                            submitted = true;
+                            return if free.is_empty() {
+                                ControlFlow::Break(())
                             } else {
-                                opcode::Readv::new(fd, iovs.as_ptr(), count)
-                                    .offset(t.offset)
-                                    .build()
+                                ControlFlow::Continue(())
                             };
-                            let entry = entry.user_data(slot as u64);
-                            // SAFETY: the iovecs (their heap buffer does not move with the
-                            // Vec) and the guest memory they point into stay in slots[slot]
-                            // until its completion is reaped; dropping the server waits for
-                            // every completion first.
-                            let pushed = unsafe { ring.ring.submission().push(&entry) }.is_ok();
-                            if pushed {
-                                slots[slot] = Some(InFlight {
-                                    head,
-                                    status_at: parsed.status_at,
-                                    transfer: t,
-                                    _iovs: Iovecs { _iovs: iovs },
-                                    _mem: m.clone(),
-                                });
-                                submitted = true;
-                                return if free.is_empty() {
-                                    ControlFlow::Break(())
-                                } else {
-                                    ControlFlow::Continue(())
-                                };
-                            }
+                        }
+                        None => {
                             free.push(slot);
                             disk.run(&m, &t)
                         }
-                        Err(_) => {
-                            free.push(slot);
-                            disk.run(&m, &t)
-                        }
-                    }
-                }
+                    },
+                    None => disk.run(&m, &t),
+                },
             };
             done.push((head, finish(&m, &parsed.status_at, status, written)));
             ControlFlow::Continue(())
@@ -190,6 +217,14 @@ impl Server {
             broken_queue(queue, self.irq.as_ref(), &e);
         }
         self.complete(&m, &done);
+    }
+
+    /// The request in flight as submission `slot`, no longer in flight (its slot free).
+    fn release(&mut self, slot: u64) -> Option<InFlight> {
+        let i = usize::try_from(slot).ok()?;
+        let f = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        Some(f)
     }
 
     /// Completes what the kernel finished: a read or write that moved every byte is done; a
@@ -205,14 +240,7 @@ impl Server {
             .collect();
         let mut done = Vec::with_capacity(finished.len());
         for (slot, result) in finished {
-            let Some(f) = usize::try_from(slot)
-                .ok()
-                .and_then(|i| Some((i, self.slots.get_mut(i)?.take()?)))
-                .map(|(i, f)| {
-                    self.free.push(i);
-                    f
-                })
-            else {
+            let Some(f) = self.release(slot) else {
                 continue;
             };
             let len = total(&f.transfer.segs);
@@ -262,12 +290,68 @@ impl Drop for Server {
                     return;
                 }
             }
-            for c in self.ring.ring.completion() {
-                let slot = usize::try_from(c.user_data()).ok();
-                if slot.and_then(|i| self.slots.get_mut(i)?.take()).is_some() {
+            let finished: Vec<u64> = self.ring.ring.completion().map(|c| c.user_data()).collect();
+            for slot in finished {
+                if self.release(slot).is_some() {
                     left -= 1;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{CountingIrq, memory};
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A driver with more requests out than there are slots (it republished heads) leaves
+    /// the rest in the ring, and the worker takes them once completions free slots: no
+    /// panic, nothing lost.
+    #[test]
+    fn requests_beyond_the_slots_wait_in_the_ring() {
+        let mem = Memory::new(memory(1 << 20));
+        let m = mem.memory();
+        let vq = MockSplitQueue::new(&*m, 16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        m.write_slice(&h, GuestAddress(0x1_0000)).unwrap();
+        let d = |a: u64, l: u32, f: u16, n: u16| RawDescriptor::from(Descriptor::new(a, l, f, n));
+        vq.add_desc_chains(
+            &[
+                d(0x1_0000, 16, 1, 1),
+                d(0x2_0000, 512, 2 | 1, 2),
+                d(0x3_0000, 1, 2, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let (disk, _) = crate::virtio::block::tests::disk("slots", false);
+        let irq = Arc::new(CountingIrq::default());
+        let mut s = Server::new(
+            Arc::new(disk),
+            Ring::new().unwrap(),
+            vq.create_queue().unwrap(),
+            irq,
+            mem.clone(),
+        );
+        let free = std::mem::take(&mut s.free);
+        s.take();
+        assert_eq!(vq.used().idx().load(), 0, "no slot: the request waits");
+        s.free = free;
+        s.take();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while vq.used().idx().load() == 0 {
+            assert!(std::time::Instant::now() < deadline, "never completed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            s.reap();
+        }
+        let mut data = [0u8; 512];
+        m.read_slice(&mut data, GuestAddress(0x2_0000)).unwrap();
+        assert_eq!(data, [1u8; 512], "sector 0");
     }
 }
