@@ -24,6 +24,7 @@ use nixvm_devices::virtio::block::{Block, Disk, DiskOptions};
 use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::fs::{FsOptions, VhostUserFs};
 use nixvm_devices::virtio::mmio::MmioTransport;
+use nixvm_devices::virtio::transport::VirtioTransport as _;
 use nixvm_devices::virtio::net::{Net, Tap};
 use nixvm_devices::virtio::rng::Rng;
 use nixvm_devices::virtio::vsock::{HostSide, Vsock};

@@ -12,6 +12,7 @@ use nixvm_devices::serial::{InputDrained, SerialDevice, SerialIrq};
 use nixvm_devices::virtio::block::{self, Block, Disk};
 use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::mmio::MmioTransport;
+use nixvm_devices::virtio::transport::VirtioTransport;
 use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng, vsock};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
 use nixvm_storefs::daemon as storefs;
@@ -85,8 +86,8 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A virtio device's transport, shared by the MMIO bus and the reset path.
-pub type Transport = Arc<Mutex<MmioTransport>>;
+/// A virtio device's transport, shared with the bus its registers are on.
+pub type Transport = Arc<Mutex<dyn VirtioTransport>>;
 
 /// Everything the devices add to a VM.
 pub struct Devices {
@@ -218,7 +219,7 @@ fn add_virtio_devices(
     vsock_listener: Option<&crate::unix::Listener>,
 ) -> Result<(Vec<u8>, String, Vec<Transport>)> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let mut transports = Vec::new();
+    let mut transports: Vec<Transport> = Vec::new();
     for d in &config.disks {
         devices.push(Box::new(Block::new(Disk::open(&d.options())?)));
     }

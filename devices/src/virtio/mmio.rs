@@ -3,22 +3,17 @@
 //! The driver's register accesses arrive here from vCPU exits (except QueueNotify, which the
 //! vmm turns into a KVM ioeventfd per queue). Anything a driver writes out of order or out
 //! of range is ignored with a warning; nothing here panics on guest input.
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
-use virtio_bindings::{virtio_config, virtio_mmio as mmio};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddressSpace;
+use virtio_bindings::virtio_mmio as mmio;
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bus::BusDevice;
 use crate::lock;
 
-use super::{
-    F_EVENT_IDX, F_VERSION_1, Interrupt, Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG,
-    VIRTIO_MMIO_INT_VRING, VirtioDevice,
-};
+use super::transport::{VirtioCommon, VirtioTransport};
+use super::{Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, VirtioDevice};
 
 /// Size of one device's MMIO window.
 pub const WINDOW_SIZE: u64 = 0x1000;
@@ -35,14 +30,6 @@ pub const ACK_VALUES: std::ops::RangeInclusive<u32> =
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4e49_5856; // "NIXV"
-
-#[cfg(test)]
-const STATUS_ACKNOWLEDGE: u32 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const STATUS_DRIVER: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER;
-const STATUS_DRIVER_OK: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
-const STATUS_FEATURES_OK: u32 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
-const STATUS_NEEDS_RESET: u32 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
-const STATUS_FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
 
 /// A register's offset in the window (the bindings type them u32).
 const fn reg(offset: u32) -> u64 {
@@ -78,30 +65,9 @@ const CONFIG_GENERATION: u64 = reg(mmio::VIRTIO_MMIO_CONFIG_GENERATION);
 const CONFIG: u64 = reg(mmio::VIRTIO_MMIO_CONFIG);
 
 pub struct MmioTransport {
-    /// Locked by the transport for config space and feature negotiation, and by the
-    /// activation thread while the device starts: a vCPU never waits for an activation (a
-    /// vhost-user handshake) unless it touches that device's config space meanwhile.
-    device: Arc<Mutex<Box<dyn VirtioDevice>>>,
-    /// What the transport needs of the device at any time, read once.
-    device_type: u32,
-    queue_max_sizes: Vec<u16>,
-    signals_directly: bool,
-    /// The thread activating the device, while it runs (joined at reset).
-    activation: Option<JoinHandle<()>>,
-    mem: Memory,
-    irq: Arc<MmioInterrupt>,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    common: VirtioCommon<MmioInterrupt>,
     /// Where the driver's InterruptACK writes go (never read: see [`INTERRUPT_ACK`]).
     ack_sink: EventFd,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    status: u32,
-    active: bool,
-    /// Bumped whenever the device's config space changes under the driver.
-    config_generation: u32,
 }
 
 impl MmioTransport {
@@ -111,65 +77,29 @@ impl MmioTransport {
         mem: Memory,
         irq_evt: EventFd,
     ) -> std::io::Result<Self> {
-        let queue_evts = device
-            .queue_max_sizes()
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let queue_max_sizes = device.queue_max_sizes().to_vec();
-        let queues = fresh_queues(&queue_max_sizes);
+        let irq = Arc::new(MmioInterrupt::new(irq_evt));
         Ok(MmioTransport {
-            device_type: device.device_type(),
-            signals_directly: device.signals_directly(),
-            queue_max_sizes,
-            activation: None,
-            device: Arc::new(Mutex::new(device)),
-            mem,
-            irq: Arc::new(MmioInterrupt::new(irq_evt)),
-            queues,
-            queue_evts,
+            common: VirtioCommon::new("virtio-mmio", device, mem, irq)?,
             ack_sink: EventFd::new(EFD_NONBLOCK)?,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            acked_features: 0,
-            status: 0,
-            active: false,
-            config_generation: 0,
         })
     }
 
     /// One eventfd per queue: the vmm registers each as an ioeventfd on QueueNotify.
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.common.queue_evts
     }
 
     /// The eventfd the vmm registers on InterruptACK for each of [`ACK_VALUES`].
     pub fn ack_sink(&self) -> &EventFd {
         &self.ack_sink
     }
-
-    pub fn device_type(&self) -> u32 {
-        self.device_type
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        // Queue configuration is only meaningful before the device runs.
-        if self.active || self.status & STATUS_FEATURES_OK == 0 {
-            return None;
-        }
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    fn device_features(&self) -> u64 {
-        lock(&self.device).avail_features() | F_VERSION_1
-    }
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let c = &mut self.common;
         if offset >= CONFIG {
-            lock(&self.device).read_config(offset - CONFIG, data);
+            lock(&c.device).read_config(offset - CONFIG, data);
             return;
         }
         if data.len() != 4 {
@@ -183,33 +113,20 @@ impl BusDevice for MmioTransport {
         let v = match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
-            DEVICE_ID => self.device_type,
+            DEVICE_ID => c.device_type,
             VENDOR_ID => VENDOR,
-            DEVICE_FEATURES => match self.device_features_sel {
-                0 => low_half(self.device_features()),
-                1 => low_half(self.device_features() >> 32),
-                _ => 0,
-            },
-            QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
-            QUEUE_READY => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.ready())),
+            DEVICE_FEATURES => c.device_features_page(),
+            QUEUE_NUM_MAX => c.queue().map_or(0, |q| u32::from(q.max_size())),
+            QUEUE_READY => c.queue().map_or(0, |q| u32::from(q.ready())),
             INTERRUPT_STATUS => {
-                let direct = self.active && self.signals_directly;
-                self.irq.take() | if direct { VIRTIO_MMIO_INT_VRING } else { 0 }
+                let direct = c.active && c.signals_directly;
+                c.irq.take() | if direct { VIRTIO_MMIO_INT_VRING } else { 0 }
             }
-            STATUS => {
-                let broken = self.irq.broken.load(Ordering::SeqCst);
-                self.status | if broken { STATUS_NEEDS_RESET } else { 0 }
-            }
+            STATUS => c.read_status(),
             // SHMLen and SHMBase: no shared memory regions, which the spec says as all ones
             // (a zero length would be a region; virtio-fs would try to use it for DAX).
             SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
-            CONFIG_GENERATION => self.config_generation,
+            CONFIG_GENERATION => c.config_generation,
             _ => {
                 crate::guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -219,8 +136,9 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let c = &mut self.common;
         if offset >= CONFIG {
-            lock(&self.device).write_config(offset - CONFIG, data);
+            lock(&c.device).write_config(offset - CONFIG, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -231,43 +149,28 @@ impl BusDevice for MmioTransport {
             return;
         };
         let v = u32::from_le_bytes(bytes);
-        let features_open = self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER;
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            DRIVER_FEATURES if features_open => match self.driver_features_sel {
-                0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
-                1 => {
-                    self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
-                }
-                _ => crate::guest_warn!(
-                    "virtio-mmio: driver features page {} ignored",
-                    self.driver_features_sel
-                ),
-            },
-            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            QUEUE_SEL => self.queue_sel = v,
+            DEVICE_FEATURES_SEL => c.device_features_sel = v,
+            DRIVER_FEATURES => c.write_driver_features(v),
+            DRIVER_FEATURES_SEL => c.driver_features_sel = v,
+            QUEUE_SEL => c.queue_sel = v,
             QUEUE_NUM => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = c.selected_queue() {
                     // virtio-queue checks the size (power of two, not above max) itself.
                     q.set_size(u16::try_from(v).unwrap_or(0));
                 }
             }
             QUEUE_READY => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = c.selected_queue() {
                     q.set_ready(v == 1);
                 }
             }
-            QUEUE_NOTIFY => match self.queue_evts.get(v as usize) {
-                Some(evt) => {
-                    let _ = evt.write(1);
-                }
-                None => crate::guest_warn!("virtio-mmio: notify of unknown queue {v}"),
-            },
+            QUEUE_NOTIFY => c.notify(v),
             INTERRUPT_ACK => {} // acknowledged by the read
-            STATUS => self.set_status(v),
+            STATUS => c.set_status(v),
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_AVAIL_LOW | QUEUE_AVAIL_HIGH
             | QUEUE_USED_LOW | QUEUE_USED_HIGH => {
-                if let Some(q) = self.selected_queue() {
+                if let Some(q) = c.selected_queue() {
                     let (lo, hi) =
                         if matches!(offset, QUEUE_DESC_LOW | QUEUE_AVAIL_LOW | QUEUE_USED_LOW) {
                             (Some(v), None)
@@ -288,162 +191,20 @@ impl BusDevice for MmioTransport {
 
     /// Resets the device as a driver writing 0 to Status does, and for a machine reset.
     fn reset(&mut self) {
-        self.settle();
-        if self.active && !lock(&self.device).reset() {
-            crate::guest_warn!(
-                "virtio-mmio: device type {} cannot be reset",
-                self.device_type
-            );
-            self.irq.needs_reset();
-            return;
-        }
-        self.active = false;
-        self.queues = fresh_queues(&self.queue_max_sizes);
-        for e in &self.queue_evts {
-            let _ = e.read();
-        }
-        self.status = 0;
-        self.acked_features = 0;
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.irq.status.store(0, Ordering::SeqCst);
-        self.irq.broken.store(false, Ordering::SeqCst);
+        self.common.reset();
     }
 }
 
-impl MmioTransport {
-    fn set_status(&mut self, v: u32) {
-        // DEVICE_NEEDS_RESET is the device's to set (`Interrupt::needs_reset`, read back
-        // through the status register) and a reset's to clear: a driver writing the status
-        // it read back neither sets nor keeps it.
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let v = v & !STATUS_NEEDS_RESET;
-        if v & self.status != self.status {
-            crate::guest_warn!(
-                "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
-                self.status
-            );
-            return;
-        }
-        let new = v & !self.status;
-        if new & STATUS_FEATURES_OK != 0 {
-            let unknown = self.acked_features & !self.device_features();
-            if unknown != 0 || self.acked_features & F_VERSION_1 == 0 {
-                crate::guest_warn!(
-                    "virtio-mmio: driver accepted features {unknown:#x} we did not offer, or not VERSION_1"
-                );
-                self.status = v & !STATUS_FEATURES_OK;
-                return;
-            }
-            lock(&self.device).set_acked_features(self.acked_features);
-        }
-        self.status = v;
-        if new & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 && !self.active {
-            self.activate();
-        }
-        if new & STATUS_FAILED != 0 {
-            crate::guest_warn!(
-                "virtio-mmio: the driver gave up on device type {}",
-                self.device_type
-            );
-        }
+impl VirtioTransport for MmioTransport {
+    fn device_type(&self) -> u32 {
+        self.common.device_type
     }
-
-    /// Hands the queues to the device. The device starts on a thread of its own (a
-    /// vhost-user device's handshake with its back end may take a while, or never end), so
-    /// the vCPU that wrote DRIVER_OK goes on at once; a device that fails to start reports
-    /// NEEDS_RESET.
-    fn activate(&mut self) {
-        let mem = self.mem.memory();
-        let event_idx = self.acked_features & F_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        // The queues move into the device; the transport keeps fresh ones until a reset.
-        let configured = std::mem::replace(&mut self.queues, fresh_queues(&self.queue_max_sizes));
-        for (i, mut q) in configured.into_iter().enumerate() {
-            if q.ready() && !q.is_valid(&*mem) {
-                crate::guest_warn!(
-                    "virtio-mmio: queue {i} of device type {} is not valid",
-                    self.device_type
-                );
-                self.irq.needs_reset();
-                return;
-            }
-            q.set_event_idx(event_idx);
-            let evt = match self.queue_evts[i].try_clone() {
-                Ok(e) => e,
-                Err(e) => {
-                    log::error!("virtio-mmio: {e}");
-                    self.irq.needs_reset();
-                    return;
-                }
-            };
-            queues.push((q, evt));
-        }
-        let (device, mem, irq, device_type) = (
-            self.device.clone(),
-            self.mem.clone(),
-            self.irq.clone(),
-            self.device_type,
-        );
-        let started = std::thread::Builder::new()
-            .name(format!("virtio-{device_type}-activate"))
-            .spawn(move || {
-                let irq_dyn: Arc<dyn Interrupt> = irq.clone();
-                if let Err(e) = lock(&device).activate(mem, irq_dyn, queues) {
-                    crate::guest_warn!(
-                        "virtio-mmio: cannot activate device type {device_type}: {e}"
-                    );
-                    irq.needs_reset();
-                }
-            });
-        match started {
-            Ok(h) => {
-                self.active = true;
-                self.activation = Some(h);
-            }
-            Err(e) => {
-                log::error!("virtio-mmio: cannot start device type {device_type}: {e}");
-                self.irq.needs_reset();
-            }
-        }
+    fn set_link(&mut self, up: bool) -> bool {
+        self.common.set_link(up)
     }
-
-    /// Sets the link of a network device; the driver sees the change (a new config generation
-    /// and a configuration change interrupt). False if the device has no link.
-    pub fn set_link(&mut self, up: bool) -> bool {
-        let Some(changed) = lock(&self.device).set_link(up) else {
-            return false;
-        };
-        if changed {
-            self.config_generation = self.config_generation.wrapping_add(1);
-            if self.status & STATUS_DRIVER_OK != 0 {
-                self.irq.trigger(VIRTIO_MMIO_INT_CONFIG);
-            }
-        }
-        true
+    fn settle(&mut self) {
+        self.common.settle();
     }
-
-    /// Waits until a device being activated has started (or failed to).
-    pub fn settle(&mut self) {
-        if let Some(h) = self.activation.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn low_half(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).expect("masked")
-}
-
-fn fresh_queues(max_sizes: &[u16]) -> Vec<Queue> {
-    max_sizes
-        .iter()
-        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two"))
-        .collect()
 }
 
 #[cfg(test)]
@@ -452,7 +213,10 @@ mod tests {
     use crate::bus::BusDevice;
     use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
     use crate::virtio::test_utils::memory;
+    use crate::virtio::transport::*;
+    use crate::virtio::{F_EVENT_IDX, F_VERSION_1, Interrupt};
     use std::sync::Mutex;
+    use virtio_queue::Queue;
 
     /// A device that records what the transport does to it.
     #[derive(Default, Clone)]

@@ -24,6 +24,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod transport;
 pub mod vsock;
 pub mod worker;
 
@@ -93,6 +94,16 @@ impl MmioInterrupt {
     /// it is in the value read.
     pub fn take(&self) -> u32 {
         self.status.swap(0, Ordering::SeqCst)
+    }
+}
+
+impl transport::TransportInterrupt for MmioInterrupt {
+    fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.broken.store(false, Ordering::SeqCst);
     }
 }
 
