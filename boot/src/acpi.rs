@@ -10,8 +10,8 @@ use acpi_tables::sdt::{GenericAddress, Sdt};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, I8042_IRQ, I8042_PORT, RESET_PORT,
-    SLEEP_CONTROL_PORT,
+    self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, I8042_IRQ, I8042_PORT,
+    PCI_CONFIG_PORT, RESET_PORT, SLEEP_CONTROL_PORT,
 };
 use vm_memory::GuestMemoryBackend;
 
@@ -78,6 +78,44 @@ pub fn virtio_mmio_aml(index: u8, base: u64, size: u64, gsi: u32) -> Vec<u8> {
                 &aml::ResourceTemplate::new(vec![
                     &aml::Memory32Fixed::new(true, base, size),
                     &aml::Interrupt::new(true, true, false, false, gsi),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut aml);
+    aml
+}
+
+/// The PCI host bridge of bus 0 (Linux finds its devices through configuration mechanism
+/// #1) with BARs in `window` (start, end exclusive). Its devices use MSI-X, so there is no
+/// `_PRT`.
+pub fn pci_host_bridge_aml(window: (u64, u64)) -> Vec<u8> {
+    let (start, end) = (
+        u32::try_from(window.0).expect("below 4 GiB"),
+        u32::try_from(window.1 - 1).expect("below 4 GiB"),
+    );
+    let mut aml = Vec::new();
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, 8),
+                    &aml::AddressSpace::new_memory(
+                        aml::AddressSpaceCacheable::NotCacheable,
+                        true,
+                        start,
+                        end,
+                        None,
+                    ),
                 ]),
             ),
         ],

@@ -7,7 +7,7 @@
 //! 0x0000_8ff0  boot stack               0x000e_0000  ACPI tables (RSDP first), reserved
 //!                                       0x000f_0000  SMBIOS entry point and tables, reserved
 //! 0x0010_0000  high RAM: kernel, initrd (placed as high as allowed), ...
-//! 0xc000_0000  32-bit MMIO gap up to 4 GiB: virtio-mmio devices from 0xd000_0000, IOAPIC,
+//! 0xc000_0000  32-bit MMIO gap up to 4 GiB: PCI BARs, virtio-mmio devices from 0xd000_0000, IOAPIC,
 //!              LAPIC, KVM TSS/identity map
 //! 0x1_0000_0000 the RAM above 3 GiB, if any
 //! ```
@@ -36,6 +36,10 @@ pub const HIGH_RAM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap; RAM beyond it continues at 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// PCI BARs (virtio-pci devices, `--transport pci`): the host bridge's memory window, from
+/// the start of the gap up to the virtio-mmio windows.
+pub const PCI_MMIO_START: u64 = MMIO_GAP_START;
+pub const PCI_MMIO_END: u64 = VIRTIO_MMIO_START;
 /// virtio-mmio devices: one 4 KiB window each, from here up.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
@@ -60,6 +64,11 @@ pub const I8042_IRQ: u32 = 1;
 /// The CMOS RTC: index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
 pub const CMOS_PORTS: u64 = 2;
+/// PCI configuration mechanism #1: the address register at 0xCF8, the data at 0xCFC.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_PORTS: u64 = 8;
+/// The first GSI for MSI routes (past the IOAPIC's 24 inputs).
+pub const MSI_GSI_START: u32 = 24;
 /// The FADT sleep control/status register and, next to it, the reset register.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const RESET_PORT: u16 = 0x601;

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod cmos;
 pub mod console;
 pub mod i8042;
+pub mod pci;
 pub mod pm;
 pub mod ratelimit;
 pub mod seccomp;

@@ -186,7 +186,8 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         stdio_terminal(g)
     });
 
-    group(t, &BLK_NAMES, "the disks boot", || disks_boot(g));
+    group(t, &BLK_NAMES, "the disks boot", || disks_boot(g, "mmio"));
+    group(t, &PCI_NAMES, "the PCI disks boot", || disks_boot(g, "pci"));
     t.run_retry("blk_flush_is_fdatasync", || flush_is_fdatasync(g));
     lifecycle_tests(t, g);
     qmp_tests(t, g);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::harness::*;
 
 /// The checks of the disks boot, in the order `disks_boot` returns them.
-pub(crate) const BLK_NAMES: [&str; 8] = [
+pub(crate) const BLK_NAMES: [&str; 9] = [
     "blk_sha256_matches_host",
     "blk_order_and_serials",
     "blk_readonly_refuses_writes",
@@ -14,11 +14,26 @@ pub(crate) const BLK_NAMES: [&str; 8] = [
     "blk_driver_reload",
     "blk_parallel_requests",
     "rng_hwrng_gives_bytes",
+    "blk_devices_are_virtio_mmio",
 ];
 
-/// One boot with three disks (data, read-only, scratch) plus the script disk and virtio-rng;
-/// returns the result of each check, in the order of `BLK_NAMES`.
-pub(crate) fn disks_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
+/// The same boot with `--transport pci`.
+pub(crate) const PCI_NAMES: [&str; 9] = [
+    "pci_blk_sha256_matches_host",
+    "pci_blk_order_and_serials",
+    "pci_blk_readonly_refuses_writes",
+    "pci_blk_flushed_write_survives_kill_9",
+    "pci_blk_second_vm_on_locked_image_fails",
+    "pci_blk_driver_reload",
+    "pci_blk_parallel_requests",
+    "pci_rng_hwrng_gives_bytes",
+    "pci_devices_on_bus_0_with_msix",
+];
+
+/// One boot with three disks (data, read-only, scratch) plus the script disk and virtio-rng,
+/// on `transport` (mmio or pci); returns the result of each check, in the order of
+/// `BLK_NAMES`.
+pub(crate) fn disks_boot(g: &Guest, transport: &str) -> Result<Vec<TestResult>, String> {
     let data = disk_image("data.img", 8 << 20, |i| {
         u8::try_from((i * 7 + i / 4096) % 251).unwrap()
     });
@@ -34,6 +49,8 @@ echo "NIXVM-TEST: sha256_vda=$(sha256sum /dev/vda | cut -d' ' -f1)"
 if dd if=/dev/zero of=/dev/vdb bs=512 count=1 oflag=direct 2>/dev/null; then r=accepted; else r=refused; fi
 echo "NIXVM-TEST: ro_write=$r"
 echo "NIXVM-TEST: hwrng=$(head -c 4096 /dev/hwrng | wc -c),$(cat /sys/class/misc/hw_random/rng_current)"
+echo "NIXVM-TEST: vda_path=$(readlink /sys/block/vda)"
+echo "NIXVM-TEST: msix=$(grep -c 'PCI-MSI.*virtio' /proc/interrupts),ioapic=$(grep -c 'IO-APIC.*virtio' /proc/interrupts)"
 for i in 0 1 2 3; do
   dd if=/dev/vda of=/tmp/part$i bs=4096 skip=$((i * 512)) count=512 iflag=direct 2>/dev/null &
 done
@@ -61,7 +78,18 @@ sleep 1000
     let cl = cmdline("script");
     let mut args = g.args(&g.vmlinuz, &cl);
     args.extend([
-        "--cpus", "2", "--disk", &d1, "--disk", &d2, "--disk", &d3, "--disk", &d4,
+        "--cpus",
+        "2",
+        "--disk",
+        &d1,
+        "--disk",
+        &d2,
+        "--disk",
+        &d3,
+        "--disk",
+        &d4,
+        "--transport",
+        transport,
     ]);
     let mut vm = Streaming::spawn(&args)?;
     vm.wait_for("NIXVM-TEST: wrote")?;
@@ -123,6 +151,23 @@ sleep 1000
         Ok(())
     });
     let rng = is("hwrng", "4096,virtio_rng.0");
+    // Where the guest found the disk, and how the devices interrupt it: on virtio-pci, two
+    // MSI-X vectors for each of the five devices and no interrupt line.
+    let path = vm.marker("vda_path");
+    let placed = match transport {
+        "pci" => path
+            .as_deref()
+            .is_some_and(|p| p.contains("/pci0000:00/0000:00:01.0/virtio"))
+            .then_some(())
+            .ok_or_else(|| format!("vda is at {path:?}"))
+            .and_then(|()| is("msix", "10,ioapic=0")),
+        _ => path
+            .as_deref()
+            .is_some_and(|p| p.contains("/platform/LNRO0005:"))
+            .then_some(())
+            .ok_or_else(|| format!("vda is at {path:?}"))
+            .and_then(|()| is("msix", "0,ioapic=5")),
+    };
     Ok(vec![
         sha,
         order,
@@ -132,6 +177,7 @@ sleep 1000
         reload,
         parallel,
         rng,
+        placed,
     ])
 }
 

@@ -210,6 +210,7 @@ fn main() {
     let boot_names: Vec<&str> = boot_names
         .into_iter()
         .chain(BLK_NAMES)
+        .chain(PCI_NAMES)
         .chain(NET_NAMES)
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)

@@ -4,14 +4,16 @@
 //! `nixvm_boot::layout`'s. `vm.rs` builds, runs and reboots the VM around these.
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use nixvm_boot::{acpi, layout};
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::console::ConsoleOut;
+use nixvm_devices::pci::PciRoot;
 use nixvm_devices::serial::{InputDrained, SerialDevice, SerialIrq};
 use nixvm_devices::virtio::block::{self, Block, Disk};
 use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::mmio::MmioTransport;
+use nixvm_devices::virtio::pci::{self, PciTransport};
 use nixvm_devices::virtio::transport::VirtioTransport;
 use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng, vsock};
 use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
@@ -19,8 +21,9 @@ use nixvm_storefs::daemon as storefs;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::config::VmConfig;
+use crate::config::{Transport as TransportKind, VmConfig};
 use crate::lifecycle::ExitState;
+use crate::msi::{GsiRouting, VectorRoutes};
 use crate::passt;
 use crate::vcpu::Buses;
 use crate::vm::{KvmError, kvm_err};
@@ -109,7 +112,7 @@ pub struct Devices {
 
 impl Devices {
     pub fn create(
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         mem: &GuestMemoryAtomic<GuestMemoryMmap>,
         config: &VmConfig,
         exit: &Arc<ExitState>,
@@ -210,7 +213,7 @@ fn vhost_user_wait() -> std::time::Duration {
 /// The back-end processes started for `path=` shares and passt interfaces go into
 /// `backends`.
 fn add_virtio_devices(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     buses: &mut Buses,
     mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     config: &VmConfig,
@@ -293,6 +296,9 @@ fn add_virtio_devices(
         let console = Console::new(out, input).map_err(Error::Console)?;
         devices.push(Box::new(console));
     }
+    if config.transport == TransportKind::Pci {
+        return add_pci_devices(vm, buses, mem, devices, config.cmdline.clone());
+    }
     let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
     let mut aml = Vec::new();
     let mut cmdline = config.cmdline.clone();
@@ -337,6 +343,63 @@ fn add_virtio_devices(
             ));
         }
     }
+    Ok((aml, cmdline, transports))
+}
+
+/// `devices` as virtio-pci functions on bus 0 (device numbers from 1), each with its BAR
+/// in the host bridge's window, an ioeventfd per queue and its MSI-X vectors routed through
+/// KVM. Returns the host bridge's AML, the command line and the transports.
+fn add_pci_devices(
+    vm: &Arc<VmFd>,
+    buses: &mut Buses,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    cmdline: String,
+) -> Result<(Vec<u8>, String, Vec<Transport>)> {
+    let routing = GsiRouting::new(vm.clone());
+    let mut root = PciRoot::default();
+    let mut transports: Vec<Transport> = Vec::new();
+    for (i, dev) in (0u64..).zip(devices) {
+        let bar = layout::PCI_MMIO_START + i * pci::BAR_SIZE;
+        assert!(
+            bar + pci::BAR_SIZE <= layout::PCI_MMIO_END,
+            "validated device count"
+        );
+        let vectors = (0..pci::VECTORS)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::EventFd)?;
+        let clones = vectors
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(Error::EventFd)?;
+        let routes = Box::new(VectorRoutes::new(&routing, clones));
+        let bar32 = u32::try_from(bar).expect("below 4 GiB");
+        let transport =
+            PciTransport::new(dev, mem.clone(), bar32, vectors, routes).map_err(Error::EventFd)?;
+        for (q, evt) in (0u64..).zip(transport.queue_evts()) {
+            let at = bar + pci::NOTIFY + q * u64::from(pci::NOTIFY_MULTIPLIER);
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(at), NoDatamatch)
+                .map_err(kvm_err("register a virtio queue notifier"))?;
+        }
+        let t = Arc::new(Mutex::new(transport));
+        buses
+            .mmio
+            .insert(bar, pci::BAR_SIZE, t.clone())
+            .expect("disjoint BARs");
+        root.attach(usize::try_from(i + 1).expect("small"), t.clone());
+        transports.push(t);
+    }
+    buses
+        .pio
+        .insert(
+            u64::from(layout::PCI_CONFIG_PORT),
+            layout::PCI_CONFIG_PORTS,
+            Arc::new(Mutex::new(root)),
+        )
+        .expect("fixed, disjoint ports");
+    let aml = acpi::pci_host_bridge_aml((layout::PCI_MMIO_START, layout::PCI_MMIO_END));
     Ok((aml, cmdline, transports))
 }
 

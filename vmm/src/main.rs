@@ -10,6 +10,7 @@ mod cpuid;
 mod device_manager;
 mod hmp;
 mod lifecycle;
+mod msi;
 mod passt;
 mod qmp;
 mod seccomp;

@@ -14,8 +14,8 @@
 //! Filters go on once the VM is built: opening images, TAPs, KVM and starting storefs come
 //! before and need no rules here.
 use kvm_bindings::{
-    KVMIO, kvm_cpuid2, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    KVMIO, kvm_cpuid2, kvm_fpu, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state,
+    kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use nixvm_devices::seccomp::{
     Allow, Arg, Mode, READ_ONLY_OPEN, RUNTIME, THREADS_ONLY, any, eq, when,
@@ -57,6 +57,8 @@ arg1! {
     KVM_SET_XCRS = kvm(W, 0xa7, size_of::<kvm_xcrs>());
     KVM_SET_IRQCHIP = kvm(R, 0x63, size_of::<kvm_irqchip>());
     KVM_SET_PIT2 = kvm(W, 0xa0, size_of::<kvm_pit_state2>());
+    KVM_IRQFD = kvm(W, 0x76, size_of::<kvm_irqfd>());
+    KVM_SET_GSI_ROUTING = kvm(W, 0x6a, size_of::<kvm_irq_routing>());
     TCGETS = libc::TCGETS;
     TCSETS = libc::TCSETS;
     TIOCGWINSZ = libc::TIOCGWINSZ;
@@ -131,6 +133,9 @@ const VCPU: &[Allow] = &[
     any(libc::SYS_io_uring_setup),
     any(libc::SYS_io_uring_register),
     // UNIX sockets for vhost-user connections: in WORKER, which vCPU threads have too.
+    // A PCI function's MSI-X vectors, routed and bound as the driver enables and masks them.
+    when(libc::SYS_ioctl, KVM_IRQFD),
+    when(libc::SYS_ioctl, KVM_SET_GSI_ROUTING),
 ];
 
 /// The main thread: event loop, control socket, console, signals, reboot in place, teardown.
@@ -164,6 +169,9 @@ const VMM: &[Allow] = &[
     when(libc::SYS_ioctl, KVM_SET_XCRS),
     when(libc::SYS_ioctl, KVM_SET_IRQCHIP),
     when(libc::SYS_ioctl, KVM_SET_PIT2),
+    // A machine reset masks every MSI-X vector.
+    when(libc::SYS_ioctl, KVM_IRQFD),
+    when(libc::SYS_ioctl, KVM_SET_GSI_ROUTING),
 ];
 
 /// The compiled filters of one nixvm process.

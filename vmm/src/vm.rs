@@ -349,7 +349,7 @@ pub struct Vm {
     controller: Arc<Mutex<Controller>>,
     control: Arc<Mutex<Control>>,
     gate: Arc<PauseGate>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// `nixvm storefs` processes serving `path=` shares: stopped after everything else.
@@ -481,7 +481,7 @@ impl Vm {
                 max,
             });
         }
-        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         vm.set_tss_address(usize::try_from(layout::KVM_TSS_START).expect("64-bit host"))
             .map_err(kvm_err("set the TSS address"))?;
         vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)

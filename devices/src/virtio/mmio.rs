@@ -212,47 +212,11 @@ mod tests {
     use super::*;
     use crate::bus::BusDevice;
     use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
-    use crate::virtio::test_utils::memory;
+    use crate::virtio::test_utils::{Probe, memory};
     use crate::virtio::transport::*;
     use crate::virtio::{F_EVENT_IDX, F_VERSION_1, Interrupt};
     use std::sync::Mutex;
     use virtio_queue::Queue;
-
-    /// A device that records what the transport does to it.
-    #[derive(Default, Clone)]
-    struct Probe(Arc<Mutex<(u64, usize, usize)>>); // acked features, activations, resets
-
-    impl VirtioDevice for Probe {
-        fn device_type(&self) -> u32 {
-            42
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn avail_features(&self) -> u64 {
-            F_EVENT_IDX | 1
-        }
-        fn set_acked_features(&mut self, f: u64) {
-            self.0.lock().unwrap().0 = f;
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            crate::virtio::read_config_bytes(&[1, 2, 3, 4], offset, data);
-        }
-        fn activate(
-            &mut self,
-            _: Memory,
-            _: Arc<dyn Interrupt>,
-            q: Vec<(Queue, EventFd)>,
-        ) -> Result<(), super::super::ActivateError> {
-            assert_eq!(q.len(), 2);
-            self.0.lock().unwrap().1 += 1;
-            Ok(())
-        }
-        fn reset(&mut self) -> bool {
-            self.0.lock().unwrap().2 += 1;
-            true
-        }
-    }
 
     fn transport() -> (MmioTransport, Probe) {
         let probe = Probe::default();

@@ -22,6 +22,7 @@ pub mod fs;
 pub mod fuse;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
 pub mod transport;
@@ -433,6 +434,42 @@ pub mod test_utils {
 
     pub fn memory(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("test memory")
+    }
+
+    /// A device that records what the transport does to it.
+    #[derive(Default, Clone)]
+    pub struct Probe(pub Arc<Mutex<(u64, usize, usize)>>); // acked features, activations, resets
+
+    impl VirtioDevice for Probe {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn avail_features(&self) -> u64 {
+            F_EVENT_IDX | 1
+        }
+        fn set_acked_features(&mut self, f: u64) {
+            self.0.lock().unwrap().0 = f;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_bytes(&[1, 2, 3, 4], offset, data);
+        }
+        fn activate(
+            &mut self,
+            _: Memory,
+            _: Arc<dyn Interrupt>,
+            q: Vec<(Queue, EventFd)>,
+        ) -> Result<(), ActivateError> {
+            assert_eq!(q.len(), 2);
+            self.0.lock().unwrap().1 += 1;
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.0.lock().unwrap().2 += 1;
+            true
+        }
     }
 
     /// Counts the interrupts it gets.

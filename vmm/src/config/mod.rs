@@ -79,6 +79,8 @@ pub enum Error {
         "{0} virtio devices (disks, network interfaces, shares, rng, vsock, console) are more than nixvm can attach (at most {MAX_DEVICES})"
     )]
     TooManyDevices(usize),
+    #[error("--transport pci needs ACPI, which the kernel command line turns off (acpi=off)")]
+    PciWithoutAcpi,
     #[error("TAP name {0:?} is not a valid interface name (1 to {IFNAME_MAX} bytes, no '/')")]
     TapName(String),
     #[error("fd {0} of a network interface is not a file descriptor number")]
@@ -221,6 +223,11 @@ pub struct Settings {
     /// The virtio-rng entropy device: on or off [default: on].
     #[arg(long, value_name = "on|off", value_parser = parse_switch_arg)]
     pub rng: Option<bool>,
+    /// How virtio devices attach: mmio (a register window and interrupt line each) or pci
+    /// (virtio-pci on a PCI bus with MSI-X interrupts, which the guest takes without an exit
+    /// to nixvm; needs ACPI) [default: mmio].
+    #[arg(long, value_name = "mmio|pci", value_enum)]
+    pub transport: Option<Transport>,
     /// A control socket (mode 0600) for `nixvm ctl`: JSON lines, see README.md.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -320,6 +327,7 @@ pub struct VmConfig {
     /// anonymous memory.
     pub shared_memory: bool,
     pub rng: bool,
+    pub transport: Transport,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -507,6 +515,10 @@ impl VmConfig {
         if devices > MAX_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
+        let transport = file.transport.unwrap_or_default();
+        if transport == Transport::Pci && cmdline.split_whitespace().any(|w| w == "acpi=off") {
+            return Err(Error::PciWithoutAcpi);
+        }
         let uuid = match &file.uuid {
             Some(u) => Some(
                 uuid::Uuid::try_parse(u)
@@ -551,6 +563,7 @@ impl VmConfig {
             fs,
             shared_memory,
             rng,
+            transport,
             api_socket: file.api_socket,
             qmp: file.qmp,
             monitor: file.monitor,

@@ -469,6 +469,18 @@ pub enum OnReboot {
     Restart,
 }
 
+/// How the virtio devices attach to the machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio: a 4 KiB register window and an interrupt line each (described by ACPI,
+    /// or by the command line with acpi=off).
+    #[default]
+    Mmio,
+    /// virtio-pci on PCI bus 0, interrupts by MSI-X.
+    Pci,
+}
+
 /// `--memory SIZE[,shared=on]`; in JSON the same string, or a number of MiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryArg {

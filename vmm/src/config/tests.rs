@@ -353,6 +353,17 @@ fn validation() {
         (ConsoleConfig::Off, ConsoleConfig::Stdio)
     );
     assert!(matches!(with(|c| c.cpus = Some(0)), Err(Error::NoCpus)));
+    // virtio-mmio unless asked; virtio-pci needs the ACPI tables that describe its bus.
+    assert_eq!(v.transport, Transport::Mmio);
+    let pci = with(|c| c.transport = Some(Transport::Pci)).unwrap();
+    assert_eq!(pci.transport, Transport::Pci);
+    assert!(matches!(
+        with(|c| {
+            c.transport = Some(Transport::Pci);
+            c.cmdline = Some("console=ttyS0 acpi=off".into());
+        }),
+        Err(Error::PciWithoutAcpi)
+    ));
     assert!(matches!(
         with(|c| c.shutdown_timeout = Some(1 << 63)),
         Err(Error::ShutdownTimeout(_))
@@ -525,6 +536,10 @@ fn seccomp_mode_from_flag_and_file() {
     assert!(Flags::try_parse_from(["nixvm", "--seccomp", "kill"]).is_err());
     let file: Settings = serde_json::from_str(r#"{"seccomp": "off"}"#).unwrap();
     assert_eq!(file.seccomp, Some(Mode::Off));
+    let f = Flags::try_parse_from(["nixvm", "--transport", "pci"]).unwrap();
+    assert_eq!(f.s.transport, Some(Transport::Pci));
+    let file: Settings = serde_json::from_str(r#"{"transport": "pci"}"#).unwrap();
+    assert_eq!(file.transport, Some(Transport::Pci));
     assert!(serde_json::from_str::<Settings>(r#"{"seccomp": "maybe"}"#).is_err());
 }
 
