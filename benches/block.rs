@@ -155,6 +155,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     nixvm.arg(path_arg("path=", image, ",direct=on"));
     nixvm.arg("--disk");
     nixvm.arg(path_arg("path=", &files.script, ",readonly=on"));
+    nixvm.args(common::nixvm_args());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args("-M microvm,rtc=on -accel kvm -cpu host -m 256 -smp 1 -nodefaults".split(' '));
     qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));

@@ -204,6 +204,7 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
     nixvm.arg("--initrd").arg(&g.initrd);
     nixvm.args(["--cmdline", &g.cmdline, "--memory", &format!("{mem}M")]);
     nixvm.args("--cpus 1 --serial stdio".split(' '));
+    nixvm.args(common::nixvm_args());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args("-M microvm,rtc=on -accel kvm -cpu host -smp 1 -nodefaults".split(' '));
     qemu.args(["-m", &mem.to_string()]);

@@ -118,6 +118,16 @@ pub fn route() -> Result<Route> {
     Ok(Route::RanInL1(l1.status()?.code().unwrap_or(125)))
 }
 
+/// The extra nixvm flags of NIXVM_BENCH_ARGS (split at spaces): a bench of a setting, e.g.
+/// `--transport pci`, against the same columns.
+pub fn nixvm_args() -> Vec<String> {
+    std::env::var("NIXVM_BENCH_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// One run of a VMM: its `NIXVM-BENCH: ...` lines and the console lines it was asked to
 /// watch for, each with when it arrived (from the spawn), how long the process lived, its
 /// peak RSS and stderr, and why it failed.

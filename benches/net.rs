@@ -293,6 +293,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
     nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off --net".split(' '));
     nixvm.arg(format!("tap={TAP}")).arg("--disk");
     nixvm.arg(path_arg("path=", &files.script, ",readonly=on"));
+    nixvm.args(common::nixvm_args());
     let qemu = |vhost: &str| {
         let mut qemu = NetNs::command("qemu-system-x86_64");
         qemu.args("-M microvm,rtc=on -accel kvm -cpu host -m 256 -smp 1 -nodefaults".split(' '));

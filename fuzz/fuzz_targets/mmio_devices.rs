@@ -1,4 +1,6 @@
-//! A guest driving a virtio-mmio device as it likes: register writes and reads, guest memory
+//! A guest driving a virtio device on virtio-mmio or virtio-pci (its BAR, its configuration
+//! space through the PCI ports, MSI-X table and enable bits) as it likes: register writes
+//! and reads, guest memory
 //! contents (descriptor tables, rings, request headers) and queue kicks, in any order, on
 //! virtio-rng, virtio-blk (a scratch image), virtio-net (a socketpair as the TAP, with
 //! frames arriving from the "host") and the virtio-fs frontend (a scripted vhost-user back
@@ -14,19 +16,21 @@
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use nixvm_devices::bus::BusDevice;
 use nixvm_devices::console::ConsoleOut;
+use nixvm_devices::pci::{MsiMessage, MsiRoutes, PciRoot};
 use nixvm_devices::virtio::block::{Block, Disk, DiskOptions};
 use nixvm_devices::virtio::console::{Console, ConsoleInput};
 use nixvm_devices::virtio::fs::{FsOptions, VhostUserFs};
 use nixvm_devices::virtio::mmio::MmioTransport;
-use nixvm_devices::virtio::transport::VirtioTransport as _;
 use nixvm_devices::virtio::net::{Net, Tap};
+use nixvm_devices::virtio::pci::{self, PciTransport};
 use nixvm_devices::virtio::rng::Rng;
+use nixvm_devices::virtio::transport::VirtioTransport as _;
 use nixvm_devices::virtio::vsock::{HostSide, Vsock};
 use nixvm_devices::virtio::{Memory, VirtioDevice, test_utils::memory};
 use vm_memory::{Bytes, FileOffset, GuestAddress};
@@ -85,7 +89,9 @@ fn shared_memory() -> nixvm_devices::virtio::GuestMemoryMmap {
 /// A vhost-user back end that answers what the frontend asks (features, ring bases) and
 /// hangs up after `messages` messages.
 fn scripted_backend(listener: UnixListener, messages: u8) {
-    let Ok((mut s, _)) = listener.accept() else { return };
+    let Ok((mut s, _)) = listener.accept() else {
+        return;
+    };
     for _ in 0..messages {
         let mut hdr = [0u8; 12];
         if s.read_exact(&mut hdr).is_err() {
@@ -116,10 +122,113 @@ fn scripted_backend(listener: UnixListener, messages: u8) {
     }
 }
 
+/// MSI-X routes that go nowhere (the vmm's bind KVM irqfds).
+struct NoRoutes;
+impl MsiRoutes for NoRoutes {
+    fn route(&mut self, _: usize, _: Option<MsiMessage>) {}
+}
+
+/// The device on one of the two transports, as a guest reaches it.
+enum Transport {
+    Mmio(MmioTransport),
+    /// The PCI ports (the function at device number 1) and the function's BAR.
+    Pci(PciRoot, Arc<Mutex<PciTransport>>),
+}
+
+impl Transport {
+    fn new(device: Box<dyn VirtioDevice>, mem: &Memory, pci: bool) -> Transport {
+        if !pci {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            return Transport::Mmio(MmioTransport::new(device, mem.clone(), irq).unwrap());
+        }
+        let vectors = (0..pci::VECTORS)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let t = PciTransport::new(
+            device,
+            mem.clone(),
+            0xc000_0000,
+            vectors,
+            Box::new(NoRoutes),
+        );
+        let t = Arc::new(Mutex::new(t.unwrap()));
+        let mut root = PciRoot::default();
+        root.attach(1, t.clone());
+        Transport::Pci(root, t)
+    }
+
+    /// A register access anywhere in the window (4 bytes, as virtio-mmio's registers are) or
+    /// the BAR (1, 2, 4 or 8 bytes).
+    fn access(&mut self, input: &mut Input, write: bool) {
+        let len = match self {
+            Transport::Mmio(_) => 4,
+            Transport::Pci(..) => [1, 2, 4, 8][usize::from(input.u8() % 4)],
+        };
+        let (off, mut b) = (input.u32(), [0u8; 8]);
+        b.copy_from_slice(&u64::from(input.u32()).to_le_bytes());
+        let mut access = |dev: &mut dyn BusDevice, off: u64| {
+            if write {
+                dev.write(off, &b[..len]);
+            } else {
+                dev.read(off, &mut b[..len]);
+            }
+        };
+        match self {
+            Transport::Mmio(t) => access(t, u64::from(off % 0x200)),
+            Transport::Pci(_, t) => access(&mut *t.lock().unwrap(), u64::from(off) % pci::BAR_SIZE),
+        }
+    }
+
+    /// A configuration space access through the ports: address, then data (PCI only).
+    fn config(&mut self, input: &mut Input) {
+        let Transport::Pci(root, _) = self else {
+            return;
+        };
+        let address = 0x8000_0800 | (input.u32() & 0xfc);
+        root.write(0, &address.to_le_bytes());
+        let (port, v) = (u64::from(input.u8() % 4), input.u32());
+        if v & 1 == 0 {
+            root.write(4 + port, &v.to_le_bytes()[..1 << (v >> 1 & 1)]);
+        } else {
+            root.read(4 + port, &mut [0u8; 4]);
+        }
+    }
+
+    fn kick(&mut self, q: u32) {
+        match self {
+            Transport::Mmio(t) => {
+                t.write(0x50, &q.to_le_bytes());
+                t.settle();
+            }
+            Transport::Pci(_, t) => {
+                let mut t = t.lock().unwrap();
+                t.write(pci::NOTIFY + 4 * u64::from(q), &(q as u16).to_le_bytes());
+                t.settle();
+            }
+        }
+    }
+
+    /// The driver resets the device (Status 0).
+    fn reset(&mut self) {
+        match self {
+            Transport::Mmio(t) => t.write(0x70, &0u32.to_le_bytes()),
+            Transport::Pci(root, t) => {
+                t.lock().unwrap().write(0x14, &[0]);
+                root.reset();
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
-    let kind = input.u8() % 6;
-    let mem = Memory::new(if kind == 3 { shared_memory() } else { memory(MEM) });
+    let first = input.u8();
+    let (kind, on_pci) = (first % 6, first & 0x80 != 0);
+    let mem = Memory::new(if kind == 3 {
+        shared_memory()
+    } else {
+        memory(MEM)
+    });
     let mut host_end = None;
     let mut backend = None;
     let mut vsock_dir = None;
@@ -156,7 +265,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = std::fs::remove_file(&sock);
             let listener = UnixListener::bind(&sock).unwrap();
             let messages = input.u8();
-            backend = Some(std::thread::spawn(move || scripted_backend(listener, messages)));
+            backend = Some(std::thread::spawn(move || {
+                scripted_backend(listener, messages)
+            }));
             let opts = FsOptions {
                 tag: "fuzz".into(),
                 socket: sock.clone(),
@@ -189,25 +300,17 @@ fuzz_target!(|data: &[u8]| {
             Box::new(Net::new(tap, None))
         }
     };
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let mut t = MmioTransport::new(device, mem.clone(), irq).unwrap();
+    let mut t = Transport::new(device, &mem, on_pci);
     let m = memory_of(&mem);
     for _ in 0..256 {
         if input.0.is_empty() {
             break;
         }
-        match input.u8() % 6 {
-            // A register write: offset in the window (registers and config space).
-            0 | 1 => {
-                let off = u64::from(input.u32() % 0x200);
-                let v = input.u32();
-                t.write(off, &v.to_le_bytes());
-            }
-            2 => {
-                let off = u64::from(input.u32() % 0x200);
-                let mut b = [0u8; 4];
-                t.read(off, &mut b);
-            }
+        match input.u8() % 7 {
+            // A register write or read: in the window or BAR (registers and config space).
+            0 | 1 => t.access(&mut input, true),
+            2 => t.access(&mut input, false),
+            6 => t.config(&mut input),
             // Guest memory: up to 64 bytes anywhere.
             3 => {
                 let at = u64::from(input.u32()) % MEM as u64;
@@ -216,11 +319,7 @@ fuzz_target!(|data: &[u8]| {
                 let _ = m.write_slice(&bytes, GuestAddress(at));
             }
             // A kick (QueueNotify is an ioeventfd in nixvm; the transport forwards it).
-            4 => {
-                let q = input.u32() % 3;
-                t.write(0x50, &q.to_le_bytes());
-                t.settle();
-            }
+            4 => t.kick(input.u32() % 3),
             // A frame from the host side of the TAP.
             _ => {
                 let n = usize::from(input.u8()) * 4;
@@ -251,7 +350,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // The driver resets the device: its workers stop (a spinning one would hang here).
-    t.write(0x70, &0u32.to_le_bytes());
+    t.reset();
     // Dropping the device hangs up on the back end, which then ends.
     drop(t);
     drop(clients);

@@ -175,6 +175,69 @@ if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
         );
         Ok(())
     });
+    let mut attempt = 0;
+    t.run_retry("pci_restart_with_disk_net_fs_console", || {
+        // virtio-pci through a reboot in place: each boot uses a disk, a network interface,
+        // a storefs share (vhost-user: the back end signals the queues' MSI-X vector) and
+        // the virtio-console, so every device has its vectors routed again after the reset.
+        attempt += 1;
+        let name = format!("pcirestart{attempt}");
+        let counter = disk_image(&format!("{name}-counter.img"), 4096, |_| 0);
+        let store = temp_dir().join(format!("{name}-store"));
+        std::fs::create_dir_all(&store).map_err(|e| e.to_string())?;
+        std::fs::write(store.join("hello"), "from-the-store\n").map_err(|e| e.to_string())?;
+        let hvc = temp_dir().join(format!("{name}-hvc.log"));
+        let script = r#"
+n=$(head -c 8 /dev/vda | tr -dc 0-9)
+n=$(( ${n:-0} + 1 ))
+printf '%08d' $n > /tmp/c
+dd if=/tmp/c of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+ip link set eth0 up
+printf '#!/bin/sh\n[ "$1" = bound ] && echo "$ip/$mask" > /tmp/lease\nexit 0\n' > /tmp/dhcp.sh
+chmod +x /tmp/dhcp.sh
+udhcpc -i eth0 -n -q -t 20 -T 2 -s /tmp/dhcp.sh >/dev/null 2>&1
+mkdir -p /mnt/s && mount -t virtiofs st /mnt/s
+echo "pci-hvc-$n" > /dev/hvc0
+echo "NIXVM-TEST: pci_boot=$n,$(cat /mnt/s/hello),$(cat /tmp/lease)"
+if [ "$n" -lt 2 ]; then reboot -f; sleep 60; fi
+"#;
+        let (c, fs, console) = (
+            format!("path={}", counter.display()),
+            format!("tag=st,path={},readonly=on", store.display()),
+            format!("file={}", hvc.display()),
+        );
+        let extra = [
+            "--transport",
+            "pci",
+            "--on-reboot",
+            "restart",
+            "--disk",
+            &c,
+            "--net",
+            "local",
+            "--fs",
+            &fs,
+            "--console",
+            &console,
+        ];
+        let (mut vm, _sock) = api_guest(g, &name, script, &extra)?;
+        vm.wait_for("NIXVM-TEST: pci_boot=2")?;
+        let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        for n in 1..=2 {
+            let want = format!("NIXVM-TEST: pci_boot={n},from-the-store,10.0.2.15/24");
+            check!(vm.seen.contains(&want), "no {want:?}:\n{}", vm.console());
+        }
+        let out = std::fs::read_to_string(&hvc).unwrap_or_default();
+        check!(
+            out.contains("pci-hvc-1") && out.contains("pci-hvc-2"),
+            "hvc0 output: {out:?}"
+        );
+        check!(
+            status.and_then(|s| s.code()) == Some(0),
+            "nixvm after the second boot powered off: {status:?}"
+        );
+        Ok(())
+    });
     t.run_retry("api_shutdown_forced_after_timeout", || {
         // No acpid: the button means nothing to this guest.
         let (mut vm, sock) = api_guest(g, "forced", TICKS, &[])?;

@@ -200,6 +200,7 @@ fn main() {
         "api_shutdown_powers_off_exit_0",
         "sigterm_powers_off_through_acpid_exit_0",
         "on_reboot_restart_boots_again",
+        "pci_restart_with_disk_net_fs_console",
         "nix_runner_boots_fake_toplevel",
         "api_shutdown_forced_after_timeout",
         "qmp_status_stop_cont_powerdown_and_monitor",
