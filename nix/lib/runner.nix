@@ -45,6 +45,7 @@
 #   rng           --rng on|off                                               true
 #   shutdownTimeout  --shutdown-timeout SECS                                 null (nixvm's 30)
 #   onReboot      --on-reboot exit|restart                                  null (nixvm's exit)
+#   transport     --transport mmio|pci: pci for virtio-pci with MSI-X      null (nixvm's mmio)
 #   extraArgs     more nixvm arguments                                       []
 #   shell         the script's interpreter                                  "/bin/sh"
 #   path          directories put first on PATH where volumes are created (truncate,
@@ -80,7 +81,7 @@ let
     "name" "vcpu" "mem" "kernel" "initrd" "kernelParams" "socket" "volumes" "shares"
     "interfaces" "preStart" "nixvm" "bootParams" "serial" "console" "rng" "shutdownTimeout"
     "onReboot" "extraArgs" "shell" "path" "virtiofsd" "virtiofsdArgs" "forwardPorts" "passt"
-    "cmdlineEnv" "vsock" "credentials"
+    "cmdlineEnv" "vsock" "credentials" "transport"
   ];
   unknown = filter (n: !(builtins.elem n known)) (attrNames desc);
 
@@ -103,6 +104,7 @@ let
     rng = true;
     shutdownTimeout = null;
     onReboot = null;
+    transport = null;
     extraArgs = [ ];
     shell = "/bin/sh";
     path = [ ];
@@ -240,6 +242,7 @@ let
     ++ opt (c.socket != null) [ "--api-socket" (str c.socket) ]
     ++ opt (c.shutdownTimeout != null) [ "--shutdown-timeout" (str c.shutdownTimeout) ]
     ++ opt (c.onReboot != null) [ "--on-reboot" c.onReboot ]
+    ++ opt (c.transport != null) [ "--transport" c.transport ]
     ++ opt ((c.vsock.cid or null) != null) [ "--vsock" vsockSpec ]
     ++ flag "--credential" (map (n: "${n}=@${str c.credentials.${n}}") (attrNames c.credentials))
     ++ map str c.extraArgs;
@@ -344,6 +347,7 @@ let
     else if !(builtins.isInt c.vcpu) || c.vcpu < 1 then fail "vcpu must be a positive integer"
     else if !(builtins.isInt c.mem) || c.mem < 64 then fail "mem must be an integer of MiB, at least 64"
     else if c.onReboot != null && c.onReboot != "exit" && c.onReboot != "restart" then fail "onReboot must be exit or restart"
+    else if c.transport != null && c.transport != "mmio" && c.transport != "pci" then fail "transport must be mmio or pci"
     else if !(isList c.volumes && isList c.shares && isList c.interfaces && isList c.forwardPorts) then fail "volumes, shares, interfaces and forwardPorts are lists"
     else if c.forwardPorts != [ ] && users == [ ] then fail "forwardPorts needs an interface of type \"user\" (passt) to forward through"
     else true;

@@ -34,7 +34,7 @@ let
   description = {
     name = hostName;
     nixvm = "${cfg.package}/bin/nixvm";
-    inherit (cfg) vcpu mem socket kernelParams preStart shutdownTimeout onReboot extraArgs serial console;
+    inherit (cfg) vcpu mem socket kernelParams preStart shutdownTimeout onReboot transport extraArgs serial console;
     kernel = cfg.kernel;
     initrd = cfg.initrd;
     volumes = map (v: removeAttrs v [ "_module" ]) cfg.volumes;
@@ -271,6 +271,7 @@ in
     };
     shutdownTimeout = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Seconds the guest has to power off after the power button (nixvm's default: 30)."; };
     onReboot = mkOption { type = types.enum [ "exit" "restart" ]; default = "restart"; description = "A guest reboot boots the VM again in place (restart), or ends nixvm with status 3 (exit)."; };
+    transport = mkOption { type = types.nullOr (types.enum [ "mmio" "pci" ]); default = null; description = "How the virtio devices attach: \"pci\" (virtio-pci with MSI-X: faster I/O; the guest names its NICs enp0sN unless usePredictableInterfaceNames is off) or \"mmio\" (nixvm's default)."; };
     extraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More nixvm arguments."; };
     runner = mkOption {
       type = types.attrsOf types.unspecified;
@@ -297,7 +298,7 @@ in
       boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
 
       boot.loader.grub.enable = false;
-      boot.initrd.kernelModules = [ "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
+      boot.initrd.kernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
         ++ lib.optional (cfg.mountHostNixStore && ov != null) "overlay";
 
       # The store's registration, as qemu-vm.nix does it.

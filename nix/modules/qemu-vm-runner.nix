@@ -137,7 +137,7 @@ in
     virtualisation.graphics = mkDefault false;
     virtualisation.diskImage = mkDefault "./${name}.img";
 
-    boot.initrd.kernelModules = [ "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
+    boot.initrd.kernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
       ++ lib.optional cfg.writableStore "overlay"
       # The backdoor's /dev/hvc0 and the driver's virtio-rng-pci.
       ++ lib.optionals testMachine [ "virtio_console" "virtio_rng" ];

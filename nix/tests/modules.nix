@@ -120,7 +120,7 @@ let
     { what = "shutdown argv"; got = vm.shutdownArgv; want = [ nixvmBin "ctl" "--api-socket" "web.sock" "shutdown" ]; }
     (has "bin/run-web-vm in the package" vm.buildCommand "/bin/run-web-vm")
     (has "bin/shutdown-web-vm in the package" vm.buildCommand "/bin/shutdown-web-vm")
-    { what = "initrd modules"; got = c.boot.initrd.kernelModules; want = [ "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" "overlay" ]; }
+    { what = "initrd modules"; got = c.boot.initrd.kernelModules; want = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" "overlay" ]; }
     { what = "boot loader"; got = c.boot.loader.grub.enable; want = false; }
     { what = "/nix/.ro-store"; got = { inherit (c.fileSystems."/nix/.ro-store") device fsType neededForBoot; }; want = { device = "ro-store"; fsType = "virtiofs"; neededForBoot = true; }; }
     { what = "/nix/.rw-store"; got = c.fileSystems."/nix/.rw-store".fsType; want = "tmpfs"; }

@@ -137,6 +137,7 @@ in
       rng = false;
       shutdownTimeout = 10;
       onReboot = "exit";
+      transport = "pci";
       socket = "${dir}/sock/ctl.sock";
       extraArgs = [ "--disk" "path=${dir}/a.img,readonly=on" ];
     };
@@ -149,6 +150,7 @@ in
       "--api-socket" "${dir}/sock/ctl.sock"
       "--shutdown-timeout" "10"
       "--on-reboot" "exit"
+      "--transport" "pci"
       "--disk" "path=${dir}/a.img,readonly=on"
     ];
   };
@@ -168,6 +170,7 @@ in
 
   # Descriptions nixvm cannot run fail at evaluation, saying why.
   no-kernel = { desc = { name = "x"; }; error = "`kernel` is required"; };
+  bad-transport = { desc = { inherit kernel; transport = "isa"; }; error = "transport must be mmio or pci"; };
   share-9p = {
     desc = { inherit kernel; shares = [ { tag = "s"; source = "/srv"; mountPoint = "/s"; proto = "9p"; } ]; };
     error = "nixvm serves only virtiofs shares";

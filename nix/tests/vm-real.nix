@@ -115,7 +115,7 @@ let
     { what = "/mnt/data"; got = pick "/mnt/data" [ "device" "fsType" "options" ]; want = { device = "data"; fsType = "virtiofs"; options = [ ]; }; }
     { what = "/"; got = pick "/" [ "device" "fsType" ]; want = { device = "/dev/disk/by-label/nixos"; fsType = "ext4"; }; }
     { what = "writable store overlay (qemu-vm.nix's)"; got = (fs "/nix/store").overlay.lowerdir; want = [ "/nix/.ro-store" ]; }
-    { what = "initrd drivers"; got = lib.all (m: lib.elem m guest.boot.initrd.kernelModules) [ "virtio_mmio" "virtiofs" "overlay" ]; want = true; }
+    { what = "initrd drivers"; got = lib.all (m: lib.elem m guest.boot.initrd.kernelModules) [ "virtio_pci" "virtio_mmio" "virtiofs" "overlay" ]; want = true; }
     { what = "no graphics by default"; got = guest.virtualisation.graphics; want = false; }
     # Without a disk image: a tmpfs root, no disk.
     { what = "diskImage = null"; got = lib.filter (a: lib.hasPrefix "path=root" a) (hostEval { virtualisation.diskImage = null; }).config.system.build.vm.argv; want = [ ]; }
@@ -239,7 +239,7 @@ let
       got = lib.filter (p: lib.elem p [ "--shutdown-timeout=0" "--on-reboot=restart" ])
         (lib.zipListsWith (a: b: "${a}=${b}") alice.system.build.vm.argv (lib.tail alice.system.build.vm.argv));
       want = [ "--shutdown-timeout=0" "--on-reboot=restart" ]; }
-    { what = "the backdoor's drivers"; got = lib.all (m: lib.elem m alice.boot.initrd.kernelModules) [ "virtio_mmio" "virtio_console" "virtio_rng" "virtiofs" ]; want = true; }
+    { what = "the backdoor's drivers"; got = lib.all (m: lib.elem m alice.boot.initrd.kernelModules) [ "virtio_pci" "virtio_mmio" "virtio_console" "virtio_rng" "virtiofs" ]; want = true; }
     { what = "the store, xchg and shared dir"; got = lib.filter (a: lib.hasPrefix "tag=" a) alice.system.build.vm.argv;
       want = [ "tag=nix-store,path=/nix/store,readonly=on" "tag=shared,socket=virtiofs-shared.sock" "tag=xchg,socket=virtiofs-xchg.sock" ]; }
     (has "the driver's QEMU options go after --" alice.system.build.vm.runnerScript "set -- -- \"$@\" \${QEMU_OPTS-}")

@@ -60,6 +60,8 @@ sleep 3
     let mut extra = vec![
         "--disk", &d1, "--disk", &d2, "--fs", &fs, "--memory", "256M", "--vsock", "cid=9",
     ];
+    // The guest drives the devices through their virtio-mmio windows.
+    extra.extend(["--transport", "mmio"]);
     if let Some(n) = &net {
         extra.extend(["--net", n]);
     }
