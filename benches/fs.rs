@@ -214,6 +214,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
             .arg(&initrd);
         nixvm.args(["--cmdline", CMDLINE]);
         nixvm.args("--cpus 1 --memory 256M --serial stdio --rng off".split(' '));
+        nixvm.args(common::nixvm_args());
         nixvm.arg("--fs").arg(share);
         nixvm
             .arg("--disk")
