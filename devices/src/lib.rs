@@ -1,6 +1,7 @@
-//! nixvm's devices: the legacy PC devices (serial, i8042, CMOS RTC, ACPI power management)
-//! and the virtio devices behind the virtio-mmio transport. No KVM here: the vmm crate wires
-//! devices to vCPU exits, irqfds and ioeventfds.
+//! nixvm's devices: the legacy PC devices (serial, i8042, CMOS RTC, ACPI power management),
+//! the PCI bus with MSI-X, and the virtio devices behind the virtio-mmio and virtio-pci
+//! transports. No KVM here: the vmm crate wires devices to vCPU exits, irqfds, ioeventfds and
+//! MSI routes.
 // Tests build fixtures with plain casts; the library code is checked without this.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 

@@ -1,9 +1,11 @@
-//! virtio 1.x devices and the virtio-mmio transport.
+//! virtio 1.x devices and their two transports, virtio-mmio and virtio-pci.
 //!
-//! A device implements [`VirtioDevice`]; the [`mmio::MmioTransport`] owns the register state
-//! machine and hands the device its queues when the driver sets DRIVER_OK. Queue work runs on
-//! the device's own [`worker`] thread, woken by the queues' eventfds (KVM ioeventfds), and
-//! interrupts go out through an eventfd (a KVM irqfd): the data path never needs a vCPU exit.
+//! A device implements [`VirtioDevice`]; a transport ([`mmio::MmioTransport`],
+//! [`pci::PciTransport`]) decodes the driver's register accesses into the one state machine
+//! both share ([`transport::VirtioCommon`]), which hands the device its queues when the driver
+//! sets DRIVER_OK. Queue work runs on the device's own [`worker`] thread, woken by the queues'
+//! eventfds (KVM ioeventfds), and interrupts go out through an eventfd (a KVM irqfd): the data
+//! path never needs a vCPU exit.
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
