@@ -821,6 +821,51 @@ impl Streaming {
         }
     }
 
+    /// Waits up to `timeout` for nixvm to exit, reading the console meanwhile. When it does
+    /// not, it is killed, and the error says what its threads and the guest's vCPUs were
+    /// doing; a stall (the guest stopped before it powered off, the route's freeze) unless
+    /// the guest had powered off: then nixvm hung, which is ours.
+    pub(crate) fn exit_within(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                }
+                return Ok(status);
+            }
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        let report = format!(
+            "{}\n{}",
+            threads_report(self.child.id()),
+            kvm_exits_report().unwrap_or_default()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let how = if self.seen.contains("reboot: Power down") {
+            "after the guest powered off"
+        } else {
+            STALLED
+        };
+        Err(format!(
+            "nixvm did not exit within {} s {how}; {}\n{report}",
+            timeout.as_secs(),
+            self.tails(15)
+        ))
+    }
+
     /// The console so far and the tail of nixvm's stderr, for a failure.
     pub(crate) fn console(&self) -> String {
         self.report("console", &self.seen)
