@@ -19,7 +19,6 @@ const VENDOR_ID: usize = 0x00;
 const COMMAND: usize = 0x04;
 const STATUS: usize = 0x06;
 const REVISION: usize = 0x08;
-const HEADER_TYPE: usize = 0x0e;
 const BAR0: usize = 0x10;
 const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
 const CAPABILITIES_POINTER: usize = 0x34;
@@ -51,6 +50,7 @@ pub struct Identity {
 }
 
 /// A function's configuration space: its bytes and which bits of them the driver may write.
+#[derive(Clone)]
 pub struct ConfigSpace {
     bytes: [u8; CONFIG_SIZE],
     writable: [u8; CONFIG_SIZE],
@@ -60,7 +60,8 @@ pub struct ConfigSpace {
 }
 
 impl ConfigSpace {
-    /// A type 0 header with no BARs and no capabilities yet.
+    /// A type 0 header (header type 0: the zero byte at 0x0e) with no BARs and no
+    /// capabilities yet.
     pub fn new(id: Identity) -> Self {
         let mut c = ConfigSpace {
             bytes: [0; CONFIG_SIZE],
@@ -78,7 +79,6 @@ impl ConfigSpace {
         c.put(SUBSYSTEM_VENDOR_ID + 2, &id.subsystem.to_le_bytes());
         c.writable[COMMAND..COMMAND + 2].copy_from_slice(&COMMAND_WRITABLE.to_le_bytes());
         c.writable[INTERRUPT_LINE] = 0xff;
-        c.bytes[HEADER_TYPE] = 0;
         c
     }
 
@@ -144,24 +144,11 @@ impl ConfigSpace {
     }
 }
 
-impl Clone for ConfigSpace {
-    fn clone(&self) -> Self {
-        ConfigSpace {
-            bytes: self.bytes,
-            writable: self.writable,
-            next_capability: self.next_capability,
-            last_pointer: self.last_pointer,
-        }
-    }
-}
-
 /// A function on the bus, as configuration cycles reach it.
 pub trait PciFunction: Send {
     /// Reads 1, 2 or 4 bytes at `offset` (aligned to their size, within the 256 bytes).
     fn config_read(&mut self, offset: usize, data: &mut [u8]);
     fn config_write(&mut self, offset: usize, data: &[u8]);
-    /// A machine reset.
-    fn reset(&mut self);
 }
 
 /// The host bridge at 00:00.0: Linux's configuration mechanism #1 check looks for one.
@@ -185,7 +172,6 @@ impl PciFunction for HostBridge {
         self.0.read(offset, data);
     }
     fn config_write(&mut self, _: usize, _: &[u8]) {}
-    fn reset(&mut self) {}
 }
 
 /// Bus 0 behind ports 0xCF8..0xCFF: the address register, then the data window.
@@ -264,11 +250,10 @@ impl BusDevice for PciRoot {
         }
     }
 
+    /// The address register only: each function is reset through the bus that holds its
+    /// BAR (a machine reset resets both buses).
     fn reset(&mut self) {
         self.address = 0;
-        for d in self.devices.iter().flatten() {
-            lock(d).reset();
-        }
     }
 }
 

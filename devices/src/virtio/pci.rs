@@ -402,9 +402,6 @@ impl PciFunction for PciTransport {
             self.msix.control_written(&self.config);
         }
     }
-    fn reset(&mut self) {
-        BusDevice::reset(self);
-    }
 }
 
 impl VirtioTransport for PciTransport {
@@ -627,9 +624,12 @@ mod tests {
         r.w(NOTIFY + u64::from(NOTIFY_MULTIPLIER), 2, 1);
         assert_eq!(r.t.lock().unwrap().queue_evts()[1].read().unwrap(), 1);
 
-        // A machine reset: the device, the vectors and MSI-X go back to power-on.
+        // A machine reset, as the vmm's: both buses, the port bus's configuration ports and
+        // the MMIO bus's BAR. The device, the vectors and MSI-X go back to power-on, the
+        // device once.
         r.root.reset();
-        assert_eq!(r.probe.0.lock().unwrap().2, 1, "device reset");
+        r.t.lock().unwrap().reset();
+        assert_eq!(r.probe.0.lock().unwrap().2, 1, "device reset once");
         assert_eq!(*r.routes.0.lock().unwrap(), vec![None, None]);
         assert_eq!(r.cfg(msix + 2, 2), u32::from(VECTORS - 1));
         assert_eq!(r.r(common::CONFIG_MSIX_VECTOR, 2), 0xffff);
