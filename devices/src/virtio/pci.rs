@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::bus::BusDevice;
 use crate::lock;
@@ -58,6 +58,9 @@ pub struct PciInterrupt {
     vectors: Vec<EventFd>,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
+    /// What a vhost-user back end signals when the driver gave the queues no vector (it
+    /// polls the used rings, as it may): an eventfd nobody waits on.
+    unheard: EventFd,
 }
 
 impl PciInterrupt {
@@ -110,9 +113,13 @@ impl Interrupt for PciInterrupt {
             self.trigger(VIRTIO_MMIO_INT_CONFIG);
         }
     }
-    /// The queues' vector (a vhost-user back end signals every queue through it).
+    /// The queues' vector (a vhost-user back end signals every queue through it), or none.
     fn notifier(&self) -> Option<&EventFd> {
-        self.vectors.get(usize::from(self.queue_vector(0)))
+        Some(
+            self.vectors
+                .get(usize::from(self.queue_vector(0)))
+                .unwrap_or(&self.unheard),
+        )
     }
 }
 
@@ -166,6 +173,7 @@ impl PciTransport {
             vectors,
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
+            unheard: EventFd::new(EFD_NONBLOCK)?,
         });
         let common = VirtioCommon::new("virtio-pci", device, mem, irq)?;
         let mut config = ConfigSpace::new(Identity {
@@ -633,6 +641,16 @@ mod tests {
         assert_eq!(*r.routes.0.lock().unwrap(), vec![None, None]);
         assert_eq!(r.cfg(msix + 2, 2), u32::from(VECTORS - 1));
         assert_eq!(r.r(common::CONFIG_MSIX_VECTOR, 2), 0xffff);
+    }
+
+    /// A driver that gives the queues no vector polls them: a vhost-user back end still gets
+    /// an eventfd to signal (else the device could not start), and no vector fires.
+    #[test]
+    fn queues_without_a_vector_still_have_a_notifier() {
+        let r = rig();
+        let irq = r.t.lock().unwrap().common.irq.clone();
+        irq.notifier().expect("a notifier").write(1).unwrap();
+        assert!(r.vectors.iter().all(|v| v.read().is_err()));
     }
 
     #[test]
