@@ -1,7 +1,10 @@
-/* hostile-guest: a misbehaving virtio-mmio driver for nixvm's end-to-end tests.
+/* hostile-guest: a misbehaving virtio driver for nixvm's end-to-end tests.
  *
  * Runs as root in the test guest, after the guest's own virtio drivers were unbound. It drives
- * every virtio-mmio device it finds (windows of 4 KiB from BASE) through /dev/mem, with rings
+ * every virtio-mmio device it finds (windows of 4 KiB from BASE) through /dev/mem, or with
+ * `pci` every modern virtio-pci function on the bus through its BAR (sysfs' resource0; the
+ * same games through the common configuration, ISR, notify and device windows, and garbage
+ * in the MSI-X table with MSI-X enabled), with rings
  * and buffers in its own locked pages (their physical addresses from /proc/self/pagemap), and
  * does what a broken or malicious driver does: avail indexes far ahead of the device, queues
  * used without being ready, zero-length and looping descriptor chains, buffers outside guest
@@ -10,11 +13,12 @@
  * that the devices still work (a block read, random bytes, a FUSE INIT answer).
  *
  * Every result is a line "NIXVM-TEST: <device><n>_<game>=<value>"; the last is
- * "NIXVM-TEST: hostile=done". Usage: hostile-guest [BASE [COUNT]]
+ * "NIXVM-TEST: hostile=done". Usage: hostile-guest [BASE [COUNT]] | hostile-guest pci
  * (defaults 0xd0000000 and 16; the layout of nixvm's boot/src/layout.rs).
  *
  * Built by the e2e test with `cc -static -O2`. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -49,6 +53,9 @@ struct queue { struct desc *desc; struct avail *avail; struct used *used; struct
 
 struct dev {
 	volatile uint32_t *r;
+	/* virtio-pci: the BAR's length and the function's sysfs directory (0: virtio-mmio) */
+	size_t pci_len;
+	char sysfs[96];
 	uint64_t base;
 	uint32_t id;
 	int n; /* index among the devices of the same kind */
@@ -70,8 +77,89 @@ static void sleep_ms(long ms)
 	nanosleep(&t, NULL);
 }
 
-static uint32_t rd(struct dev *d, unsigned off) { return d->r[off / 4]; }
-static void wr(struct dev *d, unsigned off, uint32_t v) { d->r[off / 4] = v; }
+/* virtio-pci: where the structures are in nixvm's BAR (its capabilities say the same), and
+ * the common configuration's fields. */
+enum { P_ISR = 0x1000, P_DEVICE = 0x2000, P_NOTIFY = 0x3000, P_MSIX_TABLE = 0x4000,
+       P_MSIX_PBA = 0x5000, P_NOTIFY_MULT = 4 };
+enum { C_DFSELECT = 0x00, C_DF = 0x04, C_GFSELECT = 0x08, C_GF = 0x0c, C_MSIX_CONFIG = 0x10,
+       C_STATUS = 0x14, C_QSELECT = 0x16, C_QSIZE = 0x18, C_QMSIX = 0x1a, C_QENABLE = 0x1c,
+       C_QDESC = 0x20, C_QDRIVER = 0x28, C_QDEVICE = 0x30 };
+
+static volatile uint8_t *bar8(struct dev *d, unsigned off) { return (volatile uint8_t *)d->r + off; }
+static uint32_t prd(struct dev *d, unsigned off, int width)
+{
+	if (off + width > d->pci_len)
+		return 0;
+	volatile uint8_t *p = bar8(d, off);
+	switch (width) {
+	case 1: return *p;
+	case 2: return *(volatile uint16_t *)p;
+	default: return *(volatile uint32_t *)p;
+	}
+}
+static void pwr(struct dev *d, unsigned off, int width, uint32_t v)
+{
+	if (off + width > d->pci_len)
+		return;
+	volatile uint8_t *p = bar8(d, off);
+	switch (width) {
+	case 1: *p = (uint8_t)v; break;
+	case 2: *(volatile uint16_t *)p = (uint16_t)v; break;
+	default: *(volatile uint32_t *)p = v; break;
+	}
+}
+
+/* A virtio-mmio register's counterpart in a virtio-pci BAR: its offset and width (0: none). */
+static int pci_reg(unsigned off, unsigned *at)
+{
+	static const struct { unsigned mmio, pci; int width; } map[] = {
+		{ DEV_FEATURES_SEL, C_DFSELECT, 4 }, { DEV_FEATURES, C_DF, 4 },
+		{ DRV_FEATURES_SEL, C_GFSELECT, 4 }, { DRV_FEATURES, C_GF, 4 },
+		{ QUEUE_SEL, C_QSELECT, 2 }, { QUEUE_NUM_MAX, C_QSIZE, 2 }, { QUEUE_NUM, C_QSIZE, 2 },
+		{ QUEUE_READY, C_QENABLE, 2 }, { INT_STATUS, P_ISR, 1 }, { STATUS, C_STATUS, 1 },
+		{ QUEUE_DESC, C_QDESC, 4 }, { QUEUE_DESC + 4, C_QDESC + 4, 4 },
+		{ QUEUE_AVAIL, C_QDRIVER, 4 }, { QUEUE_AVAIL + 4, C_QDRIVER + 4, 4 },
+		{ QUEUE_USED, C_QDEVICE, 4 }, { QUEUE_USED + 4, C_QDEVICE + 4, 4 },
+	};
+	for (unsigned i = 0; i < sizeof map / sizeof map[0]; i++)
+		if (map[i].mmio == off) {
+			*at = map[i].pci;
+			return map[i].width;
+		}
+	if (off >= CONFIG) {
+		*at = P_DEVICE + off - CONFIG;
+		return 4;
+	}
+	*at = off; /* anything else: the same offset in the common configuration, 32 bits */
+	return 4;
+}
+
+static uint32_t rd(struct dev *d, unsigned off)
+{
+	if (!d->pci_len)
+		return d->r[off / 4];
+	unsigned at;
+	int width = pci_reg(off, &at);
+	return prd(d, at, width);
+}
+static void wr(struct dev *d, unsigned off, uint32_t v)
+{
+	if (!d->pci_len) {
+		d->r[off / 4] = v;
+		return;
+	}
+	if (off == INT_ACK)
+		return; /* reading the ISR acknowledged */
+	if (off == QUEUE_NOTIFY) {
+		/* Queue v's notify address (nixvm: notify_off = the queue's index), kept in the
+		 * notify window for any v. */
+		pwr(d, P_NOTIFY + P_NOTIFY_MULT * (v & 0x3ff), 2, v);
+		return;
+	}
+	unsigned at;
+	int width = pci_reg(off, &at);
+	pwr(d, at, width, v);
+}
 static void wr64(struct dev *d, unsigned off, uint64_t v)
 {
 	wr(d, off, (uint32_t)v);
@@ -376,6 +464,65 @@ static void game_registers(struct dev *d)
 	reset(d);
 }
 
+/* The offset of the function's MSI-X capability in its configuration space (0: none). */
+static int msix_cap(int cfg)
+{
+	uint8_t c[256];
+	if (pread(cfg, c, sizeof c, 0) != (ssize_t)sizeof c)
+		return 0;
+	int at = c[0x34] & 0xfc;
+	for (int i = 0; at && i < 48; i++) { /* bounded: a looping list ends too */
+		if (c[at] == 0x11)
+			return at;
+		at = c[at + 1] & 0xfc;
+	}
+	return 0;
+}
+
+/* 8. virtio-pci only: MSI-X enabled from the configuration space (as a driver does), garbage
+ * in the MSI-X table and around it, vectors out of range, a device error to signal. */
+static void game_msix(struct dev *d)
+{
+	char path[128];
+	snprintf(path, sizeof path, "%s/config", d->sysfs);
+	int cfg = open(path, O_RDWR);
+	int cap = cfg < 0 ? 0 : msix_cap(cfg);
+	if (!cap) {
+		if (cfg >= 0)
+			close(cfg);
+		return result(d, "msix", "no_capability");
+	}
+	if (begin(d, 0)) {
+		close(cfg);
+		return result(d, "msix", "features_refused");
+	}
+	uint16_t on = 0x8000, off = 0;
+	pwrite(cfg, &on, 2, cap + 2);
+	/* Vector 0: an address no APIC has (dropped); vector 1: a LAPIC, an unused vector. */
+	static const uint32_t table[] = { 0xdeadb000, 0xdeadbeef, 0xef, 0, 0xfee00000, 0, 0xee, 0 };
+	for (unsigned i = 0; i < sizeof table / sizeof table[0]; i++)
+		pwr(d, P_MSIX_TABLE + 4 * i, 4, table[i]);
+	for (unsigned at = P_MSIX_TABLE + sizeof table; at < P_MSIX_TABLE + 0x100; at += 4)
+		pwr(d, at, 4, 0xdeadbeef);
+	for (unsigned at = P_MSIX_PBA; at < P_MSIX_PBA + 0x40; at += 4)
+		pwr(d, at, 4, 0xffffffff);
+	pwr(d, P_ISR, 4, 0xffffffff);
+	pwr(d, C_MSIX_CONFIG, 2, 0);
+	uint32_t config_vector = prd(d, C_MSIX_CONFIG, 2);
+	setup_queue(d, GAMEQ, QSIZE, 0);
+	pwr(d, C_QMSIX, 2, 7); /* past the table */
+	uint32_t queue_vector = prd(d, C_QMSIX, 2);
+	wr(d, QUEUE_READY, 1);
+	driver_ok(d);
+	d->q[GAMEQ].avail->idx = 0x4000;
+	wr(d, QUEUE_NOTIFY, GAMEQ);
+	const char *state = needs_reset_within(d, RESET_WAIT_MS);
+	pwrite(cfg, &off, 2, cap + 2);
+	close(cfg);
+	result(d, "msix", "config:%x,queue:%x,%s", config_vector, queue_vector, state);
+	reset(d);
+}
+
 /* A block request: header, optional data pages, status byte. Returns the head. */
 static uint16_t blk_request(struct dev *d, uint16_t first, uint32_t type, uint64_t sector,
 			    struct page *data, int ndata, uint32_t len, struct page *hdr)
@@ -398,7 +545,7 @@ static uint16_t blk_request(struct dev *d, uint16_t first, uint32_t type, uint64
 	return first;
 }
 
-/* 8. Block only: huge DISCARD/WRITE_ZEROES, a write past the end, reset mid-request. */
+/* 9. Block only: huge DISCARD/WRITE_ZEROES, a write past the end, reset mid-request. */
 static void game_block(struct dev *d)
 {
 	const uint64_t discard_wz = (1ULL << 13) | (1ULL << 14);
@@ -509,18 +656,30 @@ static void alive(struct dev *d)
 	}
 }
 
-int main(int argc, char **argv)
+static struct dev devs[32];
+static int ndevs, per_kind[32];
+
+static void add(struct dev d)
 {
-	uint64_t base = argc > 1 ? strtoull(argv[1], NULL, 0) : 0xd0000000ULL;
-	int count = argc > 2 ? atoi(argv[2]) : 16;
-	setvbuf(stdout, NULL, _IOLBF, 0);
-	alloc_pages();
+	switch (d.id) {
+	case ID_NET: d.name = "net"; break;
+	case ID_BLK: d.name = "blk"; break;
+	case ID_RNG: d.name = "rng"; break;
+	case ID_FS: d.name = "fs"; break;
+	case ID_VSOCK: d.name = "vsock"; break;
+	default: d.name = "dev"; break;
+	}
+	d.n = per_kind[d.id % 32]++;
+	devs[ndevs++] = d;
+}
+
+/* virtio-mmio windows from `base` until one holds no device. */
+static void find_mmio(uint64_t base, int count)
+{
 	int mem = open("/dev/mem", O_RDWR | O_SYNC);
 	if (mem < 0)
 		fail("open /dev/mem");
-	struct dev devs[32];
-	int n = 0, per_kind[32] = { 0 };
-	for (int i = 0; i < count && n < 32; i++) {
+	for (int i = 0; i < count && ndevs < 32; i++) {
 		uint64_t at = base + (uint64_t)i * PAGE;
 		void *m = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, mem, (off_t)at);
 		if (m == MAP_FAILED)
@@ -531,17 +690,69 @@ int main(int argc, char **argv)
 			break;
 		}
 		d.id = rd(&d, DEVICE_ID);
-		switch (d.id) {
-		case ID_NET: d.name = "net"; break;
-		case ID_BLK: d.name = "blk"; break;
-		case ID_RNG: d.name = "rng"; break;
-		case ID_FS: d.name = "fs"; break;
-		case ID_VSOCK: d.name = "vsock"; break;
-		default: d.name = "dev"; break;
-		}
-		d.n = per_kind[d.id % 32]++;
-		devs[n++] = d;
+		add(d);
 	}
+}
+
+static unsigned long sysfs_number(const char *dir, const char *file)
+{
+	char path[160], buf[64] = "";
+	snprintf(path, sizeof path, "%s/%s", dir, file);
+	int fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return 0;
+	ssize_t n = read(fd, buf, sizeof buf - 1);
+	close(fd);
+	return n > 0 ? strtoul(buf, NULL, 0) : 0;
+}
+
+/* Modern virtio-pci functions (1af4:1040 + type), in bus order, through their BAR 0. */
+static void find_pci(void)
+{
+	struct dirent **names;
+	int k = scandir("/sys/bus/pci/devices", &names, NULL, alphasort);
+	if (k < 0)
+		fail("scandir /sys/bus/pci/devices");
+	for (int i = 0; i < k; i++) {
+		struct dev d = { 0 };
+		snprintf(d.sysfs, sizeof d.sysfs, "/sys/bus/pci/devices/%s", names[i]->d_name);
+		unsigned long device = sysfs_number(d.sysfs, "device");
+		if (sysfs_number(d.sysfs, "vendor") != 0x1af4 || device < 0x1040 || device > 0x107f
+		    || ndevs == 32)
+			continue;
+		char path[160];
+		snprintf(path, sizeof path, "%s/resource", d.sysfs);
+		FILE *f = fopen(path, "r");
+		unsigned long long start = 0, end = 0;
+		if (!f || fscanf(f, "%llx %llx", &start, &end) != 2 || end <= start)
+			fail("read the BAR");
+		fclose(f);
+		snprintf(path, sizeof path, "%s/resource0", d.sysfs);
+		int fd = open(path, O_RDWR | O_SYNC);
+		if (fd < 0)
+			fail("open resource0");
+		d.pci_len = (size_t)(end - start + 1);
+		void *m = mmap(NULL, d.pci_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+		if (m == MAP_FAILED)
+			fail("mmap resource0");
+		close(fd);
+		d.r = m;
+		d.base = start;
+		d.id = (uint32_t)(device - 0x1040);
+		add(d);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	alloc_pages();
+	if (argc > 1 && !strcmp(argv[1], "pci"))
+		find_pci();
+	else
+		find_mmio(argc > 1 ? strtoull(argv[1], NULL, 0) : 0xd0000000ULL,
+			  argc > 2 ? atoi(argv[2]) : 16);
+	int n = ndevs;
 	printf("NIXVM-TEST: hostile_devices=%d\n", n);
 	for (int i = 0; i < n; i++) {
 		struct dev *d = &devs[i];
@@ -552,6 +763,8 @@ int main(int argc, char **argv)
 		game_wild_address(d);
 		game_queue_sizes(d);
 		game_registers(d);
+		if (d->pci_len)
+			game_msix(d);
 		if (d->id == ID_BLK)
 			game_block(d);
 	}

@@ -259,13 +259,19 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     }
 
-    if HOSTILE_NAMES.iter().any(|n| t.wants(n)) {
+    for (names, transport) in [(HOSTILE_NAMES, "mmio"), (HOSTILE_PCI_NAMES, "pci")] {
+        if !names.iter().any(|n| t.wants(n)) {
+            continue;
+        }
         match build_static("hostile-guest") {
-            Ok(bin) => group(t, &HOSTILE_NAMES, "the hostile guest boot", || {
-                hostile_boot(g, &bin)
-            }),
+            Ok(bin) => group(
+                t,
+                &names,
+                &format!("the hostile guest boot on {transport}"),
+                || hostile_boot(g, &bin, transport),
+            ),
             Err(why) => {
-                for name in HOSTILE_NAMES {
+                for name in names {
                     t.skip(name, &why);
                 }
             }

@@ -1,5 +1,6 @@
-//! A hostile guest: `resources/hostile-guest.c` drives every virtio-mmio device through
-//! /dev/mem as a broken or malicious driver would, while the test keeps pinging nixvm.
+//! A hostile guest: `resources/hostile-guest.c` drives every virtio device (virtio-mmio
+//! windows through /dev/mem, or virtio-pci functions through their BARs) as a broken or
+//! malicious driver would, while the test keeps pinging nixvm.
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,9 +17,22 @@ pub(crate) const HOSTILE_NAMES: [&str; 3] = [
     "hostile_guest_devices_work_after",
 ];
 
+/// The same checks with the devices on virtio-pci (`--transport pci`), and MSI-X games.
+pub(crate) const HOSTILE_PCI_NAMES: [&str; 3] = [
+    "hostile_pci_guest_nixvm_keeps_answering",
+    "hostile_pci_guest_broken_queues_need_reset",
+    "hostile_pci_guest_devices_work_after",
+];
+
 /// One boot with two data disks, a share served by storefs, virtio-rng, vsock and (as root) a NIC on
-/// a TAP; the guest unbinds its virtio drivers and runs the hostile driver against all of them.
-pub(crate) fn hostile_boot(g: &Guest, bin: &Path) -> Result<Vec<TestResult>, String> {
+/// a TAP, on `transport` (mmio or pci); the guest unbinds its virtio drivers and runs the
+/// hostile driver against all of them.
+pub(crate) fn hostile_boot(
+    g: &Guest,
+    bin: &Path,
+    transport: &str,
+) -> Result<Vec<TestResult>, String> {
+    let pci = transport == "pci";
     let data = disk_image("hostile-data.img", 1 << 20, |i| {
         u8::try_from((i * 13 + 7) % 256).unwrap()
     });
@@ -27,16 +41,24 @@ pub(crate) fn hostile_boot(g: &Guest, bin: &Path) -> Result<Vec<TestResult>, Str
     std::fs::create_dir_all(&share).map_err(|e| e.to_string())?;
     std::fs::write(share.join("file"), "x").map_err(|e| e.to_string())?;
 
+    let (drivers, hostile) = if pci {
+        ("/sys/bus/pci/drivers/virtio-pci", "/tmp/hostile-guest pci")
+    } else {
+        (
+            "/sys/bus/platform/drivers/virtio-mmio",
+            "/tmp/hostile-guest",
+        )
+    };
     let script = format!(
         r#"
 {copy_exe}
-cd /sys/bus/platform/drivers/virtio-mmio
+cd {drivers}
 for d in *; do
-  case $d in bind|unbind|uevent|module) ;; *) echo "$d" > unbind ;; esac
+  case $d in bind|unbind|uevent|module|new_id|remove_id) ;; *) echo "$d" > unbind ;; esac
 done
 cd /
 echo "NIXVM-TEST: unbound=$(ls /sys/bus/virtio/devices | wc -l)"
-/tmp/hostile-guest
+{hostile}
 echo "NIXVM-TEST: hostile_exit=$?"
 # Time for the test to stop pinging before the power-off takes the socket away.
 sleep 3
@@ -60,8 +82,7 @@ sleep 3
     let mut extra = vec![
         "--disk", &d1, "--disk", &d2, "--fs", &fs, "--memory", "256M", "--vsock", "cid=9",
     ];
-    // The guest drives the devices through their virtio-mmio windows.
-    extra.extend(["--transport", "mmio"]);
+    extra.extend(["--transport", transport]);
     if let Some(n) = &net {
         extra.extend(["--net", n]);
     }
@@ -134,6 +155,13 @@ sleep 3
         // The share's rings are storefs' to serve: a ring outside guest memory is refused
         // when nixvm hands it over.
         vm.expect("fs0_wild_ring", "needs_reset")?;
+        // virtio-pci: MSI-X on with garbage in its table; a vector past the table refused
+        // (NO_VECTOR), the one in it taken, and the error signalled through it.
+        if pci {
+            for k in &kinds {
+                vm.expect(&format!("{k}_msix"), "config:0,queue:ffff,needs_reset")?;
+            }
+        }
         Ok(())
     };
     let work_after = || -> TestResult {

@@ -216,6 +216,7 @@ fn main() {
         .chain(FS_NAMES)
         .chain(STOREFS_NAMES)
         .chain(HOSTILE_NAMES)
+        .chain(HOSTILE_PCI_NAMES)
         .chain(HVC_NAMES)
         .chain(VSOCK_NAMES)
         .chain(SYSTEMD_NAMES)
