@@ -82,7 +82,8 @@ impl ConfigSpace {
         c
     }
 
-    fn put(&mut self, offset: usize, v: &[u8]) {
+    /// Sets bytes whatever the driver may write (the function's own registers).
+    pub(crate) fn put(&mut self, offset: usize, v: &[u8]) {
         self.bytes[offset..offset + v.len()].copy_from_slice(v);
     }
 

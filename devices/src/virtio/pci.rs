@@ -45,6 +45,16 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+/// A window onto BAR 0 through configuration cycles (virtio 1.x, 4.1.4.9: every device has
+/// one), for drivers that cannot map the BAR yet (firmware, boot loaders): the driver writes
+/// bar, offset and length into the capability, then reading or writing its pci_cfg_data
+/// accesses the BAR there.
+const CAP_PCI_CFG: u8 = 5;
+/// Where in that capability bar, offset, length and pci_cfg_data are.
+const WINDOW_BAR: usize = 4;
+const WINDOW_OFFSET: usize = 8;
+const WINDOW_LENGTH: usize = 12;
+const WINDOW_DATA: usize = 16;
 const CAP_ID_VENDOR: u8 = 0x09;
 
 /// The PCI IDs of a virtio device: Red Hat's vendor, device 0x1040 + virtio type.
@@ -152,6 +162,8 @@ pub struct PciTransport {
     /// The configuration space at power-on (a machine reset restores it).
     pristine: ConfigSpace,
     msix: Msix,
+    /// The VIRTIO_PCI_CAP_PCI_CFG capability's offset in the configuration space.
+    window: usize,
 }
 
 impl PciTransport {
@@ -200,6 +212,14 @@ impl PciTransport {
             queues * NOTIFY_MULTIPLIER,
             &NOTIFY_MULTIPLIER.to_le_bytes(),
         );
+        // cap_len, cfg_type, bar, id, padding, offset, length, pci_cfg_data: the driver
+        // writes bar, offset, length and the data.
+        let mut body = vec![20, CAP_PCI_CFG];
+        body.resize(18, 0);
+        let mut writable = vec![0u8; 18];
+        writable[WINDOW_BAR - 2] = 0xff;
+        writable[WINDOW_OFFSET - 2..].fill(0xff);
+        let window = config.add_capability(CAP_ID_VENDOR, &body, &writable);
         let msix = Msix::new(
             &mut config,
             VECTORS,
@@ -213,7 +233,35 @@ impl PciTransport {
             pristine: config.clone(),
             config,
             msix,
+            window,
         })
+    }
+
+    /// Whether a configuration access of `len` bytes at `offset` touches pci_cfg_data.
+    fn in_window(&self, offset: usize, len: usize) -> bool {
+        let data = self.window + WINDOW_DATA;
+        offset < data + 4 && data < offset + len
+    }
+
+    /// The BAR access the window's bar, offset and length describe: (offset, length), if
+    /// the driver described one the specification allows (BAR 0, 1, 2 or 4 bytes, aligned,
+    /// inside the BAR).
+    fn window_target(&self) -> Option<(u64, usize)> {
+        let mut f = [0u8; 4];
+        let mut field = |at: usize| {
+            self.config.read(self.window + at, &mut f);
+            u32::from_le_bytes(f)
+        };
+        let (bar, offset, length) = (
+            field(WINDOW_BAR) & 0xff,
+            field(WINDOW_OFFSET),
+            field(WINDOW_LENGTH),
+        );
+        (bar == 0
+            && matches!(length, 1 | 2 | 4)
+            && offset % length == 0
+            && u64::from(offset) + u64::from(length) <= BAR_SIZE)
+            .then(|| (u64::from(offset), length as usize))
     }
 
     /// One eventfd per queue: the vmm registers each as an ioeventfd on its notification
@@ -402,12 +450,26 @@ impl BusDevice for PciTransport {
 
 impl PciFunction for PciTransport {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if self.in_window(offset, data.len())
+            && let Some((at, len)) = self.window_target()
+        {
+            let mut b = [0u8; 4];
+            BusDevice::read(self, at, &mut b[..len]);
+            self.config.put(self.window + WINDOW_DATA, &b);
+        }
         self.config.read(offset, data);
     }
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         if self.msix.control_touched(offset, data.len()) {
             self.msix.control_written(&self.config);
+        }
+        if self.in_window(offset, data.len())
+            && let Some((at, len)) = self.window_target()
+        {
+            let mut b = [0u8; 4];
+            self.config.read(self.window + WINDOW_DATA, &mut b);
+            BusDevice::write(self, at, &b[..len]);
         }
     }
 }
@@ -539,7 +601,8 @@ mod tests {
                 (1, 0, 0x38),
                 (3, 0x1000, 1),
                 (4, 0x2000, 0x1000),
-                (2, 0x3000, 2 * NOTIFY_MULTIPLIER)
+                (2, 0x3000, 2 * NOTIFY_MULTIPLIER),
+                (5, 0, 0)
             ]
         );
         assert_eq!(r.cfg(msix + 2, 2), u32::from(VECTORS - 1), "table size");
@@ -641,6 +704,40 @@ mod tests {
         assert_eq!(*r.routes.0.lock().unwrap(), vec![None, None]);
         assert_eq!(r.cfg(msix + 2, 2), u32::from(VECTORS - 1));
         assert_eq!(r.r(common::CONFIG_MSIX_VECTOR, 2), 0xffff);
+    }
+
+    /// VIRTIO_PCI_CAP_PCI_CFG: BAR accesses through configuration cycles, as firmware does
+    /// them; what the specification does not allow is not done.
+    #[test]
+    fn pci_cfg_window_reaches_the_bar() {
+        let mut r = rig();
+        let mut at = r.cfg(0x34, 1);
+        while r.cfg(at, 1) != 0x09 || r.cfg(at + 3, 1) != 5 {
+            at = r.cfg(at + 1, 1);
+            assert_ne!(at, 0, "a PCI_CFG capability");
+        }
+        assert_eq!(r.cfg(at + 2, 1), 20, "cap_len");
+        let set = |r: &mut Rig, offset: u32, length: u32| {
+            r.set_cfg(at + 4, &[0]);
+            r.set_cfg(at + 8, &offset.to_le_bytes());
+            r.set_cfg(at + 12, &length.to_le_bytes());
+        };
+        set(&mut r, u32::try_from(common::NUM_QUEUES).unwrap(), 2);
+        assert_eq!(r.cfg(at + 16, 2), 2, "num_queues read through the window");
+        set(&mut r, u32::try_from(common::DEVICE_STATUS).unwrap(), 1);
+        r.set_cfg(at + 16, &[STATUS_ACKNOWLEDGE as u8]);
+        assert_eq!(r.r(common::DEVICE_STATUS, 1), STATUS_ACKNOWLEDGE);
+        assert_eq!(r.cfg(at + 16, 1), STATUS_ACKNOWLEDGE, "and read back");
+        // A length of 3, an unaligned offset, past the BAR, another BAR: nothing happens.
+        for (offset, length) in [(0x14, 3), (0x13, 2), (0x8000, 4), (0x7ffe, 4)] {
+            set(&mut r, offset, length);
+            r.set_cfg(at + 16, &[0xff; 4]);
+        }
+        r.set_cfg(at + 4, &[1]);
+        r.set_cfg(at + 8, &0x14u32.to_le_bytes());
+        r.set_cfg(at + 12, &1u32.to_le_bytes());
+        r.set_cfg(at + 16, &[0]);
+        assert_eq!(r.r(common::DEVICE_STATUS, 1), STATUS_ACKNOWLEDGE);
     }
 
     /// A driver that gives the queues no vector polls them: a vhost-user back end still gets
