@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::bus::BusDevice;
 use crate::lock;
 
-use super::transport::{VirtioCommon, VirtioTransport};
+use super::transport::{TransportRegisters, VirtioCommon};
 use super::{Memory, MmioInterrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING, VirtioDevice};
 
 /// Size of one device's MMIO window.
@@ -195,15 +195,13 @@ impl BusDevice for MmioTransport {
     }
 }
 
-impl VirtioTransport for MmioTransport {
-    fn device_type(&self) -> u32 {
-        self.common.device_type
+impl TransportRegisters for MmioTransport {
+    type Irq = MmioInterrupt;
+    fn common(&self) -> &VirtioCommon<MmioInterrupt> {
+        &self.common
     }
-    fn set_link(&mut self, up: bool) -> bool {
-        self.common.set_link(up)
-    }
-    fn settle(&mut self) {
-        self.common.settle();
+    fn common_mut(&mut self) -> &mut VirtioCommon<MmioInterrupt> {
+        &mut self.common
     }
 }
 

@@ -16,7 +16,7 @@ use crate::bus::BusDevice;
 use crate::lock;
 use crate::pci::{ConfigSpace, Identity, MsiRoutes, Msix, PciFunction};
 
-use super::transport::{TransportInterrupt, VirtioCommon, VirtioTransport, low_half};
+use super::transport::{TransportInterrupt, TransportRegisters, VirtioCommon, low_half};
 use super::{
     Interrupt, Memory, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE, VIRTIO_ID_NET, VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING, VirtioDevice,
@@ -474,15 +474,13 @@ impl PciFunction for PciTransport {
     }
 }
 
-impl VirtioTransport for PciTransport {
-    fn device_type(&self) -> u32 {
-        self.common.device_type
+impl TransportRegisters for PciTransport {
+    type Irq = PciInterrupt;
+    fn common(&self) -> &VirtioCommon<PciInterrupt> {
+        &self.common
     }
-    fn set_link(&mut self, up: bool) -> bool {
-        self.common.set_link(up)
-    }
-    fn settle(&mut self) {
-        self.common.settle();
+    fn common_mut(&mut self) -> &mut VirtioCommon<PciInterrupt> {
+        &mut self.common
     }
 }
 

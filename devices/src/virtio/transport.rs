@@ -318,6 +318,25 @@ pub trait VirtioTransport: crate::bus::BusDevice {
     fn settle(&mut self);
 }
 
+/// A transport: the registers it decodes over the one state machine.
+pub trait TransportRegisters: crate::bus::BusDevice {
+    type Irq: TransportInterrupt;
+    fn common(&self) -> &VirtioCommon<Self::Irq>;
+    fn common_mut(&mut self) -> &mut VirtioCommon<Self::Irq>;
+}
+
+impl<T: TransportRegisters> VirtioTransport for T {
+    fn device_type(&self) -> u32 {
+        self.common().device_type
+    }
+    fn set_link(&mut self, up: bool) -> bool {
+        self.common_mut().set_link(up)
+    }
+    fn settle(&mut self) {
+        self.common_mut().settle();
+    }
+}
+
 pub fn low_half(v: u64) -> u32 {
     u32::try_from(v & 0xffff_ffff).expect("masked")
 }
