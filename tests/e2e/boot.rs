@@ -259,20 +259,24 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         }
     }
 
-    for (names, transport) in [(HOSTILE_NAMES, "mmio"), (HOSTILE_PCI_NAMES, "pci")] {
-        if !names.iter().any(|n| t.wants(n)) {
-            continue;
-        }
-        match build_static("hostile-guest") {
-            Ok(bin) => group(
-                t,
-                &names,
-                &format!("the hostile guest boot on {transport}"),
-                || hostile_boot(g, &bin, transport),
-            ),
-            Err(why) => {
-                for name in names {
-                    t.skip(name, &why);
+    let hostile = [(HOSTILE_NAMES, "mmio"), (HOSTILE_PCI_NAMES, "pci")];
+    if hostile.iter().flat_map(|(n, _)| n).any(|n| t.wants(n)) {
+        let bin = build_static("hostile-guest");
+        for (names, transport) in hostile {
+            if !names.iter().any(|n| t.wants(n)) {
+                continue;
+            }
+            match &bin {
+                Ok(bin) => group(
+                    t,
+                    &names,
+                    &format!("the hostile guest boot on {transport}"),
+                    || hostile_boot(g, bin, transport),
+                ),
+                Err(why) => {
+                    for name in names {
+                        t.skip(name, why);
+                    }
                 }
             }
         }

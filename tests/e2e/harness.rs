@@ -750,6 +750,12 @@ impl Streaming {
         })
     }
 
+    /// Keeps a console line read.
+    pub(crate) fn push_line(&mut self, l: &str) {
+        self.seen.push_str(l);
+        self.seen.push('\n');
+    }
+
     /// Waits for a line containing `want`; returns it.
     pub(crate) fn wait_for(&mut self, want: &str) -> Result<String, String> {
         self.wait_for_within(want, BOOT_TIMEOUT)
@@ -777,8 +783,7 @@ impl Streaming {
             match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Ok(l) => {
-                    self.seen.push_str(&l);
-                    self.seen.push('\n');
+                    self.push_line(&l);
                     if l.contains(want) {
                         return Ok(l);
                     }
@@ -803,8 +808,7 @@ impl Streaming {
     pub(crate) fn ending(&mut self) -> String {
         let until = Instant::now() + Duration::from_secs(10);
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(1)) {
-            self.seen.push_str(&l);
-            self.seen.push('\n');
+            self.push_line(&l);
             if Instant::now() > until {
                 break;
             }
@@ -832,16 +836,12 @@ impl Streaming {
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                    self.seen.push_str(&l);
-                    self.seen.push('\n');
+                    self.push_line(&l);
                 }
                 return Ok(Some(status));
             }
             match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    self.seen.push_str(&l);
-                    self.seen.push('\n');
-                }
+                Ok(l) => self.push_line(&l),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     std::thread::sleep(Duration::from_millis(200));

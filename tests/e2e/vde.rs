@@ -188,8 +188,7 @@ for i in $(seq 600); do ping -c 1 -W 1 10.88.0.3 >/dev/null 2>&1 && break; done
     );
     for vm in [&mut a, &mut b] {
         while let Ok(l) = vm.lines.try_recv() {
-            vm.seen.push_str(&l);
-            vm.seen.push('\n');
+            vm.push_line(&l);
         }
     }
     let logs = || {
