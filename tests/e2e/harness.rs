@@ -555,7 +555,7 @@ pub(crate) fn accept_within(l: &UnixListener, timeout: Duration) -> Result<UnixS
 /// it is in and the CPU time it used. When a guest stops making progress, this tells a vCPU
 /// thread that is runnable and inside KVM_RUN (the nested route not running the guest) from
 /// one of nixvm's threads waiting on something.
-pub(crate) fn threads_report(pid: u32) -> String {
+fn threads_report(pid: u32) -> String {
     // Parent of each process, from /proc/N/stat (the field after the command's ")").
     let stat = |path: &Path| -> Option<(String, Vec<String>)> {
         let s = std::fs::read_to_string(path).ok()?;
@@ -624,7 +624,7 @@ pub(crate) fn threads_report(pid: u32) -> String {
 /// events, by vCPU: how many exits, of which kinds, at which guest addresses). A vCPU with
 /// no exits while its thread runs is one the route does not run; one exiting at the same
 /// few addresses is a guest in a loop. Inside L1 only (its tracefs, mounted if need be).
-pub(crate) fn kvm_exits_report() -> Option<String> {
+fn kvm_exits_report() -> Option<String> {
     let dir = tracefs()?;
     let enable = dir.join("events/kvm/kvm_exit/enable");
     std::fs::write(dir.join("trace"), "").ok()?;
@@ -750,6 +750,13 @@ impl Streaming {
         })
     }
 
+    /// What nixvm's threads and the guest's vCPUs are doing ([`threads_report`],
+    /// [`kvm_exits_report`]): said when a guest stops making progress.
+    pub(crate) fn stall_report(&self) -> String {
+        let exits = kvm_exits_report().unwrap_or_default();
+        format!("{}\n{exits}", threads_report(self.child.id()))
+    }
+
     /// Keeps a console line read.
     pub(crate) fn push_line(&mut self, l: &str) {
         self.seen.push_str(l);
@@ -774,10 +781,7 @@ impl Streaming {
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             if Instant::now() >= say {
                 println!("e2e: still waiting for {want:?}");
-                println!("{}", threads_report(self.child.id()));
-                if let Some(exits) = kvm_exits_report() {
-                    println!("{exits}");
-                }
+                println!("{}", self.stall_report());
                 say += Duration::from_secs(120);
             }
             match self.lines.recv_timeout(left.min(Duration::from_secs(10))) {
@@ -848,11 +852,7 @@ impl Streaming {
                 }
             }
         }
-        let report = format!(
-            "{}\n{}",
-            threads_report(self.child.id()),
-            kvm_exits_report().unwrap_or_default()
-        );
+        let report = self.stall_report();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let what = format!("nixvm did not exit within {} s", timeout.as_secs());

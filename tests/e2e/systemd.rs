@@ -374,12 +374,7 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         .into_iter()
         .find_map(|r| r.as_ref().err().filter(|e| e.contains(STALLED)))
     {
-        return Err(format!(
-            "{e}; {}\n{}\n{}",
-            vm.tails(15),
-            threads_report(vm.child.id()),
-            kvm_exits_report().unwrap_or_default()
-        ));
+        return Err(format!("{e}; {}\n{}", vm.tails(15), vm.stall_report()));
     }
     // systemd says READY=1 once the default target is reached, after the unit.
     let deadline = Instant::now() + Duration::from_secs(120);
