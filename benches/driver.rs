@@ -1,7 +1,8 @@
 //! The NixOS test driver's view of a machine: from starting its start script to the first
 //! successful `succeed("true")`, then `shutdown()` until the script exits, for nixvm and for
 //! QEMU as qemu-vm.nix runs it (q35, KVM, `-cpu max`, a user-mode NIC), same systemd guest
-//! (Debian trixie from `resources/systemd-guest.sh`, whose backdoor unit is NixOS's), same run.
+//! (Debian trixie from `resources/systemd-guest.sh`, whose backdoor unit is NixOS's), same run,
+//! once with Debian's own initrd and once with one holding only what a NixOS VM's has.
 //!
 //! Each run does what the driver's `start()` and `succeed()` do: listens on the monitor and
 //! the shell sockets, runs `sh -c "<script> -qmp unix:…,server=on,wait=off -monitor unix:…
@@ -84,12 +85,18 @@ fn bench() -> Result<()> {
     }
 }
 
-fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
-    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
-    let kernel = root.join("target/e2e-assets/vmlinuz");
-    let initrd = guest.join("initrd.img");
+/// The guest's two initrds (`resources/systemd-guest.sh`): Debian's with `MODULES=most`, and
+/// the same with only the modules a NixOS VM's initrd has (NixOS's qemu-guest profile), whose
+/// own share of the boot is nearer a NixOS test node's.
+const INITRDS: [(&str, &str); 2] = [
+    ("Debian's initrd", "initrd.img"),
+    ("NixOS-sized initrd", "initrd-small.img"),
+];
+
+/// The start scripts of nixvm and of QEMU as qemu-vm.nix runs it, booting `initrd`.
+fn vmms(kernel: &Path, initrd: &Path) -> [Vmm; 2] {
     let (k, i) = (kernel.display(), initrd.display());
-    let vmms = [
+    [
         Vmm {
             name: "nixvm",
             script: format!(
@@ -107,64 +114,93 @@ fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
                  -drive file=root.img,if=virtio,format=raw,cache=writeback,werror=report \"$@\""
             ),
         },
-    ];
+    ]
+}
+
+fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
+    let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
+    let kernel = root.join("target/e2e-assets/vmlinuz");
+    let setups: Vec<[Vmm; 2]> = INITRDS
+        .iter()
+        .map(|(_, file)| vmms(&kernel, &guest.join(file)))
+        .collect();
     // State directories in L1's own /tmp (the host's tree is read-only there).
     let tmp = std::env::temp_dir().join(format!("nixvm-driver-bench-{}", std::process::id()));
-    let mut results: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; vmms.len()];
-    let mut failed = vec![0usize; vmms.len()];
+    // [initrd][vmm][row]
+    let mut results = vec![[[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]]; INITRDS.len()];
+    let mut failed = vec![[0usize; 2]; INITRDS.len()];
     for round in 1..=runs {
-        for (v, vmm) in vmms.iter().enumerate() {
-            let dir = tmp.join(format!("{v}-{round}"));
-            match run(vmm, guest, &dir) {
-                Ok((first, exit)) => {
-                    eprintln!(
-                        "driver bench: {} round {round}: first succeed {first:.2} s, exit {exit:.2} s",
-                        vmm.name
-                    );
-                    results[v][0].push(first);
-                    results[v][1].push(exit);
+        for (n, (initrd, _)) in INITRDS.iter().enumerate() {
+            for (v, vmm) in setups[n].iter().enumerate() {
+                let dir = tmp.join(format!("{n}-{v}-{round}"));
+                match run(vmm, guest, &dir) {
+                    Ok((first, exit)) => {
+                        eprintln!(
+                            "driver bench: {} ({initrd}) round {round}: first succeed {first:.2} s, \
+                             exit {exit:.2} s",
+                            vmm.name
+                        );
+                        results[n][v][0].push(first);
+                        results[n][v][1].push(exit);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "driver bench: {} ({initrd}) round {round} failed: {e}",
+                            vmm.name
+                        );
+                        failed[n][v] += 1;
+                    }
                 }
-                Err(e) => {
-                    eprintln!("driver bench: {} round {round} failed: {e}", vmm.name);
-                    failed[v] += 1;
-                }
+                let _ = std::fs::remove_dir_all(&dir);
             }
-            let _ = std::fs::remove_dir_all(&dir);
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
     common::header(commit.as_deref())?;
+    let sizes: Vec<String> = INITRDS
+        .iter()
+        .map(|(name, file)| {
+            let mb = std::fs::metadata(guest.join(file)).map_or(0, |m| m.len()) as f64 / 1e6;
+            format!("{name} {mb:.1} MB")
+        })
+        .collect();
     println!(
-        "- guest: Debian trixie (systemd 257) from resources/systemd-guest.sh, its initrd, \
-         2 vCPUs, 1 GiB, cmdline `{CMDLINE}`"
+        "- guest: Debian trixie (systemd 257) from resources/systemd-guest.sh, 2 vCPUs, 1 GiB, \
+         cmdline `{CMDLINE}`; initrds: {}",
+        sizes.join(", ")
     );
-    println!("- {runs} rounds, the VMMs in turn\n");
+    println!("- {runs} rounds, the initrds and VMMs in turn\n");
+    let names = setups[0].each_ref().map(|v| v.name);
     println!(
         "| median (min–max) | {} | nixvm / {} |",
-        vmms.iter().map(|v| v.name).collect::<Vec<_>>().join(" | "),
-        vmms[1].name
+        names.join(" | "),
+        names[1]
     );
-    println!("|---|{}---|", "---|".repeat(vmms.len()));
-    for (row, label) in ["start → first succeed", "start → exit after shutdown()"]
-        .iter()
-        .enumerate()
-    {
-        let s: Vec<_> = results.iter().map(|r| stats(r[row].clone())).collect();
-        println!(
-            "| {label} | {} | {} |",
-            s.iter().map(|x| cell(*x)).collect::<Vec<_>>().join(" | "),
-            ratio(s[0], s[1])
-        );
-    }
-    println!(
-        "| runs ok | {} | |",
-        failed
+    println!("|---|---|---|---|");
+    for (n, (initrd, _)) in INITRDS.iter().enumerate() {
+        for (row, label) in ["start → first succeed", "start → exit after shutdown()"]
             .iter()
-            .map(|f| format!("{}/{runs}", runs - f))
-            .collect::<Vec<_>>()
-            .join(" | ")
+            .enumerate()
+        {
+            let s = results[n].each_ref().map(|r| stats(r[row].clone()));
+            println!(
+                "| {label}, {initrd} | {} | {} | {} |",
+                cell(s[0]),
+                cell(s[1]),
+                ratio(s[0], s[1])
+            );
+        }
+    }
+    let ok: Vec<String> = failed
+        .iter()
+        .flatten()
+        .map(|f| format!("{}/{runs}", runs - f))
+        .collect();
+    println!(
+        "| runs ok (each initrd) | {} / {} | {} / {} | |",
+        ok[0], ok[2], ok[1], ok[3]
     );
-    if failed.iter().any(|&f| f > 0) {
+    if failed.iter().flatten().any(|&f| f > 0) {
         return Err("some runs failed".into());
     }
     Ok(())

@@ -4,7 +4,8 @@
 # from mmdebstrap, with the test kernel's modules (ASSETS, from resources/assets.sh) and an
 # initrd that Debian's own initramfs-tools makes for that kernel inside the tree.
 #   OUT/root.img    ext4 (/dev/vda, mounted by the initrd: root=/dev/vda)
-#   OUT/initrd.img
+#   OUT/initrd.img        Debian's (MODULES=most)
+#   OUT/initrd-small.img  the same with only the modules a NixOS VM's initrd has
 # The guest runs nixvm-test.service once it is up (WantedBy=multi-user.target): it prints
 # "NIXVM-TEST: ..." lines on ttyS0 (a credential, the RTC, its journal's warnings), sleeps,
 # and says "unit-done" (then powers off with nixvm.action=poweroff on the kernel command
@@ -39,6 +40,17 @@ chroot "$tree" depmod "$kver"
 printf '%s\n' virtio_mmio virtio_blk ext4 >> "$tree/etc/initramfs-tools/modules"
 chroot "$tree" mkinitramfs -o /boot/initrd.img "$kver"
 mv "$tree/boot/initrd.img" "$out/initrd.img"
+# A NixOS-sized initrd beside it: only the modules NixOS's qemu-guest profile and qemu-vm.nix
+# put in a VM's initrd (and what they need), not Debian's MODULES=most (the driver bench
+# boots both).
+conf=$tree/etc/initramfs-tools
+cp "$conf/initramfs.conf" "$conf/modules" "$out/"
+sed -i 's/^MODULES=.*/MODULES=list/' "$conf/initramfs.conf"
+printf '%s\n' virtio_net virtio_pci virtio_scsi 9p 9pnet_virtio virtiofs virtio_balloon \
+  virtio_console virtio_rng virtio_gpu >> "$conf/modules"
+chroot "$tree" mkinitramfs -o /boot/initrd.img "$kver"
+mv "$tree/boot/initrd.img" "$out/initrd-small.img"
+mv "$out/initramfs.conf" "$out/modules" "$conf/"
 
 echo nixvm-guest > "$tree/etc/hostname"
 # No password: the console is the test's.
