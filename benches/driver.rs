@@ -197,8 +197,8 @@ fn measure(root: &Path, guest: &Path, runs: usize) -> Result<()> {
         .map(|f| format!("{}/{runs}", runs - f))
         .collect();
     println!(
-        "| runs ok (each initrd) | {} / {} | {} / {} | |",
-        ok[0], ok[2], ok[1], ok[3]
+        "| runs ok ({} / {}) | {} / {} | {} / {} | |",
+        INITRDS[0].0, INITRDS[1].0, ok[0], ok[2], ok[1], ok[3]
     );
     if failed.iter().flatten().any(|&f| f > 0) {
         return Err("some runs failed".into());
