@@ -4,7 +4,8 @@
 //! is set, to Cloud Hypervisor (`--fs`, shared memory): same directory, same guest, same run.
 //!
 //! `cargo bench -p nixvm --bench fs`. NIXVM_BENCH_RUNS (default 3) runs of each, interleaved
-//! (each round begins with the next setup);
+//! (each round begins with the next setup); NIXVM_BENCH_SETUPS (parts of the columns' names,
+//! comma-separated) for only some columns;
 //! a fresh back end for every run. The guest mounts the share read-only (`-o ro`, as the
 //! NixOS guest module mounts /nix/.ro-store) and reads one 256 MiB file,
 //! runs `find | wc -l` over 10 000 small files twice (cold, then with the guest's caches
@@ -100,6 +101,10 @@ const ROWS: [(&str, &str, Measure); 7] = [
         },
     ),
 ];
+
+/// The columns the ratios compare.
+const BUILT_IN: &str = "nixvm built-in";
+const WITH_VIRTIOFSD: &str = "nixvm + virtiofsd";
 
 /// A configuration compared: a column of the table.
 struct Setup {
@@ -247,8 +252,8 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         ours,
     };
     let mut setups = vec![
-        setup("nixvm built-in", builtin, false, true),
-        setup("nixvm + virtiofsd", nixvm, true, true),
+        setup(BUILT_IN, builtin, false, true),
+        setup(WITH_VIRTIOFSD, nixvm, true, true),
         setup("QEMU + virtiofsd", qemu, true, false),
     ];
     let memory = "size=256M,shared=on";
@@ -262,6 +267,15 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         ch.arg("--disk")
             .arg(common::ch_disk(&script, ",readonly=on"));
         setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
+    }
+    // NIXVM_BENCH_SETUPS (names, or parts of them, separated by commas): only those columns,
+    // e.g. to measure nixvm's two without QEMU's long stalls inside L1.
+    if let Ok(only) = std::env::var("NIXVM_BENCH_SETUPS") {
+        let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+        setups.retain(|s| wanted.iter().any(|w| !w.is_empty() && s.name.contains(w)));
+        if setups.is_empty() {
+            return Err(format!("NIXVM_BENCH_SETUPS={only} names none of the setups").into());
+        }
     }
 
     let mut results: Vec<Vec<Console>> = setups.iter().map(|_| Vec::new()).collect();
@@ -346,6 +360,9 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         names.join(" | ")
     );
     println!("|---|{}---|---|", "---|".repeat(setups.len()));
+    // The ratios' columns (NIXVM_BENCH_SETUPS may have left one out).
+    let at = |name: &str| setups.iter().position(|s| s.name == name);
+    let (builtin, with_virtiofsd) = (at(BUILT_IN), at(WITH_VIRTIOFSD));
     for (name, unit, f) in ROWS {
         let cells: Vec<Option<(f64, f64, f64)>> = results
             .iter()
@@ -359,7 +376,8 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
             })
             .collect();
         let median = |n: usize| cells[n].map(|(m, ..)| m);
-        let ratio = |other: Option<f64>| match (median(0), other) {
+        let built_in = builtin.and_then(median);
+        let ratio = |other: Option<f64>| match (built_in, other) {
             (Some(x), Some(y)) if y > 0.0 => format!("**{:.2}**", x / y),
             _ => String::new(),
         };
@@ -375,7 +393,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
         println!(
             "| {name} | {} | {} | {} |",
             shown.join(" | "),
-            ratio(median(1)),
+            ratio(with_virtiofsd.and_then(median)),
             ratio(best)
         );
     }
