@@ -4,7 +4,7 @@
  * every virtio-mmio device it finds (windows of 4 KiB from BASE) through /dev/mem, or with
  * `pci` every modern virtio-pci function on the bus through its BAR (sysfs' resource0; the
  * same games through the common configuration, ISR, notify and device windows, and garbage
- * in the MSI-X table with MSI-X enabled), with rings
+ * in the MSI-X table with MSI-X enabled, a BAR moved under the device), with rings
  * and buffers in its own locked pages (their physical addresses from /proc/self/pagemap), and
  * does what a broken or malicious driver does: avail indexes far ahead of the device, queues
  * used without being ready, zero-length and looping descriptor chains, buffers outside guest
@@ -523,6 +523,28 @@ static void game_msix(struct dev *d)
 	reset(d);
 }
 
+/* 9. virtio-pci only: BAR 0 sized (all ones: its size mask reads back), then moved
+ * elsewhere through the configuration space while the device is in use: the move is refused,
+ * the BAR reads back where the device is, and the device goes on working (alive, below). */
+static void game_bar(struct dev *d)
+{
+	char path[128];
+	snprintf(path, sizeof path, "%s/config", d->sysfs);
+	int cfg = open(path, O_RDWR);
+	if (cfg < 0)
+		return result(d, "bar", "no_config");
+	uint32_t was = 0, mask = 0, now = 0, ones = 0xffffffff;
+	pread(cfg, &was, 4, 0x10);
+	pwrite(cfg, &ones, 4, 0x10);
+	pread(cfg, &mask, 4, 0x10);
+	uint32_t elsewhere = was ^ 0x10000000;
+	pwrite(cfg, &elsewhere, 4, 0x10);
+	pread(cfg, &now, 4, 0x10);
+	pwrite(cfg, &was, 4, 0x10);
+	close(cfg);
+	result(d, "bar", "mask:%x,%s", mask, now == was ? "kept" : "moved");
+}
+
 /* A block request: header, optional data pages, status byte. Returns the head. */
 static uint16_t blk_request(struct dev *d, uint16_t first, uint32_t type, uint64_t sector,
 			    struct page *data, int ndata, uint32_t len, struct page *hdr)
@@ -545,7 +567,7 @@ static uint16_t blk_request(struct dev *d, uint16_t first, uint32_t type, uint64
 	return first;
 }
 
-/* 9. Block only: huge DISCARD/WRITE_ZEROES, a write past the end, reset mid-request. */
+/* 10. Block only: huge DISCARD/WRITE_ZEROES, a write past the end, reset mid-request. */
 static void game_block(struct dev *d)
 {
 	const uint64_t discard_wz = (1ULL << 13) | (1ULL << 14);
@@ -763,8 +785,10 @@ int main(int argc, char **argv)
 		game_wild_address(d);
 		game_queue_sizes(d);
 		game_registers(d);
-		if (d->pci_len)
+		if (d->pci_len) {
 			game_msix(d);
+			game_bar(d);
+		}
 		if (d->id == ID_BLK)
 			game_block(d);
 	}

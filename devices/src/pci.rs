@@ -3,8 +3,10 @@
 //! function's configuration space with its BARs and capabilities, and MSI-X.
 //!
 //! BARs stay where nixvm placed them (the ACPI host bridge window holds exactly them, so the
-//! guest has no reason to move them): a BAR answers the sizing protocol, and a write that
-//! would move it is kept in the register but not followed.
+//! guest has no reason to move them): a BAR answers the sizing protocol (all ones written,
+//! its size mask read back), and any other write that would move it is refused, the BAR
+//! reading back where it is (Linux then says "error updating" instead of using a device that
+//! is not where it thinks).
 use std::sync::{Arc, Mutex};
 
 use crate::bus::BusDevice;
@@ -57,6 +59,8 @@ pub struct ConfigSpace {
     /// Where the next capability goes, and the byte holding the pointer to it.
     next_capability: usize,
     last_pointer: usize,
+    /// Where each implemented BAR is (its offset, its address).
+    bars: Vec<(usize, u32)>,
 }
 
 impl ConfigSpace {
@@ -68,6 +72,7 @@ impl ConfigSpace {
             writable: [0; CONFIG_SIZE],
             next_capability: FIRST_CAPABILITY,
             last_pointer: CAPABILITIES_POINTER,
+            bars: Vec::new(),
         };
         c.put(VENDOR_ID, &id.vendor.to_le_bytes());
         c.put(VENDOR_ID + 2, &id.device.to_le_bytes());
@@ -94,6 +99,8 @@ impl ConfigSpace {
         let at = BAR0 + 4 * index;
         self.put(at, &addr.to_le_bytes());
         self.writable[at..at + 4].copy_from_slice(&(!(size - 1)).to_le_bytes());
+        self.bars.retain(|&(o, _)| o != at);
+        self.bars.push((at, addr));
     }
 
     /// Appends a capability (`body` without its ID and next-pointer bytes), of which the
@@ -133,6 +140,13 @@ impl ConfigSpace {
             let w = self.writable[i];
             self.bytes[i] = (self.bytes[i] & !w) | (v & w);
         }
+        // A BAR written: the sizing pattern stays (read back as the size mask), anything
+        // else puts it back where it is.
+        for &(at, addr) in &self.bars {
+            if offset < at + 4 && at < end && dword(&self.bytes, at) != dword(&self.writable, at) {
+                self.bytes[at..at + 4].copy_from_slice(&addr.to_le_bytes());
+            }
+        }
     }
 
     pub fn u16_at(&self, offset: usize) -> u16 {
@@ -143,6 +157,11 @@ impl ConfigSpace {
     pub fn restore(&mut self, pristine: &ConfigSpace) {
         self.bytes = pristine.bytes;
     }
+}
+
+/// The little-endian dword of `bytes` at `at` (at most `CONFIG_SIZE - 4`).
+fn dword(bytes: &[u8; CONFIG_SIZE], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 /// A function on the bus, as configuration cycles reach it.
@@ -427,6 +446,24 @@ mod tests {
         c.write(BAR0, &0xc000_8000u32.to_le_bytes());
         c.read(BAR0, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0xc000_8000);
+        // A move (whole or in part) is refused: the BAR stays where the device is.
+        c.write(BAR0, &0xd000_0000u32.to_le_bytes());
+        c.read(BAR0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0xc000_8000, "not moved");
+        c.write(BAR0 + 2, &0xd000u16.to_le_bytes());
+        c.read(BAR0, &mut b);
+        assert_eq!(
+            u32::from_le_bytes(b),
+            0xc000_8000,
+            "nor a move of its upper half"
+        );
+        c.write(BAR0 - 2, &[0; 4]);
+        c.read(BAR0, &mut b);
+        assert_eq!(
+            u32::from_le_bytes(b),
+            0xc000_8000,
+            "a write across its start neither"
+        );
         c.read(BAR0 + 4, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0, "BAR1 is not implemented");
         let a = c.add_capability(9, &[1, 2], &[0, 0]);
