@@ -479,13 +479,19 @@ static int msix_cap(int cfg)
 	return 0;
 }
 
+/* The function's configuration space (sysfs' config file), read-write; -1 if it cannot open. */
+static int config_fd(struct dev *d)
+{
+	char path[128];
+	snprintf(path, sizeof path, "%s/config", d->sysfs);
+	return open(path, O_RDWR);
+}
+
 /* 8. virtio-pci only: MSI-X enabled from the configuration space (as a driver does), garbage
  * in the MSI-X table and around it, vectors out of range, a device error to signal. */
 static void game_msix(struct dev *d)
 {
-	char path[128];
-	snprintf(path, sizeof path, "%s/config", d->sysfs);
-	int cfg = open(path, O_RDWR);
+	int cfg = config_fd(d);
 	int cap = cfg < 0 ? 0 : msix_cap(cfg);
 	if (!cap) {
 		if (cfg >= 0)
@@ -528,9 +534,7 @@ static void game_msix(struct dev *d)
  * the BAR reads back where the device is, and the device goes on working (alive, below). */
 static void game_bar(struct dev *d)
 {
-	char path[128];
-	snprintf(path, sizeof path, "%s/config", d->sysfs);
-	int cfg = open(path, O_RDWR);
+	int cfg = config_fd(d);
 	if (cfg < 0)
 		return result(d, "bar", "no_config");
 	uint32_t was = 0, mask = 0, now = 0, ones = 0xffffffff;
