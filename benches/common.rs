@@ -128,6 +128,20 @@ pub fn nixvm_args() -> Vec<String> {
         .collect()
 }
 
+/// NIXVM_BENCH_SETUPS (names, or parts of them, separated by commas): keeps only the columns
+/// it names, e.g. to leave out a VMM whose guest stalls inside L1; all of them without it.
+pub fn only_named<T>(columns: &mut Vec<T>, name: impl Fn(&T) -> &str) -> Result<()> {
+    let Ok(only) = std::env::var("NIXVM_BENCH_SETUPS") else {
+        return Ok(());
+    };
+    let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+    columns.retain(|c| wanted.iter().any(|w| !w.is_empty() && name(c).contains(w)));
+    if columns.is_empty() {
+        return Err(format!("NIXVM_BENCH_SETUPS={only} names none of the columns").into());
+    }
+    Ok(())
+}
+
 /// One run of a VMM: its `NIXVM-BENCH: ...` lines and the console lines it was asked to
 /// watch for, each with when it arrived (from the spawn), how long the process lived, its
 /// peak RSS and stderr, and why it failed.

@@ -268,15 +268,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
             .arg(common::ch_disk(&script, ",readonly=on"));
         setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
     }
-    // NIXVM_BENCH_SETUPS (names, or parts of them, separated by commas): only those columns,
-    // e.g. to measure nixvm's two without QEMU's long stalls inside L1.
-    if let Ok(only) = std::env::var("NIXVM_BENCH_SETUPS") {
-        let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
-        setups.retain(|s| wanted.iter().any(|w| !w.is_empty() && s.name.contains(w)));
-        if setups.is_empty() {
-            return Err(format!("NIXVM_BENCH_SETUPS={only} names none of the setups").into());
-        }
-    }
+    common::only_named(&mut setups, |s| s.name)?;
 
     let mut results: Vec<Vec<Console>> = setups.iter().map(|_| Vec::new()).collect();
     for i in 1..=runs {

@@ -7,7 +7,8 @@
 //! TCP throughput guest → host and host → guest (`iperf3 -c`, `-R`), SECONDS each, and the
 //! round-trip time of 20 pings. QEMU runs with `vhost=off` (its own virtio-net, in user space
 //! like nixvm's) and, where /dev/vhost-net exists, with `vhost=on` (the kernel's vhost-net);
-//! Cloud Hypervisor (its virtio-net in user space) when `CLOUD_HYPERVISOR=` names its binary.
+//! Cloud Hypervisor (its virtio-net in user space) when `CLOUD_HYPERVISOR=` names its binary;
+//! NIXVM_BENCH_SETUPS (parts of the columns' names, comma-separated) for only some of them.
 //! Where /dev/kvm cannot boot Linux it re-runs itself inside L1 (resources/l1run.sh).
 //! Needs root (network namespaces); installs Debian's iperf3 when there is none.
 
@@ -328,6 +329,10 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         ch.arg("--net").arg(format!("tap={TAP}")).arg("--disk");
         ch.arg(common::ch_disk(&files.script, ",readonly=on"));
         vmms.push(("Cloud Hypervisor", ch));
+    }
+    common::only_named(&mut vmms, |(name, _)| name)?;
+    if vmms[0].0 != "nixvm" {
+        return Err("NIXVM_BENCH_SETUPS must keep nixvm: the ratios are nixvm's".into());
     }
 
     let ns = NetNs::new()?;
