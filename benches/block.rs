@@ -186,7 +186,7 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         &kernel,
         &files.initrd,
         CMDLINE,
-        "size=256M",
+        (1, "size=256M"),
     ) {
         // O_DIRECT as nixvm's direct=on and QEMU's cache=none; the script disk last (vdb).
         ch.arg("--disk")

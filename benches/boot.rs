@@ -10,7 +10,11 @@
 //! host; it needs root and Debian's mirror, the table is skipped without it) with its root
 //! on a read-only virtio-blk disk: to its report unit's start (multi-user's last unit), then
 //! it powers off through systemd. Where /dev/kvm cannot boot Linux it re-runs itself
-//! inside L1 (resources/l1run.sh).
+//! inside L1 (resources/l1run.sh). NIXVM_BENCH_GUESTS and NIXVM_BENCH_SETUPS (parts of the
+//! guests' and columns' names, comma-separated) keep only some; NIXVM_BENCH_CPUS (default 1)
+//! gives every VMM that many vCPUs; NIXVM_BENCH_VERBOSE makes it a diagnostic run (no
+//! `quiet`, `printk.time=1`): with NIXVM_BENCH_RUNS=20, the systemd guest booted again and again
+//! to catch a reset, whose report keeps the console's last lines.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +27,8 @@ use common::{KVM_STATS, Result, Route, git_commit, stats};
 
 /// A guest every VMM boots, and what its table calls its rows.
 struct Guest {
+    /// What NIXVM_BENCH_GUESTS picks it by.
+    name: &'static str,
     what: String,
     kernel: PathBuf,
     initrd: PathBuf,
@@ -33,6 +39,7 @@ struct Guest {
     /// Firecracker ends when the guest resets, not when it powers off.
     fc_cmdline: String,
     memory_mib: u32,
+    cpus: u32,
     /// The console line that ends the boot.
     marker: &'static str,
     timeout: Duration,
@@ -42,11 +49,12 @@ struct Guest {
 }
 
 /// The busybox test guest: init, a marker, power-off.
-fn busybox(assets: &Path) -> Guest {
+fn busybox(assets: &Path, cpus: u32) -> Guest {
     let kver = std::fs::read_to_string(assets.join("kver")).unwrap_or_default();
     Guest {
+        name: "busybox",
         what: format!(
-            "Debian {} vmlinux (PVH), busybox initramfs, 1 vCPU, 256 MiB",
+            "Debian {} vmlinux (PVH), busybox initramfs, {cpus} vCPU, 256 MiB",
             kver.trim()
         ),
         kernel: assets.join("vmlinux"),
@@ -55,6 +63,7 @@ fn busybox(assets: &Path) -> Guest {
         cmdline: "console=ttyS0 quiet nixvm.action=poweroff".into(),
         fc_cmdline: "console=ttyS0 quiet nixvm.action=reboot reboot=k panic=1".into(),
         memory_mib: 256,
+        cpus,
         marker: "NIXVM-TEST: init",
         timeout: Duration::from_secs(120),
         rows: [
@@ -68,20 +77,23 @@ fn busybox(assets: &Path) -> Guest {
 
 /// The Debian systemd guest (`resources/systemd-guest.sh`): its initrd mounts the root, systemd
 /// boots to multi-user, whose report unit powers off.
-fn systemd(assets: &Path, dir: &Path) -> Guest {
+fn systemd(assets: &Path, dir: &Path, cpus: u32) -> Guest {
     // No hvc0 for the backdoor shell's unit to wait for (it is the test driver's).
     let root = "console=ttyS0 root=/dev/vda rw quiet systemd.mask=nixvm-backdoor.service";
     Guest {
-        what: "Debian trixie (systemd 257) from resources/systemd-guest.sh, the same vmlinux, \
-               its initramfs-tools initrd, root on virtio-blk (a fresh copy of the image for \
-               each boot), 1 vCPU, 1 GiB"
-            .into(),
+        name: "systemd",
+        what: format!(
+            "Debian trixie (systemd 257) from resources/systemd-guest.sh, the same vmlinux, \
+             its initramfs-tools initrd, root on virtio-blk (a fresh copy of the image for \
+             each boot), {cpus} vCPU, 1 GiB"
+        ),
         kernel: assets.join("vmlinux"),
         initrd: dir.join("initrd.img"),
         disk: Some(dir.join("root.img")),
         cmdline: format!("{root} panic=-1 nixvm.action=poweroff"),
         fc_cmdline: format!("{root} panic=1 nixvm.action=reboot reboot=k"),
         memory_mib: 1024,
+        cpus,
         marker: "NIXVM-TEST: unit-start",
         timeout: Duration::from_secs(900),
         rows: [
@@ -134,13 +146,23 @@ fn bench() -> Result<()> {
 
 fn measure(root: &Path, systemd_dir: &Path) -> Result<()> {
     let runs: usize = std::env::var("NIXVM_BENCH_RUNS").map_or(Ok(6), |n| n.parse())?;
+    let cpus: u32 = std::env::var("NIXVM_BENCH_CPUS").map_or(Ok(1), |n| n.parse())?;
     common::mount_debugfs();
     let assets = root.join("target/e2e-assets");
-    let mut guests = vec![busybox(&assets)];
+    let mut guests = vec![busybox(&assets, cpus)];
     if systemd_dir.join("stamp").exists() {
-        guests.push(systemd(&assets, systemd_dir));
+        guests.push(systemd(&assets, systemd_dir, cpus));
     } else {
         eprintln!("boot bench: no systemd guest (resources/systemd-guest.sh): one table");
+    }
+    common::only_named("NIXVM_BENCH_GUESTS", &mut guests, |g| g.name)?;
+    // A diagnostic run (not a timed one): the guest's console says what it does, and when.
+    if std::env::var_os("NIXVM_BENCH_VERBOSE").is_some() {
+        for g in &mut guests {
+            for cmdline in [&mut g.cmdline, &mut g.fc_cmdline] {
+                *cmdline = cmdline.replace(" quiet", "") + " printk.time=1";
+            }
+        }
     }
     let commit = git_commit(root).or_else(|| std::env::var("NIXVM_BENCH_COMMIT").ok());
     let mut tables = Vec::new();
@@ -202,12 +224,13 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
         .arg("--kernel")
         .arg(&g.kernel);
     nixvm.arg("--initrd").arg(&g.initrd);
+    let cpus = g.cpus.to_string();
     nixvm.args(["--cmdline", &g.cmdline, "--memory", &format!("{mem}M")]);
-    nixvm.args("--cpus 1 --serial stdio".split(' '));
+    nixvm.args(["--cpus", &cpus, "--serial", "stdio"]);
     nixvm.args(common::nixvm_args());
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args("-M microvm,rtc=on -accel kvm -cpu host -smp 1 -nodefaults".split(' '));
-    qemu.args(["-m", &mem.to_string()]);
+    qemu.args("-M microvm,rtc=on -accel kvm -cpu host -nodefaults".split(' '));
+    qemu.args(["-smp", &cpus, "-m", &mem.to_string()]);
     qemu.args("-no-reboot -display none -serial stdio -monitor none".split(' '));
     qemu.arg("-kernel")
         .arg(&g.kernel)
@@ -220,7 +243,7 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
         &g.kernel,
         &g.initrd,
         &g.cmdline,
-        &format!("size={mem}M"),
+        (g.cpus, &format!("size={mem}M")),
     );
     let disk = g.disk.as_ref().map(|_| scratch_disk());
     if let Some(disk) = &disk {
@@ -254,7 +277,7 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
             std::fs::write(
                 &config,
                 format!(
-                    r#"{{"boot-source": {{"kernel_image_path": {}, "initrd_path": {}, "boot_args": "{}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": {mem}}}, "drives": [{drives}]}}"#,
+                    r#"{{"boot-source": {{"kernel_image_path": {}, "initrd_path": {}, "boot_args": "{}"}}, "machine-config": {{"vcpu_count": {cpus}, "mem_size_mib": {mem}}}, "drives": [{drives}]}}"#,
                     json(&g.kernel),
                     json(&g.initrd),
                     g.fc_cmdline
@@ -265,6 +288,10 @@ fn vmms(g: &Guest) -> Result<Vec<Vmm>> {
             vmms.push(vmm("Firecracker", fc));
         }
         None => eprintln!("boot bench: FIRECRACKER is not set: no Firecracker column"),
+    }
+    common::only_named("NIXVM_BENCH_SETUPS", &mut vmms, |v| v.name)?;
+    if vmms[0].name != "nixvm" {
+        return Err("NIXVM_BENCH_SETUPS must keep nixvm: the ratios are nixvm's".into());
     }
     Ok(vmms)
 }

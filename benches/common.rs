@@ -105,9 +105,12 @@ pub fn route() -> Result<Route> {
     }
     // l1run.sh exports the NIXVM_* variables into L1.
     let mut l1 = Command::new(root.join("resources/l1run.sh"));
-    l1.current_dir(&root)
-        .arg("--")
-        .arg(std::env::current_exe()?);
+    l1.current_dir(&root);
+    // The L1 guest's time limit (l1run.sh's default: 1 500 s), for long repeats.
+    if let Ok(secs) = std::env::var("NIXVM_BENCH_L1_TIMEOUT") {
+        l1.args(["-t", &secs]);
+    }
+    l1.arg("--").arg(std::env::current_exe()?);
     let host = output(Command::new("uname").arg("-r"))?;
     l1.env("NIXVM_BENCH_INSIDE", "1")
         .env("NIXVM_BENCH_ROUTE", "l1")
@@ -128,16 +131,17 @@ pub fn nixvm_args() -> Vec<String> {
         .collect()
 }
 
-/// NIXVM_BENCH_SETUPS (names, or parts of them, separated by commas): keeps only the columns
-/// it names, e.g. to leave out a VMM whose guest stalls inside L1; all of them without it.
-pub fn only_named<T>(columns: &mut Vec<T>, name: impl Fn(&T) -> &str) -> Result<()> {
-    let Ok(only) = std::env::var("NIXVM_BENCH_SETUPS") else {
+/// The environment variable `var` (names, or parts of them, separated by commas:
+/// NIXVM_BENCH_SETUPS for columns, NIXVM_BENCH_GUESTS for the boot bench's guests) keeps only
+/// the `items` it names, e.g. to leave out a VMM whose guest stalls inside L1; all without it.
+pub fn only_named<T>(var: &str, items: &mut Vec<T>, name: impl Fn(&T) -> &str) -> Result<()> {
+    let Ok(only) = std::env::var(var) else {
         return Ok(());
     };
     let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
-    columns.retain(|c| wanted.iter().any(|w| !w.is_empty() && name(c).contains(w)));
-    if columns.is_empty() {
-        return Err(format!("NIXVM_BENCH_SETUPS={only} names none of the columns").into());
+    items.retain(|c| wanted.iter().any(|w| !w.is_empty() && name(c).contains(w)));
+    if items.is_empty() {
+        return Err(format!("{var}={only} names none of them").into());
     }
     Ok(())
 }
@@ -321,15 +325,16 @@ pub fn run_vm(cmd: &mut Command, timeout: Duration, watch: &[&str], done: Done) 
 
 /// Cloud Hypervisor from `CLOUD_HYPERVISOR` (None, with a note that `bench` goes without its
 /// column, when it is not set), made by `command` (`Command::new`, or one that runs it in a
-/// network namespace): `kernel` and `initrd` booted with `cmdline` on 1 vCPU, `memory` its
-/// `--memory` value, the serial console on stdout, no virtio-console. The caller adds devices.
+/// network namespace): `kernel` and `initrd` booted with `cmdline` on `cpus` vCPUs, `memory`
+/// its `--memory` value, the serial console on stdout, no virtio-console. The caller adds
+/// devices.
 pub fn cloud_hypervisor(
     bench: &str,
     command: impl FnOnce(std::ffi::OsString) -> Command,
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
-    memory: &str,
+    (cpus, memory): (u32, &str),
 ) -> Option<Command> {
     let Some(program) = std::env::var_os("CLOUD_HYPERVISOR") else {
         eprintln!("{bench} bench: CLOUD_HYPERVISOR is not set: no Cloud Hypervisor column");
@@ -340,7 +345,8 @@ pub fn cloud_hypervisor(
         .arg(kernel)
         .arg("--initramfs")
         .arg(initrd);
-    ch.args(["--cmdline", cmdline, "--cpus", "boot=1", "--memory", memory]);
+    let cpus = format!("boot={cpus}");
+    ch.args(["--cmdline", cmdline, "--cpus", &cpus, "--memory", memory]);
     ch.args(["--serial", "tty", "--console", "off"]);
     Some(ch)
 }

@@ -258,7 +258,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
     ];
     let memory = "size=256M,shared=on";
     if let Some(mut ch) =
-        common::cloud_hypervisor("fs", Command::new, &kernel, &initrd, CMDLINE, memory)
+        common::cloud_hypervisor("fs", Command::new, &kernel, &initrd, CMDLINE, (1, memory))
     {
         ch.arg("--fs").arg(format!(
             "tag=ro-store,socket={},num_queues=1,queue_size=1024",
@@ -268,7 +268,7 @@ fn measure(virtiofsd: &Path) -> Result<i32> {
             .arg(common::ch_disk(&script, ",readonly=on"));
         setups.push(setup("Cloud Hypervisor + virtiofsd", ch, true, false));
     }
-    common::only_named(&mut setups, |s| s.name)?;
+    common::only_named("NIXVM_BENCH_SETUPS", &mut setups, |s| s.name)?;
 
     let mut results: Vec<Vec<Console>> = setups.iter().map(|_| Vec::new()).collect();
     for i in 1..=runs {

@@ -323,14 +323,19 @@ fn measure(root: &Path, assets: &Path, files: &Files) -> Result<()> {
         eprintln!("net bench: no /dev/vhost-net: no vhost=on column");
     }
     let initrd = &files.initrd;
-    if let Some(mut ch) =
-        common::cloud_hypervisor("net", NetNs::command, &kernel, initrd, CMDLINE, "size=256M")
-    {
+    if let Some(mut ch) = common::cloud_hypervisor(
+        "net",
+        NetNs::command,
+        &kernel,
+        initrd,
+        CMDLINE,
+        (1, "size=256M"),
+    ) {
         ch.arg("--net").arg(format!("tap={TAP}")).arg("--disk");
         ch.arg(common::ch_disk(&files.script, ",readonly=on"));
         vmms.push(("Cloud Hypervisor", ch));
     }
-    common::only_named(&mut vmms, |(name, _)| name)?;
+    common::only_named("NIXVM_BENCH_SETUPS", &mut vmms, |(name, _)| name)?;
     if vmms[0].0 != "nixvm" {
         return Err("NIXVM_BENCH_SETUPS must keep nixvm: the ratios are nixvm's".into());
     }

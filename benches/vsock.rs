@@ -172,7 +172,7 @@ fn measure(root: &Path, f: &Files) -> Result<()> {
         &kernel,
         &f.initrd,
         cmdline,
-        "size=256M",
+        (1, "size=256M"),
     ) {
         ch.arg("--disk")
             .arg(common::ch_disk(&f.script, ",readonly=on"));
