@@ -16,6 +16,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         "memory_384m",
         "cmdline_verbatim",
         "poweroff_exits_0",
+        "cpu_model_name_is_hosts",
     ];
     if bz_names.iter().any(|n| t.wants(n)) {
         let cl = cmdline("poweroff");
@@ -55,6 +56,22 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         t.run("poweroff_exits_0", || {
             expect_markers(&r, &["poweroff"])?;
             check!(r.code() == Some(0), "poweroff: {}", r.describe());
+            Ok(())
+        });
+        // KVM leaves the processor name's CPUID leaves empty ("AMD 17/01" in the guest's
+        // /proc/cpuinfo); nixvm gives the host's, as QEMU's -cpu host does.
+        t.run("cpu_model_name_is_hosts", || {
+            let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").map_err(|e| e.to_string())?;
+            let host = cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, name)| name.trim());
+            check!(
+                host.is_some() && r.marker("model") == host,
+                "guest saw model name {:?}, the host's is {host:?}\n{}",
+                r.marker("model"),
+                r.describe()
+            );
             Ok(())
         });
     }

@@ -182,6 +182,7 @@ fn main() {
         "memory_384m",
         "cmdline_verbatim",
         "poweroff_exits_0",
+        "cpu_model_name_is_hosts",
         "boot_elf_pvh",
         "cpus_4_online",
         "reboot_exits_3",

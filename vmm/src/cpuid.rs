@@ -1,6 +1,7 @@
 //! Per-vCPU CPUID, derived from KVM_GET_SUPPORTED_CPUID: APIC ids, topology (all vCPUs are
-//! cores of one socket, one thread each), and the hypervisor bit. KVM's own PV leaves
-//! (0x4000_0000..) come from KVM as they are.
+//! cores of one socket, one thread each), the hypervisor bit, and the host's processor name
+//! (KVM reports those leaves empty). KVM's own PV leaves (0x4000_0000..) come from KVM as they
+//! are.
 use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
 const LEAF_FEATURES: u32 = 0x1;
@@ -9,6 +10,8 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZE: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+/// The processor name string: 48 bytes in three leaves.
+const LEAF_BRAND: u32 = 0x8000_0002;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -21,8 +24,24 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
-/// CPUID for vCPU `id` (also its APIC id) of `cpus`.
-pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8) -> CpuId {
+/// The host's processor name leaves (eax, ebx, ecx, edx of 0x8000_0002..=0x8000_0004), as
+/// QEMU's `-cpu host` and Cloud Hypervisor give them to the guest (its /proc/cpuinfo
+/// "model name"); zeros where the host has none.
+pub fn host_brand() -> [[u32; 4]; 3] {
+    use std::arch::x86_64::__cpuid;
+    let mut brand = [[0; 4]; 3];
+    if __cpuid(0x8000_0000).eax >= LEAF_BRAND + 2 {
+        for (leaf, regs) in (LEAF_BRAND..).zip(&mut brand) {
+            let r = __cpuid(leaf);
+            *regs = [r.eax, r.ebx, r.ecx, r.edx];
+        }
+    }
+    brand
+}
+
+/// CPUID for vCPU `id` (also its APIC id) of `cpus`, with `brand` ([`host_brand`]) as the
+/// processor name where KVM has its leaves.
+pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, brand: &[[u32; 4]; 3]) -> CpuId {
     let (id32, n) = (u32::from(id), u32::from(cpus));
     let max_basic = supported
         .as_slice()
@@ -61,6 +80,10 @@ pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8) -> CpuId {
                 e.eax = id32; // extended APIC id
                 e.ebx = id32 & 0xff; // core id, one thread per core
                 e.ecx = 0; // node 0
+            }
+            f @ LEAF_BRAND..=0x8000_0004 => {
+                let [a, b, c, d] = brand[(f - LEAF_BRAND) as usize];
+                (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
             }
             _ => {}
         }
@@ -104,6 +127,9 @@ mod tests {
             e(4, 0, 0x21),
             e(4, 3, 0x63),
             e(0xb, 0, 7),
+            e(0x8000_0002, 0, 0),
+            e(0x8000_0003, 0, 0),
+            e(0x8000_0004, 0, 0),
             e(0x8000_0008, 0, 0),
         ])
         .unwrap()
@@ -118,7 +144,7 @@ mod tests {
 
     #[test]
     fn apic_ids_and_topology() {
-        let c = for_vcpu(&supported(), 3, 4);
+        let c = for_vcpu(&supported(), 3, 4, &[[0; 4]; 3]);
         let l1 = get(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -138,11 +164,35 @@ mod tests {
 
     #[test]
     fn single_cpu() {
-        let c = for_vcpu(&supported(), 0, 1);
+        let c = for_vcpu(&supported(), 0, 1, &[[0; 4]; 3]);
         assert_eq!(get(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(get(&c, 0xb, 1).eax, 0);
         assert_eq!(id_bits(1), 0);
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(5), 3);
+    }
+
+    #[test]
+    fn processor_name() {
+        // "AMD EPYC Processor", padded with NULs to 48 bytes, as CPUID gives it.
+        let mut name = [0u8; 48];
+        name[..18].copy_from_slice(b"AMD EPYC Processor");
+        let mut brand = [[0; 4]; 3];
+        for (regs, chunk) in brand.iter_mut().flatten().zip(name.chunks(4)) {
+            *regs = u32::from_le_bytes(chunk.try_into().unwrap());
+        }
+        let c = for_vcpu(&supported(), 1, 2, &brand);
+        let got: Vec<u8> = (0x8000_0002..=0x8000_0004)
+            .flat_map(|f| {
+                let e = get(&c, f, 0);
+                [e.eax, e.ebx, e.ecx, e.edx]
+            })
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        assert_eq!(got, name);
+        // The host's own: whatever it is, it is what the guest gets.
+        let host = host_brand();
+        let c = for_vcpu(&supported(), 0, 1, &host);
+        assert_eq!(get(&c, 0x8000_0003, 0).ebx, host[1][1]);
     }
 }
