@@ -13,8 +13,9 @@
 //! inside L1 (resources/l1run.sh). NIXVM_BENCH_GUESTS and NIXVM_BENCH_SETUPS (parts of the
 //! guests' and columns' names, comma-separated) keep only some; NIXVM_BENCH_CPUS (default 1)
 //! gives every VMM that many vCPUs; NIXVM_BENCH_VERBOSE makes it a diagnostic run (no
-//! `quiet`, `printk.time=1`): with NIXVM_BENCH_RUNS=20, the systemd guest booted again and again
-//! to catch a reset, whose report keeps the console's last lines.
+//! `quiet`, `printk.time=1`). `NIXVM_BENCH_GUESTS=systemd NIXVM_BENCH_CPUS=2
+//! NIXVM_BENCH_RUNS=20` repeats the 2-vCPU systemd boot to catch a reset, whose report keeps
+//! the console's last lines.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
