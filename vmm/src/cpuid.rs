@@ -12,6 +12,7 @@ const LEAF_AMD_SIZE: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 /// The processor name string: 48 bytes in three leaves.
 const LEAF_BRAND: u32 = 0x8000_0002;
+const LEAF_BRAND_LAST: u32 = LEAF_BRAND + 2;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -30,7 +31,7 @@ fn id_bits(n: u32) -> u32 {
 pub fn host_brand() -> [[u32; 4]; 3] {
     use std::arch::x86_64::__cpuid;
     let mut brand = [[0; 4]; 3];
-    if __cpuid(0x8000_0000).eax >= LEAF_BRAND + 2 {
+    if __cpuid(0x8000_0000).eax >= LEAF_BRAND_LAST {
         for (leaf, regs) in (LEAF_BRAND..).zip(&mut brand) {
             let r = __cpuid(leaf);
             *regs = [r.eax, r.ebx, r.ecx, r.edx];
@@ -81,7 +82,7 @@ pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, brand: &[[u32; 4]; 3]) -> C
                 e.ebx = id32 & 0xff; // core id, one thread per core
                 e.ecx = 0; // node 0
             }
-            f @ LEAF_BRAND..=0x8000_0004 => {
+            f @ LEAF_BRAND..=LEAF_BRAND_LAST => {
                 let [a, b, c, d] = brand[(f - LEAF_BRAND) as usize];
                 (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
             }
@@ -182,7 +183,7 @@ mod tests {
             *regs = u32::from_le_bytes(chunk.try_into().unwrap());
         }
         let c = for_vcpu(&supported(), 1, 2, &brand);
-        let got: Vec<u8> = (0x8000_0002..=0x8000_0004)
+        let got: Vec<u8> = (LEAF_BRAND..=LEAF_BRAND_LAST)
             .flat_map(|f| {
                 let e = get(&c, f, 0);
                 [e.eax, e.ebx, e.ecx, e.edx]
