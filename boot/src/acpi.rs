@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, I8042_IRQ, I8042_PORT,
-    PCI_CONFIG_PORT, RESET_PORT, SLEEP_CONTROL_PORT,
+    PCI_CONFIG_PORT, PM_TIMER_PORT, RESET_PORT, SLEEP_CONTROL_PORT,
 };
 use vm_memory::GuestMemoryBackend;
 
@@ -242,6 +242,11 @@ fn fadt(dsdt_addr: u64) -> Sdt {
         112,
         FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON,
     );
+    // The PM timer, 24 bits (TMR_VAL_EXT clear). A hardware-reduced FADT is not converted from
+    // its 32-bit fields, so the guest reads X_PM_TMR_BLK; PM_TMR_BLK is for older readers.
+    fadt.write(76, u32::from(PM_TIMER_PORT)); // PM_TMR_BLK
+    fadt.write(91, 4u8); // PM_TMR_LEN
+    fadt.write(208, GenericAddress::io_port_address::<u32>(PM_TIMER_PORT)); // X_PM_TMR_BLK
     fadt.write(116, GenericAddress::io_port_address::<u8>(RESET_PORT));
     fadt.write(128, RESET_VALUE);
     fadt.write(131, 3u8); // FADT minor version: 6.3
@@ -368,6 +373,17 @@ mod tests {
             u32::from_le_bytes(fadt[112..116].try_into().unwrap()) & FADT_HW_REDUCED_ACPI,
             FADT_HW_REDUCED_ACPI
         );
+        // The PM timer: X_PM_TMR_BLK a 32-bit I/O port register at PM_TIMER_PORT.
+        assert_eq!(fadt[208..212], [1, 32, 0, 3]);
+        assert_eq!(
+            u64::from_le_bytes(fadt[212..220].try_into().unwrap()),
+            u64::from(PM_TIMER_PORT)
+        );
+        assert_eq!(
+            u32::from_le_bytes(fadt[76..80].try_into().unwrap()),
+            u32::from(PM_TIMER_PORT)
+        );
+        assert_eq!(fadt[91], 4);
         let dsdt = table(&m, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(sums_to_zero(&dsdt));

@@ -73,6 +73,10 @@ pub const MSI_GSI_START: u32 = 24;
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const RESET_PORT: u16 = 0x601;
 pub const PM_PORTS: u64 = 2;
+/// The ACPI power management timer (32-bit port, 24-bit count): where QEMU's q35 and Cloud
+/// Hypervisor have theirs.
+pub const PM_TIMER_PORT: u16 = 0x608;
+pub const PM_TIMER_PORTS: u64 = 4;
 /// The interrupt of the Generic Event Device: it only ever means "power button pressed".
 pub const GED_GSI: u32 = 9;
 

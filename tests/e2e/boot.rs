@@ -9,7 +9,8 @@ use crate::{
 };
 
 pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
-    // One boot, several checks: a bzImage with 2 vCPUs, 384M and a NixOS command line.
+    // One boot, several checks: a bzImage with 2 vCPUs, 384M and a NixOS command line (a test
+    // node's: nixpkgs' test-instrumentation.nix asks for the ACPI PM timer as clock source).
     let bz_names = [
         "boot_bzimage",
         "cpus_2_online",
@@ -17,9 +18,10 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         "cmdline_verbatim",
         "poweroff_exits_0",
         "cpu_model_name_is_hosts",
+        "clocksource_acpi_pm",
     ];
     if bz_names.iter().any(|n| t.wants(n)) {
-        let cl = cmdline("poweroff");
+        let cl = format!("{} clocksource=acpi_pm", cmdline("poweroff"));
         let mut args = g.args(&g.vmlinuz, &cl);
         args.extend(["--cpus", "2", "--memory", "384M"]);
         let r = boot(&args);
@@ -74,6 +76,15 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
             );
             Ok(())
         });
+        t.run("clocksource_acpi_pm", || {
+            check!(
+                r.marker("clocksource") == Some("acpi_pm"),
+                "guest's clock source {:?} with clocksource=acpi_pm\n{}",
+                r.marker("clocksource"),
+                r.describe()
+            );
+            Ok(())
+        });
     }
 
     // ELF vmlinux through its PVH entry, 4 vCPUs, reboot, console into a file.
@@ -82,6 +93,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         "cpus_4_online",
         "reboot_exits_3",
         "serial_file",
+        "kvm_clock_by_default",
     ];
     if pvh_names.iter().any(|n| t.wants(n)) {
         let log = temp_dir().join("console.log");
@@ -115,6 +127,16 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         });
         t.run("reboot_exits_3", || {
             check!(r.code() == Some(3), "reboot: {}", r.describe());
+            Ok(())
+        });
+        // The PM timer is there but not chosen: kvm-clock reads need no exit.
+        t.run("kvm_clock_by_default", || {
+            check!(
+                r.marker("clocksource") == Some("kvm-clock"),
+                "guest's clock source {:?}\n{}",
+                r.marker("clocksource"),
+                r.describe()
+            );
             Ok(())
         });
     }

@@ -16,7 +16,11 @@ use nixvm_devices::virtio::mmio::MmioTransport;
 use nixvm_devices::virtio::pci::{self, PciTransport};
 use nixvm_devices::virtio::transport::VirtioTransport;
 use nixvm_devices::virtio::{GuestMemoryMmap, VirtioDevice, fs, mmio, net, rng::Rng, vsock};
-use nixvm_devices::{cmos::Cmos, i8042::I8042, pm::AcpiPm};
+use nixvm_devices::{
+    cmos::Cmos,
+    i8042::I8042,
+    pm::{AcpiPm, PmTimer},
+};
 use nixvm_storefs::daemon as storefs;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -174,7 +178,7 @@ fn add_legacy_devices(
     let pm = AcpiPm::new(exit.clone(), acpi::sleep_control_is_s5, acpi::RESET_VALUE);
     type Device = Arc<Mutex<dyn BusDevice>>;
     let i8042: Device = keyboard.unwrap_or_else(|| Arc::new(Mutex::new(I8042::new(exit.clone()))));
-    let devices: [(u16, u64, Device); 4] = [
+    let devices: [(u16, u64, Device); 5] = [
         (layout::COM1_PORT, 8, serial),
         (layout::I8042_PORT, layout::I8042_PORTS, i8042),
         (
@@ -186,6 +190,11 @@ fn add_legacy_devices(
             layout::SLEEP_CONTROL_PORT,
             layout::PM_PORTS,
             Arc::new(Mutex::new(pm)),
+        ),
+        (
+            layout::PM_TIMER_PORT,
+            layout::PM_TIMER_PORTS,
+            Arc::new(Mutex::new(PmTimer::new())),
         ),
     ];
     for (port, len, dev) in devices {
