@@ -214,7 +214,9 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
         r#"{{
           name = "trixie"; nixvm = {nixvm};
           kernel = {kernel}; initrd = {initrd};
-          kernelParams = [ "console=ttyS0" "root=/dev/vda" "rw" "quiet" "panic=-1" ];
+          # clocksource=acpi_pm: what nixpkgs' test-instrumentation.nix gives every node.
+          kernelParams = [ "console=ttyS0" "root=/dev/vda" "rw" "quiet" "panic=-1"
+            "clocksource=acpi_pm" ];
           # One vCPU, as qemu-vm.nix's default (virtualisation.cores = 1). With two, this
           # boot stalled on CI machines where the busybox guests' did not: a soft lockup of
           # 708 s with the second vCPU not run at all; both vCPUs busy for minutes without
@@ -345,6 +347,12 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
             check!(
                 status == 0 && out == "active\n",
                 "systemctl is-active multi-user.target: {out:?} ({status})"
+            );
+            let clock = "cat /sys/devices/system/clocksource/clocksource0/current_clocksource";
+            let (status, out) = execute(r, clock)?;
+            check!(
+                status == 0 && out == "acpi_pm\n",
+                "the guest's clock source with clocksource=acpi_pm: {out:?} ({status})"
             );
             Ok(())
         });
