@@ -242,8 +242,9 @@ fn fadt(dsdt_addr: u64) -> Sdt {
         112,
         FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP | FADT_PWR_BUTTON | FADT_SLP_BUTTON,
     );
-    // The PM timer, 24 bits (TMR_VAL_EXT clear). A hardware-reduced FADT is not converted from
-    // its 32-bit fields, so the guest reads X_PM_TMR_BLK; PM_TMR_BLK is for older readers.
+    // The PM timer, 24 bits (TMR_VAL_EXT clear). The spec lets a hardware-reduced OSPM ignore
+    // these fields; Linux on x86 reads X_PM_TMR_BLK all the same (ACPICA does not fill the X
+    // fields from the 32-bit ones in a hardware-reduced FADT, so it is set here itself).
     fadt.write(76, u32::from(PM_TIMER_PORT)); // PM_TMR_BLK
     fadt.write(91, 4u8); // PM_TMR_LEN
     fadt.write(208, GenericAddress::io_port_address::<u32>(PM_TIMER_PORT)); // X_PM_TMR_BLK
