@@ -26,15 +26,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         args.extend(["--cpus", "2", "--memory", "384M"]);
         let r = boot(&args);
         t.run("boot_bzimage", || expect_markers(&r, &["init"]));
-        t.run("cpus_2_online", || {
-            check!(
-                r.marker("cpus") == Some("2"),
-                "guest saw cpus={:?}\n{}",
-                r.marker("cpus"),
-                r.describe()
-            );
-            Ok(())
-        });
+        t.run("cpus_2_online", || expect_marker(&r, "cpus", "2"));
         t.run("memory_384m", || {
             let kb: u64 = r
                 .marker("memtotal_kb")
@@ -77,13 +69,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
             Ok(())
         });
         t.run("clocksource_acpi_pm", || {
-            check!(
-                r.marker("clocksource") == Some("acpi_pm"),
-                "guest's clock source {:?} with clocksource=acpi_pm\n{}",
-                r.marker("clocksource"),
-                r.describe()
-            );
-            Ok(())
+            expect_marker(&r, "clocksource", "acpi_pm")
         });
     }
 
@@ -116,28 +102,14 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         };
         t.run("boot_elf_pvh", || expect_markers(&r, &["init"]));
         t.run("serial_file", || expect_markers(&r, &["init", "reboot"]));
-        t.run("cpus_4_online", || {
-            check!(
-                r.marker("cpus") == Some("4"),
-                "guest saw cpus={:?}\n{}",
-                r.marker("cpus"),
-                r.describe()
-            );
-            Ok(())
-        });
+        t.run("cpus_4_online", || expect_marker(&r, "cpus", "4"));
         t.run("reboot_exits_3", || {
             check!(r.code() == Some(3), "reboot: {}", r.describe());
             Ok(())
         });
         // The PM timer is there but not chosen: kvm-clock reads need no exit.
         t.run("kvm_clock_by_default", || {
-            check!(
-                r.marker("clocksource") == Some("kvm-clock"),
-                "guest's clock source {:?}\n{}",
-                r.marker("clocksource"),
-                r.describe()
-            );
-            Ok(())
+            expect_marker(&r, "clocksource", "kvm-clock")
         });
     }
 

@@ -463,6 +463,17 @@ pub(crate) fn expect_markers(r: &Run, want: &[&str]) -> TestResult {
     Ok(())
 }
 
+/// Checks that the guest printed the marker `NIXVM-TEST: key=want`.
+pub(crate) fn expect_marker(r: &Run, key: &str, want: &str) -> TestResult {
+    check!(
+        r.marker(key) == Some(want),
+        "guest saw {key}={:?}, expected {want:?}\n{}",
+        r.marker(key),
+        r.describe()
+    );
+    Ok(())
+}
+
 /// Runs one boot that checks several things (once more if it stalled) and reports each
 /// check under its name; `boot` returns the checks' results in the order of `names`.
 pub(crate) fn group(
