@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     self, CMOS_PORT, CMOS_PORTS, COM1_IRQ, COM1_PORT, GED_GSI, I8042_IRQ, I8042_PORT,
-    PCI_CONFIG_PORT, PM_TIMER_PORT, RESET_PORT, SLEEP_CONTROL_PORT,
+    PCI_CONFIG_PORT, PM_TIMER_PORT, PM_TIMER_PORTS, RESET_PORT, SLEEP_CONTROL_PORT,
 };
 use vm_memory::GuestMemoryBackend;
 
@@ -246,7 +246,7 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     // these fields; Linux on x86 reads X_PM_TMR_BLK all the same (ACPICA does not fill the X
     // fields from the 32-bit ones in a hardware-reduced FADT, so it is set here itself).
     fadt.write(76, u32::from(PM_TIMER_PORT)); // PM_TMR_BLK
-    fadt.write(91, 4u8); // PM_TMR_LEN
+    fadt.write(91, u8::try_from(PM_TIMER_PORTS).expect("four ports")); // PM_TMR_LEN
     fadt.write(208, GenericAddress::io_port_address::<u32>(PM_TIMER_PORT)); // X_PM_TMR_BLK
     fadt.write(116, GenericAddress::io_port_address::<u8>(RESET_PORT));
     fadt.write(128, RESET_VALUE);
