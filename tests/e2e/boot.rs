@@ -75,6 +75,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         "reboot_exits_3",
         "serial_file",
         "kvm_clock_by_default",
+        "tsc_deadline_timer",
     ];
     if pvh_names.iter().any(|n| t.wants(n)) {
         let log = temp_dir().join("console.log");
@@ -105,6 +106,10 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         // The PM timer is there but not chosen: kvm-clock reads need no exit.
         t.run("kvm_clock_by_default", || {
             expect_marker(&r, "clocksource", "kvm-clock")
+        });
+        // KVM emulates it; the guest then programs its timer by deadline, uncalibrated.
+        t.run("tsc_deadline_timer", || {
+            expect_marker(&r, "tsc_deadline", "yes")
         });
     }
 

@@ -188,6 +188,7 @@ fn main() {
         "reboot_exits_3",
         "serial_file",
         "kvm_clock_by_default",
+        "tsc_deadline_timer",
         "panic_reboots_exits_3_config_file",
         "serial_socket_attach",
         "hvc0_socket_replay_and_input",

@@ -1,7 +1,7 @@
 //! Per-vCPU CPUID, derived from KVM_GET_SUPPORTED_CPUID: APIC ids, topology (all vCPUs are
-//! cores of one socket, one thread each), the hypervisor bit, and the host's processor name
-//! (KVM reports those leaves empty). KVM's own PV leaves (0x4000_0000..) come from KVM as they
-//! are.
+//! cores of one socket, one thread each), the hypervisor bit, the TSC-deadline timer, and the
+//! host's processor name (KVM reports those leaves empty). KVM's own PV leaves
+//! (0x4000_0000..) come from KVM as they are.
 use kvm_bindings::{CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, kvm_cpuid_entry2};
 
 const LEAF_FEATURES: u32 = 0x1;
@@ -13,6 +13,7 @@ const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 /// The processor name string: 48 bytes in three leaves.
 const LEAF_BRAND: u32 = 0x8000_0002;
 const LEAF_BRAND_LAST: u32 = LEAF_BRAND + 2;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -23,6 +24,17 @@ fn id_bits(n: u32) -> u32 {
     } else {
         32 - (n - 1).leading_zeros()
     }
+}
+
+/// What the guest's CPUID takes from the host besides KVM's supported leaves.
+pub struct Host {
+    /// The processor name leaves ([`host_brand`]).
+    pub brand: [[u32; 4]; 3],
+    /// KVM emulates the local APIC timer's TSC-deadline mode (KVM_CAP_TSC_DEADLINE_TIMER),
+    /// which KVM_GET_SUPPORTED_CPUID leaves out: the VMM sets the bit, as QEMU, Cloud
+    /// Hypervisor and Firecracker do. Without it Linux programs the timer by its initial count
+    /// and first calibrates it against another clock, which a guest with it skips.
+    pub tsc_deadline: bool,
 }
 
 /// The host's processor name leaves (eax, ebx, ecx, edx of 0x8000_0002..=0x8000_0004), as
@@ -40,9 +52,9 @@ pub fn host_brand() -> [[u32; 4]; 3] {
     brand
 }
 
-/// CPUID for vCPU `id` (also its APIC id) of `cpus`, with `brand` ([`host_brand`]) as the
-/// processor name where KVM has its leaves.
-pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, brand: &[[u32; 4]; 3]) -> CpuId {
+/// CPUID for vCPU `id` (also its APIC id) of `cpus`, with `host`'s processor name where KVM
+/// has its leaves.
+pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, host: &Host) -> CpuId {
     let (id32, n) = (u32::from(id), u32::from(cpus));
     let max_basic = supported
         .as_slice()
@@ -61,6 +73,9 @@ pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, brand: &[[u32; 4]; 3]) -> C
                 // APIC id, logical processors per package, CLFLUSH line size (8 * 8 bytes).
                 e.ebx = (id32 << 24) | (n << 16) | (8 << 8);
                 e.ecx |= ECX_HYPERVISOR;
+                if host.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                }
                 if n > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -83,7 +98,7 @@ pub fn for_vcpu(supported: &CpuId, id: u8, cpus: u8, brand: &[[u32; 4]; 3]) -> C
                 e.ecx = 0; // node 0
             }
             f @ LEAF_BRAND..=LEAF_BRAND_LAST => {
-                let [a, b, c, d] = brand[(f - LEAF_BRAND) as usize];
+                let [a, b, c, d] = host.brand[(f - LEAF_BRAND) as usize];
                 (e.eax, e.ebx, e.ecx, e.edx) = (a, b, c, d);
             }
             _ => {}
@@ -136,6 +151,13 @@ mod tests {
         .unwrap()
     }
 
+    fn host(brand: [[u32; 4]; 3], tsc_deadline: bool) -> Host {
+        Host {
+            brand,
+            tsc_deadline,
+        }
+    }
+
     fn get(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
         *c.as_slice()
             .iter()
@@ -145,11 +167,12 @@ mod tests {
 
     #[test]
     fn apic_ids_and_topology() {
-        let c = for_vcpu(&supported(), 3, 4, &[[0; 4]; 3]);
+        let c = for_vcpu(&supported(), 3, 4, &host([[0; 4]; 3], true));
         let l1 = get(&c, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert!(l1.ecx & ECX_HYPERVISOR != 0 && l1.edx & EDX_HTT != 0);
+        assert!(l1.ecx & ECX_TSC_DEADLINE != 0);
         let smt = get(&c, 0xb, 0);
         let core = get(&c, 0xb, 1);
         assert_eq!((smt.ebx, smt.edx, smt.ecx >> 8), (1, 3, 1));
@@ -165,8 +188,10 @@ mod tests {
 
     #[test]
     fn single_cpu() {
-        let c = for_vcpu(&supported(), 0, 1, &[[0; 4]; 3]);
+        let c = for_vcpu(&supported(), 0, 1, &host([[0; 4]; 3], false));
         assert_eq!(get(&c, 1, 0).edx & EDX_HTT, 0);
+        // Only where KVM emulates it.
+        assert_eq!(get(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(get(&c, 0xb, 1).eax, 0);
         assert_eq!(id_bits(1), 0);
         assert_eq!(id_bits(2), 1);
@@ -182,7 +207,7 @@ mod tests {
         for (regs, chunk) in brand.iter_mut().flatten().zip(name.chunks(4)) {
             *regs = u32::from_le_bytes(chunk.try_into().unwrap());
         }
-        let c = for_vcpu(&supported(), 1, 2, &brand);
+        let c = for_vcpu(&supported(), 1, 2, &host(brand, true));
         let got: Vec<u8> = (LEAF_BRAND..=LEAF_BRAND_LAST)
             .flat_map(|f| {
                 let e = get(&c, f, 0);
@@ -192,8 +217,8 @@ mod tests {
             .collect();
         assert_eq!(got, name);
         // The host's own: whatever it is, it is what the guest gets.
-        let host = host_brand();
-        let c = for_vcpu(&supported(), 0, 1, &host);
-        assert_eq!(get(&c, 0x8000_0003, 0).ebx, host[1][1]);
+        let brand = host_brand();
+        let c = for_vcpu(&supported(), 0, 1, &host(brand, true));
+        assert_eq!(get(&c, 0x8000_0003, 0).ebx, brand[1][1]);
     }
 }

@@ -538,14 +538,17 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its CPUID"))?;
-        let brand = cpuid::host_brand();
+        let host = cpuid::Host {
+            brand: cpuid::host_brand(),
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         let (mut cpuids, mut initial) = (Vec::new(), Vec::new());
         for id in 0..config.cpus {
             let vcpu = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
-            let cpuid = cpuid::for_vcpu(&supported, id, config.cpus, &brand);
+            let cpuid = cpuid::for_vcpu(&supported, id, config.cpus, &host);
             vcpu::configure(&vcpu, id, &cpuid, (id == 0).then_some(&entry))?;
             if config.on_reboot == OnReboot::Restart {
                 initial.push(vcpu::InitialState::save(&vcpu, id)?);
