@@ -49,6 +49,8 @@ use super::{
 const QUEUE_SIZE: u16 = 256;
 /// The virtio-net header with F_VERSION_1: `virtio_net_hdr_v1`, num_buffers included.
 pub const HDR_LEN: usize = 12;
+/// Where the header's last field, num_buffers (le16), starts.
+const NUM_BUFFERS_AT: usize = HDR_LEN - 2;
 /// The largest frame: a 64 KiB IP packet with an Ethernet header and a VLAN tag.
 pub const MAX_FRAME: usize = 65550;
 const ETH_HLEN: usize = 14;
@@ -585,7 +587,7 @@ impl DataPath {
         let num_buffers = u16::try_from(used.len()).unwrap_or(u16::MAX);
         // The first chain holds the header (each holds at least one).
         if let Some((_, first)) = self.held.front()
-            && let Some((_, at)) = split(first, 10)
+            && let Some((_, at)) = split(first, NUM_BUFFERS_AT)
         {
             scatter(mem, &at, &num_buffers.to_le_bytes());
         }
