@@ -64,9 +64,10 @@ use crate::{
 const L1_SILENCE: Duration = Duration::from_secs(180);
 /// L1 guests a run may take: the nested route freezes or kills one now and then (seen about
 /// once per full run; L1's kernel overflowed a vCPU thread's stack, once within a minute), and
-/// the tests it had not finished run again in the next, unless two guests in a row finished
-/// none (then the first of those tests is what stops L1, and another guest would only spend
-/// the time again), or the guests have taken `L1_BUDGET`.
+/// the tests it had not finished (or that stalled in every attempt there) run again in the
+/// next, unless two guests in a row finished none (then the first of those tests is what
+/// stops L1, and another guest would only spend the time again), or the guests have taken
+/// `L1_BUDGET`.
 const L1_ATTEMPTS: usize = 4;
 /// No new L1 guest after this long in L1 guests: CI has 90 min in all, and a slow CI machine
 /// takes about 50 min for one full pass.
@@ -75,8 +76,14 @@ const L1_BUDGET: Duration = Duration::from_secs(55 * 60);
 const L1_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// Runs the boot tests matching `filter` inside one L1 guest, counting their results into `t`
-/// and their names into `seen`. Returns how the L1 run ended.
-fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
+/// and their names into `seen`, or into `stalled` for those that stalled in every attempt
+/// there. Returns how the L1 run ended.
+fn run_in_l1(
+    filter: &str,
+    t: &mut Runner,
+    seen: &mut Vec<String>,
+    stalled: &mut Vec<String>,
+) -> String {
     let exe = std::env::current_exe().expect("own path");
     let started = std::time::Instant::now();
     let mut child = Command::new(root().join("resources/l1run.sh"))
@@ -103,15 +110,22 @@ fn run_in_l1(filter: &str, t: &mut Runner, seen: &mut Vec<String>) -> String {
                 if !is_kernel_message(&line) {
                     quiet_until = std::time::Instant::now() + L1_SILENCE;
                 }
+                // A name already counted (the filter's parts match by substring, so a rerun
+                // of `blk_x` also runs `pci_blk_x`) is not counted twice.
                 if let Some((name, result)) = line
                     .strip_prefix("test ")
                     .and_then(|r| r.split_once(" ... "))
+                    .filter(|(name, _)| !seen.iter().any(|s| s == name))
                 {
-                    seen.push(name.to_owned());
                     match result {
+                        // Not seen: the next L1 guest runs it again.
+                        STALLED_RESULT => stalled.push(name.to_owned()),
                         "ok" => t.passed += 1,
                         r if r.starts_with("skipped") => t.skipped += 1,
                         _ => t.failed.push(name.to_owned()),
+                    }
+                    if result != STALLED_RESULT {
+                        seen.push(name.to_owned());
                     }
                 }
             }
@@ -230,12 +244,13 @@ fn main() {
     match route.as_str() {
         "direct" => boot_tests(&mut t, &guest()),
         "l1" if boot_names.iter().any(|n| t.wants(n)) => {
-            let mut seen: Vec<String> = Vec::new();
+            let (mut seen, mut stalled): (Vec<String>, Vec<String>) = Default::default();
             let mut ended = String::new();
             let started = std::time::Instant::now();
             let mut fruitless = 0;
             // The nested route sometimes freezes the whole L1 guest: then the tests it had
-            // not finished run again in a fresh one.
+            // not finished run again in a fresh one, and so do those that stalled in every
+            // attempt there.
             for attempt in 0..L1_ATTEMPTS {
                 let todo: Vec<&str> = boot_names
                     .iter()
@@ -250,10 +265,13 @@ fn main() {
                         ended.push_str(" when the L1 guests had taken all their time");
                         break;
                     }
-                    println!("e2e: the L1 guest {ended}; running the rest in a new one");
+                    println!(
+                        "e2e: the L1 guest {ended}; its {} unfinished or stalled tests run in a new one",
+                        todo.len()
+                    );
                 }
                 let before = seen.len();
-                ended = run_in_l1(&todo.join(","), &mut t, &mut seen);
+                ended = run_in_l1(&todo.join(","), &mut t, &mut seen, &mut stalled);
                 fruitless = if seen.len() == before {
                     fruitless + 1
                 } else {
@@ -269,7 +287,12 @@ fn main() {
                 .filter(|n| t.wants(n) && !seen.iter().any(|s| s == n))
                 .collect();
             for name in missing {
-                t.record(name, Err(format!("did not run: the L1 guest {ended}")));
+                let why = if stalled.iter().any(|s| s == name) {
+                    format!("stalled in every L1 guest that ran it {STALLED}")
+                } else {
+                    format!("did not run: the L1 guest {ended}")
+                };
+                t.record(name, Err(why));
             }
         }
         "l1" => {}
