@@ -142,6 +142,7 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         "smbios_uuid_oem_strings_credentials",
         "rtc_cmos_binds_dev_rtc0",
         "clocksource_acpi_pm",
+        "mmio_guest_finds_an_empty_pci_bus",
     ]
     .iter()
     .any(|n| t.wants(n))
@@ -167,6 +168,16 @@ pub(crate) fn boot_tests(t: &mut Runner, g: &Guest) {
         });
         t.run("clocksource_acpi_pm", || {
             expect_marker(&r, "clocksource", "acpi_pm")
+        });
+        // On virtio-mmio the PCI bus has its host bridge and nothing else; the kernel's probe
+        // for PCI (a KERN_ERR line, shown under `quiet`) must not say it found no way to it.
+        t.run("mmio_guest_finds_an_empty_pci_bus", || {
+            check!(
+                !r.stdout.contains("No config space access function"),
+                "the guest found no PCI configuration space:\n{}",
+                r.describe()
+            );
+            expect_marker(&r, "pci", "0000:00:00.0")
         });
     }
 
@@ -371,6 +382,7 @@ for e in /sys/firmware/dmi/entries/11-*; do
 done
 echo "NIXVM-TEST: secret=$(tail -c +6 /sys/firmware/dmi/entries/11-0/raw | tr '\0' '\n' | grep '^io.systemd.credential.binary:secret=' | cut -d= -f2- | base64 -d)"
 echo "NIXVM-TEST: rtc=$(cat /sys/class/rtc/rtc0/name),$(cat /sys/class/rtc/rtc0/date),$(test -c /dev/rtc0 && echo dev)"
+echo "NIXVM-TEST: pci=$(echo $(ls /sys/bus/pci/devices 2>/dev/null))"
 "#,
     );
     let cl = format!("{} clocksource=acpi_pm", cmdline("script"));

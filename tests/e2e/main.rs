@@ -209,6 +209,7 @@ fn main() {
         "smbios_uuid_oem_strings_credentials",
         "rtc_cmos_binds_dev_rtc0",
         "clocksource_acpi_pm",
+        "mmio_guest_finds_an_empty_pci_bus",
         "reboot_method_k_exits_3",
         "reboot_method_a_exits_3",
         "reboot_method_t_exits_3",

@@ -308,8 +308,11 @@ fn add_virtio_devices(
     if config.transport == TransportKind::Pci {
         return add_pci_devices(vm, buses, mem, devices, config.cmdline.clone());
     }
+    // The PCI bus holds only its host bridge here: a guest that probes for PCI (every x86
+    // kernel does) finds configuration mechanism #1 and an empty bus, not "PCI: Fatal: No
+    // config space access function found" on its console.
     let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
-    let mut aml = Vec::new();
+    let mut aml = add_pci_root(buses, PciRoot::default());
     let mut cmdline = config.cmdline.clone();
     for (i, dev) in devices.into_iter().enumerate() {
         let index = u8::try_from(i).expect("validated device count");
@@ -400,6 +403,11 @@ fn add_pci_devices(
         root.attach(usize::try_from(i + 1).expect("small"), t.clone());
         transports.push(t);
     }
+    Ok((add_pci_root(buses, root), cmdline, transports))
+}
+
+/// `root` on the configuration ports; returns its host bridge's AML.
+fn add_pci_root(buses: &mut Buses, root: PciRoot) -> Vec<u8> {
     buses
         .pio
         .insert(
@@ -408,8 +416,7 @@ fn add_pci_devices(
             Arc::new(Mutex::new(root)),
         )
         .expect("fixed, disjoint ports");
-    let aml = acpi::pci_host_bridge_aml((layout::PCI_MMIO_START, layout::PCI_MMIO_END));
-    Ok((aml, cmdline, transports))
+    acpi::pci_host_bridge_aml((layout::PCI_MMIO_START, layout::PCI_MMIO_END))
 }
 
 /// A network interface's stream connection, made ready for the device.
