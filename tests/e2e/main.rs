@@ -117,15 +117,16 @@ fn run_in_l1(
                     .and_then(|r| r.split_once(" ... "))
                     .filter(|(name, _)| !seen.iter().any(|s| s == name))
                 {
-                    match result {
+                    if result == STALLED_RESULT {
                         // Not seen: the next L1 guest runs it again.
-                        STALLED_RESULT => stalled.push(name.to_owned()),
-                        "ok" => t.passed += 1,
-                        r if r.starts_with("skipped") => t.skipped += 1,
-                        _ => t.failed.push(name.to_owned()),
-                    }
-                    if result != STALLED_RESULT {
+                        stalled.push(name.to_owned());
+                    } else {
                         seen.push(name.to_owned());
+                        match result {
+                            "ok" => t.passed += 1,
+                            r if r.starts_with("skipped") => t.skipped += 1,
+                            _ => t.failed.push(name.to_owned()),
+                        }
                     }
                 }
             }

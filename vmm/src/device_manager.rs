@@ -308,10 +308,10 @@ fn add_virtio_devices(
     if config.transport == TransportKind::Pci {
         return add_pci_devices(vm, buses, mem, devices, config.cmdline.clone());
     }
+    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
     // The PCI bus holds only its host bridge here: a guest that probes for PCI (every x86
     // kernel does) finds configuration mechanism #1 and an empty bus, not "PCI: Fatal: No
     // config space access function found" on its console.
-    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
     let mut aml = add_pci_root(buses, PciRoot::default());
     let mut cmdline = config.cmdline.clone();
     for (i, dev) in devices.into_iter().enumerate() {
