@@ -852,6 +852,20 @@ impl Streaming {
         }
     }
 
+    /// Err, the mark of a stall (which the test's retry boots once more), when nixvm reset the
+    /// guest for a triple fault: in a test whose guest reboots in place (`--on-reboot
+    /// restart`), nixvm does not exit, and the nested route's spontaneous reset shows only as
+    /// a boot too many. Such a test's own reboots go through ACPI's reset register.
+    pub(crate) fn no_triple_fault(&self) -> TestResult {
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        check!(
+            !err.contains(TRIPLE_FAULT),
+            "{STALLED} (the guest reset without asking); {}",
+            self.console()
+        );
+        Ok(())
+    }
+
     /// Waits up to `timeout` for nixvm to exit, reading the console meanwhile: its status, or
     /// None when it did not exit although the guest had powered off (a hang of ours: killed,
     /// after printing what its threads and the guest's vCPUs were doing). Err (a stall, which

@@ -163,11 +163,12 @@ if [ $n -lt 3 ]; then reboot -f; sleep 60; fi
             api_guest(g, &name, script, &["--on-reboot", "restart", "--disk", &c])?;
         vm.wait_for("NIXVM-TEST: boot_count=3")?;
         let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        vm.no_triple_fault()?;
         let boots = vm.seen.matches("NIXVM-TEST: init").count();
         check!(
             boots == 3 && vm.seen.contains("boot_count=1") && vm.seen.contains("boot_count=2"),
-            "{boots} boots:\n{}",
-            vm.seen
+            "{boots} boots; {}",
+            vm.console()
         );
         check!(
             status.and_then(|s| s.code()) == Some(0),
@@ -223,6 +224,7 @@ if [ "$n" -lt 2 ]; then reboot -f; sleep 60; fi
         let (mut vm, _sock) = api_guest(g, &name, script, &extra)?;
         vm.wait_for("NIXVM-TEST: pci_boot=2")?;
         let status = wait_timeout(&mut vm.child, BOOT_TIMEOUT);
+        vm.no_triple_fault()?;
         for n in 1..=2 {
             let want = format!("NIXVM-TEST: pci_boot={n},from-the-store,10.0.2.15/24");
             check!(vm.seen.contains(&want), "no {want:?}:\n{}", vm.console());
