@@ -17,6 +17,16 @@ in
       default = [ ];
       description = "More nixvm arguments for the runner.";
     };
+    transport = mkOption {
+      type = types.enum [ "mmio" "pci" ];
+      default = "pci";
+      description = ''
+        How the VM's virtio devices attach (--transport): "pci", virtio-pci functions with
+        MSI-X, the bus QEMU gives these machines (qemu-vm.nix requires VIRTIO_PCI and names
+        the NICs eth0, eth1, … itself: networking.usePredictableInterfaceNames = false), and
+        nixvm's faster I/O; or "mmio", virtio-mmio (nixvm's own default).
+      '';
+    };
     network = mkOption {
       type = types.enum [ "user" "test" ];
       default = "user";

@@ -1,8 +1,9 @@
 # What nixosModules.vm (build-vm) and nixosModules.test (NixOS test nodes) share: in a NixOS
 # configuration that imports nixpkgs' qemu-vm.nix, `system.build.vm` becomes a nixvm runner
 # made from qemu-vm.nix's options (vm.nix's header has the table). The options under
-# virtualisation.nixvm are options.nix's; virtualisation.nixvm.network says which NICs the
-# machine gets:
+# virtualisation.nixvm are options.nix's. The devices are on virtio-pci (virtualisation.nixvm
+# .transport, default "pci"), as QEMU gives these machines theirs. virtualisation.nixvm.network
+# says which NICs the machine gets:
 #   "user"  one user-mode interface through passt, with forwardPorts (build-vm);
 #   "test"  a test driver's machine: eth0 on nixvm's local network (--net local: DHCP gives
 #           10.0.2.15, the gateway answers ARP and ping; the build sandbox has no network for
@@ -121,7 +122,7 @@ let
     virtiofsd = "${pkgs.virtiofsd}/bin/virtiofsd";
     shell = pkgs.runtimeShell;
     path = map (p: "${p}/bin") [ pkgs.coreutils pkgs.e2fsprogs ];
-    inherit (cfg.nixvm) extraArgs;
+    inherit (cfg.nixvm) extraArgs transport;
     # The driver ends a test by SIGTERM to each machine's start command, where QEMU stops at
     # once: a test machine's power button gets no grace time either.
     shutdownTimeout = if testMachine then 0 else null;

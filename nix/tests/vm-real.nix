@@ -42,6 +42,8 @@ let
     options.boot.tmp.tmpfsSize = mkOption { type = types.str; default = "50%"; };
     options.boot.loader.efi.efiSysMountPoint = mkOption { type = types.str; default = "/boot"; };
     options.nix.enable = mkOption { type = types.bool; default = true; };
+    # NixOS's default (network-interfaces.nix): predictable names, which qemu-vm.nix turns off.
+    options.networking.usePredictableInterfaceNames = mkOption { type = types.bool; default = true; };
     config.system.build.initialRamdisk = drv "initrd" { };
     # QEMU's options and NixOS's other modules are not all here: definitions of undeclared
     # options (services.qemuGuest, boot.loader.limine, …) are let through.
@@ -98,8 +100,12 @@ let
         "--fs" "tag=xchg,socket=virtiofs-xchg.sock"
         # QEMU reboots a guest that reboots.
         "--on-reboot" "restart"
+        # QEMU's bus for these machines: virtio-pci.
+        "--transport" "pci"
       ];
     }
+    { what = "transport = \"mmio\""; got = lib.filter (a: a == "mmio") (hostEval { virtualisation.nixvm.transport = "mmio"; }).config.system.build.vm.argv; want = [ "mmio" ]; }
+    { what = "NICs named eth0, … by qemu-vm.nix, on PCI too"; got = guest.networking.usePredictableInterfaceNames; want = false; }
     (has "bin/run-web-vm" vm.buildCommand "$out/bin/run-web-vm")
     (has "QEMU_KERNEL_PARAMS" vm.runnerScript "\${QEMU_KERNEL_PARAMS:+ $QEMU_KERNEL_PARAMS}")
     (has "NIX_DISK_IMAGE, default ./web.img" vm.runnerScript "\${NIX_DISK_IMAGE:-./web.img}")
@@ -236,9 +242,10 @@ let
     { what = "udev names alice's eth1 by its MAC"; got = lib.hasInfix ''ATTR{address}=="52:54:00:12:01:01",NAME="eth1"'' alice.boot.initrd.services.udev.rules; want = true; }
     { what = "the driver's start_script"; got = lib.getExe alice.system.build.vm; want = "${alice.system.build.vm}/bin/run-alice-vm"; }
     { what = "the driver's SIGTERM stops a test node at once, a reboot boots again (-no-reboot: exits)";
-      got = lib.filter (p: lib.elem p [ "--shutdown-timeout=0" "--on-reboot=restart" ])
+      got = lib.filter (p: lib.elem p [ "--shutdown-timeout=0" "--on-reboot=restart" "--transport=pci" ])
         (lib.zipListsWith (a: b: "${a}=${b}") alice.system.build.vm.argv (lib.tail alice.system.build.vm.argv));
-      want = [ "--shutdown-timeout=0" "--on-reboot=restart" ]; }
+      want = [ "--shutdown-timeout=0" "--on-reboot=restart" "--transport=pci" ]; }
+    { what = "alice's NICs are eth0, eth1, … (test-instrumentation.nix and qemu-vm.nix)"; got = alice.networking.usePredictableInterfaceNames; want = false; }
     { what = "the backdoor's drivers"; got = lib.all (m: lib.elem m alice.boot.initrd.kernelModules) [ "virtio_pci" "virtio_mmio" "virtio_console" "virtio_rng" "virtiofs" ]; want = true; }
     { what = "the store, xchg and shared dir"; got = lib.filter (a: lib.hasPrefix "tag=" a) alice.system.build.vm.argv;
       want = [ "tag=nix-store,path=/nix/store,readonly=on" "tag=shared,socket=virtiofs-shared.sock" "tag=xchg,socket=virtiofs-xchg.sock" ]; }

@@ -222,6 +222,8 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
           # 708 s with the second vCPU not run at all; both vCPUs busy for minutes without
           # the guest getting anywhere; 10 min without a line on the console.
           bootParams = [ ]; vcpu = 1; mem = 1024;
+          # virtio-pci, as nix/modules/qemu-vm-runner.nix gives test nodes (QEMU's bus).
+          transport = "pci";
           volumes = [ {{ image = {img}; }} {{ image = {exe}; readOnly = true; }} ];
           preStart = "ln -sfn \"\$SHARED_DIR\" share-shared";
           shares = [ {{ tag = "shared"; source = "share-shared"; mountPoint = "/tmp/shared";
@@ -353,6 +355,14 @@ pub(crate) fn systemd_boot(g: &Guest, tool: &Path) -> Result<Vec<TestResult>, St
             check!(
                 status == 0 && out == "acpi_pm\n",
                 "the guest's clock source with clocksource=acpi_pm: {out:?} ({status})"
+            );
+            // Every virtio device on PCI bus 0, as under QEMU: the two disks, the shared
+            // directory, vsock, the backdoor's console and the driver's virtio-rng.
+            let (status, out) = execute(r, "readlink -f /sys/bus/virtio/devices/*")?;
+            let on_pci = out.lines().filter(|l| l.contains("/pci0000:00/")).count();
+            check!(
+                status == 0 && on_pci == out.lines().count() && on_pci >= 6,
+                "the guest's virtio devices, which should all be on PCI: {out:?} ({status})"
             );
             Ok(())
         });
