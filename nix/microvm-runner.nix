@@ -16,11 +16,15 @@
 # (microvm.nix's own share options have no readOnly) are served by nixvm itself, read-only
 # (runner.nix's backend "nixvm"); the others by a virtiofsd on their socket, as microvm.nix
 # does it. microvm.nix features nixvm does not have fail evaluation, saying which.
+# The virtio devices are on virtio-pci when the VM has shares and on virtio-mmio otherwise: the
+# bus microvm.nix's QEMU runner (its default hypervisor, on QEMU's `microvm` machine) gives the
+# same configuration; `transport` ("mmio" or "pci") overrides it.
 { microvmConfig
 , nixvm ? "nixvm"
 , pkgs ? null
 , macvtapFds ? null
 , extraArgs ? [ ]
+, transport ? null
   # Directories put on PATH where volumes are created (coreutils, mkfs.*).
 , path ? [ ]
 , ...
@@ -73,6 +77,7 @@ let
     # works the same).
     vsock = { cid = (get "vsock" { }).cid or null; socket = "notify.vsock"; };
     credentials = get "credentialFiles" { };
+    transport = if transport != null then transport else if get "shares" [ ] != [ ] then "pci" else null;
     inherit extraArgs path;
   };
 in

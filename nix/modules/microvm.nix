@@ -21,7 +21,7 @@ let
     inherit pkgs;
     microvmConfig = mcfg // { inherit hostName; hypervisor = "nixvm"; };
     nixvm = "${mcfg.nixvm.package}/bin/nixvm";
-    inherit (mcfg.nixvm) extraArgs;
+    inherit (mcfg.nixvm) extraArgs transport;
     # microvm@<name> has an empty PATH: volume creation brings its own tools.
     path = map (p: "${p}/bin") [ pkgs.coreutils pkgs.e2fsprogs pkgs.dosfstools pkgs.xfsprogs pkgs.btrfs-progs ];
   };
@@ -97,6 +97,15 @@ in
         type = lib.types.listOf lib.types.str;
         default = [ ];
         description = "More nixvm arguments.";
+      };
+      transport = lib.mkOption {
+        type = lib.types.nullOr (lib.types.enum [ "mmio" "pci" ]);
+        default = null;
+        description = ''
+          How the virtio devices attach (--transport): null for the bus microvm.nix's QEMU runner
+          gives the same configuration (virtio-pci when there are shares, else virtio-mmio),
+          "pci" (virtio-pci with MSI-X: nixvm's faster I/O) or "mmio".
+        '';
       };
     };
   };

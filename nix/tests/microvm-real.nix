@@ -71,6 +71,8 @@ let
         "--net" "tap=vm-real,mac=02:00:00:00:00:09"
         "--fs" "tag=ro-store,path=/nix/store,readonly=on"
         "--api-socket" "real.sock"
+        # A share: virtio-pci, the bus microvm.nix's QEMU runner gives it.
+        "--transport" "pci"
       ];
     }
     (has "volume created with its own PATH" runner.scripts.microvm-run "PATH='${store "coreutils"}/bin:")
@@ -142,6 +144,23 @@ let
     || builtins.elem (lib.head (lib.splitString "." n)) sorted.otherHypervisors;
   unsorted = lib.filter (n: !known n) optionNames;
   fails = cfg: !(builtins.tryEval (builtins.deepSeq (guestEval cfg).config.microvm.declaredRunner.nixvmArgv true)).success;
+  # microvm.nix's own QEMU runner (lib/runners/qemu.nix, its default hypervisor) on the same
+  # configuration, for the bus it puts the devices on (virtio-*-pci or virtio-*-device).
+  qemuPkgs = pkgs // {
+    inherit lib;
+    stdenv.hostPlatform = { system = "x86_64-linux"; isLinux = true; isx86_64 = true; isAarch64 = false; };
+  };
+  qemuPackage = drv "qemu" { override = _: qemuPackage; overrideAttrs = _: qemuPackage; };
+  qemuCommand = extra: let
+    c = (guestEval extra).config.microvm;
+    mlib = import (mvm "lib") { inherit lib; };
+  in (import (mvm "lib/runners/qemu.nix") {
+    pkgs = qemuPkgs;
+    microvmConfig = c // { hostName = "real"; hypervisor = "qemu"; vmHostPackages = qemuPkgs; qemu = c.qemu // { package = qemuPackage; }; kernel = c.kernel // { out = c.kernel; }; };
+    macvtapFds = { };
+    inherit (mlib) withDriveLetters extractOptValues extractParamValue;
+    linuxTarget = "bzImage";
+  }).command;
   microvm-real-options = expect [
     { what = "microvm.* options nobody sorted"; got = unsorted; want = [ ]; }
     # QEMU's user networking becomes passt: the "user" interface and its forwarded ports.
@@ -164,6 +183,13 @@ let
     { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
     { what = "cpu rejected"; got = fails { microvm.cpu = "host"; }; want = true; }
     { what = "devices rejected"; got = fails { microvm.devices = [ { bus = "pci"; path = "0000:01:00.0"; } ]; }; want = true; }
+    { what = "nixvm's bus is the one microvm.nix's QEMU runner picks: virtio-pci with a share, virtio-mmio without";
+      got = map (extra: {
+        qemu = if lib.hasInfix "virtio-blk-pci" (qemuCommand extra) then "pci"
+          else if lib.hasInfix "virtio-blk-device" (qemuCommand extra) then "mmio" else "?";
+        nixvm = if lib.elem "pci" (guestEval extra).config.microvm.declaredRunner.nixvmArgv then "pci" else "mmio";
+      }) [ { } { microvm.shares = lib.mkForce [ ]; microvm.storeOnDisk = false; } ];
+      want = [ { qemu = "pci"; nixvm = "pci"; } { qemu = "mmio"; nixvm = "mmio"; } ]; }
   ];
 in
 { inherit microvm-real-guest microvm-real-host microvm-real-options; }

@@ -345,6 +345,8 @@ let
         "--net" "fd=3,mac=02:00:00:00:00:04"
         "--fs" "tag=ro-store,path=/nix/store,readonly=on"
         "--api-socket" "mvm.sock"
+        # Shares: virtio-pci, as microvm.nix's QEMU runner puts them.
+        "--transport" "pci"
       ];
     }
     (has "microvm-run" r.buildCommand "/nix/store/${hash}-microvm-mvm-microvm-run $out/bin/microvm-run")
@@ -387,7 +389,7 @@ let
   in expect [
     # As microvm.nix's own runners: the script's output is more arguments.
     (has "extraArgsScript" run.scripts.microvm-run "runtime_args=$(/bin/more-args)")
-    (has "runtime arguments passed" run.scripts.microvm-run "'mvm.sock' \${runtime_args:-}")
+    (has "runtime arguments passed" run.scripts.microvm-run "'pci' \${runtime_args:-}")
     { what = "shutdownCommand"; got = hv.shutdownCommand; want = "'${nixvmBin}' 'ctl' '--api-socket' 'mvm.sock' 'shutdown'"; }
     (has "preStart creates volumes" hv.preStart "truncate -s '256M' 'var.img'")
     # microvm@<name> runs with an empty PATH: the volumes bring their own.
@@ -407,6 +409,10 @@ let
         in lib.filter (x: lib.hasPrefix "secret=" x || lib.hasPrefix "cid=" x) a;
       want = [ "cid=5,socket=notify.vsock" "secret=@/run/secrets/s" ]; }
     { what = "registerWithMachined rejected"; got = fails { microvm.registerWithMachined = true; }; want = true; }
+    { what = "no shares: virtio-mmio (no --transport), as microvm.nix's QEMU runner";
+      got = lib.elem "--transport" (mvm { microvm.shares = lib.mkForce [ ]; }).config.microvm.declaredRunner.nixvmArgv; want = false; }
+    { what = "microvm.nixvm.transport = \"mmio\"";
+      got = lib.filter (x: x == "mmio") (mvm { microvm.nixvm.transport = "mmio"; }).config.microvm.declaredRunner.nixvmArgv; want = [ "mmio" ]; }
     { what = "qcow2 volumes rejected"; got = fails { microvm.volumes = lib.mkForce [ { image = "v.qcow2"; imageType = "qcow2"; size = 8; } ]; }; want = true; }
   ];
 
