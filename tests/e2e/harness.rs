@@ -855,7 +855,7 @@ impl Streaming {
     /// Err, the mark of a stall (which the test's retry boots once more), when nixvm reset the
     /// guest for a triple fault: in a test whose guest reboots in place (`--on-reboot
     /// restart`), nixvm does not exit, and the nested route's spontaneous reset shows only as
-    /// a boot too many. Such a test's own reboots go through ACPI's reset register.
+    /// a boot too many. Such a test's own reboots (`reboot -f`) never triple-fault.
     pub(crate) fn no_triple_fault(&self) -> TestResult {
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         check!(
