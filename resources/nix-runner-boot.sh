@@ -4,7 +4,8 @@
 #   resources/nix-runner-boot.sh [--render-only] DIR
 # Makes DIR/system (kernel -> target/e2e-assets/vmlinuz, initrd -> initramfs.cpio.gz, init,
 # kernel-params with `quiet nixvm.action=poweroff`), renders the runner as the guest module
-# would (<kernel-params> init=<system>/init regInfo=… console=ttyS0 reboot=k panic=-1) into
+# would (<kernel-params> init=<system>/init regInfo=… console=ttyS0 reboot=k panic=-1, its
+# devices on virtio-pci) into
 # DIR/bin/run-fake-vm, then (unless --render-only) runs it in DIR with NIXVM (default
 # target/debug/nixvm) and expects exit 0 and the guest's "NIXVM-TEST: poweroff" marker.
 # The console goes to DIR/console.log and stdout. Needs nix-instantiate and a KVM that
@@ -51,6 +52,7 @@ nix --extra-experimental-features nix-command --store dummy:// eval --impure --r
     mem = 256;
     serial = \"stdio\";
     socket = \"fake.sock\";
+    transport = \"pci\";
   }).script" > "$DIR/bin/run-fake-vm"
 chmod +x "$DIR/bin/run-fake-vm"
 echo "rendered $DIR/bin/run-fake-vm" >&2

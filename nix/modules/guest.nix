@@ -2,7 +2,9 @@
 # `system.build.vm` with `bin/run-<hostName>-vm` (the name nixpkgs' qemu-vm.nix gives the QEMU
 # one). Options under `nixvm.` carry microvm.nix's names where they mean the same.
 #
-# The guest: virtio-mmio drivers in the initrd, no boot loader, a tmpfs `/` (by default), the
+# The guest: its virtio devices on virtio-pci (nixvm.transport), the NICs named eth0, eth1, …
+# (as qemu-vm.nix names them), both transports' drivers in the initrd, no boot loader, a tmpfs
+# `/` (by default), the
 # host's /nix/store through virtio-fs at /nix/.ro-store with a writable overlay on /nix/store
 # (tmpfs at /nix/.rw-store unless something else is mounted there), fileSystems for volumes
 # and shares. Read-only shares, the store among them, are served by nixvm itself (backend
@@ -271,7 +273,7 @@ in
     };
     shutdownTimeout = mkOption { type = types.nullOr types.ints.positive; default = null; description = "Seconds the guest has to power off after the power button (nixvm's default: 30)."; };
     onReboot = mkOption { type = types.enum [ "exit" "restart" ]; default = "restart"; description = "A guest reboot boots the VM again in place (restart), or ends nixvm with status 3 (exit)."; };
-    transport = mkOption { type = types.nullOr (types.enum [ "mmio" "pci" ]); default = null; description = "How the virtio devices attach: \"pci\" (virtio-pci with MSI-X: faster I/O; the guest names its NICs enp0sN unless usePredictableInterfaceNames is off) or \"mmio\" (nixvm's default)."; };
+    transport = mkOption { type = types.enum [ "mmio" "pci" ]; default = "pci"; description = "How the virtio devices attach (--transport): \"pci\", virtio-pci with MSI-X (nixvm's faster I/O; the bus QEMU gives NixOS VMs), or \"mmio\", virtio-mmio (nixvm's own default). The NICs are eth0, eth1, … on either (networking.usePredictableInterfaceNames defaults to false here, as qemu-vm.nix sets it)."; };
     extraArgs = mkOption { type = types.listOf types.str; default = [ ]; description = "More nixvm arguments."; };
     runner = mkOption {
       type = types.attrsOf types.unspecified;
@@ -298,6 +300,9 @@ in
       boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
 
       boot.loader.grub.enable = false;
+      # eth0, eth1, … on either transport (virtio-mmio NICs get no predictable name anyway), as
+      # qemu-vm.nix names a VM's NICs.
+      networking.usePredictableInterfaceNames = mkDefault false;
       boot.initrd.kernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
         ++ lib.optional (cfg.mountHostNixStore && ov != null) "overlay";
 

@@ -43,6 +43,8 @@ let
   nixosStandIns = { config, ... }: with lib; {
     options = {
       networking.hostName = mkOption { type = types.str; default = "nixos"; };
+      # NixOS's default (network-interfaces.nix).
+      networking.usePredictableInterfaceNames = mkOption { type = types.bool; default = true; };
       assertions = mkOption { type = types.listOf types.anything; default = [ ]; };
       services.openssh.enable = mkOption { type = types.bool; default = false; };
       boot.kernelParams = mkOption { type = types.listOf types.str; default = [ ]; };
@@ -111,6 +113,7 @@ let
     "--fs" "tag=ro-store,path=/nix/store,readonly=on"
     "--api-socket" "web.sock"
     "--on-reboot" "restart"
+    "--transport" "pci"
   ];
 
   guest = let c = web.config; vm = c.system.build.vm; in expect [
@@ -121,6 +124,7 @@ let
     (has "bin/run-web-vm in the package" vm.buildCommand "/bin/run-web-vm")
     (has "bin/shutdown-web-vm in the package" vm.buildCommand "/bin/shutdown-web-vm")
     { what = "initrd modules"; got = c.boot.initrd.kernelModules; want = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" "overlay" ]; }
+    { what = "NICs named eth0, … (as qemu-vm.nix names them)"; got = c.networking.usePredictableInterfaceNames; want = false; }
     { what = "boot loader"; got = c.boot.loader.grub.enable; want = false; }
     { what = "/nix/.ro-store"; got = { inherit (c.fileSystems."/nix/.ro-store") device fsType neededForBoot; }; want = { device = "ro-store"; fsType = "virtiofs"; neededForBoot = true; }; }
     { what = "/nix/.rw-store"; got = c.fileSystems."/nix/.rw-store".fsType; want = "tmpfs"; }
@@ -146,6 +150,7 @@ let
       writableStoreOverlay = null;
       onReboot = "exit";
       shutdownTimeout = 20;
+      transport = "mmio";
       kernel = "/boot/vmlinux";
       volumes = [
         { image = "db-var.img"; mountPoint = "/var"; size = 1024; }
@@ -180,7 +185,7 @@ let
         "--fs" "tag=ro-store,socket=db-virtiofs-ro-store.sock"
         "--fs" "tag=home,socket=db-virtiofs-home.sock"
         "--fs" "tag=docs,path=/usr/share/doc,readonly=on"
-        "--shutdown-timeout" "20" "--on-reboot" "exit"
+        "--shutdown-timeout" "20" "--on-reboot" "exit" "--transport" "mmio"
       ];
     }
     { what = "no shutdown without a socket"; got = c.system.build.vm.shutdownArgv; want = null; }

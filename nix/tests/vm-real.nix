@@ -42,8 +42,6 @@ let
     options.boot.tmp.tmpfsSize = mkOption { type = types.str; default = "50%"; };
     options.boot.loader.efi.efiSysMountPoint = mkOption { type = types.str; default = "/boot"; };
     options.nix.enable = mkOption { type = types.bool; default = true; };
-    # NixOS's default (network-interfaces.nix): predictable names, which qemu-vm.nix turns off.
-    options.networking.usePredictableInterfaceNames = mkOption { type = types.bool; default = true; };
     config.system.build.initialRamdisk = drv "initrd" { };
     # QEMU's options and NixOS's other modules are not all here: definitions of undeclared
     # options (services.qemuGuest, boot.loader.limine, …) are let through.
