@@ -4,11 +4,11 @@
 #
 # The guest: its virtio devices on virtio-pci (nixvm.transport), the NICs named eth0, eth1, …
 # (as qemu-vm.nix names them), both transports' drivers in the initrd, no boot loader, a tmpfs
-# `/` (by default), the
-# host's /nix/store through virtio-fs at /nix/.ro-store with a writable overlay on /nix/store
-# (tmpfs at /nix/.rw-store unless something else is mounted there), fileSystems for volumes
-# and shares. Read-only shares, the store among them, are served by nixvm itself (backend
-# "nixvm": `--fs tag=…,path=…,readonly=on`), writable ones by virtiofsd. The runner: creates
+# `/` (by default), the host's /nix/store through virtio-fs at /nix/.ro-store with a writable
+# overlay on /nix/store (tmpfs at /nix/.rw-store unless something else is mounted there),
+# fileSystems for volumes and shares. Read-only shares, the store among them, are served by
+# nixvm itself (backend "nixvm": `--fs tag=…,path=…,readonly=on`), writable ones by
+# virtiofsd. The runner: creates
 # missing volumes (truncate + mkfs), starts a virtiofsd per share with backend "virtiofsd"
 # unless NIXVM_SKIP_VIRTIOFSD=1, runs nixvm booting the system's kernel and initrd with
 # `<boot.kernelParams> init=<toplevel>/init regInfo=<closure-info>/registration console=ttyS0
@@ -300,8 +300,7 @@ in
       boot.kernelModules = [ "vmw_vsock_virtio_transport" ];
 
       boot.loader.grub.enable = false;
-      # eth0, eth1, … on either transport (virtio-mmio NICs get no predictable name anyway), as
-      # qemu-vm.nix names a VM's NICs.
+      # eth0, eth1, … on either transport, as qemu-vm.nix names a VM's NICs.
       networking.usePredictableInterfaceNames = mkDefault false;
       boot.initrd.kernelModules = [ "virtio_pci" "virtio_mmio" "virtio_blk" "virtio_net" "virtiofs" ]
         ++ lib.optional (cfg.mountHostNixStore && ov != null) "overlay";
