@@ -109,7 +109,8 @@ sleep 2
 /// Two VMs on one switch, each with its MAC given as the driver gives it: they ping each
 /// other, the first fetches 1 MiB from the second over HTTP (sha256 on both sides), and the
 /// first's vlan link goes down and up through `set_link virtio-net-pci.1` on its monitor, the
-/// driver's `block()` and `unblock()`. The first's eth0 is `--net local`.
+/// driver's `block()` and `unblock()`. The first's eth0 is `--net local`. Both are on
+/// virtio-pci, as nixosModules.test gives a test node's devices.
 pub(crate) fn vde_boot(g: &Guest) -> Result<Vec<TestResult>, String> {
     let switch = Switch::start("vde1.ctl")?;
     let first = script_disk("vde-a.img", FIRST);
@@ -143,7 +144,7 @@ for i in $(seq 600); do ping -c 1 -W 1 10.88.0.3 >/dev/null 2>&1 && break; done
         let n = format!("vde={},mac={mac}", switch.dir.display());
         let mut args = g.args(&g.vmlinuz, &cl);
         args.extend(extra);
-        args.extend(["--net", &n, "--disk", &d]);
+        args.extend(["--transport", "pci", "--net", &n, "--disk", &d]);
         Streaming::spawn(&args)
     };
     let mut a = spawn(
